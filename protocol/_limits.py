@@ -1,0 +1,29 @@
+"""Every number the spec fixes, in one place, so the code and spec/PROTOCOL.md agree."""
+
+from __future__ import annotations
+
+PROTOCOL_VERSION = 1
+
+MAX_FRAME_BYTES = 1 << 20
+"""Largest control frame (one envelope) a node accepts; larger ones are never decoded."""
+
+MAX_CLOCK_SKEW_MS = 30_000
+"""How far issued-at may lie in the future, and expires-at in the past, before rejection."""
+
+MAX_LIFETIME_MS = 300_000
+"""Longest exp - iat for a direct (point-to-point) statement."""
+
+MAX_ADVERT_LIFETIME_MS = 86_400_000
+"""Longest exp - iat for a relayable statement (ADVERTISE, WITHDRAW)."""
+
+DEFAULT_BLOCK_TOKENS = 256
+MAX_BLOCK_TOKENS = 65_536
+MAX_CHAIN_BLOCKS = 4096
+"""Blocks in one prefix chain: 4096 x 256 tokens covers a million-token document."""
+
+DEFAULT_CHUNK_BYTES = 4 << 20
+MIN_CHUNK_BYTES = 64 << 10
+MAX_CHUNK_BYTES = 64 << 20
+
+MAX_TOKEN_ID = (1 << 32) - 1
+MAX_UINT64 = (1 << 64) - 1
