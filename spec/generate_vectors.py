@@ -1,0 +1,673 @@
+"""Writes spec/vectors/*.json from fixed seeds; running it again reproduces them byte for byte.
+
+    python -m kvx.conformance.generate_vectors [--out DIR]
+
+Every key, time and sequence number below is fixed, Ed25519 signatures are deterministic
+and msgpack encodes each value one way, so nothing here depends on the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import blake3
+import msgpack
+
+from kvx.conformance import to_json
+from kvx.protocol import (
+    MAX_ADVERT_LIFETIME_MS,
+    MAX_CLOCK_SKEW_MS,
+    MAX_FRAME_BYTES,
+    MAX_LIFETIME_MS,
+    Accept,
+    Advertise,
+    DataAddress,
+    Digest,
+    DigestEntry,
+    Error,
+    ErrorCode,
+    Header,
+    Hello,
+    KVLayout,
+    Lookup,
+    LookupResult,
+    Message,
+    MessageType,
+    ModelFingerprint,
+    Namespace,
+    PeerEntry,
+    Peers,
+    Quote,
+    QuoteRequest,
+    Receipt,
+    Reject,
+    Transfer,
+    Withdraw,
+    chain_seed,
+    chunk_hashes,
+    content_root,
+    encode_body,
+    encode_envelope,
+    prefix_chain,
+    signing_input,
+)
+from kvx.trust import Identity, curve_public_key, seal
+
+VECTORS = Path(__file__).with_name("vectors")
+NOW = 1_767_225_600_000  # 2026-01-01T00:00:00Z, in ms
+TTL = 60_000
+
+
+def seed(label: str) -> bytes:
+    return blake3.blake3(f"kvx test vector seed: {label}".encode()).digest()
+
+
+ALICE = Identity.from_seed(seed("alice"))
+BOB = Identity.from_seed(seed("bob"))
+MALLORY = Identity.from_seed(seed("mallory"))
+
+LAYOUT = KVLayout(dtype="bfloat16", layers=2, kv_heads=2, head_dim=8, block=16)
+FINGERPRINT = ModelFingerprint(
+    model_id="kvx-test/tiny-gqa",
+    revision="r1",
+    weights_hash=b"",
+    tokenizer_hash=seed("tokenizer"),
+    positional="rope;theta=10000;scaling=none",
+    layout=LAYOUT,
+)
+FP = FINGERPRINT.digest()
+CHAIN = prefix_chain(FP, list(range(48)), LAYOUT.block)
+DATA = (DataAddress(t="tcp", addr="127.0.0.1:7001"), DataAddress(t="ucx", addr="127.0.0.1:7002"))
+QUOTE_ID = seed("quote")[:16]
+
+
+def header(seq: int, to: bytes | None = BOB.node_id, iat: int = NOW, ttl: int = TTL) -> Header:
+    return Header(iat=iat, exp=iat + ttl, seq=seq, to=to)
+
+
+def advert() -> Advertise:
+    return Advertise(
+        fp=FP,
+        layout=LAYOUT,
+        blocks=tuple(CHAIN),
+        root=seed("root"),
+        chunk=1 << 22,
+        price=1200,
+        ctl="tcp://127.0.0.1:7000",
+        data=DATA,
+    )
+
+
+def advert_frame(seq: int = 10, ttl: int = 3_600_000) -> bytes:
+    return seal(ALICE, advert(), header(seq, to=None, ttl=ttl))
+
+
+MESSAGES: list[Message] = [
+    Hello(ctl="tcp://127.0.0.1:7000", data=DATA, inc=3, agent="kvx/0.1"),
+    Peers(
+        peers=(PeerEntry(key=MALLORY.public_key, ctl="tcp://127.0.0.1:7100", inc=1, state=1),),
+        re=1,
+    ),
+    advert(),
+    Withdraw(ad=10),
+    Digest(have=(DigestEntry(key=ALICE.public_key, seq=10),)),
+    Lookup(fp=FP, blocks=tuple(CHAIN), limit=4),
+    LookupResult(re=5, matched=2, ads=(advert_frame(),)),
+    QuoteRequest(
+        fp=FP,
+        blocks=tuple(CHAIN),
+        transports=("ucx", "tcp"),
+        max_price=5000,
+        ns=Namespace(seed("namespace")).id,
+        dtype="float16",
+    ),
+    Quote(
+        re=7,
+        quote=QUOTE_ID,
+        blocks=2,
+        stored=3,
+        layout=KVLayout(dtype="float16", layers=2, kv_heads=2, head_dim=8, block=16),
+        root=seed("root-f16"),
+        chunk=1 << 16,
+        price=800,
+        transport="tcp",
+        data="127.0.0.1:7001",
+        token=seed("token"),
+    ),
+    Accept(quote=QUOTE_ID, price=800, root=seed("root-f16")),
+    Reject(quote=QUOTE_ID, reason=int(ErrorCode.PRICE_TOO_HIGH), counter=600),
+    Transfer(quote=QUOTE_ID, token=seed("token"), first=0),
+    Receipt(quote=QUOTE_ID, seller=BOB.node_id, root=seed("root-f16"), bytes=4096, price=800),
+    Error(code=int(ErrorCode.NOT_FOUND), msg="no block of this chain is held here", re=6),
+]
+
+
+def keys() -> dict[str, Any]:
+    return {
+        "description": "Ed25519 identities: node_id = BLAKE3(lp('kvx/node-id/1') || public_key)",
+        "keys": [
+            {
+                "name": name,
+                "seed": seed(name).hex(),
+                "public_key": ident.public_key.hex(),
+                "node_id": ident.node_id.hex(),
+                "curve_public_key": curve_public_key(ident.public_key).hex(),
+            }
+            for name, ident in (("alice", ALICE), ("bob", BOB), ("mallory", MALLORY))
+        ],
+    }
+
+
+def context(now: int = NOW, peer: Identity | None = ALICE, prior: list[bytes] = ()) -> dict:
+    return {
+        "now_ms": now,
+        "receiver": BOB.node_id.hex(),
+        "peer_curve_key": None if peer is None else curve_public_key(peer.public_key).hex(),
+        "prior_frames": [f.hex() for f in prior],
+    }
+
+
+def valid_case(case_id: str, description: str, frame: bytes, ctx: dict) -> dict[str, Any]:
+    body = msgpack.unpackb(msgpack.unpackb(frame)[2])
+    return {
+        "id": case_id,
+        "description": description,
+        "expected": "valid",
+        "context": ctx,
+        "frame": frame.hex(),
+        "type": MessageType(msgpack.unpackb(frame)[1]).name,
+        "body": to_json(body),
+    }
+
+
+def messages() -> dict[str, Any]:
+    cases = []
+    for i, msg in enumerate(MESSAGES):
+        relay = msg.TYPE in (MessageType.ADVERTISE, MessageType.WITHDRAW)
+        frame = seal(ALICE, msg, header(100 + i, to=None if relay else BOB.node_id))
+        cases.append(
+            valid_case(
+                f"message/{msg.TYPE.name.lower()}", f"a valid {msg.TYPE.name}", frame, context()
+            )
+        )
+    hello = MESSAGES[0]
+    cases += [
+        valid_case(
+            "freshness/iat-at-skew",
+            "issued exactly MAX_CLOCK_SKEW_MS ahead",
+            seal(ALICE, hello, header(200, iat=NOW + MAX_CLOCK_SKEW_MS)),
+            context(),
+        ),
+        valid_case(
+            "freshness/exp-at-skew",
+            "expired exactly MAX_CLOCK_SKEW_MS ago",
+            seal(ALICE, hello, header(201)),
+            context(now=NOW + TTL + MAX_CLOCK_SKEW_MS),
+        ),
+        valid_case(
+            "freshness/max-lifetime",
+            "a direct statement living exactly MAX_LIFETIME_MS",
+            seal(ALICE, hello, header(202, ttl=MAX_LIFETIME_MS)),
+            context(),
+        ),
+        valid_case(
+            "relay/advertise",
+            "an ADVERTISE relayed by a peer that did not sign it",
+            advert_frame(203, ttl=MAX_ADVERT_LIFETIME_MS),
+            context(peer=MALLORY),
+        ),
+        valid_case(
+            "codec/unknown-field",
+            "a body with an extra field, which is ignored",
+            signed(
+                MessageType.WITHDRAW, body_of(Withdraw(ad=1), header(204, to=None), zz_future="x")
+            ),
+            context(),
+        ),
+    ]
+    return {"description": "Valid frames, one per message type and per boundary", "cases": cases}
+
+
+def body_of(msg: Message, hdr: Header, **extra: Any) -> bytes:
+    fields = msgpack.unpackb(encode_body(hdr, msg))
+    fields.update(extra)
+    return msgpack.packb(fields, use_bin_type=True)
+
+
+def signed(
+    mtype: int | MessageType,
+    body: bytes,
+    signer: Identity = ALICE,
+    version: int = 1,
+    purpose_type: MessageType | None = None,
+) -> bytes:
+    """A frame whose body is signed correctly, however wrong the body itself is."""
+    sig = signer.sign(signing_input(MessageType(purpose_type or mtype), body))
+    if version == 1 and mtype in MessageType._value2member_map_:
+        return encode_envelope(MessageType(mtype), body, signer.public_key, sig)
+    return msgpack.packb([version, int(mtype), body, signer.public_key, sig], use_bin_type=True)
+
+
+def raw_body(**fields: Any) -> bytes:
+    base = {"iat": NOW, "exp": NOW + TTL, "seq": 300, "to": BOB.node_id}
+    base.update(fields)
+    return msgpack.packb({k: v for k, v in base.items() if v is not None}, use_bin_type=True)
+
+
+def lookup_body(**fields: Any) -> bytes:
+    return raw_body(**{"fp": FP, "blocks": list(CHAIN), "limit": 4, **fields})
+
+
+def invalid() -> dict[str, Any]:
+    good = seal(ALICE, MESSAGES[0], header(400))
+    env = msgpack.unpackb(good)
+    version, mtype, body, signer, sig = env
+    adv_hdr = header(401, to=None)
+    cases: list[tuple[str, str, ErrorCode, bytes | dict, dict]] = []
+
+    def case(cid: str, why: str, code: ErrorCode, frame: bytes | dict, ctx: dict | None = None):
+        cases.append((cid, why, code, frame, ctx or context()))
+
+    pack = lambda obj: msgpack.packb(obj, use_bin_type=True)  # noqa: E731
+    flip = lambda b, i: b[:i] + bytes([b[i] ^ 1]) + b[i + 1 :]  # noqa: E731
+    # §4 framing and codec
+    case("codec/not-msgpack", "0xc1 is never used by msgpack", ErrorCode.MALFORMED, b"\xc1")
+    case("codec/empty-frame", "a frame with no bytes", ErrorCode.MALFORMED, b"")
+    case("codec/truncated", "a valid frame missing its last byte", ErrorCode.MALFORMED, good[:-1])
+    case(
+        "codec/trailing-bytes",
+        "a valid frame followed by one more byte",
+        ErrorCode.MALFORMED,
+        good + b"\x00",
+    )
+    case("codec/not-array", "an envelope that is a map", ErrorCode.MALFORMED, pack({"v": 1}))
+    case("codec/wrong-arity", "an envelope with six items", ErrorCode.MALFORMED, pack([*env, b""]))
+    case(
+        "codec/body-not-bin",
+        "the body sent as a map, not as bin",
+        ErrorCode.MALFORMED,
+        pack([version, mtype, msgpack.unpackb(body), signer, sig]),
+    )
+    case(
+        "codec/short-signer",
+        "a 31-byte signer key",
+        ErrorCode.MALFORMED,
+        pack([version, mtype, body, signer[:31], sig]),
+    )
+    case(
+        "codec/oversize",
+        "a frame one byte over MAX_FRAME_BYTES",
+        ErrorCode.FRAME_TOO_LARGE,
+        {"fill": "00", "length": MAX_FRAME_BYTES + 1},
+    )
+    case(
+        "codec/version-2",
+        "protocol version 2",
+        ErrorCode.UNSUPPORTED_VERSION,
+        pack([2, mtype, body, signer, sig]),
+    )
+    case(
+        "codec/version-0",
+        "protocol version 0",
+        ErrorCode.UNSUPPORTED_VERSION,
+        pack([0, mtype, body, signer, sig]),
+    )
+    case(
+        "codec/unknown-type",
+        "message type 99",
+        ErrorCode.UNKNOWN_TYPE,
+        pack([version, 99, body, signer, sig]),
+    )
+    case(
+        "codec/duplicate-key",
+        "a body map naming 'seq' twice",
+        ErrorCode.MALFORMED,
+        signed(MessageType.HELLO, _duplicate_key_body()),
+    )
+    case(
+        "codec/body-not-map",
+        "a body that is an array",
+        ErrorCode.MALFORMED,
+        signed(MessageType.HELLO, pack([1, 2, 3])),
+    )
+    case(
+        "codec/bad-utf8",
+        "a str field holding invalid UTF-8",
+        ErrorCode.MALFORMED,
+        signed(MessageType.ERROR, raw_body(code=41, msg="x")[:-1] + b"\xff"),
+    )
+    case(
+        "codec/ext-type",
+        "a body holding a msgpack ext value",
+        ErrorCode.MALFORMED,
+        signed(MessageType.WITHDRAW, raw_body(to=None, ad=msgpack.ExtType(1, b"x"))),
+    )
+    # §5 signatures
+    case(
+        "sig/flipped-signature",
+        "one bit of the signature flipped",
+        ErrorCode.BAD_SIGNATURE,
+        pack([version, mtype, body, signer, flip(sig, 0)]),
+    )
+    case(
+        "sig/flipped-body",
+        "one bit of the signed body flipped",
+        ErrorCode.BAD_SIGNATURE,
+        pack([version, mtype, flip(body, len(body) - 1), signer, sig]),
+    )
+    case(
+        "sig/other-signer",
+        "a valid signature presented under another key",
+        ErrorCode.BAD_SIGNATURE,
+        pack([version, mtype, body, MALLORY.public_key, sig]),
+    )
+    accept_body = encode_body(header(402), MESSAGES[9])
+    case(
+        "sig/wrong-purpose",
+        "an ACCEPT body and signature presented as a REJECT",
+        ErrorCode.BAD_SIGNATURE,
+        signed(MessageType.REJECT, accept_body, purpose_type=MessageType.ACCEPT),
+    )
+    # §6 header and §8 fields
+    case(
+        "field/wrong-type",
+        "LOOKUP limit sent as a str",
+        ErrorCode.INVALID_FIELD,
+        signed(MessageType.LOOKUP, lookup_body(limit="4")),
+    )
+    case(
+        "field/bool-for-uint",
+        "LOOKUP limit sent as true",
+        ErrorCode.INVALID_FIELD,
+        signed(MessageType.LOOKUP, lookup_body(limit=True)),
+    )
+    case(
+        "field/missing",
+        "LOOKUP without blocks",
+        ErrorCode.INVALID_FIELD,
+        signed(MessageType.LOOKUP, lookup_body(blocks=None)),
+    )
+    case(
+        "field/out-of-bounds",
+        "LOOKUP limit 17 (max 16)",
+        ErrorCode.INVALID_FIELD,
+        signed(MessageType.LOOKUP, lookup_body(limit=17)),
+    )
+    case(
+        "field/short-bin",
+        "LOOKUP fp of 31 bytes",
+        ErrorCode.INVALID_FIELD,
+        signed(MessageType.LOOKUP, lookup_body(fp=FP[:31])),
+    )
+    case(
+        "field/nil-optional",
+        "an optional field sent as nil",
+        ErrorCode.INVALID_FIELD,
+        signed(MessageType.ERROR, pack({**msgpack.unpackb(raw_body(code=41, msg="")), "re": None})),
+    )
+    case(
+        "field/empty-chain",
+        "LOOKUP with zero blocks",
+        ErrorCode.INVALID_FIELD,
+        signed(MessageType.LOOKUP, lookup_body(blocks=[])),
+    )
+    case(
+        "field/bad-chunk",
+        "ADVERTISE chunk size not a power of two",
+        ErrorCode.INVALID_FIELD,
+        signed(MessageType.ADVERTISE, body_of(advert(), adv_hdr, chunk=3 << 20)),
+    )
+    case(
+        "field/bad-dtype",
+        "ADVERTISE layout dtype 'int4'",
+        ErrorCode.INVALID_FIELD,
+        signed(
+            MessageType.ADVERTISE,
+            body_of(
+                advert(),
+                adv_hdr,
+                layout={"dtype": "int4", "layers": 2, "kv_heads": 2, "head_dim": 8, "block": 16},
+            ),
+        ),
+    )
+    case(
+        "field/transport-name",
+        "QUOTE_REQUEST transport 'TCP!'",
+        ErrorCode.INVALID_FIELD,
+        signed(
+            MessageType.QUOTE_REQUEST,
+            raw_body(fp=FP, blocks=list(CHAIN), transports=["TCP!"], max_price=1),
+        ),
+    )
+    case(
+        "field/quote-over-stored",
+        "QUOTE matching more blocks than it stores",
+        ErrorCode.INVALID_FIELD,
+        signed(MessageType.QUOTE, body_of(MESSAGES[8], header(403), blocks=4)),
+    )
+    case(
+        "header/missing-to",
+        "a direct message without a recipient",
+        ErrorCode.INVALID_FIELD,
+        signed(MessageType.LOOKUP, lookup_body(to=None)),
+    )
+    case(
+        "header/relay-with-to",
+        "an ADVERTISE naming a recipient",
+        ErrorCode.INVALID_FIELD,
+        signed(MessageType.ADVERTISE, body_of(advert(), adv_hdr, to=BOB.node_id)),
+    )
+    case(
+        "header/exp-before-iat",
+        "expires-at equal to issued-at",
+        ErrorCode.INVALID_FIELD,
+        signed(MessageType.LOOKUP, lookup_body(exp=NOW)),
+    )
+    case(
+        "header/lifetime",
+        "a direct statement living MAX_LIFETIME_MS + 1",
+        ErrorCode.LIFETIME_TOO_LONG,
+        signed(MessageType.HELLO, body_of(hello_msg(), header(405), exp=NOW + MAX_LIFETIME_MS + 1)),
+    )
+    case(
+        "header/advert-lifetime",
+        "an ADVERTISE living MAX_ADVERT_LIFETIME_MS + 1",
+        ErrorCode.LIFETIME_TOO_LONG,
+        signed(
+            MessageType.ADVERTISE,
+            body_of(advert(), header(406, to=None), exp=NOW + MAX_ADVERT_LIFETIME_MS + 1),
+        ),
+    )
+    # §6.4 receive-side checks
+    case(
+        "recv/wrong-recipient",
+        "a HELLO addressed to Mallory, received by Bob",
+        ErrorCode.WRONG_RECIPIENT,
+        seal(ALICE, hello_msg(), header(407, to=MALLORY.node_id)),
+    )
+    case(
+        "recv/signer-mismatch",
+        "Alice's HELLO sent down Mallory's connection",
+        ErrorCode.SIGNER_MISMATCH,
+        seal(ALICE, hello_msg(), header(408)),
+        context(peer=MALLORY),
+    )
+    case(
+        "recv/expired",
+        "received 1 ms after exp + MAX_CLOCK_SKEW_MS",
+        ErrorCode.EXPIRED,
+        seal(ALICE, hello_msg(), header(409)),
+        context(now=NOW + TTL + MAX_CLOCK_SKEW_MS + 1),
+    )
+    case(
+        "recv/far-future",
+        "issued MAX_CLOCK_SKEW_MS + 1 ms ahead",
+        ErrorCode.NOT_YET_VALID,
+        seal(ALICE, hello_msg(), header(410, iat=NOW + MAX_CLOCK_SKEW_MS + 1)),
+    )
+    replay = seal(ALICE, hello_msg(), header(411))
+    case(
+        "recv/replayed",
+        "the same frame a second time",
+        ErrorCode.REPLAYED,
+        replay,
+        context(prior=[replay]),
+    )
+    case(
+        "recv/replayed-seq",
+        "a new frame reusing an accepted sequence number",
+        ErrorCode.REPLAYED,
+        seal(ALICE, MESSAGES[13], header(411)),
+        context(prior=[replay]),
+    )
+
+    out = []
+    for cid, why, code, frame, ctx in cases:
+        entry: dict[str, Any] = {
+            "id": cid,
+            "description": why,
+            "expected": "reject",
+            "code": int(code),
+            "reason": code.name,
+            "context": ctx,
+        }
+        if isinstance(frame, dict):
+            entry["frame_fill"] = frame
+        else:
+            entry["frame"] = frame.hex()
+        out.append(entry)
+    return {"description": "Frames a receiver must reject, each with its error code", "cases": out}
+
+
+def hello_msg() -> Hello:
+    return MESSAGES[0]  # type: ignore[return-value]
+
+
+def _duplicate_key_body() -> bytes:
+    # A dict cannot hold two equal keys, so write the map by hand: a fixmap (0x85) of
+    # five entries, iat, exp, seq, to, seq.
+    pack = msgpack.packb
+    parts = [
+        pack("iat"),
+        pack(NOW),
+        pack("exp"),
+        pack(NOW + TTL),
+        pack("seq"),
+        pack(1),
+        pack("to"),
+        pack(BOB.node_id),
+        pack("seq"),
+        pack(2),
+    ]
+    return b"\x85" + b"".join(parts)
+
+
+def naming() -> dict[str, Any]:
+    secret = seed("namespace")
+    ns = Namespace(secret)
+    tokens_a = list(range(48))
+    tokens_b = [0, 1, (1 << 32) - 1, 65535, *range(28)]
+    fps = [
+        FINGERPRINT,
+        ModelFingerprint(
+            model_id="HuggingFaceTB/SmolLM2-135M",
+            revision="",
+            weights_hash=seed("weights"),
+            tokenizer_hash=seed("smol-tokenizer"),
+            positional="rope;theta=100000;scaling=none",
+            layout=KVLayout(dtype="float16", layers=30, kv_heads=3, head_dim=64, block=256),
+        ),
+    ]
+    return {
+        "description": "Model fingerprints, namespaces and prefix chains (spec §7.2-7.3)",
+        "fingerprints": [
+            {
+                "fields": {
+                    "model_id": f.model_id,
+                    "revision": f.revision,
+                    "weights_hash": f.weights_hash.hex(),
+                    "tokenizer_hash": f.tokenizer_hash.hex(),
+                    "positional": f.positional,
+                    "dtype": f.layout.dtype,
+                    "layers": f.layout.layers,
+                    "kv_heads": f.layout.kv_heads,
+                    "head_dim": f.layout.head_dim,
+                    "block": f.layout.block,
+                },
+                "encoded": f.encoded().hex(),
+                "fingerprint": f.digest().hex(),
+            }
+            for f in fps
+        ],
+        "namespaces": [{"secret": secret.hex(), "id": ns.id.hex()}],
+        "chains": [
+            {
+                "fingerprint": FP.hex(),
+                "namespace_secret": None if space.secret is None else space.secret.hex(),
+                "block": 16,
+                "tokens": tokens,
+                "h0": chain_seed(FP, space).hex(),
+                "hashes": [h.hex() for h in prefix_chain(FP, tokens, 16, space)],
+            }
+            for tokens in (tokens_a, tokens_b)
+            for space in (Namespace(), ns)
+        ],
+    }
+
+
+def content() -> dict[str, Any]:
+    cases = []
+    for label, size, chunk in (
+        ("one-byte", 1, 1 << 16),
+        ("one-chunk", 1 << 16, 1 << 16),
+        ("chunk-plus-one", (1 << 16) + 1, 1 << 16),
+        ("several", 300_000, 1 << 16),
+        ("four-mib-chunks", 5 << 20, 4 << 20),
+    ):
+        payload = blake3.blake3(label.encode()).digest(length=size)
+        hashes = chunk_hashes(payload, chunk)
+        cases.append(
+            {
+                "id": label,
+                "payload": {"xof_of": label, "length": size},
+                "chunk": chunk,
+                "chunk_hashes": [h.hex() for h in hashes],
+                "root": content_root(size, chunk, hashes).hex(),
+            }
+        )
+    return {
+        "description": "Content roots; payload = first `length` bytes of the BLAKE3 XOF of "
+        "the UTF-8 string `xof_of` (spec §7.5)",
+        "cases": cases,
+    }
+
+
+FILES: dict[str, Callable[[], dict[str, Any]]] = {
+    "keys.json": keys,
+    "messages.json": messages,
+    "invalid.json": invalid,
+    "naming.json": naming,
+    "content.json": content,
+}
+
+
+def render() -> dict[str, bytes]:
+    return {name: (json.dumps(make(), indent=1) + "\n").encode() for name, make in FILES.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=VECTORS)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, data in render().items():
+        (args.out / name).write_bytes(data)
+        print(f"wrote {args.out / name} ({len(data)} bytes)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Hypothesis strategies derived from the wire schema, so every message is covered alike."""
+
+import dataclasses
+
+from hypothesis import assume
+from hypothesis import strategies as st
+
+from kvx.protocol import MESSAGE_CLASSES, RELAYABLE, Header, MessageType, max_lifetime_ms
+from kvx.protocol._schema import Array, Bin, Bool, OneOf, Str, Struct, UInt
+
+
+def for_wire(t) -> st.SearchStrategy:
+    if isinstance(t, UInt):
+        return st.integers(t.lo, t.hi)
+    if isinstance(t, Bin):
+        return st.binary(min_size=t.lo, max_size=min(t.hi, t.lo + 40))
+    if isinstance(t, Str):
+        if t.pattern:
+            return st.from_regex(t.pattern, fullmatch=True).filter(
+                lambda s: t.lo <= len(s.encode()) <= t.hi
+            )
+        return st.text(max_size=t.hi // 4).filter(lambda s: len(s.encode()) >= t.lo)
+    if isinstance(t, OneOf):
+        return st.sampled_from(t.choices)
+    if isinstance(t, Bool):
+        return st.booleans()
+    if isinstance(t, Array):
+        return st.lists(for_wire(t.item), min_size=t.lo, max_size=min(t.hi, t.lo + 3)).map(tuple)
+    if isinstance(t, Struct):
+        return structs(t.cls)
+    raise TypeError(t)
+
+
+def _checked(obj):
+    check = getattr(obj, "check", None)
+    if check is not None:
+        try:
+            check()
+        except Exception:
+            assume(False)
+    return obj
+
+
+def structs(cls) -> st.SearchStrategy:
+    fields = {}
+    for f in dataclasses.fields(cls):
+        s = for_wire(f.metadata["wire"])
+        fields[f.name] = s if f.default is dataclasses.MISSING else st.none() | s
+    return st.builds(cls, **fields).map(_checked)
+
+
+@st.composite
+def headers(draw, mtype: MessageType) -> Header:
+    iat = draw(st.integers(0, 2**62))
+    exp = iat + draw(st.integers(1, max_lifetime_ms(mtype)))
+    to = None if mtype in RELAYABLE else draw(st.binary(min_size=32, max_size=32))
+    return Header(iat=iat, exp=exp, seq=draw(st.integers(0, 2**64 - 1)), to=to)
+
+
+messages = st.sampled_from(sorted(MESSAGE_CLASSES)).flatmap(
+    lambda t: st.tuples(headers(t), structs(MESSAGE_CLASSES[t]))
+)
+"""(header, message) pairs of every type, each valid by construction."""
