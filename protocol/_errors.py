@@ -61,6 +61,10 @@ class ConfigError(KvxError):
     """Local set-up is unusable (a key file, a config file); the message says how to fix it."""
 
 
+class IntegrityError(KvxError):
+    """Data this node stored itself failed its check (a corrupt or tampered file)."""
+
+
 class ProtocolError(KvxError):
     """A violation of the spec; `code` is what goes into an ERROR message."""
 

@@ -35,6 +35,7 @@ class MessageType(IntEnum):
     TRANSFER = 12
     RECEIPT = 13
     ERROR = 14
+    MEMBERSHIP = 15
 
     @property
     def purpose(self) -> bytes:
@@ -45,6 +46,7 @@ class MessageType(IntEnum):
 HASH = Bin(32, 32)
 KEY = Bin(32, 32)
 QUOTE_ID = Bin(16, 16)
+CHALLENGE = Bin(16, 16)
 ADDRESS = Str(1, 256)
 TRANSPORT = Str(1, 32, r"[a-z0-9][a-z0-9._-]*")
 CHAIN = Array(HASH, 1, MAX_CHAIN_BLOCKS)
@@ -100,6 +102,20 @@ class Peers:
     TYPE: ClassVar = MessageType.PEERS
     peers: tuple[PeerEntry, ...] = wire(Array(Struct(PeerEntry), 0, 64))
     re: int | None = wire(UInt(), default=None)
+    challenge: bytes | None = wire(CHALLENGE, default=None)
+
+
+@dataclass(frozen=True)
+class NamespaceProof:
+    ns: bytes = wire(HASH)
+    mac: bytes = wire(HASH)
+
+
+@dataclass(frozen=True)
+class Membership:
+    TYPE: ClassVar = MessageType.MEMBERSHIP
+    challenge: bytes = wire(CHALLENGE)
+    proofs: tuple[NamespaceProof, ...] = wire(Array(Struct(NamespaceProof), 1, 16))
 
 
 @dataclass(frozen=True)
@@ -256,6 +272,7 @@ Message = (
     | Transfer
     | Receipt
     | Error
+    | Membership
 )
 
 MESSAGE_CLASSES: dict[MessageType, type] = {
@@ -275,6 +292,7 @@ MESSAGE_CLASSES: dict[MessageType, type] = {
         Transfer,
         Receipt,
         Error,
+        Membership,
     )
 }
 

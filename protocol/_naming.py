@@ -22,6 +22,8 @@ FINGERPRINT_PURPOSE = b"kvx/fingerprint/1"
 CHAIN_PURPOSE = b"kvx/chain/1"
 NAMESPACE_ID_CONTEXT = "kvx 2026-11 namespace id v1"
 NAMESPACE_CHAIN_CONTEXT = "kvx 2026-11 namespace chain key v1"
+NAMESPACE_PROOF_CONTEXT = "kvx 2026-11 namespace proof key v1"
+MEMBERSHIP_PURPOSE = b"kvx/ns-proof/1"
 
 
 def lp(data: bytes) -> bytes:
@@ -112,6 +114,14 @@ class Namespace:
             return blake3.blake3()
         key = blake3.blake3(self.secret, derive_key_context=NAMESPACE_CHAIN_CONTEXT).digest()
         return blake3.blake3(key=key)
+
+    def proof(self, prover: bytes, verifier: bytes, challenge: bytes) -> bytes:
+        """The membership proof of spec §7.6: only holders of the secret can compute it."""
+        if self.secret is None or self.id is None:
+            raise _local("the public namespace has no members to prove")
+        key = blake3.blake3(self.secret, derive_key_context=NAMESPACE_PROOF_CONTEXT).digest()
+        data = lp(MEMBERSHIP_PURPOSE) + self.id + prover + verifier + challenge
+        return blake3.blake3(data, key=key).digest()
 
 
 PUBLIC = Namespace()

@@ -35,10 +35,12 @@ from kvx.protocol import (
     KVLayout,
     Lookup,
     LookupResult,
+    Membership,
     Message,
     MessageType,
     ModelFingerprint,
     Namespace,
+    NamespaceProof,
     PeerEntry,
     Peers,
     Quote,
@@ -111,6 +113,7 @@ MESSAGES: list[Message] = [
     Peers(
         peers=(PeerEntry(key=MALLORY.public_key, ctl="tcp://127.0.0.1:7100", inc=1, state=1),),
         re=1,
+        challenge=seed("challenge")[:16],
     ),
     advert(),
     Withdraw(ad=10),
@@ -143,6 +146,17 @@ MESSAGES: list[Message] = [
     Transfer(quote=QUOTE_ID, token=seed("token"), first=0),
     Receipt(quote=QUOTE_ID, seller=BOB.node_id, root=seed("root-f16"), bytes=4096, price=800),
     Error(code=int(ErrorCode.NOT_FOUND), msg="no block of this chain is held here", re=6),
+    Membership(
+        challenge=seed("challenge")[:16],
+        proofs=(
+            NamespaceProof(
+                ns=Namespace(seed("namespace")).id,
+                mac=Namespace(seed("namespace")).proof(
+                    ALICE.node_id, BOB.node_id, seed("challenge")[:16]
+                ),
+            ),
+        ),
+    ),
 ]
 
 
@@ -604,6 +618,20 @@ def naming() -> dict[str, Any]:
             for f in fps
         ],
         "namespaces": [{"secret": secret.hex(), "id": ns.id.hex()}],
+        "membership_proofs": [
+            {
+                "secret": secret.hex(),
+                "prover": prover.node_id.hex(),
+                "verifier": verifier.node_id.hex(),
+                "challenge": challenge.hex(),
+                "mac": ns.proof(prover.node_id, verifier.node_id, challenge).hex(),
+            }
+            for prover, verifier, challenge in (
+                (ALICE, BOB, seed("challenge")[:16]),
+                (BOB, ALICE, seed("challenge")[:16]),
+                (ALICE, BOB, seed("another challenge")[:16]),
+            )
+        ],
         "chains": [
             {
                 "fingerprint": FP.hex(),

@@ -128,6 +128,12 @@ def test_fingerprints_namespaces_and_chains():
         assert mf.digest().hex() == fp["fingerprint"]
     for ns in data["namespaces"]:
         assert Namespace(bytes.fromhex(ns["secret"])).id.hex() == ns["id"]
+    for p in data["membership_proofs"]:
+        ns = Namespace(bytes.fromhex(p["secret"]))
+        mac = ns.proof(
+            bytes.fromhex(p["prover"]), bytes.fromhex(p["verifier"]), bytes.fromhex(p["challenge"])
+        )
+        assert mac.hex() == p["mac"]
     for chain in data["chains"]:
         secret = chain["namespace_secret"]
         space = Namespace(bytes.fromhex(secret) if secret else None)

@@ -1,18 +1,44 @@
-"""kvx.trust: who said what — identities, signed envelopes, the replay and expiry guard."""
+"""kvx.trust: who said what, and what they may do — identities, signed envelopes, the
+replay guard, the encrypted control channel, namespaces, policy, peer scores, the ledger.
+"""
 
+from ._atrest import AtRestCipher
+from ._config import ConfigFile, read_secret, write_private
+from ._curve import make_curve_client, make_curve_server, peer_curve_key, start_authenticator
 from ._envelope import DEFAULT_TTL_MS, Inbox, Signer, Statement, open_envelope, seal
 from ._freshness import ReplayGuard
 from ._identity import KEY_FILE_TAG, Identity, curve_public_key
+from ._ledger import AuditEntry, Ledger
+from ._membership import Memberships
+from ._policy import NamespaceRule, Policy, ScoreRules, load_policy
+from ._scores import Event, PeerScores
 
 __all__ = [
     "DEFAULT_TTL_MS",
     "KEY_FILE_TAG",
+    "AtRestCipher",
+    "AuditEntry",
+    "ConfigFile",
+    "Event",
     "Identity",
     "Inbox",
+    "Ledger",
+    "Memberships",
+    "NamespaceRule",
+    "PeerScores",
+    "Policy",
     "ReplayGuard",
+    "ScoreRules",
     "Signer",
     "Statement",
     "curve_public_key",
+    "load_policy",
+    "make_curve_client",
+    "make_curve_server",
     "open_envelope",
+    "peer_curve_key",
+    "read_secret",
     "seal",
+    "start_authenticator",
+    "write_private",
 ]

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-import stat
 from pathlib import Path
 
 from nacl.public import PrivateKey, PublicKey
 from nacl.signing import SigningKey, VerifyKey
 
 from kvx.protocol import ConfigError, node_id
+
+from ._config import check_private, write_private
 
 KEY_FILE_TAG = "kvx-ed25519-seed-v1"
 
@@ -50,32 +51,13 @@ class Identity:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write a new key file readable by its owner only; an existing file is never replaced."""
-        text = f"{KEY_FILE_TAG} {bytes(self._key).hex()}\n".encode()
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            raise ConfigError(f"{path} already exists; refusing to overwrite a key") from None
-        try:
-            os.fchmod(fd, 0o600)  # the umask may have narrowed, never widened, but be exact
-            os.write(fd, text)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_private(path, f"{KEY_FILE_TAG} {bytes(self._key).hex()}\n", "key file")
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Identity:
         """Read a key file, refusing one that group or others could read or change."""
         p = Path(path)
-        try:
-            st = p.stat()
-        except OSError as exc:
-            raise ConfigError(f"cannot read key file {p}: {exc.strerror}") from None
-        loose = stat.S_IMODE(st.st_mode) & 0o077
-        if loose:
-            raise ConfigError(
-                f"key file {p} has mode {stat.S_IMODE(st.st_mode):04o}: group or others may "
-                f"access it; run `chmod 600 {p}` if the key has not leaked, else make a new one"
-            )
+        check_private(p, "key file")
         parts = p.read_text(errors="replace").split()
         if len(parts) != 2 or parts[0] != KEY_FILE_TAG:
             raise ConfigError(f"{p} is not a kvx key file (expected '{KEY_FILE_TAG} <hex seed>')")

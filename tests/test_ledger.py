@@ -1,0 +1,167 @@
+"""The credit ledger: deals, receipts, credit limits, and survival of a killed writer."""
+
+import random
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from deals import deal
+
+from kvx.protocol import ErrorCode, RemoteProtocolError
+from kvx.trust import Identity, Ledger
+
+SELLER = Identity.from_seed(b"\x51" * 32)
+BUYER = Identity.from_seed(b"\x52" * 32)
+OTHER = Identity.from_seed(b"\x53" * 32)
+Q1, Q2 = b"\x01" * 16, b"\x02" * 16
+
+
+@pytest.fixture
+def seller_ledger(tmp_path):
+    ledger = Ledger(tmp_path / "seller.db", SELLER.node_id)
+    yield ledger
+    ledger.close()
+
+
+def code(fn, *args, **kwargs) -> ErrorCode:
+    with pytest.raises(RemoteProtocolError) as err:
+        fn(*args, **kwargs)
+    return err.value.code
+
+
+def test_a_full_deal_shows_in_both_ledgers(tmp_path, seller_ledger):
+    buyer_ledger = Ledger(tmp_path / "buyer.db", BUYER.node_id)
+    quote, accept, receipt = deal(SELLER, BUYER, Q1, 500)
+    for ledger in (seller_ledger, buyer_ledger):
+        ledger.record_accept(quote, accept, now_ms=1, limit=1000)
+    seller_ledger.record_delivery(Q1, now_ms=2)
+    seller_ledger.record_receipt(receipt, now_ms=3)
+    buyer_ledger.record_receipt(receipt, now_ms=3)  # the buyer's own receipt
+    assert seller_ledger.balances() == {BUYER.node_id: 500}
+    assert buyer_ledger.balances() == {SELLER.node_id: -500}
+    [entry] = seller_ledger.audit()
+    assert (entry.role, entry.peer, entry.price, entry.receipted) == (
+        "sold",
+        BUYER.node_id,
+        500,
+        True,
+    )
+    assert buyer_ledger.audit()[0].role == "bought"
+    seller_ledger.verify()
+    buyer_ledger.close()
+
+
+def test_accept_past_the_buyers_credit_limit_is_refused(seller_ledger):
+    q1, a1, _ = deal(SELLER, BUYER, Q1, 600)
+    seller_ledger.record_accept(q1, a1, now_ms=1, limit=1000)
+    q2, a2, _ = deal(SELLER, BUYER, Q2, 401)
+    assert code(seller_ledger.record_accept, q2, a2, now_ms=1, limit=1000) == ErrorCode.CREDIT_LIMIT
+    assert [e.quote_id for e in seller_ledger.audit()] == [Q1]  # nothing half-recorded
+    q3, a3, _ = deal(SELLER, BUYER, b"\x03" * 16, 400)
+    seller_ledger.record_accept(q3, a3, now_ms=1, limit=1000)  # exactly at the limit
+
+
+def test_check_credit_before_quoting(seller_ledger):
+    seller_ledger.check_credit(BUYER.node_id, 1000, limit=1000)
+    assert code(seller_ledger.check_credit, BUYER.node_id, 1001, limit=1000) == (
+        ErrorCode.CREDIT_LIMIT
+    )
+
+
+def test_receipt_for_a_transfer_that_never_happened(seller_ledger):
+    _, _, receipt = deal(SELLER, BUYER, Q1, 5)
+    assert code(seller_ledger.record_receipt, receipt, now_ms=1) == ErrorCode.UNKNOWN_TRANSFER
+
+
+def test_receipt_for_an_accepted_but_undelivered_deal(seller_ledger):
+    quote, accept, receipt = deal(SELLER, BUYER, Q1, 5)
+    seller_ledger.record_accept(quote, accept, now_ms=1, limit=100)
+    assert code(seller_ledger.record_receipt, receipt, now_ms=1) == ErrorCode.UNKNOWN_TRANSFER
+    assert seller_ledger.balances() == {}
+
+
+@pytest.mark.parametrize("bad", ["price", "signer"])
+def test_receipt_that_does_not_match_its_deal(seller_ledger, bad):
+    quote, accept, _ = deal(SELLER, BUYER, Q1, 5)
+    seller_ledger.record_accept(quote, accept, now_ms=1, limit=100)
+    seller_ledger.record_delivery(Q1, now_ms=2)
+    if bad == "price":
+        receipt = deal(SELLER, BUYER, Q1, 5, receipt_price=4)[2]
+    else:
+        receipt = deal(SELLER, OTHER, Q1, 5)[2]  # signed by someone who is not the buyer
+    assert code(seller_ledger.record_receipt, receipt, now_ms=3) == ErrorCode.UNKNOWN_TRANSFER
+
+
+def test_receipts_are_recorded_exactly_once(seller_ledger):
+    quote, accept, receipt = deal(SELLER, BUYER, Q1, 5)
+    seller_ledger.record_accept(quote, accept, now_ms=1, limit=100)
+    seller_ledger.record_accept(quote, accept, now_ms=1, limit=100)  # same deal again: no-op
+    seller_ledger.record_delivery(Q1, now_ms=2)
+    seller_ledger.record_receipt(receipt, now_ms=3)
+    seller_ledger.record_receipt(receipt, now_ms=4)  # same receipt again: no-op
+    other = deal(SELLER, BUYER, Q1, 5, seq=2)[2]  # a different signed receipt, same deal
+    assert code(seller_ledger.record_receipt, other, now_ms=5) == ErrorCode.REPLAYED
+    assert seller_ledger.balances() == {BUYER.node_id: 5}
+
+
+def test_accept_must_match_its_quote_and_come_in_time(seller_ledger):
+    quote, _, _ = deal(SELLER, BUYER, Q1, 5)
+    wrong_price = deal(SELLER, BUYER, Q1, 6)[1]
+    assert code(seller_ledger.record_accept, quote, wrong_price, now_ms=1, limit=100) == (
+        ErrorCode.UNKNOWN_QUOTE
+    )
+    late = deal(SELLER, BUYER, Q1, 5, now=quote.header.exp + 1)[1]
+    assert code(seller_ledger.record_accept, quote, late, now_ms=1, limit=100) == (
+        ErrorCode.UNKNOWN_QUOTE
+    )
+    not_ours = deal(OTHER, BUYER, Q1, 5)
+    assert code(seller_ledger.record_accept, *not_ours[:2], now_ms=1, limit=100) == (
+        ErrorCode.UNKNOWN_QUOTE
+    )
+
+
+def test_a_second_accept_of_one_quote_is_refused(seller_ledger):
+    quote, accept, _ = deal(SELLER, BUYER, Q1, 5)
+    seller_ledger.record_accept(quote, accept, now_ms=1, limit=100)
+    again = deal(SELLER, BUYER, Q1, 5, seq=9)[1]
+    assert code(seller_ledger.record_accept, quote, again, now_ms=1, limit=100) == (
+        ErrorCode.UNEXPECTED_MESSAGE
+    )
+
+
+def test_ledger_survives_a_writer_killed_at_random_instants(tmp_path):
+    db = tmp_path / "ledger.db"
+    writer = Path(__file__).with_name("ledger_writer.py")
+    acknowledged: list[str] = []
+    rng = random.Random(1234)
+    for _ in range(8):
+        proc = subprocess.Popen(
+            [sys.executable, str(writer), str(db)], stdout=subprocess.PIPE, text=True
+        )
+        # Wait until it is writing, then kill it somewhere in the middle of its work.
+        first = proc.stdout.readline()
+        assert first, "the writer produced nothing"
+        acknowledged.append(first.strip())
+        time.sleep(rng.uniform(0.0, 0.15))
+        proc.kill()
+        out, _ = proc.communicate()
+        acknowledged += out.split()
+    assert len(acknowledged) > 8
+
+    ledger = Ledger(db, SELLER.node_id)
+    ledger.verify()  # integrity check, every frame's signature, every row's frames agree
+    raw = sqlite3.connect(db)
+    deals = {row[0].hex() for row in raw.execute("SELECT quote_id FROM deals")}
+    receipts = {row[0].hex() for row in raw.execute("SELECT quote_id FROM receipts")}
+    # Nothing lost: every id the writer saw committed is there, with its receipt.
+    assert set(acknowledged) <= receipts
+    # Nothing half-recorded: every receipt has its deal; at most the deal in flight lacks one.
+    assert receipts <= deals
+    assert len(deals - receipts) <= 8
+    # Nothing doubled: one row per quote id, and the balance is the sum of receipts.
+    assert raw.execute("SELECT COUNT(*) FROM receipts").fetchone()[0] == len(receipts)
+    assert ledger.balances() == {BUYER.node_id: 7 * len(receipts)}
+    ledger.close()

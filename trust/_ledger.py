@@ -1,0 +1,224 @@
+"""The credit ledger: every signed QUOTE/ACCEPT pair and RECEIPT this node took part in.
+
+SQLite in WAL mode with synchronous=FULL: each deal, delivery and receipt is one
+transaction, so a process killed at any instant leaves each either whole or absent. The
+signed frames are stored as received, so the audit log is evidence, not a claim.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from dataclasses import dataclass
+
+from kvx.protocol import Accept, ErrorCode, MessageType, Quote, Receipt, RemoteProtocolError
+
+from ._envelope import Statement, open_envelope
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS deals (
+    quote_id     BLOB PRIMARY KEY,
+    seller       BLOB NOT NULL,
+    buyer        BLOB NOT NULL,
+    price        INTEGER NOT NULL,
+    root         BLOB NOT NULL,
+    bytes        INTEGER NOT NULL,
+    quote_frame  BLOB NOT NULL,
+    accept_frame BLOB NOT NULL,
+    accepted_ms  INTEGER NOT NULL,
+    delivered_ms INTEGER
+);
+CREATE TABLE IF NOT EXISTS receipts (
+    quote_id      BLOB PRIMARY KEY REFERENCES deals (quote_id),
+    receipt_frame BLOB NOT NULL,
+    recorded_ms   INTEGER NOT NULL
+);
+"""
+
+
+def _fail(code: ErrorCode, detail: str) -> RemoteProtocolError:
+    return RemoteProtocolError(code, detail)
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    when_ms: int
+    role: str  # "sold" or "bought"
+    peer: bytes
+    quote_id: bytes
+    bytes: int
+    price: int
+    receipted: bool
+
+
+class Ledger:
+    """One node's view of its bilateral balances; `me` is its node id."""
+
+    def __init__(self, path: str | os.PathLike[str], me: bytes) -> None:
+        self.me = me
+        self._db = sqlite3.connect(path, isolation_level=None, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def exposure(self, peer: bytes) -> int:
+        """What `peer` owes this node, counting accepted deals not yet receipted."""
+        sold = self._db.execute(
+            "SELECT COALESCE(SUM(price), 0) FROM deals WHERE seller = ? AND buyer = ?",
+            (self.me, peer),
+        ).fetchone()[0]
+        bought = self._db.execute(
+            "SELECT COALESCE(SUM(d.price), 0) FROM deals d JOIN receipts r USING (quote_id)"
+            " WHERE d.seller = ? AND d.buyer = ?",
+            (peer, self.me),
+        ).fetchone()[0]
+        return sold - bought
+
+    def check_credit(self, buyer: bytes, price: int, limit: int) -> None:
+        """Raise CREDIT_LIMIT if selling to `buyer` at `price` would exceed `limit`."""
+        owed = self.exposure(buyer)
+        if owed + price > limit:
+            raise _fail(
+                ErrorCode.CREDIT_LIMIT,
+                f"buyer owes {owed}; {price} more would pass its limit of {limit}",
+            )
+
+    def record_accept(self, quote: Statement, accept: Statement, now_ms: int, limit: int) -> None:
+        """Store a QUOTE and the ACCEPT that binds it, checking the buyer's credit atomically."""
+        q, a = quote.message, accept.message
+        if not (isinstance(q, Quote) and isinstance(a, Accept)):
+            raise _fail(ErrorCode.UNEXPECTED_MESSAGE, "a deal is a QUOTE and its ACCEPT")
+        if a.quote != q.quote or a.price != q.price or a.root != q.root:
+            raise _fail(ErrorCode.UNKNOWN_QUOTE, "the ACCEPT does not match the QUOTE")
+        seller, buyer = quote.signer_id, accept.signer_id
+        if self.me not in (seller, buyer) or quote.header.to != buyer:
+            raise _fail(ErrorCode.UNKNOWN_QUOTE, "this node is not a party to the quote")
+        if accept.header.iat > quote.header.exp:
+            raise _fail(ErrorCode.UNKNOWN_QUOTE, "the quote had expired when it was accepted")
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            row = self._db.execute(
+                "SELECT accept_frame FROM deals WHERE quote_id = ?", (q.quote,)
+            ).fetchone()
+            if row is not None:
+                if row[0] != accept.frame:
+                    raise _fail(ErrorCode.UNEXPECTED_MESSAGE, "this quote was already accepted")
+                self._db.execute("COMMIT")
+                return
+            if seller == self.me:
+                self.check_credit(buyer, q.price, limit)
+            self._db.execute(
+                "INSERT INTO deals VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+                (
+                    q.quote,
+                    seller,
+                    buyer,
+                    q.price,
+                    q.root,
+                    q.deliver,
+                    quote.frame,
+                    accept.frame,
+                    now_ms,
+                ),
+            )
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    def record_delivery(self, quote_id: bytes, now_ms: int) -> None:
+        """The seller streamed every chunk of this deal; only now may a receipt name it."""
+        cur = self._db.execute(
+            "UPDATE deals SET delivered_ms = ? WHERE quote_id = ? AND seller = ?",
+            (now_ms, quote_id, self.me),
+        )
+        if cur.rowcount != 1:
+            raise _fail(ErrorCode.UNKNOWN_QUOTE, "no deal of ours with that quote id")
+
+    def record_receipt(self, receipt: Statement, now_ms: int) -> None:
+        """Store a buyer's RECEIPT for a deal that was accepted and delivered, exactly once."""
+        r = receipt.message
+        if not isinstance(r, Receipt):
+            raise _fail(ErrorCode.UNEXPECTED_MESSAGE, "not a RECEIPT")
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            deal = self._db.execute(
+                "SELECT seller, buyer, price, root, bytes, delivered_ms FROM deals"
+                " WHERE quote_id = ?",
+                (r.quote,),
+            ).fetchone()
+            if deal is None:
+                raise _fail(ErrorCode.UNKNOWN_TRANSFER, "no accepted quote has this id")
+            seller, buyer, price, root, size, delivered = deal
+            if receipt.signer_id != buyer:
+                raise _fail(ErrorCode.UNKNOWN_TRANSFER, "the receipt is not signed by the buyer")
+            if (r.seller, r.price, r.root, r.bytes) != (seller, price, root, size):
+                raise _fail(ErrorCode.UNKNOWN_TRANSFER, "the receipt does not match the deal")
+            if seller == self.me and delivered is None:
+                raise _fail(ErrorCode.UNKNOWN_TRANSFER, "that transfer never completed")
+            row = self._db.execute(
+                "SELECT receipt_frame FROM receipts WHERE quote_id = ?", (r.quote,)
+            ).fetchone()
+            if row is None:
+                self._db.execute(
+                    "INSERT INTO receipts VALUES (?, ?, ?)", (r.quote, receipt.frame, now_ms)
+                )
+            elif row[0] != receipt.frame:
+                raise _fail(ErrorCode.REPLAYED, "a different receipt was recorded for this deal")
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    def balances(self) -> dict[bytes, int]:
+        """Net receipted amount each peer owes this node (negative: this node owes it)."""
+        out: dict[bytes, int] = {}
+        rows = self._db.execute(
+            "SELECT d.seller, d.buyer, d.price FROM deals d JOIN receipts USING (quote_id)"
+        )
+        for seller, buyer, price in rows:
+            if seller == self.me:
+                out[buyer] = out.get(buyer, 0) + price
+            else:
+                out[seller] = out.get(seller, 0) - price
+        return out
+
+    def audit(self) -> list[AuditEntry]:
+        """Every deal, oldest first."""
+        rows = self._db.execute(
+            "SELECT d.accepted_ms, d.seller, d.buyer, d.quote_id, d.bytes, d.price,"
+            " r.quote_id IS NOT NULL FROM deals d LEFT JOIN receipts r USING (quote_id)"
+            " ORDER BY d.accepted_ms, d.quote_id"
+        )
+        return [
+            AuditEntry(
+                when_ms=when,
+                role="sold" if seller == self.me else "bought",
+                peer=buyer if seller == self.me else seller,
+                quote_id=qid,
+                bytes=size,
+                price=price,
+                receipted=bool(done),
+            )
+            for when, seller, buyer, qid, size, price, done in rows
+        ]
+
+    def verify(self) -> None:
+        """Re-check every stored frame's signature and its agreement with its row."""
+        if self._db.execute("PRAGMA integrity_check").fetchone()[0] != "ok":
+            raise _fail(ErrorCode.INTERNAL, "the ledger database is corrupt")
+        rows = self._db.execute(
+            "SELECT d.quote_id, d.quote_frame, d.accept_frame, r.receipt_frame"
+            " FROM deals d LEFT JOIN receipts r USING (quote_id)"
+        )
+        for qid, quote_frame, accept_frame, receipt_frame in rows:
+            frames = [quote_frame, accept_frame] + ([receipt_frame] if receipt_frame else [])
+            statements = [open_envelope(f) for f in frames]
+            kinds = [s.type for s in statements]
+            expected = [MessageType.QUOTE, MessageType.ACCEPT, MessageType.RECEIPT]
+            if kinds != expected[: len(kinds)] or any(s.message.quote != qid for s in statements):
+                raise _fail(ErrorCode.INTERNAL, f"deal {qid.hex()} holds mismatched frames")

@@ -1,0 +1,175 @@
+"""A node's access policy: who may talk to it, publish, buy, and on how much credit.
+
+Loaded once at start from the node's TOML config; anything wrong in it stops the node
+with the file, line and reason, rather than running with a policy nobody wrote.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvx.protocol import ConfigError, ErrorCode, Namespace, RemoteProtocolError
+
+from ._config import ConfigFile, Section, read_secret
+
+ANYONE = "*"
+
+
+def _node_ids(section: Section, key: str) -> frozenset[bytes] | None:
+    """A list of hex node ids, or ["*"] for anyone (None)."""
+    values = section.take(key, list, None)
+    if values is None:
+        return None
+    if values == [ANYONE]:
+        return None
+    ids = set()
+    for value in values:
+        try:
+            raw = bytes.fromhex(value) if isinstance(value, str) else b""
+        except ValueError:
+            raw = b""
+        if len(raw) != 32:
+            raise section.error(key, f"{value!r} is not a node id (64 hex digits) or '*'")
+        ids.add(raw)
+    return frozenset(ids)
+
+
+@dataclass(frozen=True)
+class NamespaceRule:
+    """A private namespace this node belongs to, and who in it may publish or buy."""
+
+    name: str
+    namespace: Namespace
+    publishers: frozenset[bytes] | None = None  # None: any member
+    buyers: frozenset[bytes] | None = None
+
+    @property
+    def id(self) -> bytes:
+        assert self.namespace.id is not None
+        return self.namespace.id
+
+
+@dataclass(frozen=True)
+class ScoreRules:
+    threshold: float = -50.0
+    """A peer whose score falls below this is ignored for `cooldown_s`."""
+    cooldown_s: float = 600.0
+    half_life_s: float = 3600.0
+    """Scores decay towards zero, halving over this time."""
+
+
+def _denied(reason: str) -> RemoteProtocolError:
+    return RemoteProtocolError(ErrorCode.DENIED, reason)
+
+
+@dataclass(frozen=True)
+class Policy:
+    allow: frozenset[bytes] | None = None
+    """Node ids that may talk to this node; None lets anyone not denied."""
+    deny: frozenset[bytes] = frozenset()
+    max_price: int = 10**12
+    """The most this node pays for one fetch, in micro-credits."""
+    credit_limit: int = 10**9
+    """Default unpaid balance a buyer may run up with this node, in micro-credits."""
+    peer_credit_limits: Mapping[bytes, int] = field(default_factory=dict)
+    namespaces: tuple[NamespaceRule, ...] = ()
+    scores: ScoreRules = ScoreRules()
+    encrypt_at_rest: bool = False
+
+    def check_peer(self, peer: bytes) -> None:
+        """Raise DENIED for a peer this node must not deal with."""
+        if peer in self.deny:
+            raise _denied("this node id is on the deny list")
+        if self.allow is not None and peer not in self.allow:
+            raise _denied("this node id is not on the allow list")
+
+    def credit_limit_for(self, peer: bytes) -> int:
+        return self.peer_credit_limits.get(peer, self.credit_limit)
+
+    def namespace(self, ns_id: bytes) -> NamespaceRule | None:
+        return next((rule for rule in self.namespaces if rule.id == ns_id), None)
+
+    def check_namespace(self, peer: bytes, ns_id: bytes | None, *, publish: bool) -> None:
+        """May `peer` publish into (or buy from) namespace `ns_id`? Public: anyone allowed."""
+        if ns_id is None:
+            return
+        rule = self.namespace(ns_id)
+        if rule is None:
+            raise RemoteProtocolError(ErrorCode.NOT_FOUND, "this node is not in that namespace")
+        who = rule.publishers if publish else rule.buyers
+        if who is not None and peer not in who:
+            raise _denied(f"may not {'publish to' if publish else 'buy from'} {rule.name}")
+
+
+def load_policy(path: str | os.PathLike[str]) -> Policy:
+    """Read [policy], [policy.peers.ID], [[namespace]] and [scores] from a node config."""
+    config = ConfigFile(path)
+    base = config.path.parent
+    sec = Section(config, "policy")
+    allow = _node_ids(sec, "allow")
+    deny = _node_ids(sec, "deny") or frozenset()
+    non_negative = lambda v: None if v >= 0 else "must not be negative"  # noqa: E731
+    max_price = sec.take("max_price", int, Policy.max_price, non_negative)
+    credit_limit = sec.take("credit_limit", int, Policy.credit_limit, non_negative)
+    encrypt = sec.take("encrypt_at_rest", bool, False)
+    peers_table = sec.take("peers", dict, {})
+    sec.finish()
+
+    limits = {}
+    for key in peers_table:
+        try:
+            peer = bytes.fromhex(key)
+        except ValueError:
+            peer = b""
+        if len(peer) != 32:
+            raise config.error(f"policy.peers.{key}", None, "table name must be a node id")
+        peer_sec = Section(config, f"policy.peers.{key}")
+        limits[peer] = peer_sec.take("credit_limit", int, credit_limit, non_negative)
+        peer_sec.finish()
+
+    namespaces = []
+    raw_ns = config.data.get("namespace", [])
+    if not isinstance(raw_ns, list):
+        raise config.error("namespace", None, "use [[namespace]] (an array of tables)")
+    for i in range(len(raw_ns)):
+        ns = Section(config, "namespace", i)
+        name = ns.take("name", str, "", lambda v: None if v else "must not be empty")
+        if not name:
+            raise ns.error(None, "each [[namespace]] needs a name")
+        secret_path = ns.take("secret_file", str, "")
+        if not secret_path:
+            raise ns.error(None, f"namespace {name!r} needs secret_file")
+        try:
+            secret = read_secret(base / Path(secret_path).expanduser())
+        except ConfigError as exc:
+            raise ns.error("secret_file", str(exc)) from None
+        rule = NamespaceRule(
+            name=name,
+            namespace=Namespace(secret),
+            publishers=_node_ids(ns, "publish"),
+            buyers=_node_ids(ns, "buy"),
+        )
+        ns.finish()
+        namespaces.append(rule)
+
+    sc = Section(config, "scores")
+    positive = lambda v: None if v > 0 else "must be positive"  # noqa: E731
+    scores = ScoreRules(
+        threshold=sc.take("threshold", float, ScoreRules.threshold),
+        cooldown_s=sc.take("cooldown_s", float, ScoreRules.cooldown_s, positive),
+        half_life_s=sc.take("half_life_s", float, ScoreRules.half_life_s, positive),
+    )
+    sc.finish()
+    return Policy(
+        allow=allow,
+        deny=deny,
+        max_price=max_price,
+        credit_limit=credit_limit,
+        peer_credit_limits=limits,
+        namespaces=tuple(namespaces),
+        scores=scores,
+        encrypt_at_rest=encrypt,
+    )
