@@ -20,6 +20,13 @@ from ._content import (
     content_root,
     verify_chunk_list,
 )
+from ._datachannel import (
+    CHUNK_INDEX,
+    FRAME_HEADER,
+    FrameTag,
+    frame_header,
+    parse_frame_header,
+)
 from ._errors import (
     ConfigError,
     ErrorCode,
@@ -78,9 +85,11 @@ from ._naming import (
 from ._payload import DTYPE_SIZES, LAYOUT_NAME, KVLayout
 
 __all__ = [
+    "CHUNK_INDEX",
     "DEFAULT_BLOCK_TOKENS",
     "DEFAULT_CHUNK_BYTES",
     "DTYPE_SIZES",
+    "FRAME_HEADER",
     "LAYOUT_NAME",
     "MAX_ADVERT_LIFETIME_MS",
     "MAX_CHAIN_BLOCKS",
@@ -100,6 +109,7 @@ __all__ = [
     "DigestEntry",
     "Error",
     "ErrorCode",
+    "FrameTag",
     "Header",
     "Hello",
     "IntegrityError",
@@ -134,9 +144,11 @@ __all__ = [
     "decode_body",
     "encode_body",
     "encode_envelope",
+    "frame_header",
     "max_lifetime_ms",
     "node_id",
     "parse_envelope",
+    "parse_frame_header",
     "prefix_chain",
     "signing_input",
     "verify_chunk_list",

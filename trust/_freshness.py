@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import heapq
+import threading
 
 from kvx.protocol import MAX_CLOCK_SKEW_MS, ErrorCode, Header, RemoteProtocolError
 
@@ -26,6 +27,7 @@ class ReplayGuard:
         self.max_total = max_total
         self._seen: dict[bytes, set[int]] = {}
         self._expiry: list[tuple[int, bytes, int]] = []
+        self._lock = threading.Lock()  # data streams are admitted from worker threads
 
     def __len__(self) -> int:
         return len(self._expiry)
@@ -46,6 +48,10 @@ class ReplayGuard:
             )
         if header.exp + self.skew_ms < now_ms:
             raise RemoteProtocolError(ErrorCode.EXPIRED, f"expired {now_ms - header.exp} ms ago")
+        with self._lock:
+            self._remember(signer, header, now_ms)
+
+    def _remember(self, signer: bytes, header: Header, now_ms: int) -> None:
         self._forget_expired(now_ms)
         seqs = self._seen.get(signer, set())
         if header.seq in seqs:

@@ -1,0 +1,52 @@
+"""Frames of the data channel (spec §9): u8 tag, u32le length, payload.
+
+Only the framing lives here; reading and writing them is the transport's business.
+"""
+
+from __future__ import annotations
+
+import struct
+from enum import IntEnum
+
+from ._errors import ErrorCode, RemoteProtocolError
+from ._limits import MAX_CHUNK_BYTES, MAX_FRAME_BYTES
+
+FRAME_HEADER = struct.Struct("<BI")
+CHUNK_INDEX = struct.Struct("<I")
+
+
+class FrameTag(IntEnum):
+    CONTROL = 1
+    CHUNK_LIST = 2
+    CHUNK = 3
+    END = 4
+
+
+MAX_CHUNK_LIST_BYTES = 32 * (1 << 20)
+"""A chunk list names at most 2^20 chunks (64 TiB at the largest chunk size)."""
+
+_MAX_LENGTH = {
+    FrameTag.CONTROL: MAX_FRAME_BYTES,
+    FrameTag.CHUNK_LIST: MAX_CHUNK_LIST_BYTES,
+    FrameTag.CHUNK: CHUNK_INDEX.size + MAX_CHUNK_BYTES,
+    FrameTag.END: 0,
+}
+
+
+def frame_header(tag: FrameTag, length: int) -> bytes:
+    return FRAME_HEADER.pack(tag, length)
+
+
+def parse_frame_header(header: bytes) -> tuple[FrameTag, int]:
+    """Tag and payload length of a frame, refusing unknown tags and oversize lengths."""
+    raw_tag, length = FRAME_HEADER.unpack(header)
+    try:
+        tag = FrameTag(raw_tag)
+    except ValueError:
+        raise RemoteProtocolError(
+            ErrorCode.MALFORMED, f"unknown data frame tag {raw_tag}"
+        ) from None
+    if length > _MAX_LENGTH[tag]:
+        code = ErrorCode.FRAME_TOO_LARGE if tag == FrameTag.CONTROL else ErrorCode.SIZE_MISMATCH
+        raise RemoteProtocolError(code, f"{tag.name} frame of {length} bytes is too long")
+    return tag, length

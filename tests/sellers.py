@@ -1,0 +1,138 @@
+"""Sellers for transport tests: an honest TcpDataServer, and a hostile one that speaks the
+frame format over a real socket but lies in a chosen way."""
+
+import contextlib
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+import blake3
+
+from kvx.protocol import (
+    CHUNK_INDEX,
+    FrameTag,
+    Transfer,
+    chunk_hashes,
+    content_root,
+    frame_header,
+)
+from kvx.transport import Expected, Offer, Sessions, Source, TcpDataServer
+from kvx.trust import Identity, Inbox, Signer
+
+CHUNK = 1 << 16
+SELLER = Identity.from_seed(b"\x5e" * 32)
+BUYER = Identity.from_seed(b"\xb0" * 32)
+QUOTE = b"\x71" * 16
+TOKEN = b"\x7a" * 32
+
+
+def payload(size: int = 5 * CHUNK + 1000) -> bytes:
+    return blake3.blake3(b"kv payload").digest(length=size)
+
+
+def expected_for(data: bytes, deliver: int | None = None) -> Expected:
+    root = content_root(len(data), CHUNK, chunk_hashes(data, CHUNK))
+    return Expected(root=root, size=len(data), chunk=CHUNK, deliver=deliver or len(data))
+
+
+def transfer_maker(seller: Identity = SELLER, token: bytes = TOKEN, buyer: Identity = BUYER):
+    signer = Signer(buyer)
+    opened: list[int] = []
+
+    def make(first: int) -> bytes:
+        opened.append(first)
+        return signer.seal(
+            Transfer(quote=QUOTE, token=token, first=first), now_ms=now(), to=seller.node_id
+        )
+
+    make.opened = opened  # the first chunk each stream asked for
+    return make
+
+
+def now() -> int:
+    return time.time_ns() // 1_000_000
+
+
+async def honest_server(
+    data: bytes, expected: Expected, token: bytes = TOKEN, server_class=TcpDataServer
+):
+    """A real data server (TCP, or UcxDataServer) with one authorised offer of `data`."""
+    sessions = Sessions()
+    sessions.authorize(
+        Offer.build(
+            quote=QUOTE,
+            token=token,
+            buyer=BUYER.public_key,
+            payload=data,
+            hashes=chunk_hashes(data, CHUNK),
+            expected=expected,
+            expires_ms=now() + 60_000,
+        )
+    )
+    server = server_class(sessions, Inbox(SELLER.node_id), Signer(SELLER))
+    await server.start()
+    return server
+
+
+@dataclass
+class Hostile:
+    """Serves one stream of `data`, lying as told: flip a bit of chunk `flip`, change the
+    length of chunk `resize` by `delta`, send a wrong chunk list, stop after `stop_after`
+    chunks, or say nothing at all."""
+
+    data: bytes
+    flip: int | None = None
+    resize: int | None = None
+    delta: int = 0
+    wrong_list: bool = False
+    stop_after: int | None = None
+    silent: bool = False
+    address: str = ""
+    _listener: socket.socket = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        try:
+            conn, _ = self._listener.accept()
+        except OSError:
+            return  # closed before anyone came
+        with conn, contextlib.suppress(OSError):  # the buyer may hang up on a liar
+            head = conn.recv(5, socket.MSG_WAITALL)
+            conn.recv(int.from_bytes(head[1:], "little"), socket.MSG_WAITALL)  # TRANSFER
+            if self.silent:
+                conn.recv(1)  # until the buyer gives up
+                return
+            hashes = chunk_hashes(self.data, CHUNK)
+            if self.wrong_list:
+                hashes[0] = bytes(32)
+            listing = b"".join(hashes)
+            conn.sendall(frame_header(FrameTag.CHUNK_LIST, len(listing)) + listing)
+            for index in range(len(hashes)):
+                if index == self.stop_after:
+                    return  # the seller dies mid-stream
+                chunk = bytearray(self.data[index * CHUNK : (index + 1) * CHUNK])
+                if index == self.flip:
+                    chunk[len(chunk) // 2] ^= 0x10
+                if index == self.resize:
+                    chunk = (
+                        chunk[: len(chunk) + self.delta]
+                        if self.delta < 0
+                        else chunk + bytes(self.delta)
+                    )
+                conn.sendall(frame_header(FrameTag.CHUNK, 4 + len(chunk)) + CHUNK_INDEX.pack(index))
+                conn.sendall(bytes(chunk))
+            conn.sendall(frame_header(FrameTag.END, 0))
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def source(address: str, expected: Expected, provider: bytes, make, transport="tcp") -> Source:
+    return Source(
+        provider=provider, transport=transport, address=address, expected=expected, transfer=make
+    )

@@ -1,0 +1,232 @@
+"""The TCP data channel and multi-provider fetch, against honest and hostile sellers."""
+
+import socket
+
+import pytest
+import torch
+from sellers import (
+    CHUNK,
+    Hostile,
+    expected_for,
+    honest_server,
+    payload,
+    source,
+    transfer_maker,
+)
+
+from kvx.protocol import ErrorCode, RemoteProtocolError, chunk_hashes
+from kvx.transport import (
+    FetchMiss,
+    StreamVerifier,
+    available_transports,
+    choose_transport,
+    fetch,
+)
+from kvx.trust import Identity
+
+P1, P2, P3 = b"\x01" * 32, b"\x02" * 32, b"\x03" * 32
+DATA = payload()
+
+
+@pytest.fixture
+def hostile():
+    """Make hostile sellers; every one is closed when the test ends."""
+    made = []
+
+    def make(**lie) -> Hostile:
+        made.append(Hostile(DATA, **lie))
+        return made[-1]
+
+    yield make
+    for seller in made:
+        seller.close()
+
+
+def dest_for(n: int) -> torch.Tensor:
+    return torch.full((n,), 0xAA, dtype=torch.uint8)
+
+
+def as_bytes(t: torch.Tensor) -> bytes:
+    return t.numpy().tobytes()
+
+
+async def test_a_whole_payload_arrives_verified():
+    expected = expected_for(DATA)
+    server = await honest_server(DATA, expected)
+    dest = dest_for(len(DATA))
+    got = await fetch([source(server.address, expected, P1, transfer_maker())], dest)
+    await server.close()
+    assert as_bytes(dest) == DATA
+    assert (got.bytes, got.providers, got.faults) == (len(DATA), (P1,), ())
+
+
+async def test_a_prefix_that_ends_mid_chunk_lands_in_a_larger_bf16_tensor():
+    deliver = 2 * CHUNK + 4096  # the third chunk is received whole, partly kept
+    expected = expected_for(DATA, deliver)
+    server = await honest_server(DATA, expected)
+    dest = torch.zeros(deliver // 2 + 8, dtype=torch.bfloat16)  # 16 bytes spare at the end
+    await fetch([source(server.address, expected, P1, transfer_maker())], dest)
+    await server.close()
+    raw = dest.view(torch.uint8).numpy().tobytes()
+    assert raw[:deliver] == DATA[:deliver] and raw[deliver:] == bytes(16)
+
+
+async def test_a_flipped_bit_ends_that_stream_and_the_next_provider_resumes(hostile):
+    expected = expected_for(DATA)
+    bad = hostile(flip=2)
+    server = await honest_server(DATA, expected)
+    make = transfer_maker()
+    dest = dest_for(len(DATA))
+    got = await fetch(
+        [source(bad.address, expected, P1, make), source(server.address, expected, P2, make)], dest
+    )
+    await server.close()
+    assert as_bytes(dest) == DATA
+    assert make.opened == [0, 2]  # the second stream started at the first unverified chunk
+    assert got.providers == (P1, P2)
+    assert [(f.provider, f.code) for f in got.faults] == [(P1, ErrorCode.CHUNK_HASH_MISMATCH)]
+
+
+@pytest.mark.parametrize(
+    ("lie", "code"),
+    [
+        ({"flip": 0}, ErrorCode.CHUNK_HASH_MISMATCH),
+        ({"resize": 1, "delta": 7}, ErrorCode.SIZE_MISMATCH),  # longer than announced
+        ({"resize": 1, "delta": -7}, ErrorCode.SIZE_MISMATCH),  # shorter
+        ({"stop_after": 3}, ErrorCode.STREAM_TRUNCATED),  # dies half-way
+        ({"wrong_list": True}, ErrorCode.ROOT_MISMATCH),
+    ],
+)
+async def test_a_lying_provider_alone_is_a_miss_and_leaves_nothing(hostile, lie, code):
+    expected = expected_for(DATA)
+    bad = hostile(**lie)
+    dest = dest_for(len(DATA))
+    with pytest.raises(FetchMiss) as miss:
+        await fetch([source(bad.address, expected, P1, transfer_maker())], dest)
+    assert [(f.provider, f.code) for f in miss.value.faults] == [(P1, code)]
+    assert as_bytes(dest) == bytes(len(DATA))  # nothing of it is handed back
+
+
+async def test_a_content_root_other_than_the_advertised_one_is_refused():
+    other = payload(len(DATA) + 1)[1:]  # same size, other bytes
+    server = await honest_server(other, expected_for(other))
+    dest = dest_for(len(DATA))
+    with pytest.raises(FetchMiss) as miss:  # the buyer expects DATA's root
+        await fetch([source(server.address, expected_for(DATA), P1, transfer_maker())], dest)
+    await server.close()
+    assert miss.value.faults[0].code == ErrorCode.ROOT_MISMATCH
+
+
+async def test_a_stalled_provider_times_out_and_the_next_serves(hostile):
+    expected = expected_for(DATA)
+    stalled = hostile(silent=True)
+    server = await honest_server(DATA, expected)
+    dest = dest_for(len(DATA))
+    got = await fetch(
+        [
+            source(stalled.address, expected, P1, transfer_maker()),
+            source(server.address, expected, P2, transfer_maker()),
+        ],
+        dest,
+        timeout_s=0.5,
+    )
+    await server.close()
+    assert [f.code for f in got.faults] == [ErrorCode.TIMEOUT] and as_bytes(dest) == DATA
+
+
+async def test_an_unreachable_provider_is_skipped():
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        dead = f"127.0.0.1:{s.getsockname()[1]}"  # closed when the block ends
+    expected = expected_for(DATA)
+    server = await honest_server(DATA, expected)
+    got = await fetch(
+        [
+            source(dead, expected, P1, transfer_maker()),
+            source(server.address, expected, P2, transfer_maker()),
+        ],
+        dest_for(len(DATA)),
+    )
+    await server.close()
+    assert [f.code for f in got.faults] == [ErrorCode.UNAVAILABLE]
+
+
+async def test_a_wrong_session_token_is_refused():
+    expected = expected_for(DATA)
+    server = await honest_server(DATA, expected)
+    with pytest.raises(FetchMiss) as miss:
+        await fetch(
+            [source(server.address, expected, P1, transfer_maker(token=b"\x00" * 32))],
+            dest_for(len(DATA)),
+        )
+    await server.close()
+    assert miss.value.faults[0].code == ErrorCode.BAD_TOKEN
+
+
+async def test_a_reused_session_token_is_refused():
+    expected = expected_for(DATA)
+    server = await honest_server(DATA, expected)
+    await fetch([source(server.address, expected, P1, transfer_maker())], dest_for(len(DATA)))
+    with pytest.raises(FetchMiss) as miss:
+        await fetch([source(server.address, expected, P1, transfer_maker())], dest_for(len(DATA)))
+    await server.close()
+    assert miss.value.faults[0].code == ErrorCode.BAD_TOKEN
+
+
+async def test_a_token_presented_by_another_buyer_is_refused():
+    expected = expected_for(DATA)
+    server = await honest_server(DATA, expected)
+    thief = transfer_maker(buyer=Identity.from_seed(b"\x99" * 32))
+    with pytest.raises(FetchMiss) as miss:
+        await fetch([source(server.address, expected, P1, thief)], dest_for(len(DATA)))
+    assert miss.value.faults[0].code == ErrorCode.BAD_TOKEN
+    # The rightful buyer can still use it.
+    await fetch([source(server.address, expected, P1, transfer_maker())], dest_for(len(DATA)))
+    await server.close()
+
+
+async def test_a_payload_larger_than_the_destination_is_refused_before_any_byte(hostile):
+    expected = expected_for(DATA)
+    bad = hostile()
+    with pytest.raises(RemoteProtocolError) as err:
+        await fetch([source(bad.address, expected, P1, transfer_maker())], dest_for(len(DATA) - 1))
+    assert err.value.code == ErrorCode.SIZE_MISMATCH
+
+
+async def test_no_providers_is_a_miss():
+    with pytest.raises(FetchMiss):
+        await fetch([], dest_for(1))
+
+
+def test_verifier_refuses_frames_out_of_order():
+    expected = expected_for(DATA)
+    v = StreamVerifier(expected)
+    with pytest.raises(RemoteProtocolError) as err:
+        v.begin_chunk(0, CHUNK)
+    assert err.value.code == ErrorCode.UNEXPECTED_MESSAGE
+    v.chunk_list(b"".join(chunk_hashes(DATA, CHUNK)))
+    with pytest.raises(RemoteProtocolError) as err:
+        v.begin_chunk(1, CHUNK)  # chunk 0 is due
+    assert err.value.code == ErrorCode.SIZE_MISMATCH
+    with pytest.raises(RemoteProtocolError) as err:
+        v.end()
+    assert err.value.code == ErrorCode.STREAM_TRUNCATED
+
+
+def test_transport_choice():
+    assert choose_transport(["ucx", "tcp"], {"tcp", "ucx"}) == "ucx"
+    assert choose_transport(["tcp", "ucx"], {"tcp", "ucx"}) == "tcp"
+    assert choose_transport(["ucx", "tcp"], {"tcp"}) == "tcp"
+    with pytest.raises(RemoteProtocolError) as err:
+        choose_transport(["ucx"], {"tcp"})
+    assert err.value.code == ErrorCode.NO_COMMON_TRANSPORT
+    assert "tcp" in available_transports()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: GPU placement untested")
+async def test_a_payload_lands_in_gpu_memory():
+    expected = expected_for(DATA)
+    server = await honest_server(DATA, expected)
+    dest = torch.zeros(len(DATA), dtype=torch.uint8, device="cuda")
+    await fetch([source(server.address, expected, P1, transfer_maker())], dest)
+    await server.close()
+    assert dest.cpu().numpy().tobytes() == DATA

@@ -1,0 +1,81 @@
+"""The UCX data channel with ucxx over UCX_TLS=tcp (set in conftest), in host memory."""
+
+import pytest
+import torch
+from sellers import CHUNK, Hostile, expected_for, honest_server, payload, source, transfer_maker
+
+from kvx.protocol import ErrorCode
+
+ucx = pytest.importorskip("kvx.transport._ucx", reason="ucxx is not installed (extra 'ucx')")
+from kvx.transport import FetchMiss, fetch  # noqa: E402
+
+P1, P2 = b"\x01" * 32, b"\x02" * 32
+DATA = payload()
+
+
+async def ucx_server(data=DATA, expected=None):
+    return await honest_server(data, expected or expected_for(data), server_class=ucx.UcxDataServer)
+
+
+async def test_a_whole_payload_arrives_over_ucx():
+    server = await ucx_server()
+    dest = torch.zeros(len(DATA), dtype=torch.uint8)
+    got = await fetch(
+        [source(server.address, expected_for(DATA), P1, transfer_maker(), "ucx")], dest
+    )
+    await server.close()
+    assert dest.numpy().tobytes() == DATA and got.providers == (P1,)
+
+
+async def test_a_prefix_ending_mid_chunk_over_ucx():
+    deliver = 3 * CHUNK + 100
+    expected = expected_for(DATA, deliver)
+    server = await ucx_server(expected=expected)
+    dest = torch.zeros(deliver, dtype=torch.uint8)
+    await fetch([source(server.address, expected, P1, transfer_maker(), "ucx")], dest)
+    await server.close()
+    assert dest.numpy().tobytes() == DATA[:deliver]
+
+
+async def test_a_tcp_liar_is_replaced_by_a_ucx_provider_mid_payload():
+    expected = expected_for(DATA)
+    liar = Hostile(DATA, flip=3)
+    server = await ucx_server()
+    make = transfer_maker()
+    dest = torch.zeros(len(DATA), dtype=torch.uint8)
+    got = await fetch(
+        [
+            source(liar.address, expected, P1, make),
+            source(server.address, expected, P2, make, "ucx"),
+        ],
+        dest,
+    )
+    await server.close()
+    liar.close()
+    assert dest.numpy().tobytes() == DATA and make.opened == [0, 3]
+    assert [f.code for f in got.faults] == [ErrorCode.CHUNK_HASH_MISMATCH]
+
+
+async def test_wrong_and_reused_tokens_over_ucx():
+    expected = expected_for(DATA)
+    server = await ucx_server()
+    dest = torch.zeros(len(DATA), dtype=torch.uint8)
+    with pytest.raises(FetchMiss) as miss:
+        await fetch(
+            [source(server.address, expected, P1, transfer_maker(token=b"\x00" * 32), "ucx")], dest
+        )
+    assert miss.value.faults[0].code == ErrorCode.BAD_TOKEN
+    await fetch([source(server.address, expected, P1, transfer_maker(), "ucx")], dest)
+    with pytest.raises(FetchMiss) as miss:
+        await fetch([source(server.address, expected, P1, transfer_maker(), "ucx")], dest)
+    assert miss.value.faults[0].code == ErrorCode.BAD_TOKEN
+    await server.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: GPU placement untested")
+async def test_a_payload_lands_in_gpu_memory_over_ucx():
+    server = await ucx_server()
+    dest = torch.zeros(len(DATA), dtype=torch.uint8, device="cuda")
+    await fetch([source(server.address, expected_for(DATA), P1, transfer_maker(), "ucx")], dest)
+    await server.close()
+    assert dest.cpu().numpy().tobytes() == DATA

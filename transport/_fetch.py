@@ -1,0 +1,118 @@
+"""Fetching one payload from a list of providers of the same content root.
+
+A provider that fails — a bad chunk, a wrong list, a stall, a dead socket — ends its
+stream; the next provider resumes from the first unverified chunk. With nobody left the
+fetch is a miss that says why, the unverified part of the destination is wiped, and the
+caller prefills itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kvx.protocol import ErrorCode, KvxError, RemoteProtocolError
+
+from ._destination import Destination
+from ._tcp import fetch_tcp
+from ._verify import Expected, StreamVerifier
+
+PREFERENCE = ("ucx", "tcp")
+"""Transports from best to last resort; every node offers tcp (spec §10.3)."""
+
+
+def available_transports() -> tuple[str, ...]:
+    """What this process can speak: tcp always, ucx when ucxx is installed."""
+    has_ucx = importlib.util.find_spec("ucxx") is not None
+    return tuple(t for t in PREFERENCE if t == "tcp" or has_ucx)
+
+
+def choose_transport(buyer: Sequence[str], seller: Collection[str]) -> str:
+    """The first of the buyer's transports, in its order, that the seller offers."""
+    for name in buyer:
+        if name in seller:
+            return name
+    raise RemoteProtocolError(
+        ErrorCode.NO_COMMON_TRANSPORT, f"buyer offers {list(buyer)}, seller {sorted(seller)}"
+    )
+
+
+@dataclass(frozen=True)
+class Source:
+    """One provider's accepted quote: where to stream from and how to open the stream."""
+
+    provider: bytes
+    transport: str
+    address: str
+    expected: Expected
+    transfer: Callable[[int], bytes]  # the sealed TRANSFER frame for a first chunk
+
+
+@dataclass(frozen=True)
+class Fault:
+    provider: bytes
+    code: ErrorCode
+    detail: str
+
+
+@dataclass(frozen=True)
+class Fetched:
+    bytes: int
+    providers: tuple[bytes, ...]  # those that delivered verified chunks, in order
+    faults: tuple[Fault, ...]  # those that failed, for the caller to score
+
+
+class FetchMiss(KvxError):
+    """No provider delivered the whole payload; `faults` says what each one did."""
+
+    def __init__(self, faults: Sequence[Fault]) -> None:
+        reasons = "; ".join(f"{f.provider.hex()[:12]}: {f.code.name} ({f.detail})" for f in faults)
+        super().__init__(f"fetch failed: {reasons or 'no provider'}")
+        self.faults = tuple(faults)
+
+
+async def _stream(source: Source, verifier: StreamVerifier, dest: Destination, timeout_s: float):
+    verifier.begin_stream()
+    frame = source.transfer(verifier.verified)
+    if source.transport == "tcp":
+        await asyncio.to_thread(fetch_tcp, source.address, frame, verifier, dest, timeout_s)
+    elif source.transport == "ucx":
+        from ._ucx import fetch_ucx  # ucxx is an optional extra
+
+        await asyncio.wait_for(fetch_ucx(source.address, frame, verifier, dest), timeout_s)
+    else:
+        raise RemoteProtocolError(ErrorCode.NO_COMMON_TRANSPORT, f"unknown {source.transport}")
+
+
+async def fetch(
+    sources: Sequence[Source], tensor: torch.Tensor, *, timeout_s: float = 30.0
+) -> Fetched:
+    """Fill `tensor` with the verified payload prefix, or raise FetchMiss."""
+    if not sources:
+        raise FetchMiss([])
+    expected = sources[0].expected
+    dest = Destination(tensor, expected)
+    verifier = StreamVerifier(expected)
+    faults: list[Fault] = []
+    served: list[bytes] = []
+    for source in sources:
+        if source.expected != expected:
+            faults.append(Fault(source.provider, ErrorCode.ROOT_MISMATCH, "another payload"))
+            continue
+        before = verifier.verified
+        try:
+            await _stream(source, verifier, dest, timeout_s)
+        except RemoteProtocolError as exc:
+            faults.append(Fault(source.provider, exc.code, exc.detail))
+        except TimeoutError:
+            faults.append(Fault(source.provider, ErrorCode.TIMEOUT, "the stream stalled"))
+        if verifier.verified > before:
+            served.append(source.provider)
+        if verifier.complete:
+            return Fetched(expected.deliver, tuple(served), tuple(faults))
+    dest.scrub(0)  # a miss hands back nothing, not even the verified part
+    raise FetchMiss(faults)

@@ -1,0 +1,105 @@
+"""The seller's side: which streams it has agreed to serve, each claimable once."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from kvx.protocol import Error, ErrorCode, RemoteProtocolError, Transfer, byte_view
+from kvx.trust import Inbox, Signer
+
+from ._verify import Expected
+
+
+@dataclass(frozen=True)
+class Offer:
+    """One accepted quote, ready to stream: the payload and the chunk list its root signs."""
+
+    quote: bytes
+    token: bytes
+    buyer: bytes  # the buyer's Ed25519 public key: only it may open the stream
+    payload: memoryview  # the whole payload the root covers
+    hashes: tuple[bytes, ...]
+    expected: Expected
+    expires_ms: int
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        quote: bytes,
+        token: bytes,
+        buyer: bytes,
+        payload: object,
+        hashes: list[bytes],
+        expected: Expected,
+        expires_ms: int,
+    ) -> Offer:
+        view = byte_view(payload)
+        if len(view) != expected.size or len(hashes) != expected.chunks:
+            raise ValueError("payload or chunk list does not match the expected size")
+        return cls(quote, token, buyer, view, tuple(hashes), expected, expires_ms)
+
+    def chunk(self, index: int) -> memoryview:
+        start = index * self.expected.chunk
+        return self.payload[start : start + self.expected.length(index)]
+
+
+def _bad_token(detail: str) -> RemoteProtocolError:
+    return RemoteProtocolError(ErrorCode.BAD_TOKEN, detail)
+
+
+class Sessions:
+    """Offers by token. Tokens are single-use: a claimed or expired one is gone for good."""
+
+    def __init__(self) -> None:
+        self._offers: dict[bytes, Offer] = {}
+        self._lock = threading.Lock()  # streams are served from worker threads
+
+    def authorize(self, offer: Offer) -> None:
+        with self._lock:
+            self._offers[offer.token] = offer
+
+    def claim(self, transfer: Transfer, signer: bytes, now_ms: int) -> Offer:
+        """The offer a TRANSFER opens, or BAD_TOKEN; the token is spent either way it matched."""
+        with self._lock:
+            offer = self._offers.get(transfer.token)
+            if offer is None:
+                raise _bad_token("unknown or already used session token")
+            if offer.quote != transfer.quote or offer.buyer != signer:
+                raise _bad_token("the token belongs to another quote or buyer")
+            del self._offers[transfer.token]
+        if now_ms > offer.expires_ms:
+            raise _bad_token("the session token has expired")
+        if transfer.first > offer.expected.needed:
+            raise RemoteProtocolError(ErrorCode.INVALID_FIELD, "first chunk past the payload")
+        return offer
+
+    def __len__(self) -> int:
+        return len(self._offers)
+
+
+@dataclass(frozen=True)
+class Admission:
+    """A seller's answer to a stream's opening frame: an offer to serve from chunk
+    `first`, or, when refused, the ERROR frame to send (None if nobody can be addressed)."""
+
+    offer: Offer | None
+    first: int = 0
+    reply: bytes | None = None
+
+
+def admit(frame: bytes, sessions: Sessions, inbox: Inbox, signer: Signer, now_ms: int) -> Admission:
+    """Check a buyer's TRANSFER (spec §9.2) and claim its offer, whatever the transport."""
+    statement = None
+    try:
+        statement = inbox.receive(frame, now_ms=now_ms, peer_curve_key=None)
+        if not isinstance(statement.message, Transfer):
+            raise RemoteProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "a stream opens with TRANSFER")
+        offer = sessions.claim(statement.message, statement.signer, now_ms)
+    except RemoteProtocolError as exc:
+        if statement is None:  # an ERROR needs a verified sender to address it to
+            return Admission(None)
+        error = Error(code=int(exc.code), msg=exc.detail[:256], re=statement.header.seq)
+        return Admission(None, reply=signer.seal(error, now_ms=now_ms, to=statement.signer_id))
+    return Admission(offer, statement.message.first)

@@ -1,0 +1,226 @@
+"""The UCX data channel (spec §9.3): the TCP channel's frames over a ucxx endpoint.
+
+UCX messages have sizes, not a byte stream, so each frame travels as its 5-byte header
+message, then its payload; a CHUNK's payload is two messages, the 4-byte index and the
+chunk bytes, so the bytes land straight in their landing memory (RDMA where UCX finds
+it). Two chunks are in flight each way, and the buyer answers END with END, after which
+the seller closes. ucxx is an optional extra (`kvx[ucx]`), imported only when used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import ucxx
+
+from kvx.protocol import (
+    CHUNK_INDEX,
+    FRAME_HEADER,
+    ErrorCode,
+    FrameTag,
+    ProtocolError,
+    RemoteProtocolError,
+    frame_header,
+    parse_frame_header,
+)
+from kvx.trust import Inbox, Signer
+
+from ._destination import Destination
+from ._sessions import Offer, Sessions, admit
+from ._tcp import remote_error, split_address
+from ._verify import StreamVerifier
+
+
+def _array(view: memoryview) -> np.ndarray:
+    return np.frombuffer(view, dtype=np.uint8)
+
+
+async def _recv(ep: ucxx.Endpoint, n: int) -> bytes:
+    buf = np.empty(n, dtype=np.uint8)
+    await ep.recv(buf)
+    return buf.tobytes()
+
+
+async def _read_header(ep: ucxx.Endpoint) -> tuple[FrameTag, int]:
+    return parse_frame_header(await _recv(ep, FRAME_HEADER.size))
+
+
+async def _send(ep: ucxx.Endpoint, tag: FrameTag, *parts: bytes | memoryview) -> None:
+    await ep.send(np.frombuffer(frame_header(tag, sum(len(p) for p in parts)), dtype=np.uint8))
+    for part in parts:
+        await ep.send(np.frombuffer(part, dtype=np.uint8))
+
+
+async def receive_stream_ucx(
+    ep: ucxx.Endpoint, transfer_frame: bytes, verifier: StreamVerifier, dest: Destination
+) -> None:
+    """The UCX twin of `receive_stream`: same checks, same resume point on failure."""
+    await _send(ep, FrameTag.CONTROL, transfer_frame)
+    tag, length = await _read_header(ep)
+    if tag == FrameTag.CONTROL:
+        raise remote_error(await _recv(ep, length))
+    if tag != FrameTag.CHUNK_LIST:
+        raise RemoteProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"{tag.name} before the list")
+    verifier.chunk_list(await _recv(ep, length))
+
+    loop = asyncio.get_running_loop()
+
+    def verify(index: int, landed: memoryview) -> None:
+        verifier.check(index, landed)
+        dest.commit(index, landed)
+
+    def post(index: int) -> tuple[int, np.ndarray, np.ndarray, memoryview, asyncio.Future]:
+        # The buyer knows every chunk's index and length in advance, so the receives for
+        # the next chunk are posted while this one is still arriving: no rendezvous bubble.
+        head, idx, landed = np.empty(5, np.uint8), np.empty(4, np.uint8), dest.landing(index)
+        done = asyncio.gather(ep.recv(head), ep.recv(idx), ep.recv(_array(landed)))
+        return index, head, idx, landed, done
+
+    expected = verifier.expected
+    window = [
+        post(i) for i in range(verifier.verified, min(verifier.verified + 2, expected.needed))
+    ]
+    with ThreadPoolExecutor(1, thread_name_prefix="kvx-verify") as hasher:
+        pending: asyncio.Future[None] | None = None
+        try:
+            while window:
+                index, head, idx, landed, done = window.pop(0)
+                try:
+                    await done
+                except ucxx.exceptions.UCXMsgTruncated:
+                    raise RemoteProtocolError(
+                        ErrorCode.SIZE_MISMATCH, f"chunk {index} is longer than announced"
+                    ) from None
+                tag, length = parse_frame_header(head.tobytes())
+                if tag != FrameTag.CHUNK:
+                    raise RemoteProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"{tag.name} frame")
+                (sent_index,) = CHUNK_INDEX.unpack(idx.tobytes())
+                verifier.begin_chunk(sent_index, length - CHUNK_INDEX.size)
+                if pending is not None:
+                    await pending
+                pending = loop.run_in_executor(hasher, verify, index, landed)
+                if index + 2 < expected.needed:
+                    window.append(post(index + 2))
+        finally:
+            for *_, done in window:
+                done.cancel()
+            if pending is not None:
+                with contextlib.suppress(ProtocolError):
+                    await pending
+        if pending is not None:
+            await pending
+    tag, _ = await _read_header(ep)
+    if tag != FrameTag.END:
+        raise RemoteProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"{tag.name} instead of END")
+    verifier.end()
+    dest.finish()
+    await _send(ep, FrameTag.END)  # the seller may close now: everything has arrived
+
+
+async def fetch_ucx(
+    address: str, transfer_frame: bytes, verifier: StreamVerifier, dest: Destination
+) -> None:
+    host, port = split_address(address)
+    try:
+        ep = await ucxx.create_endpoint(host, port)
+    except Exception as exc:  # ucxx raises its own error types for unreachable peers
+        raise RemoteProtocolError(ErrorCode.UNAVAILABLE, f"cannot reach {address}: {exc}") from None
+    try:
+        await receive_stream_ucx(ep, transfer_frame, verifier, dest)
+    except ucxx.exceptions.UCXError as exc:
+        raise RemoteProtocolError(ErrorCode.STREAM_TRUNCATED, f"the stream broke: {exc}") from None
+    finally:
+        await ep.close()
+
+
+class UcxDataServer:
+    """A seller's UCX data port; serves each buyer's stream on the event loop."""
+
+    def __init__(
+        self,
+        sessions: Sessions,
+        inbox: Inbox,
+        signer: Signer,
+        *,
+        on_delivered: Callable[[Offer], None] | None = None,
+        now_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+    ) -> None:
+        self.sessions = sessions
+        self.inbox = inbox
+        self.signer = signer
+        self.on_delivered = on_delivered
+        self.now_ms = now_ms
+        self._listener: ucxx.Listener | None = None
+        self._host = "127.0.0.1"
+        self._active: set[asyncio.Task[None]] = set()
+
+    @property
+    def address(self) -> str:
+        assert self._listener is not None
+        return f"{self._host}:{self._listener.port}"
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self._host = host
+        self._listener = ucxx.create_listener(self._serve, port=port or None)
+
+    async def _serve(self, ep: ucxx.Endpoint) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._active.add(task)
+        task.add_done_callback(self._active.discard)
+        try:
+            offer = await self._stream(ep)
+        except ucxx.exceptions.UCXError:
+            offer = None  # the buyer went away
+        finally:
+            await ep.close()
+        if offer is not None and self.on_delivered is not None:
+            self.on_delivered(offer)
+
+    async def _stream(self, ep: ucxx.Endpoint) -> Offer | None:
+        tag, length = await _read_header(ep)
+        if tag != FrameTag.CONTROL:
+            return None
+        admission = admit(
+            await _recv(ep, length), self.sessions, self.inbox, self.signer, self.now_ms()
+        )
+        offer = admission.offer
+        if offer is None:
+            if admission.reply is not None:
+                await _send(ep, FrameTag.CONTROL, admission.reply)
+            return None
+        await _send(ep, FrameTag.CHUNK_LIST, b"".join(offer.hashes))
+        inflight: list[asyncio.Future] = []
+        for index in range(admission.first, offer.expected.needed):
+            data = offer.chunk(index)
+            head = frame_header(FrameTag.CHUNK, CHUNK_INDEX.size + len(data))
+            # Two chunks in flight: the next is posted before this one has left.
+            inflight.append(
+                asyncio.gather(
+                    ep.send(np.frombuffer(head, dtype=np.uint8)),
+                    ep.send(np.frombuffer(CHUNK_INDEX.pack(index), dtype=np.uint8)),
+                    ep.send(_array(data)),
+                )
+            )
+            if len(inflight) > 2:
+                await inflight.pop(0)
+        await asyncio.gather(*inflight)
+        await _send(ep, FrameTag.END)
+        # A completed UCX send only means the buffer is free, not that it arrived: close
+        # after the buyer's END, or the last chunks may die with the endpoint.
+        tag, _ = await _read_header(ep)
+        if tag != FrameTag.END:
+            return None
+        return offer
+
+    async def close(self) -> None:
+        """Finish the streams under way, then stop listening."""
+        current = asyncio.current_task()
+        await asyncio.gather(*(t for t in self._active if t is not current), return_exceptions=True)
+        if self._listener is not None:
+            self._listener.close()

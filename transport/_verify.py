@@ -1,0 +1,112 @@
+"""The buyer's side of a stream as a sans-I/O state machine (spec §9.2).
+
+It knows what the signed quote promised and decides, for every frame the seller sends,
+whether it may be read and where it goes; the I/O loops only move bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import blake3
+
+from kvx.protocol import (
+    ErrorCode,
+    Quote,
+    RemoteProtocolError,
+    chunk_count,
+    verify_chunk_list,
+)
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What the buyer knows before any byte arrives, all from the seller's signed QUOTE."""
+
+    root: bytes
+    size: int  # bytes the root covers
+    chunk: int
+    deliver: int  # bytes the buyer keeps: a prefix of the payload
+
+    @classmethod
+    def from_quote(cls, quote: Quote) -> Expected:
+        return cls(root=quote.root, size=quote.size, chunk=quote.chunk, deliver=quote.deliver)
+
+    @property
+    def chunks(self) -> int:
+        """Chunks of the whole payload (the length of the chunk list)."""
+        return chunk_count(self.size, self.chunk)
+
+    @property
+    def needed(self) -> int:
+        """Chunks the buyer must receive to hold `deliver` bytes."""
+        return chunk_count(self.deliver, self.chunk)
+
+    def length(self, index: int) -> int:
+        return min(self.chunk, self.size - index * self.chunk)
+
+
+def _fail(code: ErrorCode, detail: str) -> RemoteProtocolError:
+    return RemoteProtocolError(code, detail)
+
+
+class StreamVerifier:
+    """Tracks one stream from chunk `first`; `verified` is where a resumed stream starts."""
+
+    def __init__(self, expected: Expected, first: int = 0) -> None:
+        if not 0 <= first <= expected.needed or expected.deliver > expected.size:
+            raise ValueError("first chunk or delivered size outside the payload")
+        self.expected = expected
+        self.verified = first
+        self._next = first
+        self._hashes: list[bytes] | None = None
+
+    def begin_stream(self) -> None:
+        """A new stream (from this or another provider) resumes at the first unverified chunk."""
+        self._next = self.verified
+        self._hashes = None
+
+    @property
+    def complete(self) -> bool:
+        return self.verified == self.expected.needed
+
+    def chunk_list(self, payload: bytes) -> None:
+        """Check the seller's chunk list against the signed root before any chunk is read."""
+        if self._hashes is not None:
+            raise _fail(ErrorCode.UNEXPECTED_MESSAGE, "a second chunk list in one stream")
+        n = self.expected.chunks
+        if len(payload) != 32 * n:
+            raise _fail(
+                ErrorCode.ROOT_MISMATCH, f"chunk list of {len(payload)} bytes, not {32 * n}"
+            )
+        hashes = [payload[i : i + 32] for i in range(0, len(payload), 32)]
+        verify_chunk_list(self.expected.root, self.expected.size, self.expected.chunk, hashes)
+        self._hashes = hashes
+
+    def begin_chunk(self, index: int, length: int) -> None:
+        """Admit the header of the next chunk; its bytes may then be read."""
+        if self._hashes is None:
+            raise _fail(ErrorCode.UNEXPECTED_MESSAGE, "a chunk before the chunk list")
+        if index != self._next or index >= self.expected.needed:
+            raise _fail(ErrorCode.SIZE_MISMATCH, f"chunk {index} where {self._next} was due")
+        if length != self.expected.length(index):
+            raise _fail(
+                ErrorCode.SIZE_MISMATCH,
+                f"chunk {index} of {length} bytes, not {self.expected.length(index)}",
+            )
+        self._next += 1
+
+    def check(self, index: int, data: memoryview) -> None:
+        """Verify a received chunk; chunks are checked in order."""
+        assert self._hashes is not None and index == self.verified
+        if blake3.blake3(data, max_threads=blake3.blake3.AUTO).digest() != self._hashes[index]:
+            raise _fail(ErrorCode.CHUNK_HASH_MISMATCH, f"chunk {index} does not match its hash")
+        self.verified += 1
+
+    def end(self) -> None:
+        """The seller said END: everything needed must have arrived and verified."""
+        if self._next != self.expected.needed:
+            raise _fail(
+                ErrorCode.STREAM_TRUNCATED,
+                f"END after {self._next} of {self.expected.needed} chunks",
+            )
