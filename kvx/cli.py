@@ -11,11 +11,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from kvx.p2p import Bootstrap, NodeConfig, admin_call, load_node_config, run_node
+from kvx.p2p._config import KEY_FILE, LEDGER_FILE
 from kvx.protocol import ConfigError, KvxError, Namespace
 from kvx.trust import Identity, Ledger, read_secret, write_private
-
-KEY_FILE = "node.key"
-LEDGER_FILE = "ledger.db"
 
 
 def _keygen(args: argparse.Namespace, out: Console) -> None:
@@ -86,6 +85,58 @@ def _ledger(args: argparse.Namespace, out: Console) -> None:
         ledger.close()
 
 
+def _node(args: argparse.Namespace, out: Console) -> None:
+    if args.config:
+        config = load_node_config(args.config)
+    elif args.data_dir:
+        config = NodeConfig(data_dir=Path(args.data_dir))
+    else:
+        raise ConfigError("kvx node needs --config FILE or --data-dir DIR")
+    boots = tuple(Bootstrap.parse(b) for b in args.bootstrap)
+    config = config.with_args(listen=args.listen, bootstrap=boots or None)
+    run_node(config)
+
+
+def _table(title: str, rows: list[dict], columns: list[str], out: Console) -> None:
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(str(row.get(c, "")) for c in columns))
+    out.print(table)
+
+
+def _status(args: argparse.Namespace, out: Console) -> None:
+    s = admin_call(args.data_dir, "status")
+    peers = ", ".join(f"{n} {state}" for state, n in s["peers"].items())
+    table = Table(title="node status", show_header=False)
+    for name, value in (
+        ("node id", s["node_id"]),
+        ("control", s["ctl"]),
+        ("data", ", ".join(s["data"])),
+        ("peers", peers),
+        ("ads known", s["ads"]),
+        ("payloads stored", s["stored"]),
+    ):
+        table.add_row(name, str(value))
+    out.print(table)
+
+
+def _peers(args: argparse.Namespace, out: Console) -> None:
+    rows = admin_call(args.data_dir, "peers")["peers"]
+    for row in rows:
+        row["node_id"] = row["node_id"][:16]
+    _table("peers", rows, ["node_id", "ctl", "state", "inc", "score"], out)
+
+
+def _ads(args: argparse.Namespace, out: Console) -> None:
+    rows = admin_call(args.data_dir, "ads")["ads"]
+    for row in rows:
+        row["signer"], row["root"] = row["signer"][:16], row["root"][:16]
+        row["ns"] = (row["ns"] or "public")[:16]
+    _table("advertisements", rows, ["signer", "seq", "root", "blocks", "price", "ns"], out)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvx", description="A peer-to-peer exchange for KV caches.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -107,6 +158,25 @@ def parser() -> argparse.ArgumentParser:
     ledger = sub.add_parser("ledger", help="balances and audit log of a node's ledger")
     ledger.add_argument("--data-dir", required=True)
     ledger.set_defaults(run=_ledger)
+    node = sub.add_parser("node", help="run a node daemon in the foreground")
+    node.add_argument("--config", help="a node.toml ([node], [policy], [[namespace]], [scores])")
+    node.add_argument("--data-dir", help="without --config: run with defaults in DIR")
+    node.add_argument("--listen", help="control address, tcp://HOST:PORT (PORT 0: any)")
+    node.add_argument(
+        "--bootstrap",
+        action="append",
+        default=[],
+        help="PUBKEYHEX@tcp://HOST:PORT or a peer's node.json (repeatable)",
+    )
+    node.set_defaults(run=_node)
+    for name, run, text in (
+        ("status", _status, "a running node's state"),
+        ("peers", _peers, "a running node's peer table"),
+        ("ads", _ads, "the advertisements a running node knows"),
+    ):
+        verb = sub.add_parser(name, help=text)
+        verb.add_argument("--data-dir", required=True)
+        verb.set_defaults(run=run)
     return p
 
 

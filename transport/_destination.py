@@ -4,9 +4,12 @@ staging into a CUDA tensor, so that only verified bytes ever reach the device.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from kvx.protocol import ErrorCode, RemoteProtocolError, byte_view
+
+if TYPE_CHECKING:
+    import torch
 
 from ._verify import Expected
 
@@ -27,6 +30,8 @@ class Destination:
             )
         if not tensor.is_contiguous():
             raise ValueError("the destination tensor must be contiguous")
+        import torch  # a node that only serves never needs it; a buyer has it loaded already
+
         self.expected = expected
         self.tensor = tensor
         self.on_gpu = tensor.device.type == "cuda"
@@ -73,6 +78,8 @@ class Destination:
 
     def finish(self) -> None:
         if self.on_gpu:
+            import torch
+
             torch.cuda.current_stream().synchronize()
 
     def scrub(self, first_unverified: int) -> None:

@@ -12,14 +12,16 @@ import asyncio
 import importlib.util
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from kvx.protocol import ErrorCode, KvxError, RemoteProtocolError
 
 from ._destination import Destination
 from ._tcp import fetch_tcp
 from ._verify import Expected, StreamVerifier
+
+if TYPE_CHECKING:
+    import torch
 
 PREFERENCE = ("ucx", "tcp")
 """Transports from best to last resort; every node offers tcp (spec §10.3)."""

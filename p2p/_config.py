@@ -1,0 +1,125 @@
+"""A node's configuration: the [node] table of its TOML file, or command-line defaults.
+
+Every number that shapes membership and gossip is here, so tests and benchmarks can
+run fast timers and production can run patient ones, without code changes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from kvx.protocol import ConfigError
+from kvx.trust import ConfigFile, Policy, load_policy
+from kvx.trust._config import Section
+
+KEY_FILE = "node.key"
+INFO_FILE = "node.json"
+LEDGER_FILE = "ledger.db"
+SCORES_FILE = "scores.db"
+STORE_DIR = "store"
+ADMIN_SOCKET = "admin.sock"
+
+
+@dataclass(frozen=True)
+class Bootstrap:
+    """A peer to join through: its control address and Ed25519 public key."""
+
+    ctl: str
+    key: bytes
+
+    @classmethod
+    def parse(cls, text: str) -> Bootstrap:
+        """`PUBKEYHEX@tcp://HOST:PORT`, or the path of that peer's node.json."""
+        if "@" not in text and Path(text).is_file():
+            info = json.loads(Path(text).read_text())
+            return cls(info["ctl"], bytes.fromhex(info["public_key"]))
+        key_hex, _, ctl = text.partition("@")
+        try:
+            key = bytes.fromhex(key_hex)
+        except ValueError:
+            key = b""
+        if len(key) != 32 or not ctl.startswith("tcp://"):
+            raise ConfigError(
+                f"bootstrap {text!r}: expected PUBKEYHEX@tcp://HOST:PORT or a node.json path"
+            )
+        return cls(ctl, key)
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    data_dir: Path
+    listen: str = "tcp://127.0.0.1:0"
+    data_host: str = "127.0.0.1"
+    bootstrap: tuple[Bootstrap, ...] = ()
+    metrics_port: int | None = 0  # 0: any free port; None: no metrics endpoint
+    heartbeat_s: float = 1.0
+    probes_per_heartbeat: int = 2
+    suspect_after_s: float = 5.0
+    dead_after_s: float = 12.0
+    max_peers: int = 64
+    fanout: int = 3
+    anti_entropy_s: float = 5.0
+    rate_per_s: float = 200.0
+    burst: int = 400
+    advert_ttl_s: float = 3600.0
+    memory_bytes: int = 1 << 30
+    disk_bytes: int = 16 << 30
+    policy: Policy = field(default_factory=Policy)
+
+    @property
+    def key_file(self) -> Path:
+        return self.data_dir / KEY_FILE
+
+    @property
+    def admin_address(self) -> str:
+        return f"ipc://{self.data_dir.resolve() / ADMIN_SOCKET}"
+
+    def with_args(self, **changes: object) -> NodeConfig:
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def load_node_config(path: str | os.PathLike[str]) -> NodeConfig:
+    """Read [node] (and the trust tables) from a node's TOML config file."""
+    config = ConfigFile(path)
+    sec = Section(config, "node")
+    positive = lambda v: None if v > 0 else "must be positive"  # noqa: E731
+    data_dir = sec.take("data_dir", str, "")
+    if not data_dir:
+        raise sec.error("data_dir", "is required")
+    boots = []
+    for entry in sec.take("bootstrap", list, []):
+        try:
+            boots.append(Bootstrap.parse(str(entry)))
+        except ConfigError as exc:
+            raise sec.error("bootstrap", str(exc)) from None
+    d = NodeConfig(data_dir=Path(data_dir))
+    metrics = sec.take("metrics_port", int, 0, lambda v: None if v >= -1 else "is -1 or a port")
+    cfg = NodeConfig(
+        data_dir=(config.path.parent / Path(data_dir).expanduser()),
+        listen=sec.take("listen", str, d.listen),
+        data_host=sec.take("data_host", str, d.data_host),
+        bootstrap=tuple(boots),
+        metrics_port=None if metrics == -1 else metrics,
+        heartbeat_s=sec.take("heartbeat_s", float, d.heartbeat_s, positive),
+        probes_per_heartbeat=sec.take(
+            "probes_per_heartbeat", int, d.probes_per_heartbeat, positive
+        ),
+        suspect_after_s=sec.take("suspect_after_s", float, d.suspect_after_s, positive),
+        dead_after_s=sec.take("dead_after_s", float, d.dead_after_s, positive),
+        max_peers=sec.take("max_peers", int, d.max_peers, positive),
+        fanout=sec.take("fanout", int, d.fanout, positive),
+        anti_entropy_s=sec.take("anti_entropy_s", float, d.anti_entropy_s, positive),
+        rate_per_s=sec.take("rate_per_s", float, d.rate_per_s, positive),
+        burst=sec.take("burst", int, d.burst, positive),
+        advert_ttl_s=sec.take("advert_ttl_s", float, d.advert_ttl_s, positive),
+        memory_bytes=sec.take("memory_bytes", int, d.memory_bytes, positive),
+        disk_bytes=sec.take("disk_bytes", int, d.disk_bytes, positive),
+        policy=load_policy(path),
+    )
+    sec.finish()
+    if cfg.dead_after_s <= cfg.suspect_after_s:
+        raise config.error("node", "dead_after_s", "must be longer than suspect_after_s")
+    return cfg

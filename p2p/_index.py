@@ -1,0 +1,147 @@
+"""The advertisement index, sans-I/O: signed ADVERTISE/WITHDRAW statements by id, and from
+each prefix-chain block hash to the advertisements that hold it.
+
+A block hash names a whole prefix under one fingerprint and namespace (spec §7.3), so
+the longest match of a buyer's chain is the last of its hashes that any usable
+advertisement holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from kvx.protocol import Advertise, DigestEntry, Withdraw
+from kvx.trust import Statement
+
+AdId = tuple[bytes, int]  # (signer public key, seq)
+
+
+@dataclass(frozen=True)
+class Advert:
+    signer: bytes
+    seq: int
+    message: Advertise
+    frame: bytes
+    exp_ms: int
+
+    @property
+    def id(self) -> AdId:
+        return (self.signer, self.seq)
+
+
+@dataclass(frozen=True)
+class _Tombstone:
+    frame: bytes  # the WITHDRAW statement, relayed like an advertisement
+    withdraw_id: AdId
+    until_ms: int
+
+
+class AdIndex:
+    def __init__(self, max_ads: int = 100_000) -> None:
+        self.max_ads = max_ads
+        self._ads: dict[AdId, Advert] = {}
+        self._by_block: dict[bytes, set[AdId]] = {}
+        self._tombstones: dict[AdId, _Tombstone] = {}
+        self._withdrawals: set[AdId] = set()
+
+    def __len__(self) -> int:
+        return len(self._ads)
+
+    def __contains__(self, ad_id: AdId) -> bool:
+        return ad_id in self._ads
+
+    def ads(self) -> list[Advert]:
+        return list(self._ads.values())
+
+    def holds(self, ad_id: AdId) -> bool:
+        """Whether this statement (an advertisement or a withdrawal) is already known."""
+        return ad_id in self._ads or ad_id in self._tombstones or ad_id in self._withdrawals
+
+    def add(self, statement: Statement) -> bool:
+        """Index a verified ADVERTISE; False for a duplicate, a withdrawn one, or a full index."""
+        ad = statement.message
+        assert isinstance(ad, Advertise)
+        ad_id = (statement.signer, statement.header.seq)
+        if ad_id in self._ads or ad_id in self._tombstones or len(self._ads) >= self.max_ads:
+            return False
+        advert = Advert(
+            statement.signer, statement.header.seq, ad, statement.frame, statement.header.exp
+        )
+        self._ads[ad_id] = advert
+        for block in ad.blocks:
+            self._by_block.setdefault(block, set()).add(ad_id)
+        return True
+
+    def withdraw(self, statement: Statement) -> bool:
+        """Apply a verified WITHDRAW; it is kept until the advertisement would have expired."""
+        message = statement.message
+        assert isinstance(message, Withdraw)
+        target = (statement.signer, message.ad)
+        withdraw_id = (statement.signer, statement.header.seq)
+        if target in self._tombstones:
+            return False
+        removed = self._remove(target)
+        until = max(statement.header.exp, removed.exp_ms if removed else 0)
+        self._tombstones[target] = _Tombstone(statement.frame, withdraw_id, until)
+        self._withdrawals.add(withdraw_id)
+        return True
+
+    def _remove(self, ad_id: AdId) -> Advert | None:
+        advert = self._ads.pop(ad_id, None)
+        if advert is not None:
+            for block in advert.message.blocks:
+                ids = self._by_block.get(block)
+                if ids is not None:
+                    ids.discard(ad_id)
+                    if not ids:
+                        del self._by_block[block]
+        return advert
+
+    def expire(self, now_ms: int) -> list[Advert]:
+        gone = [a for a in self._ads.values() if a.exp_ms < now_ms]
+        for advert in gone:
+            self._remove(advert.id)
+        for target in [t for t, s in self._tombstones.items() if s.until_ms < now_ms]:
+            self._withdrawals.discard(self._tombstones.pop(target).withdraw_id)
+        return gone
+
+    def lookup(
+        self,
+        fp: bytes,
+        ns: bytes | None,
+        chain: tuple[bytes, ...],
+        limit: int,
+        *,
+        usable: Callable[[Advert], bool],
+        rank: Callable[[Advert], tuple],
+    ) -> tuple[int, list[Advert]]:
+        """The longest prefix of `chain` any usable advertisement holds, and the best of them."""
+        for matched in range(len(chain), 0, -1):
+            ids = self._by_block.get(chain[matched - 1], ())
+            found = [
+                a
+                for a in (self._ads[i] for i in ids)
+                if a.message.fp == fp
+                and a.message.ns == ns
+                and a.message.blocks[matched - 1] == chain[matched - 1]
+                and usable(a)
+            ]
+            if found:
+                return matched, sorted(found, key=rank)[:limit]
+        return 0, []
+
+    def digest(self) -> tuple[DigestEntry, ...]:
+        ids = list(self._ads) + [t.withdraw_id for t in self._tombstones.values()]
+        return tuple(DigestEntry(key=k, seq=s) for k, s in ids[:4096])
+
+    def missing_from(self, have: Iterable[DigestEntry]) -> list[bytes]:
+        """Frames of what we hold that a peer's digest does not list."""
+        theirs = {(e.key, e.seq) for e in have}
+        frames = [a.frame for a in self._ads.values() if a.id not in theirs]
+        frames += [t.frame for t in self._tombstones.values() if t.withdraw_id not in theirs]
+        return frames
+
+    def lacks_any(self, have: Iterable[DigestEntry]) -> bool:
+        """Whether a peer's digest lists something we do not hold."""
+        return any(not self.holds((e.key, e.seq)) for e in have)

@@ -1,0 +1,718 @@
+"""The node daemon: a thin asyncio adapter around the sans-I/O parts (peer table,
+advertisement index, store, trust checks) and the ZeroMQ sockets.
+
+One ROUTER (CURVE) receives everything peers send; one DEALER per peer carries what this
+node sends and the answers to it. Each received frame passes the rate limit, the §6.4
+checks, policy and bans, then goes to the handler for its type.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from kvx.protocol import (
+    MAX_FRAME_BYTES,
+    Advertise,
+    DataAddress,
+    Digest,
+    Error,
+    ErrorCode,
+    Hello,
+    KVLayout,
+    Lookup,
+    LookupResult,
+    Membership,
+    Message,
+    MessageType,
+    Peers,
+    RemoteProtocolError,
+    Withdraw,
+    node_id,
+)
+from kvx.transport import Sessions, TcpDataServer
+from kvx.trust import (
+    AtRestCipher,
+    Event,
+    Identity,
+    Inbox,
+    Ledger,
+    Memberships,
+    PeerScores,
+    Signer,
+    Statement,
+    curve_public_key,
+    make_curve_client,
+    make_curve_server,
+    open_envelope,
+    peer_curve_key,
+    start_authenticator,
+)
+
+from ._admin import pack, unpack
+from ._config import INFO_FILE, LEDGER_FILE, SCORES_FILE, STORE_DIR, NodeConfig
+from ._index import AdIndex, Advert
+from ._peers import Peer, PeerTable, State
+from ._store import Entry, LocalStore
+
+log = logging.getLogger("kvx.node")
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class _Bucket:
+    """Token bucket: `rate` messages a second, up to `burst` at once."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate, self.burst = rate, burst
+        self.tokens, self.at = float(burst), time.monotonic()
+        self.last_scored = 0.0
+
+    def take(self) -> bool:
+        t = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (t - self.at) * self.rate)
+        self.at = t
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
+def default_price(entry: Entry) -> int:
+    """One micro-credit per KiB until the price policy lands (issue 6)."""
+    return entry.size // 1024
+
+
+class Node:
+    def __init__(self, config: NodeConfig, *, price: Callable[[Entry], int] = default_price):
+        from ._metrics import Metrics
+
+        self.config = config
+        data = config.data_dir
+        data.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not config.key_file.exists():
+            Identity.generate().save(config.key_file)
+        self.identity = Identity.load(config.key_file)
+        self.id = self.identity.node_id
+        self.signer = Signer(self.identity)
+        self.inbox = Inbox(self.id)
+        self.policy = config.policy
+        self.scores = PeerScores(data / SCORES_FILE, self.policy.scores)
+        self.ledger = Ledger(data / LEDGER_FILE, self.id)
+        cipher = (
+            AtRestCipher.from_key_file(data / "atrest.key") if self.policy.encrypt_at_rest else None
+        )
+        self.store = LocalStore(
+            data / STORE_DIR,
+            memory_bytes=config.memory_bytes,
+            disk_bytes=config.disk_bytes,
+            cipher=cipher,
+        )
+        self.peers = PeerTable(
+            self.identity.public_key,
+            suspect_after_s=config.suspect_after_s,
+            dead_after_s=config.dead_after_s,
+            max_peers=config.max_peers,
+        )
+        self.index = AdIndex()
+        self.memberships = Memberships(self.id, self.policy)
+        self.metrics = Metrics()
+        self.price = price
+        self.incarnation = now_ms()
+        self.sessions = Sessions()
+        self.ctl = ""
+        self.data: tuple[DataAddress, ...] = ()
+        self._own: dict[bytes, Statement] = {}  # content root -> our ADVERTISE
+        self._dealers: dict[bytes, zmq.asyncio.Socket] = {}
+        self._buckets: dict[bytes, _Bucket] = {}
+        self._curve_to_key: dict[bytes, bytes] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stop = asyncio.Event()
+        self._handlers: dict[
+            MessageType, Callable[[Statement, bytes | None, bytes], Awaitable[None]]
+        ] = {
+            MessageType.HELLO: self._on_hello,
+            MessageType.PEERS: self._on_peers,
+            MessageType.ADVERTISE: self._on_advertise,
+            MessageType.WITHDRAW: self._on_withdraw,
+            MessageType.DIGEST: self._on_digest,
+            MessageType.LOOKUP: self._on_lookup,
+            MessageType.MEMBERSHIP: self._on_membership,
+            MessageType.ERROR: self._on_error,
+        }
+
+    # ---- lifecycle -------------------------------------------------------------------
+
+    def event(self, name: str, **fields: Any) -> None:
+        """One structured log line."""
+        log.info(
+            json.dumps(
+                {"ts": round(time.time(), 3), "node": self.id.hex()[:12], "event": name, **fields}
+            )
+        )
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self._stop.set)
+        self._ctx = zmq.asyncio.Context()
+        self._auth = start_authenticator(self._ctx)
+        try:
+            await self._start()
+            await self._stop.wait()
+        finally:
+            await self._shutdown()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def _start(self) -> None:
+        cfg = self.config
+        (cfg.data_dir / INFO_FILE).unlink(missing_ok=True)
+        self.router = self._ctx.socket(zmq.ROUTER)
+        make_curve_server(self.router, self.identity)
+        self.router.maxmsgsize = MAX_FRAME_BYTES
+        self.router.linger = 0
+        self.router.bind(
+            cfg.listen.replace(":0", ":*") if cfg.listen.endswith(":0") else cfg.listen
+        )
+        self.ctl = self.router.last_endpoint.decode()
+        self.admin = self._ctx.socket(zmq.ROUTER)
+        self.admin.linger = 0
+        self.admin.bind(cfg.admin_address)
+        self.tcp = TcpDataServer(self.sessions, self.inbox, self.signer)
+        await self.tcp.start(cfg.data_host)
+        self.data = (DataAddress(t="tcp", addr=self.tcp.address),)
+        metrics_url = None
+        if cfg.metrics_port is not None:
+            metrics_url = f"http://127.0.0.1:{self.metrics.serve(cfg.metrics_port)}/metrics"
+        for coro in (
+            self._receive(self.router, None),
+            self._admin_loop(),
+            self._heartbeat(),
+            self._anti_entropy(),
+            self._housekeeping(),
+        ):
+            self._spawn(coro)
+        for entry in self.store.verify_all():  # never advertise what cannot be served
+            self.event("store_dropped", root=entry.root.hex()[:16], reason="failed its root")
+        for entry in self.store.entries():
+            await self._advertise(entry)
+        for boot in cfg.bootstrap:
+            await self._send(boot.key, self._hello())
+        info = {
+            "node_id": self.id.hex(),
+            "public_key": self.identity.public_key.hex(),
+            "ctl": self.ctl,
+            "data": [{"t": d.t, "addr": d.addr} for d in self.data],
+            "admin": cfg.admin_address,
+            "metrics": metrics_url,
+            "pid": os.getpid(),
+            "incarnation": self.incarnation,
+        }
+        tmp = cfg.data_dir / (INFO_FILE + ".tmp")
+        tmp.write_text(json.dumps(info, indent=1))
+        tmp.replace(cfg.data_dir / INFO_FILE)
+        self.event("ready", ctl=self.ctl, data=self.tcp.address, peers=len(cfg.bootstrap))
+
+    async def _shutdown(self) -> None:
+        (self.config.data_dir / INFO_FILE).unlink(missing_ok=True)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if hasattr(self, "tcp"):
+            await self.tcp.close()
+        for sock in [
+            *self._dealers.values(),
+            getattr(self, "router", None),
+            getattr(self, "admin", None),
+        ]:
+            if sock is not None:
+                sock.close(linger=0)
+        self._auth.stop()
+        self._ctx.term()
+        self.store.close()
+        self.ledger.close()
+        self.scores.close()
+        self.event("stopped")
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._crashed)
+
+    def _crashed(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.event("task_failed", error=repr(task.exception()))
+            self._stop.set()  # a broken loop must not leave a half-working node
+
+    # ---- sending ---------------------------------------------------------------------
+
+    def _dealer(self, key: bytes) -> zmq.asyncio.Socket | None:
+        sock = self._dealers.get(key)
+        if sock is None:
+            peer = self.peers.get(key)
+            ctl = (
+                peer.ctl
+                if peer
+                else next((b.ctl for b in self.config.bootstrap if b.key == key), None)
+            )
+            if ctl is None:
+                return None
+            sock = self._ctx.socket(zmq.DEALER)
+            make_curve_client(sock, self.identity, key)
+            sock.maxmsgsize = MAX_FRAME_BYTES
+            sock.linger = 0
+            sock.sndhwm = 1000
+            sock.connect(ctl)
+            self._dealers[key] = sock
+            self._spawn(self._receive(sock, key))
+        return sock
+
+    def _drop_dealer(self, key: bytes) -> None:
+        sock = self._dealers.pop(key, None)
+        if sock is not None:
+            sock.close(linger=0)
+
+    async def _send(self, key: bytes, message: Message) -> None:
+        frame = self.signer.seal(message, now_ms=now_ms(), to=node_id(key))
+        await self._send_frame(key, frame, message.TYPE)
+
+    async def _send_frame(self, key: bytes, frame: bytes, mtype: MessageType) -> None:
+        sock = self._dealer(key)
+        if sock is None:
+            return
+        with contextlib.suppress(zmq.Again):
+            await sock.send(frame, flags=zmq.NOBLOCK)
+            self.metrics.sent.labels(mtype.name).inc()
+            self.metrics.bytes_out.inc(len(frame))
+
+    async def _push(self, frame: bytes, mtype: MessageType, exclude: set[bytes]) -> None:
+        """Gossip a relayable statement to `fanout` live peers."""
+        targets = [p.key for p in self.peers.alive() if p.key not in exclude]
+        for key in random.sample(targets, min(self.config.fanout, len(targets))):
+            await self._send_frame(key, frame, mtype)
+
+    def _hello(self) -> Hello:
+        return Hello(ctl=self.ctl, data=self.data, inc=self.incarnation, agent="kvx/0.1")
+
+    # ---- receiving -------------------------------------------------------------------
+
+    async def _receive(self, sock: zmq.asyncio.Socket, server_key: bytes | None) -> None:
+        """Read one socket forever: the ROUTER (server_key None) or a DEALER to a peer."""
+        expected_curve = None if server_key is None else curve_public_key(server_key)
+        while True:
+            parts = await sock.recv_multipart(copy=False)
+            if server_key is None:
+                if len(parts) != 2:
+                    self.metrics.rejections.labels(ErrorCode.MALFORMED.name).inc()
+                    continue
+                routing, frame = parts[0].bytes, parts[1]
+                curve = peer_curve_key(frame)
+            else:
+                if len(parts) != 1:
+                    continue
+                routing, frame, curve = None, parts[0], expected_curve
+            await self._on_frame(frame.bytes, curve, routing)
+
+    async def _on_frame(self, frame: bytes, curve: bytes, routing: bytes | None) -> None:
+        self.metrics.bytes_in.inc(len(frame))
+        bucket = self._buckets.setdefault(curve, _Bucket(self.config.rate_per_s, self.config.burst))
+        if not bucket.take():
+            self.metrics.rejections.labels(ErrorCode.RATE_LIMITED.name).inc()
+            key = self._curve_to_key.get(curve)
+            if key is not None and time.monotonic() - bucket.last_scored > 1.0:
+                bucket.last_scored = time.monotonic()
+                self.scores.record(node_id(key), Event.FLOOD, time.time())
+            return
+        try:
+            st = self.inbox.receive(frame, now_ms=now_ms(), peer_curve_key=curve)
+        except RemoteProtocolError as exc:
+            await self._rejected(frame, curve, routing, exc)
+            return
+        signer_id = st.signer_id
+        if st.type not in (MessageType.ADVERTISE, MessageType.WITHDRAW):
+            self._curve_to_key[curve] = st.signer
+        if self.scores.is_banned(signer_id, time.time()):
+            self.metrics.rejections.labels(ErrorCode.DENIED.name).inc()
+            return
+        try:
+            self.policy.check_peer(signer_id)
+        except RemoteProtocolError as exc:
+            self.metrics.rejections.labels(exc.code.name).inc()
+            await self._answer_error(st, routing, exc)
+            return
+        self.metrics.received.labels(st.type.name).inc()
+        self.peers.alive_again(st.signer, time.monotonic())
+        relayer = self._curve_to_key.get(curve, b"")
+        handler = self._handlers.get(st.type)
+        try:
+            if handler is None:
+                raise RemoteProtocolError(
+                    ErrorCode.UNEXPECTED_MESSAGE, f"this node does not serve {st.type.name}"
+                )
+            await handler(st, routing, relayer)
+        except RemoteProtocolError as exc:
+            self.metrics.rejections.labels(exc.code.name).inc()
+            await self._answer_error(st, routing, exc)
+
+    async def _rejected(
+        self, frame: bytes, curve: bytes, routing: bytes | None, exc: RemoteProtocolError
+    ) -> None:
+        self.metrics.rejections.labels(exc.code.name).inc()
+        key = self._curve_to_key.get(curve)
+        if exc.code == ErrorCode.REPLAYED:
+            with contextlib.suppress(RemoteProtocolError):
+                st = open_envelope(frame)
+                if st.type in (MessageType.ADVERTISE, MessageType.WITHDRAW) and st.signer != key:
+                    return  # gossip relayed it twice: nobody's fault (spec §6.3)
+        event = Event.for_code(exc.code)
+        if key is not None and event is not None:
+            self.scores.record(node_id(key), event, time.time())
+        self.event("rejected", code=exc.code.name, detail=exc.detail[:120])
+        try:  # answer only a frame whose signer we can name (spec §6.5)
+            st = open_envelope(frame)
+        except RemoteProtocolError:
+            return
+        if st.type not in (MessageType.ADVERTISE, MessageType.WITHDRAW, MessageType.ERROR):
+            await self._answer_error(st, routing, exc)
+
+    async def _answer_error(
+        self, st: Statement, routing: bytes | None, exc: RemoteProtocolError
+    ) -> None:
+        if st.type == MessageType.ERROR or routing is None:
+            return
+        error = Error(code=int(exc.code), msg=exc.detail[:256], re=st.header.seq)
+        await self._reply(routing, st, error)
+
+    async def _reply(self, routing: bytes, st: Statement, message: Message) -> None:
+        frame = self.signer.seal(message, now_ms=now_ms(), to=st.signer_id)
+        await self.router.send_multipart([routing, frame])
+        self.metrics.sent.labels(message.TYPE.name).inc()
+        self.metrics.bytes_out.inc(len(frame))
+
+    # ---- handlers --------------------------------------------------------------------
+
+    async def _on_hello(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
+        hello = st.message
+        assert isinstance(hello, Hello)
+        now = time.monotonic()
+        if self.peers.heard_from(st.signer, hello.ctl, hello.inc, now):
+            self._drop_dealer(st.signer)  # it may have restarted on a new address
+            self.event("peer_joined", peer=st.signer_id.hex()[:12], ctl=hello.ctl)
+            await self._send(st.signer, Digest(have=self.index.digest()))
+        if routing is not None:
+            challenge = self.memberships.challenge(st.signer_id, time.time())
+            await self._reply(
+                routing,
+                st,
+                Peers(peers=self.peers.entries(), re=st.header.seq, challenge=challenge),
+            )
+
+    async def _on_peers(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
+        peers = st.message
+        assert isinstance(peers, Peers)
+        if st.signer not in self.peers:  # a bootstrap peer answering our first HELLO
+            boot = next((b for b in self.config.bootstrap if b.key == st.signer), None)
+            if boot is not None:
+                self.peers.heard_from(st.signer, boot.ctl, 0, time.monotonic())
+        for candidate in self.peers.learn(list(peers.peers)):
+            self.peers.add_candidate(candidate, time.monotonic())
+            await self._send(candidate.key, self._hello())
+        if peers.challenge is not None and self.policy.namespaces:
+            await self._send(st.signer, self.memberships.prove(st.signer_id, peers.challenge))
+
+    async def _on_advertise(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
+        ad = st.message
+        assert isinstance(ad, Advertise)
+        if ad.ns is not None and self.policy.namespace(ad.ns) is None:
+            return  # a private namespace we are not in: nothing to do with it
+        self.policy.check_namespace(st.signer_id, ad.ns, publish=True)
+        if not self.index.add(st):
+            return
+        self.event(
+            "ad_received",
+            signer=st.signer_id.hex()[:12],
+            seq=st.header.seq,
+            via=node_id(relayer).hex()[:12] if relayer else "",
+        )
+        self.metrics.ads.set(len(self.index))
+        if st.signer not in self.peers:
+            # The provider may be news to us; we will need to reach it to buy.
+            self.peers.add_candidate(
+                Peer(st.signer, ad.ctl, 0, State.SUSPECT, 0.0), time.monotonic()
+            )
+        await self._push(st.frame, MessageType.ADVERTISE, {relayer, st.signer})
+
+    async def _on_withdraw(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
+        if self.index.withdraw(st):
+            self.metrics.ads.set(len(self.index))
+            await self._push(st.frame, MessageType.WITHDRAW, {relayer, st.signer})
+
+    async def _on_digest(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
+        digest = st.message
+        assert isinstance(digest, Digest)
+        for frame in self.index.missing_from(digest.have):
+            await self._send_frame(st.signer, frame, MessageType.ADVERTISE)
+        if self.index.lacks_any(digest.have):
+            await self._send(st.signer, Digest(have=self.index.digest()))
+
+    async def _on_lookup(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
+        lookup = st.message
+        assert isinstance(lookup, Lookup)
+        if routing is None:
+            return
+        matched, ads = self.lookup(
+            lookup.fp, lookup.ns, lookup.blocks, lookup.limit, asker=st.signer_id
+        )
+        frames, total = [], 0
+        for advert in ads:  # stay well inside one frame
+            if total + len(advert.frame) > MAX_FRAME_BYTES // 2:
+                break
+            frames.append(advert.frame)
+            total += len(advert.frame)
+        await self._reply(
+            routing,
+            st,
+            LookupResult(re=st.header.seq, matched=matched if frames else 0, ads=tuple(frames)),
+        )
+
+    async def _on_membership(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
+        assert isinstance(st.message, Membership)
+        self.memberships.accept(st.signer_id, st.message, time.time())
+
+    async def _on_error(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
+        assert isinstance(st.message, Error)
+        self.event(
+            "peer_error", peer=st.signer_id.hex()[:12], code=st.message.code, msg=st.message.msg
+        )
+
+    # ---- the index, the store and our own advertisements -----------------------------
+
+    def lookup(
+        self, fp: bytes, ns: bytes | None, chain: tuple[bytes, ...], limit: int, *, asker: bytes
+    ) -> tuple[int, list[Advert]]:
+        """Longest prefix held by a usable provider, best first (price, then score)."""
+        if ns is not None:
+            self.policy.check_namespace(asker, ns, publish=False)
+            if asker != self.id:
+                self.memberships.require(asker, ns, time.time())
+        now = time.time()
+
+        def usable(advert: Advert) -> bool:
+            if advert.signer == self.identity.public_key:
+                return True
+            peer = self.peers.get(advert.signer)
+            signer_id = node_id(advert.signer)
+            return (
+                peer is not None
+                and peer.state != State.DEAD
+                and not self.scores.is_banned(signer_id, now)
+            )
+
+        def rank(advert: Advert) -> tuple:
+            return (advert.message.price, -self.scores.score(node_id(advert.signer), now))
+
+        matched, ads = self.index.lookup(fp, ns, chain, limit, usable=usable, rank=rank)
+        (self.metrics.hits if matched else self.metrics.misses).inc()
+        return matched, ads
+
+    async def _advertise(self, entry: Entry) -> None:
+        ad = Advertise(
+            fp=entry.fp,
+            layout=entry.layout,
+            blocks=entry.blocks,
+            root=entry.root,
+            chunk=entry.chunk,
+            price=self.price(entry),
+            ctl=self.ctl,
+            data=self.data,
+            ns=entry.ns,
+        )
+        frame = self.signer.seal(ad, now_ms=now_ms(), ttl_ms=int(self.config.advert_ttl_s * 1000))
+        st = open_envelope(frame)
+        self.index.add(st)
+        self._own[entry.root] = st
+        self.metrics.ads.set(len(self.index))
+        self.event(
+            "ad_published", root=entry.root.hex()[:16], seq=st.header.seq, blocks=len(entry.blocks)
+        )
+        await self._push(frame, MessageType.ADVERTISE, set())
+
+    async def _withdraw(self, root: bytes) -> None:
+        st = self._own.pop(root, None)
+        if st is None:
+            return
+        frame = self.signer.seal(
+            Withdraw(ad=st.header.seq), now_ms=now_ms(), ttl_ms=int(self.config.advert_ttl_s * 1000)
+        )
+        self.index.withdraw(open_envelope(frame))
+        self.metrics.ads.set(len(self.index))
+        await self._push(frame, MessageType.WITHDRAW, set())
+
+    async def publish(
+        self,
+        *,
+        fp: bytes,
+        ns: bytes | None,
+        layout: KVLayout,
+        blocks: tuple[bytes, ...],
+        payload: object,
+        chunk: int,
+    ) -> Entry:
+        if ns is not None and self.policy.namespace(ns) is None:
+            raise RemoteProtocolError(ErrorCode.NOT_FOUND, "this node is not in that namespace")
+        entry, evicted = self.store.put(
+            fp=fp, ns=ns, layout=layout, blocks=blocks, payload=payload, chunk=chunk
+        )
+        for old in evicted:
+            await self._withdraw(old.root)
+        await self._advertise(entry)
+        return entry
+
+    # ---- periodic work ---------------------------------------------------------------
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.heartbeat_s)
+            now = time.monotonic()
+            suspect, dead = self.peers.tick(now)
+            for peer in suspect:
+                self.event("peer_suspect", peer=node_id(peer.key).hex()[:12])
+            for peer in dead:
+                self.event("peer_dead", peer=node_id(peer.key).hex()[:12])
+                self.memberships.forget(node_id(peer.key))
+                self._drop_dealer(peer.key)
+            for peer in self.peers.to_probe(self.config.probes_per_heartbeat, now):
+                await self._send(peer.key, self._hello())
+            if not self.peers.alive():
+                for boot in self.config.bootstrap:
+                    self._drop_dealer(boot.key)  # reconnect: it may have moved
+                    await self._send(boot.key, self._hello())
+            for state in State:
+                self.metrics.peers.labels(state.name.lower()).set(
+                    sum(p.state == state for p in self.peers.all())
+                )
+
+    async def _anti_entropy(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.anti_entropy_s * random.uniform(0.5, 1.5))
+            alive = self.peers.alive()
+            if alive:
+                await self._send(random.choice(alive).key, Digest(have=self.index.digest()))
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.index.expire(now_ms())
+            self.metrics.ads.set(len(self.index))
+            self.metrics.credits.set(sum(self.ledger.balances().values()))
+            half = self.config.advert_ttl_s * 500
+            for root, st in list(self._own.items()):
+                if st.header.exp - now_ms() < half:  # refresh before it expires
+                    entry = next((e for e in self.store.entries() if e.root == root), None)
+                    if entry is not None:
+                        await self._advertise(entry)
+
+    # ---- local admin API -------------------------------------------------------------
+
+    async def _admin_loop(self) -> None:
+        while True:
+            routing, _, request = await self.admin.recv_multipart()
+            try:
+                reply = {"ok": True, **await self._admin(unpack(request))}
+            except RemoteProtocolError as exc:
+                reply = {"ok": False, "code": int(exc.code), "error": exc.detail}
+            except Exception as exc:  # a bad local request must not stop the node
+                reply = {"ok": False, "code": int(ErrorCode.INTERNAL), "error": repr(exc)}
+            await self.admin.send_multipart([routing, b"", pack(reply)])
+
+    async def _admin(self, req: dict) -> dict:
+        op = req.get("op")
+        now = time.time()
+        if op == "status":
+            return {
+                "node_id": self.id.hex(),
+                "ctl": self.ctl,
+                "data": [d.addr for d in self.data],
+                "incarnation": self.incarnation,
+                "peers": {
+                    s.name.lower(): sum(p.state == s for p in self.peers.all()) for s in State
+                },
+                "ads": len(self.index),
+                "stored": len(self.store.entries()),
+                "sent": {
+                    t.name: self.metrics.value("kvx_messages_sent_total", type=t.name)
+                    for t in MessageType
+                },
+            }
+        if op == "peers":
+            return {
+                "peers": [
+                    {
+                        "node_id": node_id(p.key).hex(),
+                        "key": p.key.hex(),
+                        "ctl": p.ctl,
+                        "state": p.state.name.lower(),
+                        "inc": p.inc,
+                        "score": round(self.scores.score(node_id(p.key), now), 2),
+                    }
+                    for p in self.peers.all()
+                ]
+            }
+        if op == "ads":
+            return {
+                "ads": [
+                    {
+                        "signer": node_id(a.signer).hex(),
+                        "seq": a.seq,
+                        "root": a.message.root.hex(),
+                        "blocks": len(a.message.blocks),
+                        "price": a.message.price,
+                        "ns": a.message.ns.hex() if a.message.ns else None,
+                        "exp_ms": a.exp_ms,
+                    }
+                    for a in self.index.ads()
+                ]
+            }
+        if op == "publish":
+            entry = await self.publish(
+                fp=req["fp"],
+                ns=req.get("ns"),
+                layout=KVLayout(**req["layout"]),
+                blocks=tuple(req["blocks"]),
+                payload=req["payload"],
+                chunk=req["chunk"],
+            )
+            return {"root": entry.root}
+        if op == "lookup":
+            matched, ads = self.lookup(
+                req["fp"], req.get("ns"), tuple(req["blocks"]), req.get("limit", 8), asker=self.id
+            )
+            return {"matched": matched, "ads": [a.frame for a in ads]}
+        if op == "withdraw":
+            await self._withdraw(req["root"])
+            return {}
+        raise RemoteProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"unknown admin op {op!r}")
+
+
+def run_node(config: NodeConfig) -> None:
+    """Run a node in the foreground until SIGTERM or SIGINT."""
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(message)s")
+    asyncio.run(Node(config).run())

@@ -1,0 +1,139 @@
+"""Membership as a sans-I/O table: who the peers are, and whether they are alive.
+
+SWIM-style: a node probes the peers it has heard from least recently, counts any valid
+message as a sign of life, marks a silent peer suspect, and only after a longer silence
+dead. A peer that comes back with a higher incarnation (it restarted) is alive again.
+The table is bounded; times are passed in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+from kvx.protocol import PeerEntry
+
+
+class State(IntEnum):
+    ALIVE = 0
+    SUSPECT = 1
+    DEAD = 2
+
+
+@dataclass
+class Peer:
+    key: bytes  # Ed25519 public key
+    ctl: str
+    inc: int
+    state: State
+    last_heard: float
+    last_probed: float = 0.0
+
+
+class PeerTable:
+    def __init__(
+        self,
+        me: bytes,
+        *,
+        suspect_after_s: float,
+        dead_after_s: float,
+        max_peers: int,
+        forget_dead_after_s: float = 600.0,
+    ) -> None:
+        self.me = me
+        self.suspect_after_s = suspect_after_s
+        self.dead_after_s = dead_after_s
+        self.max_peers = max_peers
+        self.forget_dead_after_s = forget_dead_after_s
+        self._peers: dict[bytes, Peer] = {}
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self._peers
+
+    def get(self, key: bytes) -> Peer | None:
+        return self._peers.get(key)
+
+    def heard_from(self, key: bytes, ctl: str, inc: int, now: float) -> bool:
+        """A valid statement came from `key` itself. Returns True if it is new or came back."""
+        if key == self.me:
+            return False
+        peer = self._peers.get(key)
+        if peer is None:
+            if len(self._peers) >= self.max_peers and not self._evict_one():
+                return False
+            self._peers[key] = Peer(key, ctl, inc, State.ALIVE, now)
+            return True
+        back = peer.state == State.DEAD and inc > peer.inc
+        if peer.state == State.DEAD and not back:
+            return False  # a dead peer comes back only with a new incarnation
+        peer.ctl, peer.inc = ctl, max(peer.inc, inc)
+        peer.state, peer.last_heard = State.ALIVE, now
+        return back
+
+    def alive_again(self, key: bytes, now: float) -> None:
+        """Any valid message from a known, not-dead peer refutes suspicion."""
+        peer = self._peers.get(key)
+        if peer is not None and peer.state != State.DEAD:
+            peer.state, peer.last_heard = State.ALIVE, now
+
+    def learn(self, entries: list[PeerEntry]) -> list[Peer]:
+        """Peers named by someone else (peer exchange): candidates to contact, not yet alive."""
+        fresh = []
+        for entry in entries:
+            if entry.key == self.me or entry.key in self._peers or entry.state == State.DEAD:
+                continue
+            if len(self._peers) >= self.max_peers:
+                break
+            fresh.append(Peer(entry.key, entry.ctl, entry.inc, State.SUSPECT, 0.0))
+        return fresh
+
+    def add_candidate(self, peer: Peer, now: float) -> None:
+        if peer.key not in self._peers and len(self._peers) < self.max_peers:
+            peer.last_heard = now  # it gets a full suspicion period to answer
+            self._peers[peer.key] = peer
+
+    def _evict_one(self) -> bool:
+        dead = [p for p in self._peers.values() if p.state == State.DEAD]
+        if not dead:
+            return False
+        del self._peers[min(dead, key=lambda p: p.last_heard).key]
+        return True
+
+    def tick(self, now: float) -> tuple[list[Peer], list[Peer]]:
+        """Advance suspicion; returns (newly suspect, newly dead) peers."""
+        suspect, dead = [], []
+        for peer in list(self._peers.values()):
+            silent = now - peer.last_heard
+            if peer.state == State.ALIVE and silent > self.suspect_after_s:
+                peer.state = State.SUSPECT
+                suspect.append(peer)
+            if peer.state == State.SUSPECT and silent > self.dead_after_s:
+                peer.state = State.DEAD
+                dead.append(peer)
+            if peer.state == State.DEAD and silent > self.forget_dead_after_s:
+                del self._peers[peer.key]
+        return suspect, dead
+
+    def to_probe(self, n: int, now: float) -> list[Peer]:
+        """The `n` live or suspect peers probed least recently."""
+        live = [p for p in self._peers.values() if p.state != State.DEAD]
+        chosen = sorted(live, key=lambda p: p.last_probed)[:n]
+        for peer in chosen:
+            peer.last_probed = now
+        return chosen
+
+    def alive(self) -> list[Peer]:
+        return [p for p in self._peers.values() if p.state == State.ALIVE]
+
+    def all(self) -> list[Peer]:
+        return list(self._peers.values())
+
+    def entries(self, limit: int = 64) -> tuple[PeerEntry, ...]:
+        """What to tell others in PEERS: the live and suspect peers, most recently heard first."""
+        known = sorted(
+            (p for p in self._peers.values() if p.state != State.DEAD),
+            key=lambda p: -p.last_heard,
+        )
+        return tuple(
+            PeerEntry(key=p.key, ctl=p.ctl, inc=p.inc, state=int(p.state)) for p in known[:limit]
+        )

@@ -1,0 +1,73 @@
+"""The membership table: suspicion before death, rejoin by incarnation, bounds."""
+
+from kvx.p2p import PeerTable, State
+from kvx.protocol import PeerEntry
+
+A, B, C, ME = b"\x0a" * 32, b"\x0b" * 32, b"\x0c" * 32, b"\x00" * 32
+
+
+def table(**kw) -> PeerTable:
+    return PeerTable(ME, **{"suspect_after_s": 2, "dead_after_s": 5, "max_peers": 3, **kw})
+
+
+def test_silence_makes_a_peer_suspect_then_dead():
+    t = table()
+    assert t.heard_from(A, "tcp://a", 1, now=0)
+    assert t.tick(1) == ([], [])
+    suspect, dead = t.tick(2.5)
+    assert [p.key for p in suspect] == [A] and dead == []
+    t.alive_again(A, 3)  # any message refutes suspicion
+    assert t.get(A).state == State.ALIVE
+    t.tick(6)
+    suspect, dead = t.tick(8.5)
+    assert [p.key for p in dead] == [A]
+
+
+def test_a_dead_peer_returns_only_with_a_new_incarnation():
+    t = table()
+    t.heard_from(A, "tcp://a", 1, now=0)
+    t.tick(3)
+    t.tick(6)
+    assert t.get(A).state == State.DEAD
+    assert not t.heard_from(A, "tcp://a", 1, now=7)  # an old message, still dead
+    t.alive_again(A, 7)
+    assert t.get(A).state == State.DEAD
+    assert t.heard_from(A, "tcp://a2", 2, now=8)  # restarted: back, at its new address
+    assert (t.get(A).state, t.get(A).ctl) == (State.ALIVE, "tcp://a2")
+
+
+def test_the_table_is_bounded_and_dead_peers_make_room():
+    t = table()
+    for key in (A, B, C):
+        t.heard_from(key, "tcp://x", 1, now=0)
+    assert not t.heard_from(b"\x0d" * 32, "tcp://d", 1, now=0)
+    t.alive_again(A, 10)
+    t.alive_again(B, 10)
+    t.tick(20)  # C died
+    t.tick(30)
+    assert t.heard_from(b"\x0d" * 32, "tcp://d", 1, now=31)
+    assert C not in t
+
+
+def test_probes_go_to_the_longest_unprobed_and_never_to_the_dead():
+    t = table()
+    for key in (A, B):
+        t.heard_from(key, "tcp://x", 1, now=0)
+    first = {p.key for p in t.to_probe(1, now=1)}
+    second = {p.key for p in t.to_probe(1, now=2)}
+    assert first | second == {A, B}
+
+
+def test_peer_exchange_learns_only_new_live_peers_and_never_itself():
+    t = table()
+    t.heard_from(A, "tcp://a", 1, now=0)
+    learned = t.learn(
+        [
+            PeerEntry(A, "tcp://a", 1, 0),
+            PeerEntry(ME, "tcp://me", 1, 0),
+            PeerEntry(B, "tcp://b", 1, 2),
+            PeerEntry(C, "tcp://c", 1, 0),
+        ]
+    )
+    assert [p.key for p in learned] == [C]
+    assert not t.heard_from(ME, "tcp://me", 1, now=0)
