@@ -4,6 +4,7 @@ the advertisement index, the local KV store, and the local admin API."""
 from ._admin import AdminError, admin_call
 from ._config import Bootstrap, NodeConfig, load_node_config
 from ._index import AdIndex, Advert
+from ._launch import NodeProcess, wait_for
 from ._node import Node, run_node
 from ._peers import Peer, PeerTable, State
 from ._store import Entry, LocalStore, Payload
@@ -17,6 +18,7 @@ __all__ = [
     "LocalStore",
     "Node",
     "NodeConfig",
+    "NodeProcess",
     "Payload",
     "Peer",
     "PeerTable",
@@ -24,4 +26,5 @@ __all__ = [
     "admin_call",
     "load_node_config",
     "run_node",
+    "wait_for",
 ]
