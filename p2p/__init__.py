@@ -2,11 +2,13 @@
 the advertisement index, the local KV store, and the local admin API."""
 
 from ._admin import AdminError, admin_call
+from ._client import Bought, Miss, PeerClient, SyncPeerClient
 from ._config import Bootstrap, NodeConfig, load_node_config
 from ._index import AdIndex, Advert
 from ._launch import NodeProcess, wait_for
 from ._node import Node, run_node
 from ._peers import Peer, PeerTable, State
+from ._pricing import PricePolicy, prefill_flops
 from ._store import Entry, LocalStore, Payload
 
 __all__ = [
@@ -14,17 +16,23 @@ __all__ = [
     "AdminError",
     "Advert",
     "Bootstrap",
+    "Bought",
     "Entry",
     "LocalStore",
+    "Miss",
     "Node",
     "NodeConfig",
     "NodeProcess",
     "Payload",
     "Peer",
+    "PeerClient",
     "PeerTable",
+    "PricePolicy",
     "State",
+    "SyncPeerClient",
     "admin_call",
     "load_node_config",
+    "prefill_flops",
     "run_node",
     "wait_for",
 ]

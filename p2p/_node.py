@@ -64,7 +64,9 @@ from kvx.trust import (
 from ._admin import pack, unpack
 from ._config import INFO_FILE, LEDGER_FILE, SCORES_FILE, STORE_DIR, NodeConfig
 from ._index import AdIndex, Advert
+from ._market import Market
 from ._peers import Peer, PeerTable, State
+from ._pricing import PricePolicy
 from ._store import Entry, LocalStore
 
 log = logging.getLogger("kvx.node")
@@ -92,13 +94,8 @@ class _Bucket:
         return True
 
 
-def default_price(entry: Entry) -> int:
-    """One micro-credit per KiB until the price policy lands (issue 6)."""
-    return entry.size // 1024
-
-
 class Node:
-    def __init__(self, config: NodeConfig, *, price: Callable[[Entry], int] = default_price):
+    def __init__(self, config: NodeConfig, *, pricing: PricePolicy | None = None):
         from ._metrics import Metrics
 
         self.config = config
@@ -131,7 +128,7 @@ class Node:
         self.index = AdIndex()
         self.memberships = Memberships(self.id, self.policy)
         self.metrics = Metrics()
-        self.price = price
+        self.pricing = pricing if pricing is not None else PricePolicy()
         self.incarnation = now_ms()
         self.sessions = Sessions()
         self.ctl = ""
@@ -153,6 +150,10 @@ class Node:
             MessageType.LOOKUP: self._on_lookup,
             MessageType.MEMBERSHIP: self._on_membership,
             MessageType.ERROR: self._on_error,
+            MessageType.QUOTE_REQUEST: self._on_quote_request,
+            MessageType.ACCEPT: self._on_accept,
+            MessageType.REJECT: self._on_reject,
+            MessageType.RECEIPT: self._on_receipt,
         }
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -195,9 +196,21 @@ class Node:
         self.admin = self._ctx.socket(zmq.ROUTER)
         self.admin.linger = 0
         self.admin.bind(cfg.admin_address)
-        self.tcp = TcpDataServer(self.sessions, self.inbox, self.signer)
+        self.tcp = TcpDataServer(
+            self.sessions, self.inbox, self.signer, on_delivered=lambda o: self.market.delivered(o)
+        )
         await self.tcp.start(cfg.data_host)
         self.data = (DataAddress(t="tcp", addr=self.tcp.address),)
+        self.market = Market(
+            signer=self.signer,
+            store=self.store,
+            ledger=self.ledger,
+            sessions=self.sessions,
+            policy=self.policy,
+            memberships=self.memberships,
+            pricing=self.pricing,
+            data={d.t: d.addr for d in self.data},
+        )
         metrics_url = None
         if cfg.metrics_port is not None:
             metrics_url = f"http://127.0.0.1:{self.metrics.serve(cfg.metrics_port)}/metrics"
@@ -403,8 +416,11 @@ class Node:
 
     async def _reply(self, routing: bytes, st: Statement, message: Message) -> None:
         frame = self.signer.seal(message, now_ms=now_ms(), to=st.signer_id)
+        await self._reply_frame(routing, frame, message.TYPE)
+
+    async def _reply_frame(self, routing: bytes, frame: bytes, mtype: MessageType) -> None:
         await self.router.send_multipart([routing, frame])
-        self.metrics.sent.labels(message.TYPE.name).inc()
+        self.metrics.sent.labels(mtype.name).inc()
         self.metrics.bytes_out.inc(len(frame))
 
     # ---- handlers --------------------------------------------------------------------
@@ -497,6 +513,23 @@ class Node:
         assert isinstance(st.message, Membership)
         self.memberships.accept(st.signer_id, st.message, time.time())
 
+    async def _on_quote_request(self, st: Statement, routing: bytes | None, relayer: bytes):
+        if routing is not None:
+            frame = self.market.quote_request(st, now_ms())
+            await self._reply_frame(routing, frame, MessageType.QUOTE)
+
+    async def _on_accept(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
+        self.market.accept(st, now_ms())
+
+    async def _on_reject(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
+        frame = self.market.reject(st, now_ms())
+        if frame is not None and routing is not None:
+            await self._reply_frame(routing, frame, MessageType.QUOTE)
+
+    async def _on_receipt(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
+        self.market.receipt(st, now_ms())
+        self.event("sold", buyer=st.signer_id.hex()[:12], price=st.message.price)
+
     async def _on_error(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
         assert isinstance(st.message, Error)
         self.event(
@@ -540,7 +573,9 @@ class Node:
             blocks=entry.blocks,
             root=entry.root,
             chunk=entry.chunk,
-            price=self.price(entry),
+            price=self.pricing.ask(
+                entry.params, entry.layout, len(entry.blocks) * entry.layout.block, entry.size
+            ),
             ctl=self.ctl,
             data=self.data,
             ns=entry.ns,
@@ -575,11 +610,12 @@ class Node:
         blocks: tuple[bytes, ...],
         payload: object,
         chunk: int,
+        params: int = 0,
     ) -> Entry:
         if ns is not None and self.policy.namespace(ns) is None:
             raise RemoteProtocolError(ErrorCode.NOT_FOUND, "this node is not in that namespace")
         entry, evicted = self.store.put(
-            fp=fp, ns=ns, layout=layout, blocks=blocks, payload=payload, chunk=chunk
+            fp=fp, ns=ns, layout=layout, blocks=blocks, payload=payload, chunk=chunk, params=params
         )
         for old in evicted:
             await self._withdraw(old.root)
@@ -621,6 +657,7 @@ class Node:
         while True:
             await asyncio.sleep(1.0)
             self.index.expire(now_ms())
+            self.market.expire(now_ms())
             self.metrics.ads.set(len(self.index))
             self.metrics.credits.set(sum(self.ledger.balances().values()))
             half = self.config.advert_ttl_s * 500
@@ -699,6 +736,7 @@ class Node:
                 blocks=tuple(req["blocks"]),
                 payload=req["payload"],
                 chunk=req["chunk"],
+                params=req.get("params", 0),
             )
             return {"root": entry.root}
         if op == "lookup":
@@ -706,6 +744,11 @@ class Node:
                 req["fp"], req.get("ns"), tuple(req["blocks"]), req.get("limit", 8), asker=self.id
             )
             return {"matched": matched, "ads": [a.frame for a in ads]}
+        if op == "report":  # a local client's verdict on a provider it dealt with
+            event = Event.for_code(ErrorCode(req["code"]))
+            if event is not None:
+                self.scores.record(req["peer"], event, now)
+            return {}
         if op == "withdraw":
             await self._withdraw(req["root"])
             return {}

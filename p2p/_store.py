@@ -34,6 +34,7 @@ class Entry:
     layout: KVLayout
     blocks: tuple[bytes, ...]
     chunk: int
+    params: int = 0  # parameters of the model that computed it, for pricing (0: unknown)
 
     @property
     def size(self) -> int:
@@ -61,7 +62,8 @@ class Payload:
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
     root BLOB PRIMARY KEY, fp BLOB NOT NULL, ns BLOB, layout TEXT NOT NULL,
-    blocks BLOB NOT NULL, chunk INTEGER NOT NULL, size INTEGER NOT NULL, used REAL NOT NULL
+    blocks BLOB NOT NULL, chunk INTEGER NOT NULL, size INTEGER NOT NULL, used REAL NOT NULL,
+    params INTEGER NOT NULL DEFAULT 0
 )
 """
 
@@ -87,7 +89,9 @@ class LocalStore:
         self._memory: OrderedDict[bytes, Payload] = OrderedDict()
         self._entries = {
             row[0]: self._entry(row)
-            for row in self._db.execute("SELECT root, fp, ns, layout, blocks, chunk FROM entries")
+            for row in self._db.execute(
+                "SELECT root, fp, ns, layout, blocks, chunk, params FROM entries"
+            )
         }
         # An index row whose file is gone cannot be served: forget it now.
         for root in [r for r in self._entries if not self._path(r).exists()]:
@@ -95,7 +99,7 @@ class LocalStore:
 
     @staticmethod
     def _entry(row: tuple) -> Entry:
-        root, fp, ns, layout, blocks, chunk = row
+        root, fp, ns, layout, blocks, chunk, params = row
         return Entry(
             root,
             fp,
@@ -103,6 +107,7 @@ class LocalStore:
             KVLayout(**json.loads(layout)),
             tuple(blocks[i : i + 32] for i in range(0, len(blocks), 32)),
             chunk,
+            params,
         )
 
     def _path(self, root: bytes) -> Path:
@@ -126,6 +131,7 @@ class LocalStore:
         blocks: tuple[bytes, ...],
         payload: object,
         chunk: int = DEFAULT_CHUNK_BYTES,
+        params: int = 0,
     ) -> tuple[Entry, list[Entry]]:
         """Store a payload under its content root; returns it and what was evicted for it."""
         data = bytes(byte_view(payload))
@@ -138,7 +144,7 @@ class LocalStore:
             raise ValueError("the payload is larger than the whole disk tier")
         hashes = tuple(chunk_hashes(data, chunk))
         root = content_root(len(data), chunk, hashes)
-        entry = Entry(root, fp, ns, layout, tuple(blocks), chunk)
+        entry = Entry(root, fp, ns, layout, tuple(blocks), chunk, params)
         evicted = []
         while self.disk_used() + entry.size > self.disk_bytes:
             victim = self._least_used()
@@ -152,7 +158,7 @@ class LocalStore:
             os.fsync(f.fileno())
         tmp.replace(self._path(root))
         self._db.execute(
-            "INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 root,
                 fp,
@@ -162,6 +168,7 @@ class LocalStore:
                 chunk,
                 len(data),
                 time.time(),
+                params,
             ),
         )
         self._entries[root] = entry

@@ -137,13 +137,18 @@ def test_ledger_survives_a_writer_killed_at_random_instants(tmp_path):
     writer = Path(__file__).with_name("ledger_writer.py")
     acknowledged: list[str] = []
     rng = random.Random(1234)
+    errors = tmp_path / "writer.err"
     for _ in range(8):
-        proc = subprocess.Popen(
-            [sys.executable, str(writer), str(db)], stdout=subprocess.PIPE, text=True
-        )
+        with open(errors, "ab") as err:
+            proc = subprocess.Popen(
+                [sys.executable, str(writer), str(db)],
+                stdout=subprocess.PIPE,
+                stderr=err,
+                text=True,
+            )
         # Wait until it is writing, then kill it somewhere in the middle of its work.
         first = proc.stdout.readline()
-        assert first, "the writer produced nothing"
+        assert first, f"the writer produced nothing: {errors.read_text()[-2000:]}"
         acknowledged.append(first.strip())
         time.sleep(rng.uniform(0.0, 0.15))
         proc.kill()

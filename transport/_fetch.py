@@ -10,7 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Collection,
+    Iterable,
+    Sequence,
+)
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -90,18 +97,38 @@ async def _stream(source: Source, verifier: StreamVerifier, dest: Destination, t
         raise RemoteProtocolError(ErrorCode.NO_COMMON_TRANSPORT, f"unknown {source.transport}")
 
 
+async def _each(sources: Iterable[Source] | AsyncIterable[Source]) -> AsyncIterator[Source]:
+    if isinstance(sources, AsyncIterable):
+        async for source in sources:
+            yield source
+    else:
+        for source in sources:
+            yield source
+
+
 async def fetch(
-    sources: Sequence[Source], tensor: torch.Tensor, *, timeout_s: float = 30.0
+    sources: Iterable[Source] | AsyncIterable[Source],
+    tensor: torch.Tensor | Callable[[Expected], torch.Tensor],
+    *,
+    timeout_s: float = 30.0,
+    faults: list[Fault] | None = None,
 ) -> Fetched:
-    """Fill `tensor` with the verified payload prefix, or raise FetchMiss."""
-    if not sources:
-        raise FetchMiss([])
-    expected = sources[0].expected
-    dest = Destination(tensor, expected)
-    verifier = StreamVerifier(expected)
-    faults: list[Fault] = []
+    """Fill the destination with the verified payload prefix, or raise FetchMiss.
+
+    `sources` may be produced lazily (a buyer negotiates with the next provider only when
+    the last one failed); `tensor` may be a function that allocates the destination once
+    the first source's quote has fixed its size. Faults met before (a refused quote, say)
+    can be passed in `faults`, to be reported with the rest.
+    """
+    faults = [] if faults is None else faults
     served: list[bytes] = []
-    for source in sources:
+    dest: Destination | None = None
+    verifier: StreamVerifier | None = None
+    async for source in _each(sources):
+        if dest is None or verifier is None:
+            target = tensor(source.expected) if callable(tensor) else tensor
+            dest, verifier = Destination(target, source.expected), StreamVerifier(source.expected)
+        expected = verifier.expected
         if source.expected != expected:
             faults.append(Fault(source.provider, ErrorCode.ROOT_MISMATCH, "another payload"))
             continue
@@ -116,5 +143,6 @@ async def fetch(
             served.append(source.provider)
         if verifier.complete:
             return Fetched(expected.deliver, tuple(served), tuple(faults))
-    dest.scrub(0)  # a miss hands back nothing, not even the verified part
+    if dest is not None:
+        dest.scrub(0)  # a miss hands back nothing, not even the verified part
     raise FetchMiss(faults)

@@ -50,22 +50,44 @@ def _bad_token(detail: str) -> RemoteProtocolError:
 
 
 class Sessions:
-    """Offers by token. Tokens are single-use: a claimed or expired one is gone for good."""
+    """Offers by token. Tokens are single-use: a claimed or expired one is gone for good.
 
-    def __init__(self) -> None:
+    A buyer sends ACCEPT on the control channel and opens the data channel at once, so a
+    TRANSFER may overtake its ACCEPT: a token that was quoted (`expect`) but is not yet
+    authorised is waited for, briefly, before it is refused.
+    """
+
+    def __init__(self, accept_wait_s: float = 5.0) -> None:
+        self.accept_wait_s = accept_wait_s
         self._offers: dict[bytes, Offer] = {}
-        self._lock = threading.Lock()  # streams are served from worker threads
+        self._expected: set[bytes] = set()
+        self._changed = threading.Condition()  # streams are served from worker threads
+
+    def expect(self, token: bytes) -> None:
+        """A quote carrying `token` went out; its ACCEPT may follow."""
+        with self._changed:
+            self._expected.add(token)
+
+    def forget(self, token: bytes) -> None:
+        with self._changed:
+            self._expected.discard(token)
+            self._offers.pop(token, None)
 
     def authorize(self, offer: Offer) -> None:
-        with self._lock:
+        with self._changed:
+            self._expected.discard(offer.token)
             self._offers[offer.token] = offer
+            self._changed.notify_all()
 
     def claim(self, transfer: Transfer, signer: bytes, now_ms: int) -> Offer:
-        """The offer a TRANSFER opens, or BAD_TOKEN; the token is spent either way it matched."""
-        with self._lock:
+        """The offer a TRANSFER opens, or BAD_TOKEN; the token is spent once it matched."""
+        with self._changed:
+            self._changed.wait_for(
+                lambda: transfer.token not in self._expected, timeout=self.accept_wait_s
+            )
             offer = self._offers.get(transfer.token)
             if offer is None:
-                raise _bad_token("unknown or already used session token")
+                raise _bad_token("unknown, unaccepted or already used session token")
             if offer.quote != transfer.quote or offer.buyer != signer:
                 raise _bad_token("the token belongs to another quote or buyer")
             del self._offers[transfer.token]

@@ -186,8 +186,10 @@ class UcxDataServer:
         tag, length = await _read_header(ep)
         if tag != FrameTag.CONTROL:
             return None
-        admission = admit(
-            await _recv(ep, length), self.sessions, self.inbox, self.signer, self.now_ms()
+        frame = await _recv(ep, length)
+        # admit() may wait for the quote's ACCEPT, which this very loop must process.
+        admission = await asyncio.to_thread(
+            admit, frame, self.sessions, self.inbox, self.signer, self.now_ms()
         )
         offer = admission.offer
         if offer is None:

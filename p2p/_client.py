@@ -1,0 +1,381 @@
+"""The peer client an agent embeds: look up, buy and publish KV caches.
+
+It asks its node (over the node's admin socket) what the swarm advertises, then deals
+with each seller itself under the node's identity — QUOTE_REQUEST, QUOTE, ACCEPT, the
+data channel, RECEIPT — so that KV bytes travel from the seller straight into the
+agent's own tensor. Without a node to talk to, it starts one inside its event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import msgpack
+import zmq
+import zmq.asyncio
+
+from kvx.protocol import (
+    DEFAULT_CHUNK_BYTES,
+    Accept,
+    Advertise,
+    Error,
+    ErrorCode,
+    KVLayout,
+    KvxError,
+    Message,
+    Quote,
+    QuoteRequest,
+    Receipt,
+    RemoteProtocolError,
+    Transfer,
+)
+from kvx.transport import Expected, Fault, FetchMiss, Source, available_transports, fetch
+from kvx.trust import (
+    Identity,
+    Inbox,
+    Ledger,
+    Signer,
+    Statement,
+    curve_public_key,
+    make_curve_client,
+    open_envelope,
+)
+
+from ._admin import AdminError
+from ._config import ADMIN_SOCKET, KEY_FILE, LEDGER_FILE, NodeConfig
+from ._pricing import PricePolicy, prefill_flops
+
+if TYPE_CHECKING:
+    import torch
+
+    from ._node import Node
+
+T = TypeVar("T")
+
+
+class Miss(KvxError):
+    """Nothing could be bought: the caller prefills itself. `faults` says why, per provider."""
+
+    def __init__(self, reason: str, faults: tuple[Fault, ...] = ()) -> None:
+        super().__init__(reason)
+        self.faults = faults
+
+
+@dataclass(frozen=True)
+class Bought:
+    """What a fetch delivered and what it cost."""
+
+    tensor: torch.Tensor  # the payload prefix, verified, on the requested device
+    layout: KVLayout  # as delivered
+    blocks: int
+    tokens: int
+    bytes: int
+    price: int  # micro-credits paid
+    saved_flops: float  # the prefill the buyer did not run
+    seller: bytes  # node id of the provider that completed the delivery
+    faults: tuple[Fault, ...]  # providers that failed on the way
+    seconds: float
+
+
+class PeerClient:
+    def __init__(
+        self, data_dir: str | Path, *, pricing: PricePolicy | None = None, timeout_s: float = 30.0
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.identity = Identity.load(self.data_dir / KEY_FILE)
+        self.signer = Signer(self.identity)
+        self.inbox = Inbox(self.identity.node_id)
+        self.pricing = pricing if pricing is not None else PricePolicy()
+        self.timeout_s = timeout_s
+        self._ctx = zmq.asyncio.Context()
+        self._ledger: Ledger | None = None
+        self._embedded: tuple[Node, asyncio.Task[None]] | None = None
+
+    @classmethod
+    async def embedded(cls, config: NodeConfig, **kwargs: Any) -> PeerClient:
+        """A client with its own node running in this event loop (no daemon needed)."""
+        from ._node import Node
+
+        node = Node(config)
+        task = asyncio.ensure_future(node.run())
+        admin = config.data_dir / ADMIN_SOCKET
+        while not (config.data_dir / "node.json").exists():
+            if task.done():
+                task.result()  # surfaces why it failed to start
+            await asyncio.sleep(0.02)
+        assert admin.exists()
+        client = cls(config.data_dir, **kwargs)
+        client._embedded = (node, task)
+        return client
+
+    async def close(self) -> None:
+        if self._embedded is not None:
+            node, task = self._embedded
+            node.stop()
+            await task
+        if self._ledger is not None:
+            self._ledger.close()
+        self._ctx.destroy(linger=0)
+
+    # ---- the local node --------------------------------------------------------------
+
+    async def _admin(self, op: str, **args: Any) -> dict:
+        sock = self._ctx.socket(zmq.REQ)
+        sock.linger = 0
+        try:
+            sock.connect(f"ipc://{(self.data_dir / ADMIN_SOCKET).resolve()}")
+            await sock.send(msgpack.packb({"op": op, **args}, use_bin_type=True))
+            if not await sock.poll(int(self.timeout_s * 1000)):
+                raise AdminError(int(ErrorCode.TIMEOUT), f"no node answers in {self.data_dir}")
+            reply = msgpack.unpackb(await sock.recv(), raw=False)
+        finally:
+            sock.close()
+        if not reply.get("ok"):
+            raise AdminError(reply.get("code", int(ErrorCode.INTERNAL)), reply.get("error", ""))
+        return reply
+
+    @property
+    def ledger(self) -> Ledger:
+        if self._ledger is None:
+            self._ledger = Ledger(self.data_dir / LEDGER_FILE, self.identity.node_id)
+        return self._ledger
+
+    async def publish(
+        self,
+        *,
+        fp: bytes,
+        layout: KVLayout,
+        blocks: list[bytes],
+        payload: bytes,
+        params: int,
+        ns: bytes | None = None,
+        chunk: int = DEFAULT_CHUNK_BYTES,
+    ) -> bytes:
+        """Store a payload in the local node and advertise it; returns its content root."""
+        reply = await self._admin(
+            "publish",
+            fp=fp,
+            ns=ns,
+            layout=layout.__dict__,
+            blocks=list(blocks),
+            payload=payload,
+            chunk=chunk,
+            params=params,
+        )
+        return reply["root"]
+
+    async def lookup(
+        self, fp: bytes, chain: list[bytes], *, ns: bytes | None = None, limit: int = 8
+    ) -> tuple[int, list[Statement]]:
+        """The longest prefix of `chain` the swarm advertises, with the signed ads, best first.
+
+        Every advertisement is verified here; the node that relayed them vouches for nothing.
+        """
+        reply = await self._admin("lookup", fp=fp, ns=ns, blocks=list(chain), limit=limit)
+        matched, ads = reply["matched"], []
+        for frame in reply["ads"]:
+            with contextlib.suppress(RemoteProtocolError):
+                st = open_envelope(frame)
+                ad = st.message
+                if (
+                    isinstance(ad, Advertise)
+                    and ad.fp == fp
+                    and ad.ns == ns
+                    and list(ad.blocks[:matched]) == list(chain[:matched])
+                ):
+                    ads.append(st)
+        return (matched if ads else 0), ads
+
+    # ---- buying ----------------------------------------------------------------------
+
+    async def _ask(
+        self, sock: zmq.asyncio.Socket, seller: Statement, message: Message, want: type[T]
+    ) -> T | None:
+        """Send one statement to a seller and wait for its answer to it (or None)."""
+        frame = self.signer.seal(message, now_ms=_now(), to=seller.signer_id)
+        await sock.send(frame)
+        seq = open_envelope(frame).header.seq
+        curve = curve_public_key(seller.signer)
+        deadline = time.monotonic() + self.timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            if not await sock.poll(int(left * 1000)):
+                break
+            st = self.inbox.receive(await sock.recv(), now_ms=_now(), peer_curve_key=curve)
+            if getattr(st.message, "re", None) != seq:
+                continue
+            if isinstance(st.message, Error):
+                code = (
+                    ErrorCode(st.message.code)
+                    if st.message.code in ErrorCode._value2member_map_
+                    else ErrorCode.INTERNAL
+                )
+                raise RemoteProtocolError(code, st.message.msg)
+            if isinstance(st.message, want):
+                return st  # type: ignore[return-value]
+        raise RemoteProtocolError(ErrorCode.TIMEOUT, "the seller did not answer")
+
+    def _dealer(self, seller: Statement) -> zmq.asyncio.Socket:
+        ad = seller.message
+        assert isinstance(ad, Advertise)
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        make_curve_client(sock, self.identity, seller.signer)
+        sock.connect(ad.ctl)
+        return sock
+
+    async def fetch(
+        self,
+        fp: bytes,
+        chain: list[bytes],
+        *,
+        params: int,
+        device: str = "cpu",
+        ns: bytes | None = None,
+        dtype: str | None = None,
+        max_price: int | None = None,
+    ) -> Bought:
+        """Buy the longest advertised prefix of `chain` into a tensor on `device`.
+
+        `params` is the buyer's own model size, from which it prices its own prefill and so
+        its highest bid (unless `max_price` is given). Raises Miss when nothing can be bought.
+        """
+        import torch
+
+        started = time.monotonic()
+        matched, ads = await self.lookup(fp, chain, ns=ns)
+        if not matched:
+            raise Miss("no provider advertises any block of this prefix")
+        layout = ads[0].message.layout  # type: ignore[union-attr]
+        tokens = matched * layout.block
+        bid = self.pricing.bid(params, layout, tokens) if max_price is None else max_price
+        faults: list[Fault] = []
+        deals: dict[bytes, tuple[Statement, Statement, zmq.asyncio.Socket]] = {}
+        request = QuoteRequest(
+            fp=fp,
+            blocks=tuple(chain[:matched]),
+            transports=available_transports(),
+            max_price=bid,
+            ns=ns,
+            dtype=dtype,
+        )
+
+        async def sources() -> AsyncIterator[Source]:
+            for ad in ads:
+                sock = self._dealer(ad)
+                try:
+                    quote = await self._ask(sock, ad, request, Quote)
+                    q = quote.message
+                    assert isinstance(q, Quote)
+                    if q.blocks != matched or (dtype is None and q.root != ad.message.root):
+                        raise RemoteProtocolError(
+                            ErrorCode.ROOT_MISMATCH, "the quote is not for the advertised content"
+                        )
+                    if q.price > bid:
+                        raise RemoteProtocolError(ErrorCode.PRICE_TOO_HIGH, f"{q.price} > {bid}")
+                    accept = self.signer.seal(
+                        Accept(quote=q.quote, price=q.price, root=q.root),
+                        now_ms=_now(),
+                        to=ad.signer_id,
+                    )
+                    await sock.send(accept)
+                    self.ledger.record_accept(quote, open_envelope(accept), _now(), limit=0)
+                except RemoteProtocolError as exc:
+                    faults.append(Fault(ad.signer_id, exc.code, exc.detail))
+                    sock.close()
+                    continue
+                deals[ad.signer_id] = (quote, open_envelope(accept), sock)
+                yield Source(
+                    ad.signer_id,
+                    q.transport,
+                    q.data,
+                    Expected.from_quote(q),
+                    self._transfer(q, ad.signer_id),
+                )
+
+        allocated: list[torch.Tensor] = []
+
+        def allocate(expected: Expected) -> torch.Tensor:
+            allocated.append(torch.empty(expected.deliver, dtype=torch.uint8, device=device))
+            return allocated[0]
+
+        try:
+            fetched = await fetch(sources(), allocate, timeout_s=self.timeout_s, faults=faults)
+            seller = fetched.providers[-1]
+            quote, _, sock = deals[seller]
+            q = quote.message
+            assert isinstance(q, Quote)
+            receipt = self.signer.seal(
+                Receipt(quote=q.quote, seller=seller, root=q.root, bytes=q.deliver, price=q.price),
+                now_ms=_now(),
+                to=seller,
+            )
+            await sock.send(receipt)
+            self.ledger.record_receipt(open_envelope(receipt), _now())
+        except FetchMiss as miss:
+            await self._report(miss.faults)
+            raise Miss("every provider failed", miss.faults) from None
+        finally:
+            for *_, sock in deals.values():
+                sock.close(linger=2000)  # the receipt must leave before the socket goes
+        await self._report(fetched.faults)
+        return Bought(
+            tensor=allocated[0],
+            layout=q.layout,
+            blocks=q.blocks,
+            tokens=q.blocks * q.layout.block,
+            bytes=q.deliver,
+            price=q.price,
+            saved_flops=prefill_flops(params, q.layout, q.blocks * q.layout.block),
+            seller=seller,
+            faults=fetched.faults,
+            seconds=time.monotonic() - started,
+        )
+
+    def _transfer(self, quote: Quote, seller: bytes):
+        def make(first: int) -> bytes:
+            return self.signer.seal(
+                Transfer(quote=quote.quote, token=quote.token, first=first),
+                now_ms=_now(),
+                to=seller,
+            )
+
+        return make
+
+    async def _report(self, faults: tuple[Fault, ...] | list[Fault]) -> None:
+        for fault in faults:
+            with contextlib.suppress(AdminError):
+                await self._admin("report", peer=fault.provider, code=int(fault.code))
+
+
+def _now() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class SyncPeerClient:
+    """The same client for code without an event loop: each call runs on a private loop."""
+
+    def __init__(self, data_dir: str | Path, **kwargs: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._client = PeerClient(data_dir, **kwargs)
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self._loop.run_until_complete(coro)
+
+    def publish(self, **kwargs: Any) -> bytes:
+        return self._run(self._client.publish(**kwargs))
+
+    def lookup(self, fp: bytes, chain: list[bytes], **kwargs: Any) -> tuple[int, list[Statement]]:
+        return self._run(self._client.lookup(fp, chain, **kwargs))
+
+    def fetch(self, fp: bytes, chain: list[bytes], **kwargs: Any) -> Bought:
+        return self._run(self._client.fetch(fp, chain, **kwargs))
+
+    def close(self) -> None:
+        self._run(self._client.close())
+        self._loop.close()

@@ -1,0 +1,211 @@
+"""The seller's side of a sale (spec §10): quotes, counter-offers, deals and receipts.
+
+Compatibility is settled before any byte moves: an unknown fingerprint, a chain it holds
+nothing of, a dtype it cannot convert to, a price below its floor, a buyer over its
+credit — each is refused with its code at QUOTE_REQUEST time.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, replace
+
+from kvx.protocol import (
+    Accept,
+    ErrorCode,
+    KVLayout,
+    Quote,
+    QuoteRequest,
+    Receipt,
+    Reject,
+    RemoteProtocolError,
+    chunk_hashes,
+    content_root,
+    node_id,
+)
+from kvx.transport import Expected, Offer, Sessions, choose_transport
+from kvx.trust import Ledger, Memberships, Policy, Signer, Statement, open_envelope
+
+from ._pricing import PricePolicy
+from ._store import Entry, LocalStore
+
+CONVERTIBLE = ("float32", "float16", "bfloat16")
+QUOTE_TTL_MS = 30_000
+MAX_COUNTERS = 3
+
+
+def _fail(code: ErrorCode, detail: str) -> RemoteProtocolError:
+    return RemoteProtocolError(code, detail)
+
+
+def convert(data: bytes, src: str, dst: str) -> bytes:
+    """KV bytes from one float type to another (the conversions a quote may name)."""
+    import torch  # only a seller that converts needs it
+
+    tensor = torch.frombuffer(bytearray(data), dtype=getattr(torch, src))
+    return tensor.to(getattr(torch, dst)).view(torch.uint8).numpy().tobytes()
+
+
+@dataclass
+class _Pending:
+    quote: Statement
+    buyer: bytes  # the buyer's public key
+    entry: Entry
+    layout: KVLayout  # as delivered
+    lowest: int
+    counters: int = 0
+
+
+class Market:
+    def __init__(
+        self,
+        *,
+        signer: Signer,
+        store: LocalStore,
+        ledger: Ledger,
+        sessions: Sessions,
+        policy: Policy,
+        memberships: Memberships,
+        pricing: PricePolicy,
+        data: dict[str, str],  # transport -> data address
+    ) -> None:
+        self.signer = signer
+        self.store = store
+        self.ledger = ledger
+        self.sessions = sessions
+        self.policy = policy
+        self.memberships = memberships
+        self.pricing = pricing
+        self.data = data
+        self._pending: dict[bytes, _Pending] = {}
+
+    def quote_request(self, st: Statement, now_ms: int) -> bytes:
+        """Answer a QUOTE_REQUEST with a signed QUOTE frame, or raise why not."""
+        req = st.message
+        assert isinstance(req, QuoteRequest)
+        buyer = st.signer_id
+        if req.ns is not None:
+            self.policy.check_namespace(buyer, req.ns, publish=False)
+            self.memberships.require(buyer, req.ns, time.time())
+        matched, entry = self.store.best_match(req.fp, req.ns, req.blocks)
+        if entry is None:
+            if not any(e.fp == req.fp for e in self.store.entries()):
+                raise _fail(ErrorCode.FINGERPRINT_MISMATCH, "no KV held for that fingerprint")
+            raise _fail(ErrorCode.NOT_FOUND, "no block of that chain is held here")
+        layout = entry.layout
+        if req.dtype is not None and req.dtype != layout.dtype:
+            if req.dtype not in CONVERTIBLE or layout.dtype not in CONVERTIBLE:
+                raise _fail(
+                    ErrorCode.UNSUPPORTED_CONVERSION,
+                    f"{layout.dtype} cannot be delivered as {req.dtype}",
+                )
+            layout = replace(layout, dtype=req.dtype)
+        transport = choose_transport(req.transports, self.data)
+        tokens = matched * layout.block
+        ask = self.pricing.ask(entry.params, layout, tokens, layout.payload_bytes(matched))
+        lowest = self.pricing.lowest(ask)
+        if req.max_price < lowest:
+            raise _fail(ErrorCode.PRICE_TOO_HIGH, f"the lowest price is {lowest}")
+        price = min(ask, req.max_price)
+        self.ledger.check_credit(buyer, price, self.policy.credit_limit_for(buyer))
+        root = entry.root if layout == entry.layout else self._converted(entry, layout)[1]
+        quote = Quote(
+            re=st.header.seq,
+            quote=secrets.token_bytes(16),
+            blocks=matched,
+            stored=len(entry.blocks),
+            layout=layout,
+            root=root,
+            chunk=entry.chunk,
+            price=price,
+            transport=transport,
+            data=self.data[transport],
+            token=secrets.token_bytes(32),
+        )
+        return self._offer(quote, st.signer, entry, lowest, now_ms)
+
+    def _offer(
+        self, quote: Quote, buyer: bytes, entry: Entry, lowest: int, now_ms: int, counters: int = 0
+    ) -> bytes:
+        frame = self.signer.seal(quote, now_ms=now_ms, to=node_id(buyer), ttl_ms=QUOTE_TTL_MS)
+        self._pending[quote.quote] = _Pending(
+            open_envelope(frame), buyer, entry, quote.layout, lowest, counters
+        )
+        self.sessions.expect(quote.token)
+        return frame
+
+    def _converted(self, entry: Entry, layout: KVLayout) -> tuple[bytes, bytes, list[bytes]]:
+        data = convert(self.store.get(entry.root).data, entry.layout.dtype, layout.dtype)
+        hashes = chunk_hashes(data, entry.chunk)
+        return data, content_root(len(data), entry.chunk, hashes), hashes
+
+    def _pending_for(self, st: Statement, quote_id: bytes, now_ms: int) -> _Pending:
+        pending = self._pending.get(quote_id)
+        if pending is None or pending.quote.header.exp < now_ms:
+            raise _fail(ErrorCode.UNKNOWN_QUOTE, "no live quote has that id")
+        if pending.buyer != st.signer:
+            raise _fail(ErrorCode.UNKNOWN_QUOTE, "that quote was made to someone else")
+        return pending
+
+    def accept(self, st: Statement, now_ms: int) -> None:
+        """Record the deal atomically with the credit check, then open the stream to it."""
+        accept = st.message
+        assert isinstance(accept, Accept)
+        pending = self._pending_for(st, accept.quote, now_ms)
+        quote = pending.quote.message
+        assert isinstance(quote, Quote)
+        buyer = st.signer_id
+        self.ledger.record_accept(pending.quote, st, now_ms, self.policy.credit_limit_for(buyer))
+        del self._pending[accept.quote]
+        if pending.layout == pending.entry.layout:
+            payload = self.store.get(pending.entry.root)  # verified as it is read
+            data, hashes = payload.data, list(payload.hashes)
+        else:
+            data, _, hashes = self._converted(pending.entry, pending.layout)
+        self.sessions.authorize(
+            Offer.build(
+                quote=quote.quote,
+                token=quote.token,
+                buyer=st.signer,
+                payload=data,
+                hashes=hashes,
+                expected=Expected.from_quote(quote),
+                expires_ms=pending.quote.header.exp + 60_000,
+            )
+        )
+
+    def reject(self, st: Statement, now_ms: int) -> bytes | None:
+        """A counter-offer at or above our floor gets a new QUOTE; anything else ends it."""
+        reject = st.message
+        assert isinstance(reject, Reject)
+        pending = self._pending_for(st, reject.quote, now_ms)
+        old = pending.quote.message
+        assert isinstance(old, Quote)
+        del self._pending[reject.quote]
+        self.sessions.forget(old.token)
+        if reject.counter is None:
+            return None
+        if pending.counters >= MAX_COUNTERS or reject.counter < pending.lowest:
+            raise _fail(ErrorCode.PRICE_TOO_HIGH, f"the lowest price is {pending.lowest}")
+        quote = replace(
+            old,
+            re=st.header.seq,
+            quote=secrets.token_bytes(16),
+            price=reject.counter,
+            token=secrets.token_bytes(32),
+        )
+        return self._offer(
+            quote, st.signer, pending.entry, pending.lowest, now_ms, pending.counters + 1
+        )
+
+    def receipt(self, st: Statement, now_ms: int) -> None:
+        assert isinstance(st.message, Receipt)
+        self.ledger.record_receipt(st, now_ms)
+
+    def delivered(self, offer: Offer) -> None:
+        self.ledger.record_delivery(offer.quote, int(time.time() * 1000))
+
+    def expire(self, now_ms: int) -> None:
+        for quote_id in [q for q, p in self._pending.items() if p.quote.header.exp < now_ms]:
+            self.sessions.forget(self._pending.pop(quote_id).quote.message.token)
