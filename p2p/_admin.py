@@ -14,7 +14,7 @@ import zmq
 
 from kvx.protocol import ErrorCode, KvxError
 
-from ._config import ADMIN_SOCKET
+from ._config import ADMIN_SOCKET, INFO_FILE
 
 
 class AdminError(KvxError):
@@ -34,7 +34,7 @@ def unpack(data: bytes) -> Any:
 def admin_call(data_dir: str | Path, op: str, timeout_s: float = 10.0, **args: Any) -> dict:
     """One request to the node running in `data_dir`; raises AdminError on its refusal."""
     path = Path(data_dir).resolve() / ADMIN_SOCKET
-    if not path.exists():
+    if not (path.parent / INFO_FILE).exists():  # written while, and only while, it serves
         raise AdminError(int(ErrorCode.UNAVAILABLE), f"no node is running in {data_dir}")
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.REQ)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
@@ -24,11 +25,17 @@ from kvx.protocol import (
     DEFAULT_CHUNK_BYTES,
     Accept,
     Advertise,
+    DataAddress,
     Error,
     ErrorCode,
+    Hello,
     KVLayout,
     KvxError,
+    Membership,
     Message,
+    Namespace,
+    NamespaceProof,
+    Peers,
     Quote,
     QuoteRequest,
     Receipt,
@@ -48,7 +55,7 @@ from kvx.trust import (
 )
 
 from ._admin import AdminError
-from ._config import ADMIN_SOCKET, KEY_FILE, LEDGER_FILE, NodeConfig
+from ._config import ADMIN_SOCKET, INFO_FILE, KEY_FILE, LEDGER_FILE, NodeConfig
 from ._pricing import PricePolicy, prefill_flops
 
 if TYPE_CHECKING:
@@ -241,7 +248,7 @@ class PeerClient:
         *,
         params: int,
         device: str = "cpu",
-        ns: bytes | None = None,
+        namespace: Namespace | None = None,
         dtype: str | None = None,
         max_price: int | None = None,
         timeout_s: float | None = None,
@@ -256,6 +263,7 @@ class PeerClient:
 
         started = time.monotonic()
         timeout = self.timeout_s if timeout_s is None else timeout_s
+        ns = None if namespace is None else namespace.id
         matched, ads = await self.lookup(fp, chain, ns=ns)
         if not matched:
             raise Miss("no provider advertises any block of this prefix")
@@ -277,6 +285,8 @@ class PeerClient:
             for ad in ads:
                 sock = self._dealer(ad)
                 try:
+                    if namespace is not None and namespace.secret is not None:
+                        await self._prove(sock, ad, namespace, timeout)
                     quote = await self._ask(sock, ad, request, Quote, timeout)
                     q = quote.message
                     assert isinstance(q, Quote)
@@ -344,6 +354,27 @@ class PeerClient:
             faults=fetched.faults,
             seconds=time.monotonic() - started,
         )
+
+    async def _prove(
+        self, sock: zmq.asyncio.Socket, seller: Statement, namespace: Namespace, timeout: float
+    ) -> None:
+        """Open a session with the seller and prove membership of a private namespace (§7.6)."""
+        info = json.loads((self.data_dir / INFO_FILE).read_text())  # we speak for our node
+        hello = Hello(
+            ctl=info["ctl"],
+            data=tuple(DataAddress(**d) for d in info["data"]),
+            inc=info["incarnation"],
+        )
+        peers = (await self._ask(sock, seller, hello, Peers, timeout)).message
+        assert isinstance(peers, Peers)
+        if peers.challenge is None:
+            raise RemoteProtocolError(ErrorCode.NOT_A_MEMBER, "the seller gave no challenge")
+        assert namespace.id is not None
+        mac = namespace.proof(self.identity.node_id, seller.signer_id, peers.challenge)
+        proof = Membership(
+            challenge=peers.challenge, proofs=(NamespaceProof(ns=namespace.id, mac=mac),)
+        )
+        await sock.send(self.signer.seal(proof, now_ms=_now(), to=seller.signer_id))
 
     def _transfer(self, quote: Quote, seller: bytes):
         def make(first: int) -> bytes:

@@ -35,6 +35,7 @@ class _Tombstone:
     frame: bytes  # the WITHDRAW statement, relayed like an advertisement
     withdraw_id: AdId
     until_ms: int
+    ns: bytes | None  # that of the withdrawn advertisement, when it was known
 
 
 class AdIndex:
@@ -73,19 +74,23 @@ class AdIndex:
             self._by_block.setdefault(block, set()).add(ad_id)
         return True
 
-    def withdraw(self, statement: Statement) -> bool:
-        """Apply a verified WITHDRAW; it is kept until the advertisement would have expired."""
+    def withdraw(self, statement: Statement) -> tuple[bool, bytes | None]:
+        """Apply a verified WITHDRAW, kept until the advertisement would have expired.
+
+        Returns whether it was new, and the withdrawn advertisement's namespace if known.
+        """
         message = statement.message
         assert isinstance(message, Withdraw)
         target = (statement.signer, message.ad)
         withdraw_id = (statement.signer, statement.header.seq)
         if target in self._tombstones:
-            return False
+            return False, self._tombstones[target].ns
         removed = self._remove(target)
         until = max(statement.header.exp, removed.exp_ms if removed else 0)
-        self._tombstones[target] = _Tombstone(statement.frame, withdraw_id, until)
+        ns = removed.message.ns if removed else None
+        self._tombstones[target] = _Tombstone(statement.frame, withdraw_id, until, ns)
         self._withdrawals.add(withdraw_id)
-        return True
+        return True, ns
 
     def _remove(self, ad_id: AdId) -> Advert | None:
         advert = self._ads.pop(ad_id, None)
@@ -135,11 +140,20 @@ class AdIndex:
         ids = list(self._ads) + [t.withdraw_id for t in self._tombstones.values()]
         return tuple(DigestEntry(key=k, seq=s) for k, s in ids[:4096])
 
-    def missing_from(self, have: Iterable[DigestEntry]) -> list[bytes]:
-        """Frames of what we hold that a peer's digest does not list."""
+    def missing_from(
+        self, have: Iterable[DigestEntry], may_see: Callable[[bytes | None], bool]
+    ) -> list[bytes]:
+        """Frames of what we hold that a peer's digest does not list and that it may see
+        (`may_see(ns)`: private namespaces go to proven members only)."""
         theirs = {(e.key, e.seq) for e in have}
-        frames = [a.frame for a in self._ads.values() if a.id not in theirs]
-        frames += [t.frame for t in self._tombstones.values() if t.withdraw_id not in theirs]
+        frames = [
+            a.frame for a in self._ads.values() if a.id not in theirs and may_see(a.message.ns)
+        ]
+        frames += [
+            t.frame
+            for t in self._tombstones.values()
+            if t.withdraw_id not in theirs and may_see(t.ns)
+        ]
         return frames
 
     def lacks_any(self, have: Iterable[DigestEntry]) -> bool:

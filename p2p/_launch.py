@@ -27,13 +27,16 @@ FAST = {  # timers short enough for tests, long enough for a loaded 2-core machi
 class NodeProcess:
     """One `kvx node` process with its own data dir and generated node.toml."""
 
-    def __init__(self, data_dir: Path, bootstrap: list[Path] = (), **node: object) -> None:
+    def __init__(
+        self, data_dir: Path, bootstrap: list[Path] = (), *, tables: str = "", **node: object
+    ) -> None:
         self.dir = data_dir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.bootstrap = [str(b) for b in bootstrap]
         settings = {**FAST, **node, "data_dir": ".", "bootstrap": self.bootstrap}
         lines = ["[node]"] + [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
-        (self.dir / "node.toml").write_text("\n".join(lines) + "\n")
+        # `tables`: more TOML after [node], such as [policy] or [[namespace]].
+        (self.dir / "node.toml").write_text("\n".join(lines) + "\n" + tables)
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> NodeProcess:

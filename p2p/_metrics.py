@@ -10,6 +10,8 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.peers = Gauge("kvx_peers", "Peers in the table, by state", ["state"], registry=r)
+        for state in ("alive", "suspect", "dead"):
+            self.peers.labels(state).set(0)  # zero is a reading, not a missing series
         self.ads = Gauge("kvx_ads_known", "Advertisements in the index", registry=r)
         self.hits = Counter("kvx_lookup_hits", "LOOKUPs that matched a prefix", registry=r)
         self.misses = Counter("kvx_lookup_misses", "LOOKUPs that matched nothing", registry=r)

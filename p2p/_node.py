@@ -62,7 +62,7 @@ from kvx.trust import (
 )
 
 from ._admin import pack, unpack
-from ._config import INFO_FILE, LEDGER_FILE, SCORES_FILE, STORE_DIR, NodeConfig
+from ._config import ADMIN_SOCKET, INFO_FILE, LEDGER_FILE, SCORES_FILE, STORE_DIR, NodeConfig
 from ._index import AdIndex, Advert
 from ._market import Market
 from ._peers import Peer, PeerTable, State
@@ -259,6 +259,7 @@ class Node:
                 sock.close(linger=0)
         self._auth.stop()
         self._ctx.term()
+        (self.config.data_dir / ADMIN_SOCKET).unlink(missing_ok=True)
         self.store.close()
         self.ledger.close()
         self.scores.close()
@@ -316,11 +317,19 @@ class Node:
             self.metrics.sent.labels(mtype.name).inc()
             self.metrics.bytes_out.inc(len(frame))
 
-    async def _push(self, frame: bytes, mtype: MessageType, exclude: set[bytes]) -> None:
-        """Gossip a relayable statement to `fanout` live peers."""
-        targets = [p.key for p in self.peers.alive() if p.key not in exclude]
+    async def _push(
+        self, frame: bytes, mtype: MessageType, exclude: set[bytes], ns: bytes | None
+    ) -> None:
+        """Gossip a relayable statement to `fanout` live peers that may see its namespace."""
+        targets = [
+            p.key for p in self.peers.alive() if p.key not in exclude and self._may_see(p.key, ns)
+        ]
         for key in random.sample(targets, min(self.config.fanout, len(targets))):
             await self._send_frame(key, frame, mtype)
+
+    def _may_see(self, key: bytes, ns: bytes | None) -> bool:
+        """Private advertisements go only to peers that proved the namespace (spec §7.6)."""
+        return self.memberships.is_member(node_id(key), ns, time.time())
 
     def _hello(self) -> Hello:
         return Hello(ctl=self.ctl, data=self.data, inc=self.incarnation, agent="kvx/0.1")
@@ -474,17 +483,18 @@ class Node:
             self.peers.add_candidate(
                 Peer(st.signer, ad.ctl, 0, State.SUSPECT, 0.0), time.monotonic()
             )
-        await self._push(st.frame, MessageType.ADVERTISE, {relayer, st.signer})
+        await self._push(st.frame, MessageType.ADVERTISE, {relayer, st.signer}, ad.ns)
 
     async def _on_withdraw(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
-        if self.index.withdraw(st):
+        new, ns = self.index.withdraw(st)
+        if new:
             self.metrics.ads.set(len(self.index))
-            await self._push(st.frame, MessageType.WITHDRAW, {relayer, st.signer})
+            await self._push(st.frame, MessageType.WITHDRAW, {relayer, st.signer}, ns)
 
     async def _on_digest(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
         digest = st.message
         assert isinstance(digest, Digest)
-        for frame in self.index.missing_from(digest.have):
+        for frame in self.index.missing_from(digest.have, lambda ns: self._may_see(st.signer, ns)):
             await self._send_frame(st.signer, frame, MessageType.ADVERTISE)
         if self.index.lacks_any(digest.have):
             await self._send(st.signer, Digest(have=self.index.digest()))
@@ -588,7 +598,7 @@ class Node:
         self.event(
             "ad_published", root=entry.root.hex()[:16], seq=st.header.seq, blocks=len(entry.blocks)
         )
-        await self._push(frame, MessageType.ADVERTISE, set())
+        await self._push(frame, MessageType.ADVERTISE, set(), entry.ns)
 
     async def _withdraw(self, root: bytes) -> None:
         st = self._own.pop(root, None)
@@ -599,7 +609,7 @@ class Node:
         )
         self.index.withdraw(open_envelope(frame))
         self.metrics.ads.set(len(self.index))
-        await self._push(frame, MessageType.WITHDRAW, set())
+        await self._push(frame, MessageType.WITHDRAW, set(), st.message.ns)
 
     async def publish(
         self,

@@ -63,7 +63,8 @@ def test_duplicates_withdrawals_and_expiry():
     first = ad(P, 3, price=1, seq=1, exp=500)
     assert index.add(first) and not index.add(first)
     withdraw = open_envelope(seal(P, Withdraw(ad=1), Header(iat=0, exp=100, seq=2)))
-    assert index.withdraw(withdraw) and not index.withdraw(withdraw)
+    assert index.withdraw(withdraw) == (True, None)
+    assert index.withdraw(withdraw) == (False, None)
     assert len(index) == 0 and not index.add(first)  # a late copy is not re-admitted
     assert index.holds((P.public_key, 2))
     index.add(ad(Q, 3, price=1, seq=3, exp=50))
@@ -77,6 +78,7 @@ def test_digests_tell_what_each_side_lacks():
     a1, a2 = ad(P, 1, 1, seq=1), ad(Q, 1, 1, seq=2)
     ours.add(a1)
     theirs.add(a2)
-    assert ours.missing_from(theirs.digest()) == [a1.frame]
+    assert ours.missing_from(theirs.digest(), lambda ns: True) == [a1.frame]
+    assert ours.missing_from(theirs.digest(), lambda ns: False) == []
     assert ours.lacks_any(theirs.digest())
     assert not ours.lacks_any([DigestEntry(P.public_key, 1)])

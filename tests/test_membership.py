@@ -62,7 +62,9 @@ def test_a_proof_is_bound_to_the_session():
     bob, alice = node(BOB, TEAM), node(ALICE, TEAM)
     old = bob.challenge(ALICE, now=0)
     stale = alice.prove(BOB, old)
-    bob.challenge(ALICE, now=1)  # a new session
+    assert bob.challenge(ALICE, now=1) == old  # heartbeats keep the session's challenge
+    bob.forget(ALICE)  # the connection closed: the session is over
+    assert bob.challenge(ALICE, now=1) != old
     assert code(bob.accept, ALICE, stale, 2) == ErrorCode.NOT_A_MEMBER
     fresh = alice.prove(BOB, bob.challenge(ALICE, now=3))
     bob.accept(ALICE, fresh, now=4)

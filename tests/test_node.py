@@ -116,3 +116,42 @@ def test_a_corrupted_stored_payload_is_not_advertised_after_restart(tmp_path):
     assert roots(node) == {good}
     assert "store_dropped" in (node.dir / "node.log").read_text()
     node.stop()
+
+
+def test_metrics_endpoint_and_cli_tables_of_a_running_node(tmp_path):
+    import subprocess
+    import sys
+    import urllib.request
+    from pathlib import Path
+
+    node = NodeProcess(tmp_path / "solo", metrics_port=0).start()
+    info = node.wait_ready()
+    node.call("publish", **doc("metered"))
+    node.call("lookup", fp=FP, blocks=doc("metered")["blocks"], limit=1)
+    node.call("lookup", fp=FP, blocks=doc("absent")["blocks"], limit=1)
+    with urllib.request.urlopen(info["metrics"], timeout=5) as response:  # 127.0.0.1 only
+        text = response.read().decode()
+    assert "kvx_ads_known 1.0" in text
+    assert "kvx_lookup_hits_total 1.0" in text and "kvx_lookup_misses_total 1.0" in text
+    assert 'kvx_peers{state="alive"}' in text
+    kvx = Path(sys.executable).with_name("kvx")
+    for verb, expect in (
+        ("status", info["node_id"][:16]),
+        ("peers", "peers"),
+        ("ads", "advertisements"),
+    ):
+        out = subprocess.run(
+            [str(kvx), verb, "--data-dir", str(node.dir)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert out.returncode == 0 and expect in out.stdout, out.stderr
+    node.stop()
+    gone = subprocess.run(
+        [str(kvx), "status", "--data-dir", str(node.dir)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert gone.returncode == 2 and "no node is running" in gone.stderr

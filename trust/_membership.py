@@ -36,10 +36,16 @@ class Memberships:
         self._sessions: dict[bytes, _Session] = {}
 
     def challenge(self, peer: bytes, now: float) -> bytes:
-        """A fresh challenge for `peer`; earlier proofs from it stop counting."""
-        value = secrets.token_bytes(16)
-        self._sessions[peer] = _Session(value, now)
-        return value
+        """The challenge of `peer`'s session, opening a new session if none is live.
+
+        One challenge per session, not per HELLO: heartbeats must not void a proof that
+        was just made, or a request could race the proof it relies on.
+        """
+        session = self._sessions.get(peer)
+        if session is None or now - session.issued > self.ttl_s:
+            session = _Session(secrets.token_bytes(16), now)
+            self._sessions[peer] = session
+        return session.challenge
 
     def forget(self, peer: bytes) -> None:
         """The session with `peer` ended (it disconnected or was declared dead)."""
@@ -79,10 +85,16 @@ class Memberships:
         session.proven |= proven
         return frozenset(proven)
 
+    def is_member(self, peer: bytes, ns_id: bytes | None, now: float) -> bool:
+        """Whether `peer` may see `ns_id`: always for the public namespace."""
+        if ns_id is None:
+            return True
+        session = self._sessions.get(peer)
+        return (
+            session is not None and now - session.issued <= self.ttl_s and ns_id in session.proven
+        )
+
     def require(self, peer: bytes, ns_id: bytes | None, now: float) -> None:
         """Raise NOT_A_MEMBER unless `peer` proved `ns_id` in its live session."""
-        if ns_id is None:
-            return
-        session = self._sessions.get(peer)
-        if session is None or now - session.issued > self.ttl_s or ns_id not in session.proven:
+        if not self.is_member(peer, ns_id, now):
             raise _not_member("no valid membership proof for this namespace")

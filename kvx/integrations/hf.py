@@ -164,7 +164,7 @@ async def fetch_prefix(
     if not chain:
         raise Miss("the prompt is shorter than one block plus a token")
     bought = await client.fetch(
-        fp.digest(), chain, params=model.num_parameters(), ns=ns.id, device=str(model.device)
+        fp.digest(), chain, params=model.num_parameters(), namespace=ns, device=str(model.device)
     )
     return unpack(bought.tensor, bought.layout, bought.blocks, model), bought
 
