@@ -55,6 +55,7 @@ class NodeConfig:
     data_host: str = "127.0.0.1"
     bootstrap: tuple[Bootstrap, ...] = ()
     metrics_port: int | None = 0  # 0: any free port; None: no metrics endpoint
+    ucx: bool = False  # also serve KV over UCX (needs the 'ucx' extra)
     heartbeat_s: float = 1.0
     probes_per_heartbeat: int = 2
     suspect_after_s: float = 5.0
@@ -101,6 +102,7 @@ def load_node_config(path: str | os.PathLike[str]) -> NodeConfig:
         data_dir=(config.path.parent / Path(data_dir).expanduser()),
         listen=sec.take("listen", str, d.listen),
         data_host=sec.take("data_host", str, d.data_host),
+        ucx=sec.take("ucx", bool, d.ucx),
         bootstrap=tuple(boots),
         metrics_port=None if metrics == -1 else metrics,
         heartbeat_s=sec.take("heartbeat_s", float, d.heartbeat_s, positive),

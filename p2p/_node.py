@@ -201,6 +201,17 @@ class Node:
         )
         await self.tcp.start(cfg.data_host)
         self.data = (DataAddress(t="tcp", addr=self.tcp.address),)
+        if cfg.ucx:
+            from kvx.transport._ucx import UcxDataServer  # the optional 'ucx' extra
+
+            self.ucx = UcxDataServer(
+                self.sessions,
+                self.inbox,
+                self.signer,
+                on_delivered=lambda o: self.market.delivered(o),
+            )
+            await self.ucx.start(cfg.data_host)
+            self.data = (DataAddress(t="ucx", addr=self.ucx.address), *self.data)
         self.market = Market(
             signer=self.signer,
             store=self.store,
@@ -250,6 +261,8 @@ class Node:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if hasattr(self, "tcp"):
             await self.tcp.close()
+        if hasattr(self, "ucx"):
+            await self.ucx.close()
         for sock in [
             *self._dealers.values(),
             getattr(self, "router", None),

@@ -143,3 +143,35 @@ def test_the_sync_client_buys_and_reports_a_price_too_high(seller, tmp_path):
     finally:
         client.close()
         agent_node.stop()
+
+
+def test_a_seller_serving_ucx_delivers_over_ucx(tmp_path):
+    pytest.importorskip("ucxx", reason="ucxx is not installed (extra 'ucx')")
+    seller = NodeProcess(tmp_path / "ucx-seller", ucx=True).start()
+    seller.wait_ready()
+    seller.call(
+        "publish",
+        fp=FP,
+        layout=LAYOUT.__dict__,
+        blocks=CHAIN,
+        chunk=1 << 16,
+        payload=bytes(range(256)) * (LAYOUT.payload_bytes(3) // 256),
+        params=PARAMS,
+    )
+    assert [d["t"] for d in seller.info["data"]] == ["ucx", "tcp"]
+    peer = TestPeer(seller, Identity.generate())
+    both = QuoteRequest(fp=FP, blocks=tuple(CHAIN), transports=("ucx", "tcp"), max_price=10**12)
+    quote = ask((peer, Signer(peer.identity)), both)
+    peer.close()
+    assert isinstance(quote, Quote) and quote.transport == "ucx"
+    agent = NodeProcess(tmp_path / "agent", [seller.dir / "node.json"]).start()
+    agent.wait_ready()
+    client = SyncPeerClient(agent.dir)
+    try:
+        eventually(lambda: client.lookup(FP, CHAIN)[0] == 3)
+        bought = client.fetch(FP, CHAIN, params=PARAMS)
+        assert bytes(bought.tensor.numpy()) == bytes(range(256)) * (LAYOUT.payload_bytes(3) // 256)
+    finally:
+        client.close()
+        agent.stop()
+        seller.stop()
