@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import secrets
 import sys
 from datetime import UTC, datetime
@@ -137,6 +138,36 @@ def _ads(args: argparse.Namespace, out: Console) -> None:
     _table("advertisements", rows, ["signer", "seq", "root", "blocks", "price", "ns"], out)
 
 
+def _conformance(args: argparse.Namespace, out: Console) -> int:
+    from kvx.conformance import dry_run, publish_fixture, report, run_live, run_vectors
+
+    if args.dry_run:
+        dry_run(out)
+        return 0
+    if args.publish_fixture:
+        out.print(publish_fixture(args.publish_fixture).hex())
+        return 0
+    if args.vectors_only:
+        if not args.adapter:
+            raise ConfigError("--vectors-only needs --adapter COMMAND")
+        results = run_vectors(args.adapter)
+    else:
+        if not (args.target and args.target_key):
+            raise ConfigError("give --target tcp://HOST:PORT and --target-key PUBKEYHEX")
+        try:
+            key = bytes.fromhex(args.target_key)
+        except ValueError:
+            key = b""
+        if len(key) != 32:
+            raise ConfigError("--target-key is the target's Ed25519 public key, 64 hex digits")
+        results = run_live(args.target, key, args.only or None)
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps({"strict": args.strict, "cases": results}, indent=1) + "\n"
+        )
+    return report(results, args.strict, out)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvx", description="A peer-to-peer exchange for KV caches.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -169,6 +200,25 @@ def parser() -> argparse.ArgumentParser:
         help="PUBKEYHEX@tcp://HOST:PORT or a peer's node.json (repeatable)",
     )
     node.set_defaults(run=_node)
+    conf = sub.add_parser("conformance", help="test a node (or a codec) against the spec")
+    conf.add_argument("--target", help="the node's control address, tcp://HOST:PORT")
+    conf.add_argument("--target-key", help="the node's Ed25519 public key (hex)")
+    conf.add_argument("--json", help="write every case's result to this file")
+    conf.add_argument("--strict", action="store_true", help="SHOULD cases count too")
+    conf.add_argument("--only", action="append", help="run only this case id (repeatable)")
+    conf.add_argument("--dry-run", action="store_true", help="list the cases and stop")
+    conf.add_argument(
+        "--vectors-only",
+        action="store_true",
+        help="check a codec through --adapter instead of a live node",
+    )
+    conf.add_argument("--adapter", help="the adapter command (spec/README.md)")
+    conf.add_argument(
+        "--publish-fixture",
+        metavar="DATA_DIR",
+        help="load the conformance fixture into the kvx node in DATA_DIR",
+    )
+    conf.set_defaults(run=_conformance)
     for name, run, text in (
         ("status", _status, "a running node's state"),
         ("peers", _peers, "a running node's peer table"),
@@ -183,11 +233,11 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        args.run(args, Console(soft_wrap=True))
+        code = args.run(args, Console(soft_wrap=True))
     except KvxError as exc:
         print(f"kvx: error: {exc}", file=sys.stderr)
         return 2
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

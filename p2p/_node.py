@@ -20,6 +20,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import msgpack
 import zmq
 import zmq.asyncio
 
@@ -59,6 +60,7 @@ from kvx.trust import (
     open_envelope,
     peer_curve_key,
     start_authenticator,
+    verify_envelope,
 )
 
 from ._admin import pack, unpack
@@ -74,6 +76,15 @@ log = logging.getLogger("kvx.node")
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def _seq_of(body: bytes) -> int | None:
+    """The seq of a body that failed its checks, if it can be read at all (for `re`)."""
+    with contextlib.suppress(Exception):
+        seq = msgpack.unpackb(body, raw=False, max_ext_len=0).get("seq")
+        if type(seq) is int and 0 <= seq < 2**64:
+            return seq
+    return None
 
 
 class _Bucket:
@@ -421,12 +432,21 @@ class Node:
         if key is not None and event is not None:
             self.scores.record(node_id(key), event, time.time())
         self.event("rejected", code=exc.code.name, detail=exc.detail[:120])
-        try:  # answer only a frame whose signer we can name (spec §6.5)
-            st = open_envelope(frame)
+        # Answer (spec §6.5) only a direct frame whose signature verified and whose signer
+        # is this connection's peer: anyone else is nobody we can address.
+        try:
+            raw = verify_envelope(frame)
         except RemoteProtocolError:
             return
-        if st.type not in (MessageType.ADVERTISE, MessageType.WITHDRAW, MessageType.ERROR):
-            await self._answer_error(st, routing, exc)
+        if (
+            routing is None
+            or curve_public_key(raw.signer) != curve
+            or raw.type in (MessageType.ADVERTISE, MessageType.WITHDRAW, MessageType.ERROR)
+        ):
+            return
+        error = Error(code=int(exc.code), msg=exc.detail[:256], re=_seq_of(raw.body))
+        reply = self.signer.seal(error, now_ms=now_ms(), to=node_id(raw.signer))
+        await self._reply_frame(routing, reply, MessageType.ERROR)
 
     async def _answer_error(
         self, st: Statement, routing: bytes | None, exc: RemoteProtocolError
@@ -507,10 +527,17 @@ class Node:
     async def _on_digest(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
         digest = st.message
         assert isinstance(digest, Digest)
+        # Answer on the connection the DIGEST came on: the asker may not listen itself.
         for frame in self.index.missing_from(digest.have, lambda ns: self._may_see(st.signer, ns)):
-            await self._send_frame(st.signer, frame, MessageType.ADVERTISE)
+            if routing is not None:
+                await self._reply_frame(routing, frame, MessageType.ADVERTISE)
+            else:
+                await self._send_frame(st.signer, frame, MessageType.ADVERTISE)
         if self.index.lacks_any(digest.have):
-            await self._send(st.signer, Digest(have=self.index.digest()))
+            if routing is not None:
+                await self._reply(routing, st, Digest(have=self.index.digest()))
+            else:
+                await self._send(st.signer, Digest(have=self.index.digest()))
 
     async def _on_lookup(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
         lookup = st.message

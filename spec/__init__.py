@@ -1,5 +1,22 @@
-"""kvx.conformance: the spec's test vectors and their generator (the black-box suite follows)."""
+"""kvx.conformance: the spec's test vectors, their generator, and the black-box suite that
+tests any implementation over the network (or its codec through an adapter)."""
 
+from ._cases import CASES, FIXTURE_CHAIN, FIXTURE_FP, FIXTURE_LAYOUT, FIXTURE_PAYLOAD, Case
+from ._runner import dry_run, publish_fixture, report, run_live, run_vectors
 from ._wire_json import from_json, to_json
 
-__all__ = ["from_json", "to_json"]
+__all__ = [
+    "CASES",
+    "FIXTURE_CHAIN",
+    "FIXTURE_FP",
+    "FIXTURE_LAYOUT",
+    "FIXTURE_PAYLOAD",
+    "Case",
+    "dry_run",
+    "from_json",
+    "publish_fixture",
+    "report",
+    "run_live",
+    "run_vectors",
+    "to_json",
+]

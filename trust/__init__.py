@@ -5,7 +5,15 @@ replay guard, the encrypted control channel, namespaces, policy, peer scores, th
 from ._atrest import AtRestCipher
 from ._config import ConfigFile, read_secret, write_private
 from ._curve import make_curve_client, make_curve_server, peer_curve_key, start_authenticator
-from ._envelope import DEFAULT_TTL_MS, Inbox, Signer, Statement, open_envelope, seal
+from ._envelope import (
+    DEFAULT_TTL_MS,
+    Inbox,
+    Signer,
+    Statement,
+    open_envelope,
+    seal,
+    verify_envelope,
+)
 from ._freshness import ReplayGuard
 from ._identity import KEY_FILE_TAG, Identity, curve_public_key
 from ._ledger import AuditEntry, Ledger
@@ -40,5 +48,6 @@ __all__ = [
     "read_secret",
     "seal",
     "start_authenticator",
+    "verify_envelope",
     "write_private",
 ]

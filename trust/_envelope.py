@@ -14,6 +14,7 @@ from kvx.protocol import (
     Header,
     Message,
     MessageType,
+    RawEnvelope,
     RemoteProtocolError,
     decode_body,
     encode_body,
@@ -55,14 +56,20 @@ def seal(identity: Identity, message: Message, header: Header) -> bytes:
     return encode_envelope(message.TYPE, body, identity.public_key, signature)
 
 
-def open_envelope(frame: bytes) -> Statement:
-    """Parse and verify a frame, then decode its body; raises only RemoteProtocolError."""
+def verify_envelope(frame: bytes) -> RawEnvelope:
+    """Parse a frame and verify its signature, without decoding the body (§6.4 steps 1-7)."""
     raw = parse_envelope(frame)
     try:
         VerifyKey(raw.signer).verify(signing_input(raw.type, raw.body), raw.signature)
     except (CryptoError, ValueError, TypeError):
         # ValueError/TypeError: a signer that is no valid curve point.
         raise RemoteProtocolError(ErrorCode.BAD_SIGNATURE, "signature does not verify") from None
+    return raw
+
+
+def open_envelope(frame: bytes) -> Statement:
+    """Parse and verify a frame, then decode its body; raises only RemoteProtocolError."""
+    raw = verify_envelope(frame)
     header, message = decode_body(raw.type, raw.body)
     return Statement(header, message, raw.signer, frame)
 
