@@ -28,7 +28,13 @@ class NodeProcess:
     """One `kvx node` process with its own data dir and generated node.toml."""
 
     def __init__(
-        self, data_dir: Path, bootstrap: list[Path] = (), *, tables: str = "", **node: object
+        self,
+        data_dir: Path,
+        bootstrap: list[Path] = (),
+        *,
+        tables: str = "",
+        prefix: tuple[str, ...] = (),
+        **node: object,
     ) -> None:
         self.dir = data_dir
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -37,13 +43,22 @@ class NodeProcess:
         lines = ["[node]"] + [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
         # `tables`: more TOML after [node], such as [policy] or [[namespace]].
         (self.dir / "node.toml").write_text("\n".join(lines) + "\n" + tables)
+        self.prefix = prefix  # e.g. ("ip", "netns", "exec", NAME): run it on another host
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> NodeProcess:
         (self.dir / "node.json").unlink(missing_ok=True)
         with open(self.dir / "node.log", "ab") as log:  # the child keeps its own copy
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "kvx.cli", "node", "--config", str(self.dir / "node.toml")],
+                [
+                    *self.prefix,
+                    sys.executable,
+                    "-m",
+                    "kvx.cli",
+                    "node",
+                    "--config",
+                    str(self.dir / "node.toml"),
+                ],
                 stdout=log,
                 stderr=log,
             )

@@ -26,6 +26,7 @@ import zmq.asyncio
 
 from kvx.protocol import (
     MAX_FRAME_BYTES,
+    RELAYABLE,
     Advertise,
     DataAddress,
     Digest,
@@ -146,6 +147,7 @@ class Node:
         self.data: tuple[DataAddress, ...] = ()
         self._own: dict[bytes, Statement] = {}  # content root -> our ADVERTISE
         self._dealers: dict[bytes, zmq.asyncio.Socket] = {}
+        self._readers: dict[bytes, asyncio.Future[None]] = {}
         self._buckets: dict[bytes, _Bucket] = {}
         self._curve_to_key: dict[bytes, bytes] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -289,11 +291,12 @@ class Node:
         self.scores.close()
         self.event("stopped")
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
+    def _spawn(self, coro: Awaitable[None]) -> asyncio.Future[None]:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         task.add_done_callback(self._crashed)
+        return task
 
     def _crashed(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
@@ -320,11 +323,14 @@ class Node:
             sock.sndhwm = 1000
             sock.connect(ctl)
             self._dealers[key] = sock
-            self._spawn(self._receive(sock, key))
+            self._readers[key] = self._spawn(self._receive(sock, key))
         return sock
 
     def _drop_dealer(self, key: bytes) -> None:
         sock = self._dealers.pop(key, None)
+        reader = self._readers.pop(key, None)
+        if reader is not None:
+            reader.cancel()  # before the socket goes, or its pending recv fails the node
         if sock is not None:
             sock.close(linger=0)
 
@@ -363,8 +369,13 @@ class Node:
     async def _receive(self, sock: zmq.asyncio.Socket, server_key: bytes | None) -> None:
         """Read one socket forever: the ROUTER (server_key None) or a DEALER to a peer."""
         expected_curve = None if server_key is None else curve_public_key(server_key)
-        while True:
-            parts = await sock.recv_multipart(copy=False)
+        while not sock.closed:  # a dropped dealer's reader ends here, even from within
+            try:
+                parts = await sock.recv_multipart(copy=False)
+            except zmq.ZMQError:
+                if sock.closed:
+                    return
+                raise
             if server_key is None:
                 if len(parts) != 2:
                     self.metrics.rejections.labels(ErrorCode.MALFORMED.name).inc()
@@ -405,7 +416,11 @@ class Node:
             await self._answer_error(st, routing, exc)
             return
         self.metrics.received.labels(st.type.name).inc()
-        self.peers.alive_again(st.signer, time.monotonic())
+        if st.type not in RELAYABLE and self.peers.alive_again(st.signer, time.monotonic()):
+            # Only a statement the peer itself sent proves it lives (a relayed ad does not).
+            self.event("peer_back", peer=signer_id.hex()[:12])
+            self._drop_dealer(st.signer)
+            await self._send(st.signer, Digest(have=self.index.digest()))
         relayer = self._curve_to_key.get(curve, b"")
         handler = self._handlers.get(st.type)
         try:

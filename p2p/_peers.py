@@ -1,9 +1,11 @@
 """Membership as a sans-I/O table: who the peers are, and whether they are alive.
 
 SWIM-style: a node probes the peers it has heard from least recently, counts any valid
-message as a sign of life, marks a silent peer suspect, and only after a longer silence
-dead. A peer that comes back with a higher incarnation (it restarted) is alive again.
-The table is bounded; times are passed in.
+statement from a peer as a sign of life, marks a silent peer suspect, and only after a
+longer silence dead. Dead peers are still probed now and then, so that a healed
+partition joins up again: a statement signed by the peer itself is proof that it lives.
+A higher incarnation says the peer restarted (its address may have changed). The table
+is bounded; times are passed in.
 """
 
 from __future__ import annotations
@@ -63,18 +65,19 @@ class PeerTable:
                 return False
             self._peers[key] = Peer(key, ctl, inc, State.ALIVE, now)
             return True
-        back = peer.state == State.DEAD and inc > peer.inc
-        if peer.state == State.DEAD and not back:
-            return False  # a dead peer comes back only with a new incarnation
+        back = peer.state == State.DEAD or inc > peer.inc  # healed, or restarted
         peer.ctl, peer.inc = ctl, max(peer.inc, inc)
         peer.state, peer.last_heard = State.ALIVE, now
         return back
 
-    def alive_again(self, key: bytes, now: float) -> None:
-        """Any valid message from a known, not-dead peer refutes suspicion."""
+    def alive_again(self, key: bytes, now: float) -> bool:
+        """A valid statement signed by a known peer: it lives. True if it had been dead."""
         peer = self._peers.get(key)
-        if peer is not None and peer.state != State.DEAD:
-            peer.state, peer.last_heard = State.ALIVE, now
+        if peer is None:
+            return False
+        was_dead = peer.state == State.DEAD
+        peer.state, peer.last_heard = State.ALIVE, now
+        return was_dead
 
     def learn(self, entries: list[PeerEntry]) -> list[Peer]:
         """Peers named by someone else (peer exchange): candidates to contact, not yet alive."""
@@ -115,9 +118,11 @@ class PeerTable:
         return suspect, dead
 
     def to_probe(self, n: int, now: float) -> list[Peer]:
-        """The `n` live or suspect peers probed least recently."""
+        """The `n` live or suspect peers probed least recently, and one dead peer."""
         live = [p for p in self._peers.values() if p.state != State.DEAD]
+        dead = [p for p in self._peers.values() if p.state == State.DEAD]
         chosen = sorted(live, key=lambda p: p.last_probed)[:n]
+        chosen += sorted(dead, key=lambda p: p.last_probed)[:1]  # is the partition over?
         for peer in chosen:
             peer.last_probed = now
         return chosen

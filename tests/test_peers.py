@@ -23,16 +23,16 @@ def test_silence_makes_a_peer_suspect_then_dead():
     assert [p.key for p in dead] == [A]
 
 
-def test_a_dead_peer_returns_only_with_a_new_incarnation():
+def test_a_dead_peer_that_speaks_again_is_alive_and_a_restart_is_noticed():
     t = table()
     t.heard_from(A, "tcp://a", 1, now=0)
     t.tick(3)
     t.tick(6)
     assert t.get(A).state == State.DEAD
-    assert not t.heard_from(A, "tcp://a", 1, now=7)  # an old message, still dead
-    t.alive_again(A, 7)
-    assert t.get(A).state == State.DEAD
-    assert t.heard_from(A, "tcp://a2", 2, now=8)  # restarted: back, at its new address
+    assert t.alive_again(A, 7)  # a healed partition: its own statement proves it lives
+    assert t.get(A).state == State.ALIVE
+    assert not t.heard_from(A, "tcp://a", 1, now=8)  # same incarnation: nothing new
+    assert t.heard_from(A, "tcp://a2", 2, now=9)  # restarted, at a new address
     assert (t.get(A).state, t.get(A).ctl) == (State.ALIVE, "tcp://a2")
 
 
@@ -49,13 +49,18 @@ def test_the_table_is_bounded_and_dead_peers_make_room():
     assert C not in t
 
 
-def test_probes_go_to_the_longest_unprobed_and_never_to_the_dead():
+def test_probes_go_to_the_longest_unprobed_and_one_dead_peer_a_round():
     t = table()
-    for key in (A, B):
+    for key in (A, B, C):
         t.heard_from(key, "tcp://x", 1, now=0)
-    first = {p.key for p in t.to_probe(1, now=1)}
-    second = {p.key for p in t.to_probe(1, now=2)}
-    assert first | second == {A, B}
+    t.alive_again(A, 3)
+    t.alive_again(B, 3)
+    t.tick(4)
+    t.tick(6)  # C is dead
+    first = {p.key for p in t.to_probe(1, now=7)}
+    second = {p.key for p in t.to_probe(1, now=8)}
+    assert C in first and C in second  # one dead peer a round, to notice a healed link
+    assert (first | second) - {C} == {A, B}
 
 
 def test_peer_exchange_learns_only_new_live_peers_and_never_itself():
