@@ -44,6 +44,7 @@ from kvx.protocol import (
 )
 from kvx.transport import Expected, Fault, FetchMiss, Source, available_transports, fetch
 from kvx.trust import (
+    Event,
     Identity,
     Inbox,
     Ledger,
@@ -387,9 +388,31 @@ class PeerClient:
         return make
 
     async def _report(self, faults: tuple[Fault, ...] | list[Fault]) -> None:
+        """Tell our node what each provider did wrong, so that it scores them."""
         for fault in faults:
-            with contextlib.suppress(AdminError):
-                await self._admin("report", peer=fault.provider, code=int(fault.code))
+            event = blame(fault.code)
+            if event is not None:
+                with contextlib.suppress(AdminError):
+                    await self._admin("report", peer=fault.provider, event=event.name)
+
+
+def blame(code: ErrorCode) -> Event | None:
+    """What a failure says about the provider. A refusal of *our* request (a price, our
+    credit, a replay of ours, our membership) is no fault of theirs; a provider that
+    advertised a chain and then does not hold it is."""
+    if code in (ErrorCode.NOT_FOUND, ErrorCode.FINGERPRINT_MISMATCH):
+        return Event.UNSERVABLE_AD
+    if code in (
+        ErrorCode.CHUNK_HASH_MISMATCH,
+        ErrorCode.ROOT_MISMATCH,
+        ErrorCode.SIZE_MISMATCH,
+        ErrorCode.STREAM_TRUNCATED,
+        ErrorCode.TIMEOUT,
+        ErrorCode.UNAVAILABLE,
+        ErrorCode.BAD_SIGNATURE,
+    ):
+        return Event.for_code(code) or Event.TIMEOUT
+    return None
 
 
 def _now() -> int:

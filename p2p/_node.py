@@ -774,6 +774,7 @@ class Node:
                         "state": p.state.name.lower(),
                         "inc": p.inc,
                         "score": round(self.scores.score(node_id(p.key), now), 2),
+                        "banned": self.scores.is_banned(node_id(p.key), now),
                     }
                     for p in self.peers.all()
                 ]
@@ -810,9 +811,7 @@ class Node:
             )
             return {"matched": matched, "ads": [a.frame for a in ads]}
         if op == "report":  # a local client's verdict on a provider it dealt with
-            event = Event.for_code(ErrorCode(req["code"]))
-            if event is not None:
-                self.scores.record(req["peer"], event, now)
+            self.scores.record(req["peer"], Event[req["event"]], now)
             return {}
         if op == "withdraw":
             await self._withdraw(req["root"])

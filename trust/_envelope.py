@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 
@@ -74,24 +75,41 @@ def open_envelope(frame: bytes) -> Statement:
     return Statement(header, message, raw.signer, frame)
 
 
-class Signer:
-    """Seals statements under one identity with strictly increasing sequence numbers.
+_COUNTERS: dict[bytes, list[int]] = {}
+_COUNTERS_LOCK = threading.Lock()
 
-    The counter starts at the wall clock in microseconds, so a node that restarts without
-    persisting its counter still never reuses a number (unless its clock steps back).
+
+class Signer:
+    """Seals statements under one identity with sequence numbers it never repeats.
+
+    Every Signer of one identity in this process draws from one shared counter, which
+    also keeps up with the wall clock in microseconds: so concurrent clients speaking for
+    one node never collide, a restarted process never reuses a number (unless its clock
+    steps back), and two processes of one identity collide only if they sign within the
+    same microsecond.
     """
 
     def __init__(self, identity: Identity, *, first_seq: int | None = None) -> None:
         self.identity = identity
-        self._next = time.time_ns() // 1000 if first_seq is None else first_seq
+        self._fixed = first_seq is not None  # tests pin the sequence
+        self._next = first_seq if first_seq is not None else 0
+
+    def _take_seq(self) -> int:
+        if self._fixed:
+            return self._next
+        with _COUNTERS_LOCK:
+            counter = _COUNTERS.setdefault(self.identity.public_key, [0])
+            counter[0] = max(counter[0] + 1, time.time_ns() // 1000)
+            return counter[0]
 
     def seal(
         self, message: Message, *, now_ms: int, to: bytes | None = None, ttl_ms: int | None = None
     ) -> bytes:
         ttl = min(DEFAULT_TTL_MS, max_lifetime_ms(message.TYPE)) if ttl_ms is None else ttl_ms
-        header = Header(iat=now_ms, exp=now_ms + ttl, seq=self._next, to=to)
+        header = Header(iat=now_ms, exp=now_ms + ttl, seq=self._take_seq(), to=to)
         frame = seal(self.identity, message, header)
-        self._next += 1
+        if self._fixed:
+            self._next += 1
         return frame
 
 
