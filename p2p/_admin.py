@@ -6,15 +6,21 @@ part of the peer protocol, and the data dir's 0700 mode is what guards it.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 import zmq
 
-from kvx.protocol import ErrorCode, KvxError
+from kvx.protocol import ErrorCode, KVLayout, KvxError, MessageType, RemoteProtocolError, node_id
+from kvx.trust import Event
 
 from ._config import ADMIN_SOCKET, INFO_FILE
+from ._peers import State
+
+if TYPE_CHECKING:
+    from ._node import Node
 
 
 class AdminError(KvxError):
@@ -54,3 +60,76 @@ def admin_call(data_dir: str | Path, op: str, timeout_s: float = 10.0, **args: A
     if not reply.get("ok"):
         raise AdminError(reply.get("code", int(ErrorCode.INTERNAL)), reply.get("error", "failed"))
     return reply
+
+
+async def answer(node: Node, req: dict) -> dict:
+    """The node's answer to one local admin request (the ops the CLI and clients use)."""
+    op = req.get("op")
+    now = time.time()
+    if op == "status":
+        return {
+            "node_id": node.id.hex(),
+            "ctl": node.ctl,
+            "data": [d.addr for d in node.data],
+            "incarnation": node.incarnation,
+            "peers": {s.name.lower(): sum(p.state == s for p in node.peers.all()) for s in State},
+            "ads": len(node.index),
+            "stored": len(node.store.entries()),
+            "sent": {
+                t.name: node.metrics.value("kvx_messages_sent_total", type=t.name)
+                for t in MessageType
+            },
+        }
+    if op == "peers":
+        return {
+            "peers": [
+                {
+                    "node_id": node_id(p.key).hex(),
+                    "key": p.key.hex(),
+                    "ctl": p.ctl,
+                    "state": p.state.name.lower(),
+                    "inc": p.inc,
+                    "score": round(node.scores.score(node_id(p.key), now), 2),
+                    "banned": node.scores.is_banned(node_id(p.key), now),
+                }
+                for p in node.peers.all()
+            ]
+        }
+    if op == "ads":
+        return {
+            "ads": [
+                {
+                    "signer": node_id(a.signer).hex(),
+                    "seq": a.seq,
+                    "root": a.message.root.hex(),
+                    "blocks": len(a.message.blocks),
+                    "price": a.message.price,
+                    "ns": a.message.ns.hex() if a.message.ns else None,
+                    "exp_ms": a.exp_ms,
+                }
+                for a in node.index.ads()
+            ]
+        }
+    if op == "publish":
+        entry = await node.publish(
+            fp=req["fp"],
+            ns=req.get("ns"),
+            layout=KVLayout(**req["layout"]),
+            blocks=tuple(req["blocks"]),
+            payload=req["payload"],
+            chunk=req["chunk"],
+            params=req.get("params", 0),
+        )
+        return {"root": entry.root}
+    if op == "lookup":
+        matched, ads = node.lookup(
+            req["fp"], req.get("ns"), tuple(req["blocks"]), req.get("limit", 8), asker=node.id
+        )
+        return {"matched": matched, "ads": [a.frame for a in ads]}
+    if op == "report":  # a local client's verdict on a provider it dealt with
+        node.scores.record(req["peer"], Event[req["event"]], now)
+        return {}
+    if op == "withdraw":
+        await node.withdraw(req["root"])
+        return {}
+    raise RemoteProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"unknown admin op {op!r}")

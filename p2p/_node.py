@@ -64,7 +64,7 @@ from kvx.trust import (
     verify_envelope,
 )
 
-from ._admin import pack, unpack
+from ._admin import answer, pack, unpack
 from ._config import ADMIN_SOCKET, INFO_FILE, LEDGER_FILE, SCORES_FILE, STORE_DIR, NodeConfig
 from ._index import AdIndex, Advert
 from ._market import Market
@@ -655,7 +655,8 @@ class Node:
         )
         await self._push(frame, MessageType.ADVERTISE, set(), entry.ns)
 
-    async def _withdraw(self, root: bytes) -> None:
+    async def withdraw(self, root: bytes) -> None:
+        """Withdraw our advertisement of a payload (evicted, or on request)."""
         st = self._own.pop(root, None)
         if st is None:
             return
@@ -683,7 +684,7 @@ class Node:
             fp=fp, ns=ns, layout=layout, blocks=blocks, payload=payload, chunk=chunk, params=params
         )
         for old in evicted:
-            await self._withdraw(old.root)
+            await self.withdraw(old.root)
         await self._advertise(entry)
         return entry
 
@@ -738,85 +739,12 @@ class Node:
         while True:
             routing, _, request = await self.admin.recv_multipart()
             try:
-                reply = {"ok": True, **await self._admin(unpack(request))}
+                reply = {"ok": True, **await answer(self, unpack(request))}
             except RemoteProtocolError as exc:
                 reply = {"ok": False, "code": int(exc.code), "error": exc.detail}
             except Exception as exc:  # a bad local request must not stop the node
                 reply = {"ok": False, "code": int(ErrorCode.INTERNAL), "error": repr(exc)}
             await self.admin.send_multipart([routing, b"", pack(reply)])
-
-    async def _admin(self, req: dict) -> dict:
-        op = req.get("op")
-        now = time.time()
-        if op == "status":
-            return {
-                "node_id": self.id.hex(),
-                "ctl": self.ctl,
-                "data": [d.addr for d in self.data],
-                "incarnation": self.incarnation,
-                "peers": {
-                    s.name.lower(): sum(p.state == s for p in self.peers.all()) for s in State
-                },
-                "ads": len(self.index),
-                "stored": len(self.store.entries()),
-                "sent": {
-                    t.name: self.metrics.value("kvx_messages_sent_total", type=t.name)
-                    for t in MessageType
-                },
-            }
-        if op == "peers":
-            return {
-                "peers": [
-                    {
-                        "node_id": node_id(p.key).hex(),
-                        "key": p.key.hex(),
-                        "ctl": p.ctl,
-                        "state": p.state.name.lower(),
-                        "inc": p.inc,
-                        "score": round(self.scores.score(node_id(p.key), now), 2),
-                        "banned": self.scores.is_banned(node_id(p.key), now),
-                    }
-                    for p in self.peers.all()
-                ]
-            }
-        if op == "ads":
-            return {
-                "ads": [
-                    {
-                        "signer": node_id(a.signer).hex(),
-                        "seq": a.seq,
-                        "root": a.message.root.hex(),
-                        "blocks": len(a.message.blocks),
-                        "price": a.message.price,
-                        "ns": a.message.ns.hex() if a.message.ns else None,
-                        "exp_ms": a.exp_ms,
-                    }
-                    for a in self.index.ads()
-                ]
-            }
-        if op == "publish":
-            entry = await self.publish(
-                fp=req["fp"],
-                ns=req.get("ns"),
-                layout=KVLayout(**req["layout"]),
-                blocks=tuple(req["blocks"]),
-                payload=req["payload"],
-                chunk=req["chunk"],
-                params=req.get("params", 0),
-            )
-            return {"root": entry.root}
-        if op == "lookup":
-            matched, ads = self.lookup(
-                req["fp"], req.get("ns"), tuple(req["blocks"]), req.get("limit", 8), asker=self.id
-            )
-            return {"matched": matched, "ads": [a.frame for a in ads]}
-        if op == "report":  # a local client's verdict on a provider it dealt with
-            self.scores.record(req["peer"], Event[req["event"]], now)
-            return {}
-        if op == "withdraw":
-            await self._withdraw(req["root"])
-            return {}
-        raise RemoteProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"unknown admin op {op!r}")
 
 
 def run_node(config: NodeConfig) -> None:
