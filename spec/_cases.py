@@ -127,7 +127,7 @@ def _(s: Session) -> None:
         raise Failed("no challenge in PEERS")
 
 
-def _advert(s: Session, blocks: list[bytes]) -> tuple[bytes, Advertise]:
+def _advert(s: Session, blocks: list[bytes]) -> bytes:
     ad = Advertise(
         fp=FIXTURE_FP,
         layout=FIXTURE_LAYOUT,
@@ -138,7 +138,7 @@ def _advert(s: Session, blocks: list[bytes]) -> tuple[bytes, Advertise]:
         ctl="tcp://127.0.0.1:9",
         data=(DataAddress("tcp", "127.0.0.1:9"),),
     )
-    return s.frame(ad, exp=now_ms() + 600_000), ad
+    return s.frame(ad, exp=now_ms() + 600_000)
 
 
 def _own_chain(s: Session) -> list[bytes]:
@@ -148,7 +148,7 @@ def _own_chain(s: Session) -> list[bytes]:
 @case("8.6/1", "MUST", "an ADVERTISE gossiped to the target comes back in answer to a DIGEST")
 def _(s: Session) -> None:
     s.hello()
-    frame, _ = _advert(s, _own_chain(s))
+    frame = _advert(s, _own_chain(s))
     s.send(frame)
     time.sleep(0.3)
     s.send(s.frame(Digest(have=())))
@@ -160,7 +160,7 @@ def _(s: Session) -> None:
 def _(s: Session) -> None:
     s.hello()
     chain = _own_chain(s)
-    frame, _ = _advert(s, chain)
+    frame = _advert(s, chain)
     s.send(frame)
     time.sleep(0.3)
     ask = s.frame(Lookup(fp=FIXTURE_FP, blocks=(chain[0], chain[1], bytes(32)), limit=4))
