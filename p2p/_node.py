@@ -112,7 +112,8 @@ class Node:
 
         self.config = config
         data = config.data_dir
-        data.mkdir(parents=True, exist_ok=True, mode=0o700)
+        data.mkdir(parents=True, exist_ok=True)
+        data.chmod(0o700)  # the ledger, the store and the admin socket are this node's alone
         if not config.key_file.exists():
             Identity.generate().save(config.key_file)
         self.identity = Identity.load(config.key_file)
