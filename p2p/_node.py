@@ -40,6 +40,7 @@ from kvx.protocol import (
     Message,
     MessageType,
     Peers,
+    RawEnvelope,
     RemoteProtocolError,
     Withdraw,
     node_id,
@@ -405,7 +406,7 @@ class Node:
             await self._rejected(frame, curve, routing, exc)
             return
         signer_id = st.signer_id
-        if st.type not in (MessageType.ADVERTISE, MessageType.WITHDRAW):
+        if st.type not in RELAYABLE:
             self._curve_to_key[curve] = st.signer
         if self.scores.is_banned(signer_id, time.time()):
             self.metrics.rejections.labels(ErrorCode.DENIED.name).inc()
@@ -439,38 +440,40 @@ class Node:
     ) -> None:
         self.metrics.rejections.labels(exc.code.name).inc()
         key = self._curve_to_key.get(curve)
-        if exc.code == ErrorCode.REPLAYED:
-            with contextlib.suppress(RemoteProtocolError):
-                st = open_envelope(frame)
-                if st.type in (MessageType.ADVERTISE, MessageType.WITHDRAW) and st.signer != key:
-                    return  # gossip relayed it twice: nobody's fault (spec §6.3)
+        try:  # the signer, if the frame got as far as a verified signature (§6.4 step 7)
+            raw: RawEnvelope | None = verify_envelope(frame)
+        except RemoteProtocolError:
+            raw = None
+        if exc.code == ErrorCode.REPLAYED and raw and raw.type in RELAYABLE and raw.signer != key:
+            return  # gossip relayed it twice: nobody's fault (spec §6.3)
         event = Event.for_code(exc.code)
         if key is not None and event is not None:
             self.scores.record(node_id(key), event, time.time())
         self.event("rejected", code=exc.code.name, detail=exc.detail[:120])
-        # Answer (spec §6.5) only a direct frame whose signature verified and whose signer
-        # is this connection's peer: anyone else is nobody we can address.
-        try:
-            raw = verify_envelope(frame)
-        except RemoteProtocolError:
-            return
-        if (
-            routing is None
-            or curve_public_key(raw.signer) != curve
-            or raw.type in (MessageType.ADVERTISE, MessageType.WITHDRAW, MessageType.ERROR)
-        ):
-            return
-        error = Error(code=int(exc.code), msg=exc.detail[:256], re=_seq_of(raw.body))
-        reply = self.signer.seal(error, now_ms=now_ms(), to=node_id(raw.signer))
-        await self._reply_frame(routing, reply, MessageType.ERROR)
+        # Answer (spec §6.5) only a direct frame whose signer is this connection's peer:
+        # anyone else is nobody we can address.
+        if raw is not None and curve_public_key(raw.signer) == curve:
+            await self._send_error(routing, raw.type, raw.signer, _seq_of(raw.body), exc)
 
     async def _answer_error(
         self, st: Statement, routing: bytes | None, exc: RemoteProtocolError
     ) -> None:
-        if st.type == MessageType.ERROR or routing is None:
+        await self._send_error(routing, st.type, st.signer, st.header.seq, exc)
+
+    async def _send_error(
+        self,
+        routing: bytes | None,
+        mtype: MessageType,
+        signer: bytes,
+        re: int | None,
+        exc: RemoteProtocolError,
+    ) -> None:
+        """ERROR back on the connection a direct statement came on; never for an ERROR."""
+        if routing is None or mtype in RELAYABLE or mtype == MessageType.ERROR:
             return
-        error = Error(code=int(exc.code), msg=exc.detail[:256], re=st.header.seq)
-        await self._reply(routing, st, error)
+        error = Error(code=int(exc.code), msg=exc.detail[:256], re=re)
+        reply = self.signer.seal(error, now_ms=now_ms(), to=node_id(signer))
+        await self._reply_frame(routing, reply, MessageType.ERROR)
 
     async def _reply(self, routing: bytes, st: Statement, message: Message) -> None:
         frame = self.signer.seal(message, now_ms=now_ms(), to=st.signer_id)
