@@ -79,6 +79,7 @@ class Market:
         self.pricing = pricing
         self.data = data
         self._pending: dict[bytes, _Pending] = {}
+        self._conversion: tuple[tuple[bytes, str], tuple[bytes, bytes, list[bytes]]] | None = None
 
     def quote_request(self, st: Statement, now_ms: int) -> bytes:
         """Answer a QUOTE_REQUEST with a signed QUOTE frame, or raise why not."""
@@ -136,9 +137,18 @@ class Market:
         return frame
 
     def _converted(self, entry: Entry, layout: KVLayout) -> tuple[bytes, bytes, list[bytes]]:
-        data = convert(self.store.get(entry.root).data, entry.layout.dtype, layout.dtype)
-        hashes = chunk_hashes(data, entry.chunk)
-        return data, content_root(len(data), entry.chunk, hashes), hashes
+        """(data, root, hashes) of a stored payload in another dtype.
+
+        The QUOTE needs the root and its ACCEPT the data: one slot keeps the latest
+        conversion so the pair converts and hashes once, and memory holds one payload at most.
+        """
+        key = (entry.root, layout.dtype)
+        if self._conversion is None or self._conversion[0] != key:
+            data = convert(self.store.get(entry.root).data, entry.layout.dtype, layout.dtype)
+            hashes = chunk_hashes(data, entry.chunk)
+            root = content_root(len(data), entry.chunk, hashes)
+            self._conversion = (key, (data, root, hashes))
+        return self._conversion[1]
 
     def _pending_for(self, st: Statement, quote_id: bytes, now_ms: int) -> _Pending:
         pending = self._pending.get(quote_id)

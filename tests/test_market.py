@@ -175,3 +175,20 @@ def test_a_seller_serving_ucx_delivers_over_ucx(tmp_path):
         client.close()
         agent.stop()
         seller.stop()
+
+
+def test_a_converted_purchase_delivers_the_converted_bytes(seller, tmp_path):
+    import torch
+
+    agent_node = NodeProcess(tmp_path / "agent", [seller.dir / "node.json"]).start()
+    agent_node.wait_ready()
+    client = SyncPeerClient(agent_node.dir)
+    try:
+        eventually(lambda: client.lookup(FP, CHAIN)[0] == 3)
+        bought = client.fetch(FP, CHAIN, params=PARAMS, dtype="float32")
+        stored = torch.zeros(LAYOUT.payload_bytes(3) // 2, dtype=torch.float16)  # the fixture
+        assert bought.layout.dtype == "float32"
+        assert torch.equal(bought.tensor.view(torch.float32), stored.to(torch.float32))
+    finally:
+        client.close()
+        agent_node.stop()
