@@ -37,6 +37,18 @@ def unpack(data: bytes) -> Any:
     return msgpack.unpackb(data, raw=False)
 
 
+def request(op: str, args: dict[str, Any]) -> bytes:
+    return pack({"op": op, **args})
+
+
+def result(data: bytes) -> dict:
+    """The node's reply, or AdminError with its code and reason."""
+    reply = unpack(data)
+    if not reply.get("ok"):
+        raise AdminError(reply.get("code", int(ErrorCode.INTERNAL)), reply.get("error", "failed"))
+    return reply
+
+
 def admin_call(data_dir: str | Path, op: str, timeout_s: float = 10.0, **args: Any) -> dict:
     """One request to the node running in `data_dir`; raises AdminError on its refusal."""
     path = Path(data_dir).resolve() / ADMIN_SOCKET
@@ -48,18 +60,16 @@ def admin_call(data_dir: str | Path, op: str, timeout_s: float = 10.0, **args: A
     sock.rcvtimeo = sock.sndtimeo = int(timeout_s * 1000)
     try:
         sock.connect(f"ipc://{path}")
-        sock.send(pack({"op": op, **args}))
+        sock.send(request(op, args))
         try:
-            reply = unpack(sock.recv())
+            data = sock.recv()
         except zmq.Again:
             raise AdminError(
                 int(ErrorCode.TIMEOUT), f"the node in {data_dir} did not answer"
             ) from None
     finally:
         sock.close()
-    if not reply.get("ok"):
-        raise AdminError(reply.get("code", int(ErrorCode.INTERNAL)), reply.get("error", "failed"))
-    return reply
+    return result(data)
 
 
 async def answer(node: Node, req: dict) -> dict:

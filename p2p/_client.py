@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import msgpack
 import zmq
 import zmq.asyncio
 
@@ -55,7 +54,7 @@ from kvx.trust import (
     open_envelope,
 )
 
-from ._admin import AdminError
+from ._admin import AdminError, request, result
 from ._config import ADMIN_SOCKET, INFO_FILE, KEY_FILE, LEDGER_FILE, NodeConfig
 from ._pricing import PricePolicy, prefill_flops
 
@@ -138,15 +137,12 @@ class PeerClient:
         sock.linger = 0
         try:
             sock.connect(f"ipc://{(self.data_dir / ADMIN_SOCKET).resolve()}")
-            await sock.send(msgpack.packb({"op": op, **args}, use_bin_type=True))
+            await sock.send(request(op, args))
             if not await sock.poll(int(self.timeout_s * 1000)):
                 raise AdminError(int(ErrorCode.TIMEOUT), f"no node answers in {self.data_dir}")
-            reply = msgpack.unpackb(await sock.recv(), raw=False)
+            return result(await sock.recv())
         finally:
             sock.close()
-        if not reply.get("ok"):
-            raise AdminError(reply.get("code", int(ErrorCode.INTERNAL)), reply.get("error", ""))
-        return reply
 
     @property
     def ledger(self) -> Ledger:
