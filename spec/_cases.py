@@ -37,7 +37,7 @@ from kvx.protocol import (
 from kvx.transport import Destination, Expected, StreamVerifier, fetch_tcp
 from kvx.trust import Identity, Statement
 
-from ._peer import Failed, Session, Skipped, now_ms
+from ._peer import HELLO, Failed, Session, Skipped, now_ms
 
 FIXTURE_LAYOUT = KVLayout(dtype="float16", layers=2, kv_heads=2, head_dim=8, block=16)
 FIXTURE_FP = blake3.blake3(b"kvx conformance fixture: fingerprint").digest()
@@ -71,7 +71,7 @@ def case(case_id: str, level: str, requirement: str):
 
 
 def hello(s: Session, **over) -> bytes:
-    return s.frame(Hello(ctl="tcp://127.0.0.1:9", data=(), inc=1), **over)
+    return s.frame(HELLO, **over)
 
 
 def seq_of(frame: bytes) -> int:
@@ -103,7 +103,7 @@ def answered_with(s: Session, frame: bytes, code: ErrorCode) -> None:
 
 def raw_hello(s: Session, **fields) -> bytes:
     """A correctly signed HELLO whose body fields are replaced by `fields`."""
-    body = msgpack.unpackb(encode_body(s.header(), Hello(ctl="tcp://127.0.0.1:9", data=(), inc=1)))
+    body = msgpack.unpackb(encode_body(s.header(), HELLO))
     body.update(fields)
     data = msgpack.packb(body, use_bin_type=True)
     hello_type = Hello.TYPE
@@ -348,7 +348,7 @@ def _(s: Session) -> None:
     other = Identity.generate()
     ignored(
         s,
-        s.frame(Hello(ctl="tcp://127.0.0.1:9", data=(), inc=1), signer=other),
+        s.frame(HELLO, signer=other),
         ErrorCode.SIGNER_MISMATCH,
     )
 

@@ -20,6 +20,8 @@ from kvx.trust import (
 )
 
 ANSWER_S = 3.0
+HELLO = Hello(ctl="tcp://127.0.0.1:9", data=(), inc=1)
+"""The suite introduces itself as a peer that listens nowhere: it only ever asks."""
 
 
 class Failed(Exception):
@@ -113,7 +115,7 @@ class Session:
 
     def hello(self) -> Statement:
         """Introduce ourselves (spec §8.2); the answer must be PEERS."""
-        frame = self.frame(Hello(ctl="tcp://127.0.0.1:9", data=(), inc=1))
+        frame = self.frame(HELLO)
         self.send(frame)
         answer = self.answer(open_envelope(frame).header.seq)
         if answer is None or not isinstance(answer.message, Peers):
