@@ -6,6 +6,7 @@ part of the peer protocol, and the data dir's 0700 mode is what guards it.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -89,6 +90,17 @@ async def answer(node: Node, req: dict) -> dict:
                 t.name: node.metrics.value("kvx_messages_sent_total", type=t.name)
                 for t in MessageType
             },
+            "internal_errors": sum(
+                s.value
+                for metric in node.metrics.internal_errors.collect()
+                for s in metric.samples
+                if s.name.endswith("_total")
+            ),
+            "held": node.held(),
+            "degraded": [
+                w for w in ("ledger", "scores") if node.metrics.value("kvx_degraded", what=w)
+            ],
+            "pid": os.getpid(),
         }
     if op == "peers":
         return {

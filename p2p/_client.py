@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator, Coroutine
@@ -90,11 +91,46 @@ class Bought:
     seconds: float
 
 
+MAX_FETCH_BYTES = 16 << 30
+"""The largest payload a client allocates unless told otherwise (spec §12.6)."""
+
+
+def check_quote(ad: Statement, quote: Quote, matched: int, dtype: str | None) -> None:
+    """Refuse a quote that is not for what its seller advertised, before anything is
+    allocated for it. Both are signed by the seller, so a mismatch is its fault alone."""
+    a = ad.message
+    assert isinstance(a, Advertise)
+    layout = a.layout if dtype is None else dataclasses.replace(a.layout, dtype=dtype)
+    problems = [
+        name
+        for name, ok in (
+            ("blocks", quote.blocks == matched),
+            ("stored", quote.stored == len(a.blocks)),
+            ("layout", quote.layout == layout),
+            ("chunk", quote.chunk == a.chunk),
+            ("root", dtype is not None or quote.root == a.root),
+            ("data", (quote.transport, quote.data) in {(d.t, d.addr) for d in a.data}),
+        )
+        if not ok
+    ]
+    if problems:
+        raise RemoteProtocolError(
+            ErrorCode.ROOT_MISMATCH,
+            f"the quote differs from the advertisement in {', '.join(problems)}",
+        )
+
+
 class PeerClient:
     def __init__(
-        self, data_dir: str | Path, *, pricing: PricePolicy | None = None, timeout_s: float = 30.0
+        self,
+        data_dir: str | Path,
+        *,
+        pricing: PricePolicy | None = None,
+        timeout_s: float = 30.0,
+        max_bytes: int = MAX_FETCH_BYTES,
     ) -> None:
         self.data_dir = Path(data_dir)
+        self.max_bytes = max_bytes
         self.identity = Identity.load(self.data_dir / KEY_FILE)
         self.signer = Signer(self.identity)
         self.inbox = Inbox(self.identity.node_id)
@@ -261,25 +297,28 @@ class PeerClient:
         started = time.monotonic()
         timeout = self.timeout_s if timeout_s is None else timeout_s
         ns = None if namespace is None else namespace.id
-        matched, ads = await self.lookup(fp, chain, ns=ns)
-        if not matched:
-            raise Miss("no provider advertises any block of this prefix")
-        layout = ads[0].message.layout  # type: ignore[union-attr]
-        tokens = matched * layout.block
-        bid = self.pricing.bid(params, layout, tokens) if max_price is None else max_price
+        matched, found = await self.lookup(fp, chain, ns=ns)
+        # An advertisement whose delivery would pass our bound is skipped, not bought.
+        ads = [ad for ad in found if ad.message.layout.payload_bytes(matched) <= self.max_bytes]
+        if not matched or not ads:
+            raise Miss("no provider advertises any block of this prefix within the size bound")
         faults: list[Fault] = []
         deals: dict[bytes, tuple[Statement, Statement, zmq.asyncio.Socket]] = {}
-        request = QuoteRequest(
-            fp=fp,
-            blocks=tuple(chain[:matched]),
-            transports=available_transports(),
-            max_price=bid,
-            ns=ns,
-            dtype=dtype,
-        )
+        paid: dict[bytes, bytes] = {}  # seller -> the last window receipt it was sent
 
         async def sources() -> AsyncIterator[Source]:
             for ad in ads:
+                layout = ad.message.layout
+                tokens = matched * layout.block
+                bid = self.pricing.bid(params, layout, tokens) if max_price is None else max_price
+                request = QuoteRequest(
+                    fp=fp,
+                    blocks=tuple(chain[:matched]),
+                    transports=available_transports(),
+                    max_price=bid,
+                    ns=ns,
+                    dtype=dtype,
+                )
                 sock = self._dealer(ad)
                 try:
                     if namespace is not None and namespace.secret is not None:
@@ -287,10 +326,7 @@ class PeerClient:
                     quote = await self._ask(sock, ad, request, Quote, timeout)
                     q = quote.message
                     assert isinstance(q, Quote)
-                    if q.blocks != matched or (dtype is None and q.root != ad.message.root):
-                        raise RemoteProtocolError(
-                            ErrorCode.ROOT_MISMATCH, "the quote is not for the advertised content"
-                        )
+                    check_quote(ad, q, matched, dtype)
                     if q.price > bid:
                         raise RemoteProtocolError(ErrorCode.PRICE_TOO_HIGH, f"{q.price} > {bid}")
                     accept = self.signer.seal(
@@ -311,12 +347,13 @@ class PeerClient:
                     q.data,
                     Expected.from_quote(q),
                     self._transfer(q, ad.signer_id),
+                    self._payer(q, ad.signer_id, paid),
                 )
 
         allocated: list[torch.Tensor] = []
 
         def allocate(expected: Expected) -> torch.Tensor:
-            allocated.append(torch.empty(expected.deliver, dtype=torch.uint8, device=device))
+            allocated[:] = [torch.empty(expected.deliver, dtype=torch.uint8, device=device)]
             return allocated[0]
 
         try:
@@ -338,6 +375,9 @@ class PeerClient:
         finally:
             for *_, sock in deals.values():
                 sock.close(linger=2000)  # the receipt must leave before the socket goes
+            for frame in paid.values():  # what we owe those that streamed part of it
+                with contextlib.suppress(RemoteProtocolError):
+                    self.ledger.record_receipt(open_envelope(frame), _now())
         await self._report(fetched.faults)
         return Bought(
             tensor=allocated[0],
@@ -372,6 +412,27 @@ class PeerClient:
             challenge=peers.challenge, proofs=(NamespaceProof(ns=namespace.id, mac=mac),)
         )
         await sock.send(self.signer.seal(proof, now_ms=_now(), to=seller.signer_id))
+
+    def _payer(self, quote: Quote, seller: bytes, paid: dict[bytes, bytes]):
+        """Seals the receipts that move a seller's payment window (§9.4)."""
+        expected = Expected.from_quote(quote)
+
+        def pay(size: int) -> bytes:
+            frame = self.signer.seal(
+                Receipt(
+                    quote=quote.quote,
+                    seller=seller,
+                    root=quote.root,
+                    bytes=size,
+                    price=expected.paid_price(size),
+                ),
+                now_ms=_now(),
+                to=seller,
+            )
+            paid[seller] = frame
+            return frame
+
+        return pay
 
     def _transfer(self, quote: Quote, seller: bytes):
         def make(first: int) -> bytes:

@@ -68,6 +68,22 @@ class NodeConfig:
     advert_ttl_s: float = 3600.0
     memory_bytes: int = 1 << 30
     disk_bytes: int = 16 << 30
+    # Budgets (spec §13.1): what one peer, and all of them, may make this node hold.
+    max_ads: int = 100_000
+    max_ad_bytes: int = 256 << 20
+    max_ads_per_signer: int = 4096
+    max_ad_bytes_per_signer: int = 16 << 20
+    replay_total: int = 262_144
+    replay_per_signer: int = 65_536
+    reconnect_s: float = 1.0  # first retry of an outgoing connection; doubles up to the max
+    reconnect_max_s: float = 30.0
+    data_connections: int = 256
+    data_streams: int = 8
+    data_streams_per_buyer: int = 2
+    data_header_s: float = 5.0
+    data_stall_s: float = 30.0
+    data_min_rate: int = 1 << 20
+    payment_window_bytes: int = 64 << 20
     policy: Policy = field(default_factory=Policy)
 
     @property
@@ -80,6 +96,26 @@ class NodeConfig:
 
     def with_args(self, **changes: object) -> NodeConfig:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+BUDGETS = (
+    "max_ads",
+    "max_ad_bytes",
+    "max_ads_per_signer",
+    "max_ad_bytes_per_signer",
+    "replay_total",
+    "replay_per_signer",
+    "reconnect_s",
+    "reconnect_max_s",
+    "data_connections",
+    "data_streams",
+    "data_streams_per_buyer",
+    "data_header_s",
+    "data_stall_s",
+    "data_min_rate",
+    "payment_window_bytes",
+)
+"""[node] keys that set a budget; each is a positive number."""
 
 
 def load_node_config(path: str | os.PathLike[str]) -> NodeConfig:
@@ -119,6 +155,10 @@ def load_node_config(path: str | os.PathLike[str]) -> NodeConfig:
         advert_ttl_s=sec.take("advert_ttl_s", float, d.advert_ttl_s, positive),
         memory_bytes=sec.take("memory_bytes", int, d.memory_bytes, positive),
         disk_bytes=sec.take("disk_bytes", int, d.disk_bytes, positive),
+        **{
+            name: sec.take(name, type(getattr(d, name)), getattr(d, name), positive)
+            for name in BUDGETS
+        },
         policy=load_policy(path),
     )
     sec.finish()

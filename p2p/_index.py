@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from kvx.protocol import Advertise, DigestEntry, Withdraw
+from kvx.protocol import Advertise, DigestEntry, ErrorCode, RemoteProtocolError, Withdraw
 from kvx.trust import Statement
 
 AdId = tuple[bytes, int]  # (signer public key, seq)
@@ -38,12 +38,28 @@ class _Tombstone:
     ns: bytes | None  # that of the withdrawn advertisement, when it was known
 
 
+@dataclass(frozen=True)
+class IndexBudget:
+    """What the index holds at most (spec §13.1): frames are kept whole, since relaying
+    needs the signed bytes, so bytes are budgeted per signer and in total."""
+
+    ads: int = 100_000
+    bytes: int = 256 << 20
+    ads_per_signer: int = 4096
+    bytes_per_signer: int = 16 << 20
+
+
 class AdIndex:
-    def __init__(self, max_ads: int = 100_000) -> None:
-        self.max_ads = max_ads
+    def __init__(self, budget: IndexBudget | None = None) -> None:
+        self.budget = budget if budget is not None else IndexBudget()
+        self.full = 0  # advertisements dropped because the whole index was full (a metric)
         self._ads: dict[AdId, Advert] = {}
         self._by_block: dict[bytes, set[AdId]] = {}
+        self._by_root: dict[tuple[bytes, bytes], AdId] = {}  # (signer, root) -> newest ad
+        self._held: dict[bytes, list[int]] = {}  # signer -> [ads, bytes] it holds here
+        self._bytes = 0
         self._tombstones: dict[AdId, _Tombstone] = {}
+        self._tombs_by: dict[bytes, int] = {}  # signer -> tombstones it holds here
         self._withdrawals: set[AdId] = set()
 
     def __len__(self) -> int:
@@ -60,19 +76,55 @@ class AdIndex:
         return ad_id in self._ads or ad_id in self._tombstones or ad_id in self._withdrawals
 
     def add(self, statement: Statement) -> bool:
-        """Index a verified ADVERTISE; False for a duplicate, a withdrawn one, or a full index."""
+        """Index a verified ADVERTISE; False for a duplicate, a withdrawn or superseded one,
+        or a full index (the node's problem, blamed on nobody).
+
+        A newer advertisement of the same content by the same signer replaces the older
+        (a refresh). Raises OVER_BUDGET when the signer holds its share already.
+        """
         ad = statement.message
         assert isinstance(ad, Advertise)
-        ad_id = (statement.signer, statement.header.seq)
-        if ad_id in self._ads or ad_id in self._tombstones or len(self._ads) >= self.max_ads:
+        signer, seq = statement.signer, statement.header.seq
+        ad_id = (signer, seq)
+        if ad_id in self._ads or ad_id in self._tombstones:
             return False
-        advert = Advert(
-            statement.signer, statement.header.seq, ad, statement.frame, statement.header.exp
-        )
+        older = self._by_root.get((signer, ad.root))
+        if older is not None and older[1] > seq:
+            return False  # a refresh already replaced this one
+        size = len(statement.frame)
+        held = self._held.get(signer, [0, 0])
+        freed = self._ads[older] if older is not None else None
+        ads = held[0] - (freed is not None)
+        used = held[1] - (len(freed.frame) if freed is not None else 0)
+        if ads >= self.budget.ads_per_signer or used + size > self.budget.bytes_per_signer:
+            raise RemoteProtocolError(
+                ErrorCode.OVER_BUDGET,
+                f"the signer holds {ads} ads, {used} bytes here already",
+            )
+        total = len(self._ads) - (freed is not None)
+        total_bytes = self._bytes - (len(freed.frame) if freed is not None else 0) + size
+        if total >= self.budget.ads or total_bytes > self.budget.bytes:
+            self.full += 1
+            return False
+        if older is not None:
+            self._remove(older)
+        advert = Advert(signer, seq, ad, statement.frame, statement.header.exp)
         self._ads[ad_id] = advert
+        self._by_root[(signer, ad.root)] = ad_id
+        held = self._held.setdefault(signer, [0, 0])
+        held[0] += 1
+        held[1] += size
+        self._bytes += size
         for block in ad.blocks:
             self._by_block.setdefault(block, set()).add(ad_id)
         return True
+
+    def signers(self) -> int:
+        return len(self._held)
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
 
     def withdraw(self, statement: Statement) -> tuple[bool, bytes | None]:
         """Apply a verified WITHDRAW, kept until the advertisement would have expired.
@@ -85,6 +137,10 @@ class AdIndex:
         withdraw_id = (statement.signer, statement.header.seq)
         if target in self._tombstones:
             return False, self._tombstones[target].ns
+        signer = statement.signer
+        if self._tombs_by.get(signer, 0) >= self.budget.ads_per_signer:
+            raise RemoteProtocolError(ErrorCode.OVER_BUDGET, "the signer holds its withdrawals")
+        self._tombs_by[signer] = self._tombs_by.get(signer, 0) + 1
         removed = self._remove(target)
         until = max(statement.header.exp, removed.exp_ms if removed else 0)
         ns = removed.message.ns if removed else None
@@ -95,6 +151,15 @@ class AdIndex:
     def _remove(self, ad_id: AdId) -> Advert | None:
         advert = self._ads.pop(ad_id, None)
         if advert is not None:
+            key = (advert.signer, advert.message.root)
+            if self._by_root.get(key) == ad_id:
+                del self._by_root[key]
+            held = self._held[advert.signer]
+            held[0] -= 1
+            held[1] -= len(advert.frame)
+            self._bytes -= len(advert.frame)
+            if not held[0]:
+                del self._held[advert.signer]
             for block in advert.message.blocks:
                 ids = self._by_block.get(block)
                 if ids is not None:
@@ -109,6 +174,11 @@ class AdIndex:
             self._remove(advert.id)
         for target in [t for t, s in self._tombstones.items() if s.until_ms < now_ms]:
             self._withdrawals.discard(self._tombstones.pop(target).withdraw_id)
+            left = self._tombs_by[target[0]] - 1
+            if left:
+                self._tombs_by[target[0]] = left
+            else:
+                del self._tombs_by[target[0]]
         return gone
 
     def lookup(
@@ -129,6 +199,8 @@ class AdIndex:
                 for a in (self._ads[i] for i in ids)
                 if a.message.fp == fp
                 and a.message.ns == ns
+                # The hash names a whole prefix, so it must stand at the same position.
+                and len(a.message.blocks) >= matched
                 and a.message.blocks[matched - 1] == chain[matched - 1]
                 and usable(a)
             ]
@@ -136,8 +208,11 @@ class AdIndex:
                 return matched, sorted(found, key=rank)[:limit]
         return 0, []
 
-    def digest(self) -> tuple[DigestEntry, ...]:
-        ids = list(self._ads) + [t.withdraw_id for t in self._tombstones.values()]
+    def digest(self, may_see: Callable[[bytes | None], bool]) -> tuple[DigestEntry, ...]:
+        """What we hold, as ids, of what the recipient may see (`may_see(ns)`: a private
+        namespace's ids are for its proven members only)."""
+        ids = [a.id for a in self._ads.values() if may_see(a.message.ns)]
+        ids += [t.withdraw_id for t in self._tombstones.values() if may_see(t.ns)]
         return tuple(DigestEntry(key=k, seq=s) for k, s in ids[:4096])
 
     def missing_from(

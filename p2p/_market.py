@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from kvx.protocol import (
@@ -69,6 +70,8 @@ class Market:
         memberships: Memberships,
         pricing: PricePolicy,
         data: dict[str, str],  # transport -> data address
+        window_bytes: int = 64 << 20,
+        selling: Callable[[], bool] = lambda: True,
     ) -> None:
         self.signer = signer
         self.store = store
@@ -78,6 +81,8 @@ class Market:
         self.memberships = memberships
         self.pricing = pricing
         self.data = data
+        self.window_bytes = window_bytes
+        self.selling = selling
         self._pending: dict[bytes, _Pending] = {}
         self._conversion: tuple[tuple[bytes, str], tuple[bytes, bytes, list[bytes]]] | None = None
 
@@ -86,9 +91,15 @@ class Market:
         req = st.message
         assert isinstance(req, QuoteRequest)
         buyer = st.signer_id
+        if not self.selling():
+            raise _fail(ErrorCode.UNAVAILABLE, "this node cannot record deals now")
         if req.ns is not None:
-            self.policy.check_namespace(buyer, req.ns, publish=False)
-            self.memberships.require(buyer, req.ns, time.time())
+            try:
+                self.policy.check_namespace(buyer, req.ns, publish=False)
+                self.memberships.require(buyer, req.ns, time.time())
+            except RemoteProtocolError:
+                # One answer whether or not we are in it: no oracle for outsiders (§7.6).
+                raise _fail(ErrorCode.NOT_FOUND, "no block of that chain is held here") from None
         matched, entry = self.store.best_match(req.fp, req.ns, req.blocks)
         if entry is None:
             if not any(e.fp == req.fp for e in self.store.entries()):
@@ -123,6 +134,7 @@ class Market:
             transport=transport,
             data=self.data[transport],
             token=secrets.token_bytes(32),
+            window=max(entry.chunk, self.window_bytes // entry.chunk * entry.chunk),
         )
         return self._offer(quote, st.signer, entry, lowest, now_ms)
 

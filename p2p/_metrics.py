@@ -27,6 +27,26 @@ class Metrics:
         self.received = Counter(
             "kvx_messages_received", "Statements accepted, by type", ["type"], registry=r
         )
+        self.internal_errors = Counter(
+            "kvx_internal_errors",
+            "Frames and timer rounds lost to a fault of kvx itself, by where",
+            ["where"],
+            registry=r,
+        )
+        self.held = Gauge(
+            "kvx_held",
+            "What the node holds for its peers, against its budgets",
+            ["what"],
+            registry=r,
+        )
+        self.degraded = Gauge(
+            "kvx_degraded",
+            "1 while a part of the node cannot write to disk",
+            ["what"],
+            registry=r,
+        )
+        for what in ("ledger", "scores"):
+            self.degraded.labels(what).set(0)
 
     def serve(self, port: int) -> int:
         """Serve /metrics on 127.0.0.1; returns the port actually bound."""

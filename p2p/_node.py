@@ -15,6 +15,7 @@ import logging
 import os
 import random
 import signal
+import sqlite3
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -28,6 +29,7 @@ from kvx.protocol import (
     MAX_FRAME_BYTES,
     RELAYABLE,
     Advertise,
+    ConfigError,
     DataAddress,
     Digest,
     Error,
@@ -44,8 +46,10 @@ from kvx.protocol import (
     RemoteProtocolError,
     Withdraw,
     node_id,
+    split_ctl,
+    split_host_port,
 )
-from kvx.transport import Sessions, TcpDataServer
+from kvx.transport import DataLimits, Sessions, TcpDataServer
 from kvx.trust import (
     AtRestCipher,
     Event,
@@ -54,6 +58,7 @@ from kvx.trust import (
     Ledger,
     Memberships,
     PeerScores,
+    ReplayGuard,
     Signer,
     Statement,
     curve_public_key,
@@ -67,13 +72,18 @@ from kvx.trust import (
 
 from ._admin import answer, pack, unpack
 from ._config import ADMIN_SOCKET, INFO_FILE, LEDGER_FILE, SCORES_FILE, STORE_DIR, NodeConfig
-from ._index import AdIndex, Advert
+from ._datadir import DataDirLock
+from ._index import AdIndex, Advert, IndexBudget
 from ._market import Market
 from ._peers import Peer, PeerTable, State
 from ._pricing import PricePolicy
+from ._rates import RateLimits
 from ._store import Entry, LocalStore
 
 log = logging.getLogger("kvx.node")
+
+LEDGER_RETRY_S = 10.0
+"""After a failed ledger write (a full disk), the node quotes nothing for this long."""
 
 
 def now_ms() -> int:
@@ -89,38 +99,23 @@ def _seq_of(body: bytes) -> int | None:
     return None
 
 
-class _Bucket:
-    """Token bucket: `rate` messages a second, up to `burst` at once."""
-
-    def __init__(self, rate: float, burst: int) -> None:
-        self.rate, self.burst = rate, burst
-        self.tokens, self.at = float(burst), time.monotonic()
-        self.last_scored = 0.0
-
-    def take(self) -> bool:
-        t = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (t - self.at) * self.rate)
-        self.at = t
-        if self.tokens < 1:
-            return False
-        self.tokens -= 1
-        return True
-
-
 class Node:
     def __init__(self, config: NodeConfig, *, pricing: PricePolicy | None = None):
         from ._metrics import Metrics
 
         self.config = config
         data = config.data_dir
-        data.mkdir(parents=True, exist_ok=True)
-        data.chmod(0o700)  # the ledger, the store and the admin socket are this node's alone
+        _check_listen(config)
+        self._lock = DataDirLock(data).acquire()  # before anything in the dir is touched
         if not config.key_file.exists():
             Identity.generate().save(config.key_file)
         self.identity = Identity.load(config.key_file)
         self.id = self.identity.node_id
         self.signer = Signer(self.identity)
-        self.inbox = Inbox(self.id)
+        self.inbox = Inbox(
+            self.id,
+            ReplayGuard(max_per_signer=config.replay_per_signer, max_total=config.replay_total),
+        )
         self.policy = config.policy
         self.scores = PeerScores(data / SCORES_FILE, self.policy.scores)
         self.ledger = Ledger(data / LEDGER_FILE, self.id)
@@ -138,8 +133,16 @@ class Node:
             suspect_after_s=config.suspect_after_s,
             dead_after_s=config.dead_after_s,
             max_peers=config.max_peers,
+            keep=self._keeps,
         )
-        self.index = AdIndex()
+        self.index = AdIndex(
+            IndexBudget(
+                ads=config.max_ads,
+                bytes=config.max_ad_bytes,
+                ads_per_signer=config.max_ads_per_signer,
+                bytes_per_signer=config.max_ad_bytes_per_signer,
+            )
+        )
         self.memberships = Memberships(self.id, self.policy)
         self.metrics = Metrics()
         self.pricing = pricing if pricing is not None else PricePolicy()
@@ -149,11 +152,14 @@ class Node:
         self.data: tuple[DataAddress, ...] = ()
         self._own: dict[bytes, Statement] = {}  # content root -> our ADVERTISE
         self._dealers: dict[bytes, zmq.asyncio.Socket] = {}
+        self._dealer_ctl: dict[str, bytes] = {}  # address -> the key its dealer speaks to
         self._readers: dict[bytes, asyncio.Future[None]] = {}
-        self._buckets: dict[bytes, _Bucket] = {}
+        self._rates = RateLimits(config.rate_per_s, config.burst)
         self._curve_to_key: dict[bytes, bytes] = {}
+        self._ledger_failed_at = float("-inf")
         self._tasks: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
+        self._crash: BaseException | None = None
         self._handlers: dict[
             MessageType, Callable[[Statement, bytes | None, bytes], Awaitable[None]]
         ] = {
@@ -193,6 +199,8 @@ class Node:
             await self._stop.wait()
         finally:
             await self._shutdown()
+        if self._crash is not None:  # a broken loop of kvx's own: exit non-zero
+            raise self._crash
 
     def stop(self) -> None:
         self._stop.set()
@@ -211,8 +219,21 @@ class Node:
         self.admin = self._ctx.socket(zmq.ROUTER)
         self.admin.linger = 0
         self.admin.bind(cfg.admin_address)
+        loop = asyncio.get_running_loop()
         self.tcp = TcpDataServer(
-            self.sessions, self.inbox, self.signer, on_delivered=lambda o: self.market.delivered(o)
+            self.sessions,
+            self.inbox,
+            self.signer,
+            on_delivered=lambda o: self.market.delivered(o),
+            on_receipt=lambda st: loop.call_soon_threadsafe(self._window_receipt, st),
+            limits=DataLimits(
+                connections=cfg.data_connections,
+                streams=cfg.data_streams,
+                streams_per_buyer=cfg.data_streams_per_buyer,
+                header_s=cfg.data_header_s,
+                stall_s=cfg.data_stall_s,
+                min_rate=cfg.data_min_rate,
+            ),
         )
         await self.tcp.start(cfg.data_host)
         self.data = (DataAddress(t="tcp", addr=self.tcp.address),)
@@ -224,6 +245,7 @@ class Node:
                 self.inbox,
                 self.signer,
                 on_delivered=lambda o: self.market.delivered(o),
+                on_receipt=self._window_receipt,
             )
             await self.ucx.start(cfg.data_host)
             self.data = (DataAddress(t="ucx", addr=self.ucx.address), *self.data)
@@ -236,16 +258,23 @@ class Node:
             memberships=self.memberships,
             pricing=self.pricing,
             data={d.t: d.addr for d in self.data},
+            window_bytes=cfg.payment_window_bytes,
+            selling=self.selling,
         )
         metrics_url = None
         if cfg.metrics_port is not None:
             metrics_url = f"http://127.0.0.1:{self.metrics.serve(cfg.metrics_port)}/metrics"
+        cfg_ = self.config
         for coro in (
             self._receive(self.router, None),
             self._admin_loop(),
-            self._heartbeat(),
-            self._anti_entropy(),
-            self._housekeeping(),
+            self._every("heartbeat", lambda: cfg_.heartbeat_s, self._heartbeat_round),
+            self._every(
+                "anti_entropy",
+                lambda: cfg_.anti_entropy_s * random.uniform(0.5, 1.5),
+                self._anti_entropy_round,
+            ),
+            self._every("housekeeping", lambda: 1.0, self._housekeeping_round),
         ):
             self._spawn(coro)
         for entry in self.store.verify_all():  # never advertise what cannot be served
@@ -291,6 +320,7 @@ class Node:
         self.store.close()
         self.ledger.close()
         self.scores.close()
+        self._lock.release()
         self.event("stopped")
 
     def _spawn(self, coro: Awaitable[None]) -> asyncio.Future[None]:
@@ -303,11 +333,39 @@ class Node:
     def _crashed(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
             self.event("task_failed", error=repr(task.exception()))
+            self._crash = self._crash or task.exception()
             self._stop.set()  # a broken loop must not leave a half-working node
+
+    def _internal_error(self, where: str) -> None:
+        """A fault of kvx itself while handling one frame or one timer round: it costs that
+        frame or round, is logged with its traceback and counted, and the node goes on."""
+        log.exception("internal error in %s", where)
+        self.metrics.internal_errors.labels(where).inc()
+
+    def _keeps(self, key: bytes) -> bool:
+        """Peers the table never evicts for a newcomer: bootstrap peers and proven sellers."""
+        return any(b.key == key for b in self.config.bootstrap) or (
+            self.scores.score(node_id(key), time.time()) > 0
+        )
+
+    def _allowed(self, ctl: str) -> bool:
+        """Whether this node's policy lets it dial a (decoded, so well-formed) address."""
+        try:
+            self.policy.check_address(split_ctl(ctl)[0])
+        except RemoteProtocolError:
+            return False
+        return True
 
     # ---- sending ---------------------------------------------------------------------
 
     def _dealer(self, key: bytes) -> zmq.asyncio.Socket | None:
+        """The connection to a peer, made on first use.
+
+        One connection per address: a second key claiming an address that another key's
+        connection uses gets none until it has spoken for itself, so a listing of many
+        keys at one victim's address costs the victim one connection, retried with
+        backoff, not one per key (spec §12.6).
+        """
         sock = self._dealers.get(key)
         if sock is None:
             peer = self.peers.get(key)
@@ -318,17 +376,32 @@ class Node:
             )
             if ctl is None:
                 return None
+            other = self._dealer_ctl.get(ctl)
+            if other is not None and other != key:
+                if peer is None or not peer.proven:
+                    return None
+                self._drop_dealer(other)
             sock = self._ctx.socket(zmq.DEALER)
             make_curve_client(sock, self.identity, key)
             sock.maxmsgsize = MAX_FRAME_BYTES
             sock.linger = 0
             sock.sndhwm = 1000
-            sock.connect(ctl)
+            sock.reconnect_ivl = int(self.config.reconnect_s * 1000)
+            sock.reconnect_ivl_max = int(self.config.reconnect_max_s * 1000)
+            try:
+                sock.connect(ctl)
+            except zmq.ZMQError as exc:  # decoded addresses connect; config ones may not
+                sock.close(linger=0)
+                self.event("connect_failed", peer=node_id(key).hex()[:12], error=str(exc))
+                return None
             self._dealers[key] = sock
+            self._dealer_ctl[ctl] = key
             self._readers[key] = self._spawn(self._receive(sock, key))
         return sock
 
     def _drop_dealer(self, key: bytes) -> None:
+        for ctl in [c for c, k in self._dealer_ctl.items() if k == key]:
+            del self._dealer_ctl[ctl]
         sock = self._dealers.pop(key, None)
         reader = self._readers.pop(key, None)
         if reader is not None:
@@ -363,41 +436,63 @@ class Node:
         """Private advertisements go only to peers that proved the namespace (spec §7.6)."""
         return self.memberships.is_member(node_id(key), ns, time.time())
 
+    def _may_buy(self, peer: bytes, ns: bytes) -> bool:
+        """A node id that proved `ns` and that the namespace's rules let buy."""
+        try:
+            self.policy.check_namespace(peer, ns, publish=False)
+        except RemoteProtocolError:
+            return False
+        return self.memberships.is_member(peer, ns, time.time())
+
     def _hello(self) -> Hello:
-        return Hello(ctl=self.ctl, data=self.data, inc=self.incarnation, agent="kvx/0.1")
+        return Hello(ctl=self.ctl, data=self.data, inc=self.incarnation, agent="kvx/0.2")
+
+    def _digest_for(self, key: bytes) -> Digest:
+        """Our digest as `key` may see it: ids of a private namespace only for its members."""
+        return Digest(have=self.index.digest(lambda ns: self._may_see(key, ns)))
 
     # ---- receiving -------------------------------------------------------------------
 
     async def _receive(self, sock: zmq.asyncio.Socket, server_key: bytes | None) -> None:
-        """Read one socket forever: the ROUTER (server_key None) or a DEALER to a peer."""
+        """Read one socket forever: the ROUTER (server_key None) or a DEALER to a peer.
+
+        Parts are read one at a time and those past the expected count dropped as they
+        come, so a many-part message never sits in a list here (spec §4.2).
+        """
         expected_curve = None if server_key is None else curve_public_key(server_key)
+        wanted = 2 if server_key is None else 1  # the ROUTER prepends the routing id
         while not sock.closed:  # a dropped dealer's reader ends here, even from within
             try:
-                parts = await sock.recv_multipart(copy=False)
+                parts = [await sock.recv(copy=False)]
+                while sock.rcvmore:
+                    part = await sock.recv(copy=False)
+                    if len(parts) <= wanted:
+                        parts.append(part)
             except zmq.ZMQError:
                 if sock.closed:
                     return
                 raise
+            if len(parts) != wanted:
+                self.metrics.rejections.labels(ErrorCode.MALFORMED.name).inc()
+                continue
             if server_key is None:
-                if len(parts) != 2:
-                    self.metrics.rejections.labels(ErrorCode.MALFORMED.name).inc()
-                    continue
                 routing, frame = parts[0].bytes, parts[1]
                 curve = peer_curve_key(frame)
             else:
-                if len(parts) != 1:
-                    continue
                 routing, frame, curve = None, parts[0], expected_curve
-            await self._on_frame(frame.bytes, curve, routing)
+            try:
+                await self._on_frame(frame.bytes, curve, routing, server_key)
+            except Exception:
+                self._internal_error("receive")
 
-    async def _on_frame(self, frame: bytes, curve: bytes, routing: bytes | None) -> None:
+    async def _on_frame(
+        self, frame: bytes, curve: bytes, routing: bytes | None, server_key: bytes | None
+    ) -> None:
         self.metrics.bytes_in.inc(len(frame))
-        bucket = self._buckets.setdefault(curve, _Bucket(self.config.rate_per_s, self.config.burst))
-        if not bucket.take():
+        if not self._rates.take(curve, time.monotonic()):
             self.metrics.rejections.labels(ErrorCode.RATE_LIMITED.name).inc()
             key = self._curve_to_key.get(curve)
-            if key is not None and time.monotonic() - bucket.last_scored > 1.0:
-                bucket.last_scored = time.monotonic()
+            if key is not None and self._rates.should_score(curve, time.monotonic()):
                 self.scores.record(node_id(key), Event.FLOOD, time.time())
             return
         try:
@@ -422,8 +517,8 @@ class Node:
             # Only a statement the peer itself sent proves it lives (a relayed ad does not).
             self.event("peer_back", peer=signer_id.hex()[:12])
             self._drop_dealer(st.signer)
-            await self._send(st.signer, Digest(have=self.index.digest()))
-        relayer = self._curve_to_key.get(curve, b"")
+            await self._send(st.signer, self._digest_for(st.signer))
+        relayer = server_key if server_key is not None else self._curve_to_key.get(curve, b"")
         handler = self._handlers.get(st.type)
         try:
             if handler is None:
@@ -434,6 +529,30 @@ class Node:
         except RemoteProtocolError as exc:
             self.metrics.rejections.labels(exc.code.name).inc()
             await self._answer_error(st, routing, exc)
+        except sqlite3.Error as exc:  # the disk (full, failing): degrade, do not stop
+            self._ledger_failed(exc)
+            unavailable = RemoteProtocolError(ErrorCode.UNAVAILABLE, "this node cannot write now")
+            await self._answer_error(st, routing, unavailable)
+        except Exception:
+            self._internal_error(st.type.name)
+            await self._answer_error(
+                st, routing, RemoteProtocolError(ErrorCode.INTERNAL, "the node failed")
+            )
+
+    def _ledger_failed(self, exc: sqlite3.Error) -> None:
+        """Selling needs the ledger: for a while the node quotes nothing, and says why."""
+        self._ledger_failed_at = time.monotonic()
+        self.metrics.degraded.labels("ledger").set(1)
+        self.event("degraded", what="ledger", error=str(exc)[:200])
+
+    def _window_receipt(self, st: Statement) -> None:
+        """A receipt a buyer paid mid-stream (§9.4), recorded as the stream goes on."""
+        try:
+            self.market.receipt(st, now_ms())
+        except RemoteProtocolError as exc:
+            self.event("receipt_refused", code=exc.code.name, detail=exc.detail[:120])
+        except sqlite3.Error as exc:
+            self._ledger_failed(exc)
 
     async def _rejected(
         self, frame: bytes, curve: bytes, routing: bytes | None, exc: RemoteProtocolError
@@ -444,8 +563,8 @@ class Node:
             raw: RawEnvelope | None = verify_envelope(frame)
         except RemoteProtocolError:
             raw = None
-        if exc.code == ErrorCode.REPLAYED and raw and raw.type in RELAYABLE and raw.signer != key:
-            return  # gossip relayed it twice: nobody's fault (spec §6.3)
+        if exc.code == ErrorCode.REPLAYED and raw and raw.type in RELAYABLE:
+            return  # gossip delivered it twice: nobody's fault (spec §6.3)
         event = Event.for_code(exc.code)
         if key is not None and event is not None:
             self.scores.record(node_id(key), event, time.time())
@@ -490,10 +609,11 @@ class Node:
         hello = st.message
         assert isinstance(hello, Hello)
         now = time.monotonic()
+        self.policy.check_address(split_ctl(hello.ctl)[0])
         if self.peers.heard_from(st.signer, hello.ctl, hello.inc, now):
             self._drop_dealer(st.signer)  # it may have restarted on a new address
             self.event("peer_joined", peer=st.signer_id.hex()[:12], ctl=hello.ctl)
-            await self._send(st.signer, Digest(have=self.index.digest()))
+            await self._send(st.signer, self._digest_for(st.signer))
         if routing is not None:
             challenge = self.memberships.challenge(st.signer_id, time.time())
             await self._reply(
@@ -510,19 +630,29 @@ class Node:
             if boot is not None:
                 self.peers.heard_from(st.signer, boot.ctl, 0, time.monotonic())
         for candidate in self.peers.learn(list(peers.peers)):
-            self.peers.add_candidate(candidate, time.monotonic())
-            await self._send(candidate.key, self._hello())
+            if self._allowed(candidate.ctl) and self.peers.add_candidate(
+                candidate, time.monotonic()
+            ):
+                await self._send(candidate.key, self._hello())
         if peers.challenge is not None and self.policy.namespaces:
             await self._send(st.signer, self.memberships.prove(st.signer_id, peers.challenge))
 
     async def _on_advertise(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
         ad = st.message
         assert isinstance(ad, Advertise)
-        if ad.ns is not None and self.policy.namespace(ad.ns) is None:
-            return  # a private namespace we are not in: nothing to do with it
+        if ad.ns is not None:
+            if self.policy.namespace(ad.ns) is None:
+                return  # a private namespace we are not in: nothing to do with it
+            # Only a member may publish into it: the signer proved it to us, or the
+            # member that relays it did (members relay only what their members sign).
+            if not (self._may_see(st.signer, ad.ns) or (relayer and self._may_see(relayer, ad.ns))):
+                return
         self.policy.check_namespace(st.signer_id, ad.ns, publish=True)
+        for address in (split_ctl(ad.ctl)[0], *self._data_hosts(ad)):
+            self.policy.check_address(address)
         if not self.index.add(st):
             return
+        self.inbox.guard.remember(st.signer, st.header)
         self.event(
             "ad_received",
             signer=st.signer_id.hex()[:12],
@@ -537,9 +667,14 @@ class Node:
             )
         await self._push(st.frame, MessageType.ADVERTISE, {relayer, st.signer}, ad.ns)
 
+    @staticmethod
+    def _data_hosts(ad: Advertise) -> list:
+        return [split_host_port(d.addr)[0] for d in ad.data if d.t in ("tcp", "ucx")]
+
     async def _on_withdraw(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
         new, ns = self.index.withdraw(st)
         if new:
+            self.inbox.guard.remember(st.signer, st.header)
             self.metrics.ads.set(len(self.index))
             await self._push(st.frame, MessageType.WITHDRAW, {relayer, st.signer}, ns)
 
@@ -554,9 +689,9 @@ class Node:
                 await self._send_frame(st.signer, frame, MessageType.ADVERTISE)
         if self.index.lacks_any(digest.have):
             if routing is not None:
-                await self._reply(routing, st, Digest(have=self.index.digest()))
+                await self._reply(routing, st, self._digest_for(st.signer))
             else:
-                await self._send(st.signer, Digest(have=self.index.digest()))
+                await self._send(st.signer, self._digest_for(st.signer))
 
     async def _on_lookup(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
         lookup = st.message
@@ -610,11 +745,17 @@ class Node:
     def lookup(
         self, fp: bytes, ns: bytes | None, chain: tuple[bytes, ...], limit: int, *, asker: bytes
     ) -> tuple[int, list[Advert]]:
-        """Longest prefix held by a usable provider, best first (price, then score)."""
+        """Longest prefix held by a usable provider, best first (price, then score).
+
+        A peer that has not proved membership of a private namespace gets the answer of
+        a namespace with nothing in it, whether or not this node is in it (§7.6).
+        """
         if ns is not None:
-            self.policy.check_namespace(asker, ns, publish=False)
-            if asker != self.id:
-                self.memberships.require(asker, ns, time.time())
+            if asker == self.id:
+                self.policy.check_namespace(asker, ns, publish=False)
+            elif not self._may_buy(asker, ns):
+                self.metrics.misses.inc()
+                return 0, []
         now = time.time()
 
         def usable(advert: Advert) -> bool:
@@ -694,61 +835,131 @@ class Node:
 
     # ---- periodic work ---------------------------------------------------------------
 
-    async def _heartbeat(self) -> None:
+    async def _every(self, name: str, seconds: Callable[[], float], round_: Callable) -> None:
+        """Run a timer's rounds forever; a round that fails is logged, not fatal."""
         while True:
-            await asyncio.sleep(self.config.heartbeat_s)
-            now = time.monotonic()
-            suspect, dead = self.peers.tick(now)
-            for peer in suspect:
-                self.event("peer_suspect", peer=node_id(peer.key).hex()[:12])
-            for peer in dead:
-                self.event("peer_dead", peer=node_id(peer.key).hex()[:12])
-                self.memberships.forget(node_id(peer.key))
-                self._drop_dealer(peer.key)
-            for peer in self.peers.to_probe(self.config.probes_per_heartbeat, now):
-                await self._send(peer.key, self._hello())
-            if not self.peers.alive():
-                for boot in self.config.bootstrap:
-                    self._drop_dealer(boot.key)  # reconnect: it may have moved
-                    await self._send(boot.key, self._hello())
-            for state in State:
-                self.metrics.peers.labels(state.name.lower()).set(
-                    sum(p.state == state for p in self.peers.all())
-                )
+            await asyncio.sleep(seconds())
+            try:
+                await round_()
+            except sqlite3.Error as exc:
+                self._ledger_failed(exc)
+            except Exception:
+                self._internal_error(name)
 
-    async def _anti_entropy(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.anti_entropy_s * random.uniform(0.5, 1.5))
-            alive = self.peers.alive()
-            if alive:
-                await self._send(random.choice(alive).key, Digest(have=self.index.digest()))
+    async def _heartbeat_round(self) -> None:
+        now = time.monotonic()
+        suspect, dead = self.peers.tick(now)
+        for peer in suspect:
+            self.event("peer_suspect", peer=node_id(peer.key).hex()[:12])
+        for peer in dead:
+            self.event("peer_dead", peer=node_id(peer.key).hex()[:12])
+            self.memberships.forget(node_id(peer.key))
+            self._drop_dealer(peer.key)
+        for key in [k for k in self._dealers if k not in self.peers and not self._keeps(k)]:
+            self._drop_dealer(key)  # forgotten or evicted: its connection goes too
+        for peer in self.peers.to_probe(self.config.probes_per_heartbeat, now):
+            await self._send(peer.key, self._hello())
+        if not self.peers.alive():
+            for boot in self.config.bootstrap:
+                self._drop_dealer(boot.key)  # reconnect: it may have moved
+                await self._send(boot.key, self._hello())
+        for state in State:
+            self.metrics.peers.labels(state.name.lower()).set(
+                sum(p.state == state for p in self.peers.all())
+            )
 
-    async def _housekeeping(self) -> None:
-        while True:
-            await asyncio.sleep(1.0)
-            self.index.expire(now_ms())
-            self.market.expire(now_ms())
-            self.metrics.ads.set(len(self.index))
-            self.metrics.credits.set(sum(self.ledger.balances().values()))
-            half = self.config.advert_ttl_s * 500
-            for root, st in list(self._own.items()):
-                if st.header.exp - now_ms() < half:  # refresh before it expires
-                    entry = next((e for e in self.store.entries() if e.root == root), None)
-                    if entry is not None:
-                        await self._advertise(entry)
+    async def _anti_entropy_round(self) -> None:
+        alive = self.peers.alive()
+        if alive:
+            key = random.choice(alive).key
+            await self._send(key, self._digest_for(key))
+
+    async def _housekeeping_round(self) -> None:
+        self._forget_strangers()
+        self.index.expire(now_ms())
+        self.market.expire(now_ms())
+        self.metrics.ads.set(len(self.index))
+        self.metrics.credits.set(sum(self.ledger.balances().values()))
+        half = self.config.advert_ttl_s * 500
+        for root, st in list(self._own.items()):
+            if st.header.exp - now_ms() < half:  # refresh before it expires
+                entry = next((e for e in self.store.entries() if e.root == root), None)
+                if entry is not None:
+                    await self._advertise(entry)
+
+    def _forget_strangers(self) -> None:
+        """Per-identity state lives only as long as its use: buckets refilled to the
+        brim, CURVE keys and membership sessions of peers no longer in the table go."""
+        now = time.monotonic()
+        self._rates.prune(now)
+        known = {p.key for p in self.peers.all()} | {b.key for b in self.config.bootstrap}
+        for curve in [c for c, k in self._curve_to_key.items() if k not in known]:
+            del self._curve_to_key[curve]
+        kept_ids = {node_id(k) for k in known}
+        self.memberships.prune(lambda peer: peer in kept_ids, time.time())
+        m = self.metrics
+        for what, amount in self.held().items():
+            m.held.labels(what).set(amount)
+        m.degraded.labels("scores").set(int(self.scores.write_failed))
+        if time.monotonic() - self._ledger_failed_at > LEDGER_RETRY_S:
+            m.degraded.labels("ledger").set(0)
+
+    def held(self) -> dict[str, int]:
+        """What the node holds for its peers, each against a budget (spec §13.1)."""
+        return {
+            "replay_entries": len(self.inbox.guard),
+            "replay_signers": self.inbox.guard.signers(),
+            "replay_forgotten": self.inbox.guard.forgotten,
+            "rate_buckets": len(self._rates),
+            "curve_keys": len(self._curve_to_key),
+            "sessions": len(self.memberships),
+            "peers": len(self.peers.all()),
+            "peers_evicted": self.peers.evicted,
+            "ads": len(self.index),
+            "ad_bytes": self.index.bytes,
+            "ad_signers": self.index.signers(),
+            "data_connections": self.tcp.connections,
+            "data_accept_errors": self.tcp.accept_errors,
+            "dealers": len(self._dealers),
+        }
+
+    def selling(self) -> bool:
+        """Whether the ledger can record deals: not within a while of a failed write."""
+        return time.monotonic() - self._ledger_failed_at > LEDGER_RETRY_S
 
     # ---- local admin API -------------------------------------------------------------
 
     async def _admin_loop(self) -> None:
         while True:
-            routing, _, request = await self.admin.recv_multipart()
+            parts = await self.admin.recv_multipart()
+            if len(parts) != 3 or parts[1] != b"":
+                continue  # not a REQ request: nobody to answer
+            routing, _, request = parts
             try:
-                reply = {"ok": True, **await answer(self, unpack(request))}
+                req = unpack(request)
+                if not isinstance(req, dict):
+                    raise RemoteProtocolError(ErrorCode.MALFORMED, "a request is a map")
+                reply = {"ok": True, **await answer(self, req)}
             except RemoteProtocolError as exc:
                 reply = {"ok": False, "code": int(exc.code), "error": exc.detail}
             except Exception as exc:  # a bad local request must not stop the node
                 reply = {"ok": False, "code": int(ErrorCode.INTERNAL), "error": repr(exc)}
             await self.admin.send_multipart([routing, b"", pack(reply)])
+
+
+def _check_listen(config: NodeConfig) -> None:
+    """Peers must be able to dial what a node advertises: no wildcard addresses."""
+    try:
+        split_ctl(
+            config.listen.replace(":0", ":1") if config.listen.endswith(":0") else config.listen
+        )
+        split_host_port(
+            f"{config.data_host}:1" if ":" not in config.data_host else f"[{config.data_host}]:1"
+        )
+    except RemoteProtocolError as exc:
+        raise ConfigError(
+            f"listen on an address peers can dial (tcp://IP:PORT, data_host an IP): {exc.detail}"
+        ) from None
 
 
 def run_node(config: NodeConfig) -> None:

@@ -6,10 +6,19 @@ longer silence dead. Dead peers are still probed now and then, so that a healed
 partition joins up again: a statement signed by the peer itself is proof that it lives.
 A higher incarnation says the peer restarted (its address may have changed). The table
 is bounded; times are passed in.
+
+Admission resists eclipse: a full table admits a newcomer that spoke for itself by
+evicting the least proven entry (a dead peer, then a candidate nobody has heard from,
+then a suspect, then — at most once a second — a random live peer that is neither
+kept by the node (a bootstrap peer, one with a good score) nor among the longest known
+half). Names learned from others are candidates only: a quarter of the table at most,
+one per address, and forgotten rather than probed once they die unheard.
 """
 
 from __future__ import annotations
 
+import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -30,6 +39,8 @@ class Peer:
     state: State
     last_heard: float
     last_probed: float = 0.0
+    proven: bool = False  # a statement signed by the peer itself has arrived
+    since: float = 0.0  # when it was admitted
 
 
 class PeerTable:
@@ -41,12 +52,21 @@ class PeerTable:
         dead_after_s: float,
         max_peers: int,
         forget_dead_after_s: float = 600.0,
+        keep: Callable[[bytes], bool] = lambda key: False,
+        evict_every_s: float = 1.0,
+        rng: random.Random | None = None,
     ) -> None:
         self.me = me
         self.suspect_after_s = suspect_after_s
         self.dead_after_s = dead_after_s
         self.max_peers = max_peers
+        self.max_candidates = max(1, max_peers // 4)
         self.forget_dead_after_s = forget_dead_after_s
+        self.keep = keep
+        self.evict_every_s = evict_every_s
+        self.evicted = 0  # live peers evicted for newcomers (a metric)
+        self._last_eviction = float("-inf")
+        self._rng = rng if rng is not None else random.Random()
         self._peers: dict[bytes, Peer] = {}
 
     def __contains__(self, key: bytes) -> bool:
@@ -61,13 +81,13 @@ class PeerTable:
             return False
         peer = self._peers.get(key)
         if peer is None:
-            if len(self._peers) >= self.max_peers and not self._evict_one():
+            if len(self._peers) >= self.max_peers and not self._make_room(now):
                 return False
-            self._peers[key] = Peer(key, ctl, inc, State.ALIVE, now)
+            self._peers[key] = Peer(key, ctl, inc, State.ALIVE, now, proven=True, since=now)
             return True
-        back = peer.state == State.DEAD or inc > peer.inc  # healed, or restarted
+        back = peer.state == State.DEAD or inc > peer.inc or not peer.proven
         peer.ctl, peer.inc = ctl, max(peer.inc, inc)
-        peer.state, peer.last_heard = State.ALIVE, now
+        peer.state, peer.last_heard, peer.proven = State.ALIVE, now, True
         return back
 
     def alive_again(self, key: bytes, now: float) -> bool:
@@ -76,30 +96,56 @@ class PeerTable:
         if peer is None:
             return False
         was_dead = peer.state == State.DEAD
-        peer.state, peer.last_heard = State.ALIVE, now
+        peer.state, peer.last_heard, peer.proven = State.ALIVE, now, True
         return was_dead
 
     def learn(self, entries: list[PeerEntry]) -> list[Peer]:
         """Peers named by someone else (peer exchange): candidates to contact, not yet alive."""
-        fresh = []
+        fresh: list[Peer] = []
         for entry in entries:
             if entry.key == self.me or entry.key in self._peers or entry.state == State.DEAD:
                 continue
-            if len(self._peers) >= self.max_peers:
-                break
+            if any(p.ctl == entry.ctl for p in fresh):
+                continue
             fresh.append(Peer(entry.key, entry.ctl, entry.inc, State.SUSPECT, 0.0))
         return fresh
 
-    def add_candidate(self, peer: Peer, now: float) -> None:
-        if peer.key not in self._peers and len(self._peers) < self.max_peers:
-            peer.last_heard = now  # it gets a full suspicion period to answer
-            self._peers[peer.key] = peer
-
-    def _evict_one(self) -> bool:
-        dead = [p for p in self._peers.values() if p.state == State.DEAD]
-        if not dead:
+    def add_candidate(self, peer: Peer, now: float) -> bool:
+        """Take a peer someone else named, if there is room for one more candidate and
+        nobody in the table has its address (so a listing cannot aim us at one victim)."""
+        if peer.key in self._peers or len(self._peers) >= self.max_peers:
             return False
-        del self._peers[min(dead, key=lambda p: p.last_heard).key]
+        peers = self._peers.values()
+        if sum(not p.proven for p in peers) >= self.max_candidates:
+            return False
+        if any(p.ctl == peer.ctl for p in peers):
+            return False
+        peer.last_heard = peer.since = now  # it gets a full suspicion period to answer
+        peer.proven = False
+        self._peers[peer.key] = peer
+        return True
+
+    def _make_room(self, now: float) -> bool:
+        """Evict the least proven entry for a newcomer that spoke for itself."""
+        peers = list(self._peers.values())
+        for group in (
+            [p for p in peers if p.state == State.DEAD],
+            [p for p in peers if not p.proven],
+            [p for p in peers if p.state == State.SUSPECT and not self.keep(p.key)],
+        ):
+            if group:
+                del self._peers[min(group, key=lambda p: p.last_heard).key]
+                return True
+        if now - self._last_eviction < self.evict_every_s:
+            return False
+        elders = sorted(peers, key=lambda p: p.since)[: len(peers) // 2]
+        protected = {p.key for p in elders}
+        open_ = [p for p in peers if p.key not in protected and not self.keep(p.key)]
+        if not open_:
+            return False
+        del self._peers[self._rng.choice(open_).key]
+        self._last_eviction = now
+        self.evicted += 1
         return True
 
     def tick(self, now: float) -> tuple[list[Peer], list[Peer]]:
@@ -111,6 +157,9 @@ class PeerTable:
                 peer.state = State.SUSPECT
                 suspect.append(peer)
             if peer.state == State.SUSPECT and silent > self.dead_after_s:
+                if not peer.proven:  # a name nobody could reach: forget it, do not probe it
+                    del self._peers[peer.key]
+                    continue
                 peer.state = State.DEAD
                 dead.append(peer)
             if peer.state == State.DEAD and silent > self.forget_dead_after_s:

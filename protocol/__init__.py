@@ -4,6 +4,7 @@ Nothing here touches a socket, a clock or a key: callers pass bytes and times in
 get messages, bytes and errors out (spec/PROTOCOL.md is the normative text).
 """
 
+from ._address import split_ctl, split_host_port
 from ._codec import (
     RawEnvelope,
     decode_body,
@@ -44,6 +45,7 @@ from ._limits import (
     MAX_CLOCK_SKEW_MS,
     MAX_FRAME_BYTES,
     MAX_LIFETIME_MS,
+    MAX_UNKNOWN_BYTES,
     PROTOCOL_VERSION,
 )
 from ._messages import (
@@ -96,6 +98,7 @@ __all__ = [
     "MAX_CLOCK_SKEW_MS",
     "MAX_FRAME_BYTES",
     "MAX_LIFETIME_MS",
+    "MAX_UNKNOWN_BYTES",
     "MESSAGE_CLASSES",
     "PROTOCOL_VERSION",
     "PUBLIC",
@@ -151,5 +154,7 @@ __all__ = [
     "parse_frame_header",
     "prefix_chain",
     "signing_input",
+    "split_ctl",
+    "split_host_port",
     "verify_chunk_list",
 ]

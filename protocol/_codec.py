@@ -13,9 +13,15 @@ from typing import Any
 import msgpack
 
 from ._errors import ErrorCode, LocalProtocolError, RemoteProtocolError
-from ._limits import MAX_FRAME_BYTES, PROTOCOL_VERSION
-from ._messages import MESSAGE_CLASSES, Header, Message, MessageType, check_header
-from ._schema import Invalid, decode_struct, encode_struct
+from ._limits import (
+    MAX_ARRAY_ITEMS,
+    MAX_FRAME_BYTES,
+    MAX_MAP_KEYS,
+    MAX_UNKNOWN_BYTES,
+    PROTOCOL_VERSION,
+)
+from ._messages import MESSAGE_CLASSES, RELAYABLE, Header, Message, MessageType, check_header
+from ._schema import Invalid, decode_struct, encode_struct, unknown_bytes
 
 
 def _pairs(pairs: list[tuple[Any, Any]]) -> dict[str, Any]:
@@ -40,6 +46,10 @@ def _unpack(data: bytes, what: str) -> object:
             strict_map_key=True,
             object_pairs_hook=_pairs,
             max_ext_len=0,
+            # Counts are bounded before anything is built, so that a frame of a million
+            # tiny keys costs the sender more than it costs us (spec §4.4).
+            max_map_len=MAX_MAP_KEYS,
+            max_array_len=MAX_ARRAY_ITEMS,
         )
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
         # msgpack's own errors (truncation, trailing bytes, bad UTF-8, ext types,
@@ -130,6 +140,12 @@ def decode_body(mtype: MessageType, body: bytes) -> tuple[Header, Message]:
         header = decode_struct(Header, fields, mtype.name)
         check_header(mtype, header)
         message = decode_struct(MESSAGE_CLASSES[mtype], fields, mtype.name)
+        if mtype in RELAYABLE:  # kept and relayed by every node: no room for ballast
+            extra = unknown_bytes(MESSAGE_CLASSES[mtype], fields, Header)
+            if extra > MAX_UNKNOWN_BYTES:
+                raise Invalid(
+                    mtype.name, f"{extra} bytes of unknown fields (at most {MAX_UNKNOWN_BYTES})"
+                )
     except Invalid as exc:
         raise RemoteProtocolError(exc.code, str(exc)) from None
     return header, message

@@ -32,6 +32,7 @@ class ErrorCode(IntEnum):
     NOT_A_MEMBER = 31
     RATE_LIMITED = 32
     CREDIT_LIMIT = 33
+    OVER_BUDGET = 34
     # negotiation
     FINGERPRINT_MISMATCH = 40
     NOT_FOUND = 41

@@ -16,6 +16,16 @@ MAX_LIFETIME_MS = 300_000
 MAX_ADVERT_LIFETIME_MS = 86_400_000
 """Longest exp - iat for a relayable statement (ADVERTISE, WITHDRAW)."""
 
+MAX_MAP_KEYS = 64
+"""Keys in any one msgpack map, unknown ones included (spec §4.4)."""
+
+MAX_ARRAY_ITEMS = 8192
+"""Items in any one msgpack array: twice the longest field (a chain, a digest: 4096), so an
+over-long field is still INVALID_FIELD up to there and MALFORMED past it (spec §4.4)."""
+
+MAX_UNKNOWN_BYTES = 4096
+"""Encoded bytes of unknown keys and their values a relayable statement may carry (§4.5)."""
+
 DEFAULT_BLOCK_TOKENS = 256
 MAX_BLOCK_TOKENS = 65_536
 MAX_CHAIN_BLOCKS = 4096

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import ClassVar
 
+from ._address import CtlAddress, check_data_address
 from ._content import valid_chunk_size
 from ._errors import ErrorCode
 from ._limits import (
@@ -48,6 +49,7 @@ KEY = Bin(32, 32)
 QUOTE_ID = Bin(16, 16)
 CHALLENGE = Bin(16, 16)
 ADDRESS = Str(1, 256)
+CTL = CtlAddress()
 TRANSPORT = Str(1, 32, r"[a-z0-9][a-z0-9._-]*")
 CHAIN = Array(HASH, 1, MAX_CHAIN_BLOCKS)
 DTYPE = OneOf(tuple(DTYPE_SIZES))
@@ -73,11 +75,14 @@ class DataAddress:
     t: str = wire(TRANSPORT)
     addr: str = wire(ADDRESS)
 
+    def check(self) -> None:
+        check_data_address(self.t, self.addr, "addr")
+
 
 @dataclass(frozen=True)
 class PeerEntry:
     key: bytes = wire(KEY)
-    ctl: str = wire(ADDRESS)
+    ctl: str = wire(CTL)
     inc: int = wire(UInt())
     state: int = wire(UInt(0, 2))
 
@@ -91,7 +96,7 @@ class DigestEntry:
 @dataclass(frozen=True)
 class Hello:
     TYPE: ClassVar = MessageType.HELLO
-    ctl: str = wire(ADDRESS)
+    ctl: str = wire(CTL)
     data: tuple[DataAddress, ...] = wire(Array(Struct(DataAddress), 0, 8))
     inc: int = wire(UInt())
     agent: str | None = wire(Str(0, 64), default=None)
@@ -127,7 +132,7 @@ class Advertise:
     root: bytes = wire(HASH)
     chunk: int = wire(UInt())
     price: int = wire(UInt())
-    ctl: str = wire(ADDRESS)
+    ctl: str = wire(CTL)
     data: tuple[DataAddress, ...] = wire(Array(Struct(DataAddress), 1, 8))
     ns: bytes | None = wire(HASH, default=None)
 
@@ -198,6 +203,7 @@ class Quote:
     transport: str = wire(TRANSPORT)
     data: str = wire(ADDRESS)
     token: bytes = wire(Bin(32, 32))
+    window: int | None = wire(UInt(1, MAX_UINT64), default=None)
 
     @property
     def size(self) -> int:
@@ -211,6 +217,9 @@ class Quote:
 
     def check(self) -> None:
         _chunk_size_ok(self.chunk)
+        check_data_address(self.transport, self.data, "data")
+        if self.window is not None and self.window % self.chunk:
+            raise Invalid("window", f"{self.window} is not a multiple of the chunk {self.chunk}")
         if self.blocks > self.stored:
             raise Invalid("blocks", f"{self.blocks} matched blocks exceed {self.stored} stored")
 

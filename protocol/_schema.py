@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import msgpack
+
 from ._errors import ErrorCode
 from ._limits import MAX_UINT64
 
@@ -184,3 +186,19 @@ def encode_struct(obj: Any, path: str) -> dict[str, object]:
         out[f.name] = f.metadata["wire"].encode(value, f"{path}.{f.name}")
     _check(obj, path)
     return out
+
+
+def unknown_bytes(cls: type, value: dict, *also: type) -> int:
+    """Encoded size of the keys (with their values) in a decoded map, and in the maps
+    nested in its known fields, that `cls` (and `also`) do not define."""
+    known = {f.name: f.metadata["wire"] for c in (cls, *also) for f in dataclasses.fields(c)}
+    total = 0
+    for key, item in value.items():
+        kind = known.get(key)
+        if kind is None:
+            total += len(msgpack.packb(key)) + len(msgpack.packb(item, use_bin_type=True))
+        elif isinstance(kind, Struct):
+            total += unknown_bytes(kind.cls, item)
+        elif isinstance(kind, Array) and isinstance(kind.item, Struct):
+            total += sum(unknown_bytes(kind.item.cls, v) for v in item)
+    return total

@@ -227,7 +227,9 @@ def _(s: Session) -> None:
     verifier = StreamVerifier(expected)
     transfer = s.frame(Transfer(quote=q.quote, token=q.token, first=0))
     try:
-        fetch_tcp(q.data, transfer, verifier, Destination(dest, expected), timeout_s=10)
+        fetch_tcp(
+            q.data, transfer, verifier, Destination(dest, expected), 10, _payer(s, q, expected)
+        )
     except RemoteProtocolError as exc:
         raise Failed(f"the data channel failed: {exc}") from None
     if dest.numpy().tobytes() != FIXTURE_PAYLOAD[: expected.deliver]:
@@ -253,6 +255,15 @@ def _(s: Session) -> None:
         raise Failed(f"answered {answer}")
 
 
+def _payer(s: Session, q: Quote, expected: Expected):
+    """Receipts for the payment window (§9.4): the first `n` bytes at their share of the price."""
+    return lambda n: s.frame(
+        Receipt(
+            quote=q.quote, seller=s.target_id, root=q.root, bytes=n, price=expected.paid_price(n)
+        )
+    )
+
+
 def _quote_error(s: Session, fp: bytes) -> ErrorCode | str:
     try:
         answer = _quote(s, fp)
@@ -276,7 +287,8 @@ def _(s: Session) -> None:
     dest = torch.zeros(expected.deliver, dtype=torch.uint8)
     bad = s.frame(Transfer(quote=q.quote, token=bytes(32), first=0))
     try:
-        fetch_tcp(q.data, bad, StreamVerifier(expected), Destination(dest, expected), 10)
+        verifier = StreamVerifier(expected)
+        fetch_tcp(q.data, bad, verifier, Destination(dest, expected), 10, _payer(s, q, expected))
     except RemoteProtocolError as exc:
         if exc.code not in (ErrorCode.BAD_TOKEN, ErrorCode.STREAM_TRUNCATED):
             raise Failed(f"refused with {exc.code.name}, not BAD_TOKEN") from None

@@ -463,6 +463,44 @@ def invalid() -> dict[str, Any]:
         ErrorCode.INVALID_FIELD,
         signed(MessageType.QUOTE, body_of(MESSAGES[8], header(403), blocks=4)),
     )
+    for cid, ctl in (
+        ("no-port", "tcp://10.0.0.1"),
+        ("port-out-of-range", "tcp://10.0.0.1:65536"),
+        ("host-name", "tcp://example.org:7000"),
+        ("unspecified", "tcp://0.0.0.0:7000"),
+        ("other-scheme", "udp://10.0.0.1:7000"),
+        ("ipv6-unbracketed", "tcp://2001:db8::1:7000"),
+    ):
+        case(
+            f"address/{cid}",
+            f"HELLO whose control address is {ctl!r} (§8.1a)",
+            ErrorCode.INVALID_FIELD,
+            signed(MessageType.HELLO, body_of(hello_msg(), header(410), ctl=ctl)),
+        )
+    case(
+        "address/data-host-name",
+        "ADVERTISE whose tcp data address names a host (§8.1a)",
+        ErrorCode.INVALID_FIELD,
+        signed(
+            MessageType.ADVERTISE,
+            body_of(advert(), adv_hdr, data=[{"t": "tcp", "addr": "seller.example:7001"}]),
+        ),
+    )
+    case(
+        "codec/too-many-keys",
+        "a body map of 65 keys (MAX_MAP_KEYS is 64, §4.4)",
+        ErrorCode.MALFORMED,
+        signed(
+            MessageType.HELLO,
+            body_of(hello_msg(), header(411), **{f"x{i:02}": 0 for i in range(58)}),
+        ),
+    )
+    case(
+        "field/relayable-ballast",
+        "an ADVERTISE carrying 4,098 bytes of unknown fields (§4.5)",
+        ErrorCode.INVALID_FIELD,
+        signed(MessageType.ADVERTISE, body_of(advert(), adv_hdr, zz=b"\0" * 4092)),
+    )
     case(
         "header/missing-to",
         "a direct message without a recipient",

@@ -1,6 +1,10 @@
 import os
 
+import pytest
 from hypothesis import settings
+from swarm import NodeProcess, TestPeer
+
+from kvx.trust import Identity, Signer
 
 # UCX over plain TCP, as on any machine without RDMA: CI tests the UCX transport for real.
 os.environ.setdefault("UCX_TLS", "tcp")
@@ -10,3 +14,32 @@ os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
 settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
 settings.register_profile("dev", deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+
+@pytest.fixture
+def node(tmp_path):
+    made = []
+
+    def start(**config) -> NodeProcess:
+        n = NodeProcess(tmp_path / f"node{len(made)}", **config).start()
+        n.wait_ready()
+        made.append(n)
+        return n
+
+    yield start
+    for n in made:
+        n.stop()
+
+
+@pytest.fixture
+def peers():
+    made = []
+
+    def connect(node: NodeProcess, identity: Identity | None = None) -> tuple[TestPeer, Signer]:
+        ident = identity or Identity.generate()
+        made.append(TestPeer(node, ident))
+        return made[-1], Signer(ident)
+
+    yield connect
+    for p in made:
+        p.close()

@@ -6,10 +6,26 @@ from hypothesis import assume
 from hypothesis import strategies as st
 
 from kvx.protocol import MESSAGE_CLASSES, RELAYABLE, Header, MessageType, max_lifetime_ms
+from kvx.protocol._address import CtlAddress
+from kvx.protocol._messages import ADDRESS
 from kvx.protocol._schema import Array, Bin, Bool, OneOf, Str, Struct, UInt
+
+ips = st.ip_addresses().filter(
+    lambda ip: not (ip.is_unspecified or ip.is_multicast or str(ip) == "255.255.255.255")
+)
+host_ports = st.builds(
+    lambda ip, port: f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}",
+    ips,
+    st.integers(1, 65535),
+)
+"""Data addresses as the spec allows them: an IP literal and a port (§8.1a)."""
 
 
 def for_wire(t) -> st.SearchStrategy:
+    if isinstance(t, CtlAddress):
+        return host_ports.map(lambda a: "tcp://" + a)
+    if t is ADDRESS:
+        return host_ports
     if isinstance(t, UInt):
         return st.integers(t.lo, t.hi)
     if isinstance(t, Bin):

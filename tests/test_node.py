@@ -155,14 +155,3 @@ def test_metrics_endpoint_and_cli_tables_of_a_running_node(tmp_path):
         timeout=30,
     )
     assert gone.returncode == 2 and "no node is running" in gone.stderr
-
-
-def test_the_data_dir_is_made_private(tmp_path):
-    import stat
-
-    data = tmp_path / "open"
-    data.mkdir(mode=0o755)
-    node = NodeProcess(data).start()
-    node.wait_ready()
-    node.stop()
-    assert stat.S_IMODE(data.stat().st_mode) == 0o700

@@ -36,17 +36,48 @@ def test_a_dead_peer_that_speaks_again_is_alive_and_a_restart_is_noticed():
     assert (t.get(A).state, t.get(A).ctl) == (State.ALIVE, "tcp://a2")
 
 
-def test_the_table_is_bounded_and_dead_peers_make_room():
-    t = table()
+def test_the_table_is_bounded_and_dead_peers_make_room_first():
+    kept = {A, B, C}
+    t = table(keep=lambda key: key in kept)
     for key in (A, B, C):
         t.heard_from(key, "tcp://x", 1, now=0)
-    assert not t.heard_from(b"\x0d" * 32, "tcp://d", 1, now=0)
+    assert not t.heard_from(b"\x0d" * 32, "tcp://d", 1, now=0)  # all kept: no room
     t.alive_again(A, 10)
     t.alive_again(B, 10)
     t.tick(20)  # C died
     t.tick(30)
     assert t.heard_from(b"\x0d" * 32, "tcp://d", 1, now=31)
-    assert C not in t
+    assert C not in t and len(t.all()) == 3
+
+
+def test_strangers_filling_the_table_cannot_keep_a_newcomer_out():
+    t = table(max_peers=64)
+    sybils = [bytes([1, i]) + bytes(30) for i in range(64)]
+    for i, key in enumerate(sybils):
+        assert t.heard_from(key, "tcp://127.0.0.1:1", 1, now=i / 100)
+    honest = b"\x0e" * 32
+    assert t.heard_from(honest, "tcp://127.0.0.1:2", 1, now=1.0)  # a young stranger leaves
+    assert honest in t and len(t.all()) == 64 and t.evicted == 1
+    # The elder half is never evicted for a newcomer, and evictions are rate-limited.
+    assert all(key in t for key in sybils[:32])
+    assert not t.heard_from(b"\x0f" * 32, "tcp://127.0.0.1:3", 1, now=1.5)
+    assert t.heard_from(b"\x0f" * 32, "tcp://127.0.0.1:3", 1, now=2.1)
+
+
+def test_candidates_are_a_quarter_of_the_table_one_per_address_and_die_unprobed():
+    t = table(max_peers=8)
+    named = [PeerEntry(bytes([9, i]) + bytes(30), "tcp://127.0.0.1:9", 1, 0) for i in range(8)]
+    assert len(t.learn(named)) == 1  # one name per address
+    spread = [
+        PeerEntry(bytes([8, i]) + bytes(30), f"tcp://127.0.0.1:{i + 1}", 1, 0) for i in range(8)
+    ]
+    added = [t.add_candidate(p, now=0) for p in t.learn(spread)]
+    assert added.count(True) == 2  # max_peers // 4
+    t.tick(10)  # they never answered: forgotten, not kept as dead peers to probe
+    assert t.all() == [] and t.to_probe(4, now=11) == []
+    t.heard_from(A, "tcp://127.0.0.1:5", 1, now=12)
+    (twin,) = t.learn([PeerEntry(B, "tcp://127.0.0.1:5", 1, 0)])
+    assert not t.add_candidate(twin, now=12)  # A is at that address already
 
 
 def test_probes_go_to_the_longest_unprobed_and_one_dead_peer_a_round():

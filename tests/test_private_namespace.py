@@ -58,7 +58,8 @@ async def test_members_trade_and_outsiders_get_nothing(nodes):
     eventually(lambda: any(p["state"] == "alive" for p in outsider.call("peers")["peers"]))
     time.sleep(1.5)  # several gossip and anti-entropy rounds
     assert outsider.call("ads")["ads"] == []
-    # ... and a request naming the namespace, without a proof, is refused.
+    # ... and a request naming the namespace, without a proof, gets the answer a namespace
+    # the seller is not in would get: no oracle for who belongs to it.
     peer = TestPeer(seller, Identity.generate())
     signer = Signer(peer.identity)
     peer.send(
@@ -71,5 +72,16 @@ async def test_members_trade_and_outsiders_get_nothing(nodes):
         )
     )
     answer = peer.recv()
+    assert isinstance(answer.message, Error) and answer.message.code == ErrorCode.NOT_FOUND
+    peer.send(
+        signer.seal(
+            QuoteRequest(
+                fp=FP, blocks=tuple(chain), transports=("tcp",), max_price=10**9, ns=b"\x99" * 32
+            ),
+            now_ms=time.time_ns() // 1_000_000,
+            to=peer.node_id,
+        )
+    )
+    other = peer.recv()
     peer.close()
-    assert isinstance(answer.message, Error) and answer.message.code == ErrorCode.NOT_A_MEMBER
+    assert (other.message.code, other.message.msg) == (answer.message.code, answer.message.msg)

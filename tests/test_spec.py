@@ -14,6 +14,7 @@ from kvx.protocol import (
     ErrorCode,
     MessageType,
 )
+from kvx.protocol._limits import MAX_ARRAY_ITEMS, MAX_MAP_KEYS, MAX_UNKNOWN_BYTES
 
 SPEC = (Path(kvx.conformance.__file__).parent / "PROTOCOL.md").read_text()
 
@@ -46,4 +47,7 @@ def test_limits_table_matches_the_constants():
     assert numbers["MAX_LIFETIME_MS"] == MAX_LIFETIME_MS
     assert numbers["MAX_ADVERT_LIFETIME_MS"] == MAX_ADVERT_LIFETIME_MS
     assert numbers["MAX_CHAIN_BLOCKS"] == MAX_CHAIN_BLOCKS
+    assert numbers["MAX_MAP_KEYS"] == MAX_MAP_KEYS
+    assert numbers["MAX_ARRAY_ITEMS"] == MAX_ARRAY_ITEMS
+    assert numbers["MAX_UNKNOWN_BYTES"] == MAX_UNKNOWN_BYTES
     assert f"{DEFAULT_CHUNK_BYTES:,} RECOMMENDED" in section("13")

@@ -13,11 +13,12 @@ from ._fetch import (
     fetch,
 )
 from ._sessions import Offer, Sessions
-from ._tcp import TcpDataServer, fetch_tcp, receive_stream, serve_stream
+from ._tcp import DataLimits, TcpDataServer, fetch_tcp, receive_stream, serve_stream
 from ._verify import Expected, StreamVerifier
 
 __all__ = [
     "PREFERENCE",
+    "DataLimits",
     "Destination",
     "Expected",
     "Fault",

@@ -59,6 +59,7 @@ class Source:
     address: str
     expected: Expected
     transfer: Callable[[int], bytes]  # the sealed TRANSFER frame for a first chunk
+    pay: Callable[[int], bytes] | None = None  # the sealed receipt for a paid prefix (§9.4)
 
 
 @dataclass(frozen=True)
@@ -85,14 +86,18 @@ class FetchMiss(KvxError):
 
 
 async def _stream(source: Source, verifier: StreamVerifier, dest: Destination, timeout_s: float):
-    verifier.begin_stream()
+    verifier.begin_stream(source.expected)
     frame = source.transfer(verifier.verified)
     if source.transport == "tcp":
-        await asyncio.to_thread(fetch_tcp, source.address, frame, verifier, dest, timeout_s)
+        await asyncio.to_thread(
+            fetch_tcp, source.address, frame, verifier, dest, timeout_s, source.pay
+        )
     elif source.transport == "ucx":
         from ._ucx import fetch_ucx  # ucxx is an optional extra
 
-        await asyncio.wait_for(fetch_ucx(source.address, frame, verifier, dest), timeout_s)
+        await asyncio.wait_for(
+            fetch_ucx(source.address, frame, verifier, dest, source.pay), timeout_s
+        )
     else:
         raise RemoteProtocolError(ErrorCode.NO_COMMON_TRANSPORT, f"unknown {source.transport}")
 
@@ -117,7 +122,8 @@ async def fetch(
 
     `sources` may be produced lazily (a buyer negotiates with the next provider only when
     the last one failed); `tensor` may be a function that allocates the destination once
-    the first source's quote has fixed its size. Faults met before (a refused quote, say)
+    a source's quote has fixed its size (again, should a later source offer another
+    payload after the earlier ones failed). Faults met before (a refused quote, say)
     can be passed in `faults`, to be reported with the rest.
     """
     faults = [] if faults is None else faults
@@ -125,13 +131,15 @@ async def fetch(
     dest: Destination | None = None
     verifier: StreamVerifier | None = None
     async for source in _each(sources):
-        if dest is None or verifier is None:
+        if verifier is None or source.expected.content != verifier.expected.content:
+            # Another payload (honest providers may hold different bytes for one chain):
+            # start over with it, and blame nobody for the difference.
+            if dest is not None:
+                dest.scrub(0)
+            served = []
             target = tensor(source.expected) if callable(tensor) else tensor
             dest, verifier = Destination(target, source.expected), StreamVerifier(source.expected)
-        expected = verifier.expected
-        if source.expected != expected:
-            faults.append(Fault(source.provider, ErrorCode.ROOT_MISMATCH, "another payload"))
-            continue
+        expected = source.expected
         before = verifier.verified
         try:
             await _stream(source, verifier, dest, timeout_s)

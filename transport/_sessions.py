@@ -5,8 +5,8 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from kvx.protocol import Error, ErrorCode, RemoteProtocolError, Transfer, byte_view
-from kvx.trust import Inbox, Signer
+from kvx.protocol import Error, ErrorCode, Receipt, RemoteProtocolError, Transfer, byte_view
+from kvx.trust import Inbox, Signer, Statement
 
 from ._verify import Expected
 
@@ -109,6 +109,7 @@ class Admission:
     offer: Offer | None
     first: int = 0
     reply: bytes | None = None
+    seq: int | None = None  # of the TRANSFER, for an ERROR's `re`
 
 
 def admit(frame: bytes, sessions: Sessions, inbox: Inbox, signer: Signer, now_ms: int) -> Admission:
@@ -124,4 +125,43 @@ def admit(frame: bytes, sessions: Sessions, inbox: Inbox, signer: Signer, now_ms
             return Admission(None)
         error = Error(code=int(exc.code), msg=exc.detail[:256], re=statement.header.seq)
         return Admission(None, reply=signer.seal(error, now_ms=now_ms, to=statement.signer_id))
-    return Admission(offer, statement.message.first)
+    return Admission(offer, statement.message.first, seq=statement.header.seq)
+
+
+class Payments:
+    """The seller's side of one stream's payment window (spec §9.4): chunk `index` may be
+    sent only while fewer than `window` chunks are unpaid; a receipt moves the window."""
+
+    def __init__(self, offer: Offer, first: int, inbox: Inbox, seller: bytes) -> None:
+        self.offer = offer
+        self.inbox = inbox
+        self.seller = seller  # our node id, which a receipt must name
+        self.paid = first  # chunks receipted, counted from the payload's start
+
+    def blocked(self, index: int) -> bool:
+        window = self.offer.expected.window
+        return bool(window) and index >= self.paid + window
+
+    def receipt(self, frame: bytes, next_index: int, now_ms: int) -> Statement:
+        """Check the buyer's receipt for every chunk before `next_index`; raise if it is not."""
+        expected = self.offer.expected
+        st = self.inbox.receive(frame, now_ms=now_ms, peer_curve_key=None)
+        r = st.message
+        if not isinstance(r, Receipt):
+            raise RemoteProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "the window waits for RECEIPT")
+        covered = min(next_index * expected.chunk, expected.deliver)
+        if (
+            st.signer != self.offer.buyer
+            or r.quote != self.offer.quote
+            or r.seller != self.seller
+            or r.root != expected.root
+        ):
+            raise RemoteProtocolError(ErrorCode.UNKNOWN_TRANSFER, "a receipt for another deal")
+        if not covered <= r.bytes <= expected.deliver or r.price != expected.paid_price(r.bytes):
+            raise RemoteProtocolError(
+                ErrorCode.UNKNOWN_TRANSFER,
+                f"the receipt covers {r.bytes} bytes at {r.price}; due: {covered} bytes"
+                f" at {expected.paid_price(covered)}",
+            )
+        self.paid = -(-r.bytes // expected.chunk)
+        return st

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import struct
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 from kvx.protocol import (
     CHUNK_INDEX,
@@ -24,13 +27,17 @@ from kvx.protocol import (
     ProtocolError,
     RemoteProtocolError,
     frame_header,
+    node_id,
     parse_frame_header,
+    split_host_port,
 )
-from kvx.trust import Inbox, Signer, open_envelope
+from kvx.trust import Inbox, Signer, Statement, open_envelope
 
 from ._destination import Destination
-from ._sessions import Offer, Sessions, admit
+from ._sessions import Offer, Payments, Sessions, admit
 from ._verify import StreamVerifier
+
+log = logging.getLogger("kvx.transport")
 
 
 def set_stall_timeout(sock: socket.socket, seconds: float) -> None:
@@ -48,29 +55,46 @@ def set_stall_timeout(sock: socket.socket, seconds: float) -> None:
 
 
 def split_address(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"a TCP data address is HOST:PORT, not {address!r}")
-    return host.strip("[]"), int(port)
+    """A data address (already checked where it was decoded) as a connect() target."""
+    ip, port = split_host_port(address)
+    return str(ip), port
 
 
-def _recv_exact(sock: socket.socket, view: memoryview) -> None:
-    """Fill `view` from the socket; a peer that closes first has truncated the stream."""
+def _recv_exact(sock: socket.socket, view: memoryview, deadline: float | None = None) -> None:
+    """Fill `view` from the socket; a peer that closes first has truncated the stream.
+
+    With a `deadline` (monotonic seconds), a peer that trickles bytes cannot stretch one
+    read past it: the stall timeout bounds each wait, the deadline the sum of them.
+    """
     while view:
+        if deadline is not None:
+            _wait_at_most(sock, socket.SO_RCVTIMEO, deadline)
         got = sock.recv_into(view, len(view), socket.MSG_WAITALL)
         if got == 0:
             raise RemoteProtocolError(ErrorCode.STREAM_TRUNCATED, "the peer closed the stream")
         view = view[got:]
 
 
-def _recv_bytes(sock: socket.socket, n: int) -> bytes:
+def _recv_bytes(sock: socket.socket, n: int, deadline: float | None = None) -> bytes:
     buf = bytearray(n)
-    _recv_exact(sock, memoryview(buf))
+    _recv_exact(sock, memoryview(buf), deadline)
     return bytes(buf)
 
 
-def _read_header(sock: socket.socket) -> tuple[FrameTag, int]:
-    return parse_frame_header(_recv_bytes(sock, FRAME_HEADER.size))
+def _read_header(sock: socket.socket, deadline: float | None = None) -> tuple[FrameTag, int]:
+    return parse_frame_header(_recv_bytes(sock, FRAME_HEADER.size, deadline))
+
+
+def _wait_at_most(sock: socket.socket, option: int, deadline: float) -> None:
+    """Shorten the socket's stall timeout to what is left before `deadline`."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("the stream's deadline passed")
+    current = struct.unpack("ll", sock.getsockopt(socket.SOL_SOCKET, option, 16))
+    if left < current[0] + current[1] / 1e6 or current == (0, 0):
+        whole = int(left)
+        value = struct.pack("ll", whole, max(1, int((left - whole) * 1e6)))
+        sock.setsockopt(socket.SOL_SOCKET, option, value)
 
 
 def remote_error(frame: bytes) -> RemoteProtocolError:
@@ -85,15 +109,26 @@ def remote_error(frame: bytes) -> RemoteProtocolError:
     return RemoteProtocolError(code, f"the seller said: {message.msg}")
 
 
+def _send_control(sock: socket.socket, frame: bytes) -> None:
+    sock.sendall(frame_header(FrameTag.CONTROL, len(frame)) + frame)
+
+
 def receive_stream(
-    sock: socket.socket, transfer_frame: bytes, verifier: StreamVerifier, dest: Destination
+    sock: socket.socket,
+    transfer_frame: bytes,
+    verifier: StreamVerifier,
+    dest: Destination,
+    pay: Callable[[int], bytes] | None = None,
 ) -> None:
     """Run one stream to its END, verifying every chunk; raises on the first fault.
 
-    On any exception `verifier.verified` is the first chunk not yet verified, where a
-    stream from another provider resumes.
+    `pay(bytes)` seals the receipt for the first `bytes` of the delivery, sent whenever
+    the quote's payment window is used up (§9.4). On any exception `verifier.verified` is
+    the first chunk not yet verified, where a stream from another provider resumes.
     """
-    sock.sendall(frame_header(FrameTag.CONTROL, len(transfer_frame)) + transfer_frame)
+    if verifier.expected.window and pay is None:
+        raise ValueError("a quote with a payment window needs `pay`")
+    _send_control(sock, transfer_frame)
     tag, length = _read_header(sock)
     if tag == FrameTag.CONTROL:
         raise remote_error(_recv_bytes(sock, length))
@@ -124,6 +159,12 @@ def receive_stream(
                 if pending is not None:
                     pending.result()  # chunk index-1 is verified before index is handed on
                 pending = hasher.submit(verify, index, landed)
+                if verifier.window_full:  # the seller waits: pay for what verified
+                    pending.result()
+                    pending = None
+                    due = verifier.payment_due()
+                    assert due is not None and pay is not None
+                    _send_control(sock, pay(due))
         finally:
             if pending is not None:
                 # Always join the hasher, so that `verified` is final when we return.
@@ -135,43 +176,97 @@ def receive_stream(
     dest.finish()
 
 
+@dataclass(frozen=True)
+class DataLimits:
+    """A seller's data-port budgets (spec §13.1); the node's config sets them."""
+
+    connections: int = 256
+    """Open data connections in total; past it, the oldest one not yet streaming is closed."""
+    streams: int = 8
+    """Streams served at once, each on a thread of the port's own pool."""
+    streams_per_buyer: int = 2
+    header_s: float = 5.0
+    """The opening TRANSFER must arrive whole within this, however it trickles."""
+    stall_s: float = 30.0
+    """No progress for this long ends a stream."""
+    min_rate: int = 1 << 20
+    """Bytes a second a stream must average, after `stall_s` of grace."""
+
+
 def serve_stream(
     sock: socket.socket,
-    sessions: Sessions,
-    inbox: Inbox,
-    signer: Signer,
+    offer: Offer,
+    first: int,
+    payments: Payments,
     now_ms: Callable[[], int],
-) -> Offer | None:
-    """Serve the stream a buyer's TRANSFER asks for; answer a bad one with ERROR.
+    limits: DataLimits,
+    on_receipt: Callable[[Statement], None] | None = None,
+) -> bool:
+    """Stream an admitted offer from chunk `first`; True if it was sent whole.
 
-    Returns the offer served whole, or None if the stream failed or was refused.
+    The whole stream has one deadline from its size and `limits.min_rate`, so a buyer that
+    reads a byte now and then cannot hold the thread; within the payment window the seller
+    sends on, past it it waits for the buyer's receipt (§9.4).
     """
-    tag, length = _read_header(sock)
-    if tag != FrameTag.CONTROL:
-        return None
-    admission = admit(_recv_bytes(sock, length), sessions, inbox, signer, now_ms())
-    offer, first = admission.offer, admission.first
-    if offer is None:
-        if admission.reply is not None:
-            with contextlib.suppress(OSError):
-                sock.sendall(frame_header(FrameTag.CONTROL, len(admission.reply)) + admission.reply)
-        return None
+    expected = offer.expected
+    deadline = time.monotonic() + limits.stall_s + expected.deliver / limits.min_rate
     hashes = b"".join(offer.hashes)
     try:
-        sock.sendall(frame_header(FrameTag.CHUNK_LIST, len(hashes)) + hashes)
-        for index in range(first, offer.expected.needed):
+        _send_all(sock, frame_header(FrameTag.CHUNK_LIST, len(hashes)) + hashes, deadline)
+        for index in range(first, expected.needed):
+            if payments.blocked(index):
+                tag, length = _read_header(sock, deadline)
+                if tag != FrameTag.CONTROL:
+                    return False
+                receipt = payments.receipt(_recv_bytes(sock, length, deadline), index, now_ms())
+                if on_receipt is not None:
+                    on_receipt(receipt)
             data = offer.chunk(index)
             head = frame_header(FrameTag.CHUNK, CHUNK_INDEX.size + len(data))
-            sock.sendall(head + CHUNK_INDEX.pack(index))
-            sock.sendall(data)
-        sock.sendall(frame_header(FrameTag.END, 0))
-    except OSError:
-        return None  # the buyer went away; it resumes elsewhere or gives up
-    return offer
+            _send_all(sock, head + CHUNK_INDEX.pack(index), deadline)
+            _send_all(sock, data, deadline)
+        _send_all(sock, frame_header(FrameTag.END, 0), deadline)
+    except (OSError, RemoteProtocolError):
+        return False  # the buyer went away, stalled, or did not pay: it gets no more
+    return True
+
+
+_SLICE = 1 << 20
+
+
+def _send_all(sock: socket.socket, data: bytes | memoryview, deadline: float) -> None:
+    view = memoryview(data)
+    for start in range(0, len(view), _SLICE):
+        _wait_at_most(sock, socket.SO_SNDTIMEO, deadline)
+        sock.sendall(view[start : start + _SLICE])
+
+
+async def _read_opening(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> bytes:
+    """The buyer's first frame, read without a thread: CONTROL(TRANSFER) or nothing."""
+
+    async def exactly(n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            got = await loop.sock_recv(conn, n - len(buf))
+            if not got:
+                raise RemoteProtocolError(ErrorCode.STREAM_TRUNCATED, "closed before TRANSFER")
+            buf += got
+        return bytes(buf)
+
+    tag, length = parse_frame_header(await exactly(FRAME_HEADER.size))
+    if tag != FrameTag.CONTROL:
+        raise RemoteProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "a stream opens with TRANSFER")
+    return await exactly(length)
 
 
 class TcpDataServer:
-    """A seller's TCP data port: accepts buyers and serves each stream in a worker thread."""
+    """A seller's TCP data port: accepts buyers and serves each stream on its own pool.
+
+    Nothing a buyer does stops the port: connections past the budget push out the oldest
+    one still waiting for its TRANSFER, the TRANSFER is read on the event loop under one
+    deadline (no thread is held by a slow opener), running out of file descriptors backs
+    off instead of ending the accept loop, and each stream has a deadline of its own.
+    """
 
     def __init__(
         self,
@@ -180,27 +275,39 @@ class TcpDataServer:
         signer: Signer,
         *,
         on_delivered: Callable[[Offer], None] | None = None,
+        on_receipt: Callable[[Statement], None] | None = None,
         now_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
-        timeout_s: float = 30.0,
+        limits: DataLimits | None = None,
     ) -> None:
         self.sessions = sessions
         self.inbox = inbox
         self.signer = signer
         self.on_delivered = on_delivered
+        self.on_receipt = on_receipt
         self.now_ms = now_ms
-        self.timeout_s = timeout_s
+        self.limits = limits if limits is not None else DataLimits()
+        self.accept_errors = 0  # a metric: accept() failures survived
         self._listener: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
-        self._streams: set[asyncio.Task[None]] = set()
+        self._opening: dict[socket.socket, asyncio.Task[None]] = {}  # oldest first
+        self._streaming: set[socket.socket] = set()
+        self._per_buyer: dict[bytes, int] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._lock = threading.Lock()  # _per_buyer is counted from the pool's threads
+        self._pool = ThreadPoolExecutor(self.limits.streams, thread_name_prefix="kvx-data")
 
     @property
     def address(self) -> str:
         assert self._listener is not None
         host, port = self._listener.getsockname()[:2]
-        return f"{host}:{port}"
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    @property
+    def connections(self) -> int:
+        return len(self._opening) + len(self._streaming)
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        listener = socket.create_server((host, port), reuse_port=False)
+        listener = socket.create_server((host, port), reuse_port=False, backlog=128)
         listener.setblocking(False)
         self._listener = listener
         self._accepting = asyncio.create_task(self._accept())
@@ -208,20 +315,84 @@ class TcpDataServer:
     async def _accept(self) -> None:
         loop = asyncio.get_running_loop()
         assert self._listener is not None
+        backoff = 0.01
         while True:
-            conn, _ = await loop.sock_accept(self._listener)
+            try:
+                conn, _ = await loop.sock_accept(self._listener)
+            except OSError as exc:
+                # EMFILE and friends: wait for descriptors to come back; never give up.
+                self.accept_errors += 1
+                log.warning("data port accept failed (%s); retrying in %.2f s", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+                continue
+            backoff = 0.01
+            if self.connections >= self.limits.connections:
+                if not self._opening:  # every slot streams a paid-for deal: refuse this one
+                    conn.close()
+                    continue
+                oldest = next(iter(self._opening))
+                self._opening.pop(oldest).cancel()
             task = asyncio.create_task(self._serve(conn))
-            self._streams.add(task)
-            task.add_done_callback(self._streams.discard)
+            self._opening[conn] = task
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def _serve(self, conn: socket.socket) -> None:
-        set_stall_timeout(conn, self.timeout_s)
+        loop = asyncio.get_running_loop()
         with conn:
-            offer = await asyncio.to_thread(
-                serve_stream, conn, self.sessions, self.inbox, self.signer, self.now_ms
-            )
+            try:
+                conn.setblocking(False)
+                frame = await asyncio.wait_for(_read_opening(loop, conn), self.limits.header_s)
+            except (TimeoutError, OSError, RemoteProtocolError):
+                return
+            finally:
+                self._opening.pop(conn, None)
+            self._streaming.add(conn)
+            try:
+                offer = await loop.run_in_executor(self._pool, self._stream, conn, frame)
+            finally:
+                self._streaming.discard(conn)
         if offer is not None and self.on_delivered is not None:
             self.on_delivered(offer)
+
+    def _stream(self, conn: socket.socket, frame: bytes) -> Offer | None:
+        """On a pool thread: admit the TRANSFER (it may wait for its ACCEPT), then stream."""
+        set_stall_timeout(conn, self.limits.stall_s)
+        admission = admit(frame, self.sessions, self.inbox, self.signer, self.now_ms())
+        offer = admission.offer
+        if offer is None:
+            if admission.reply is not None:
+                with contextlib.suppress(OSError):
+                    _send_control(conn, admission.reply)
+            return None
+        buyer = offer.buyer
+        with self._lock:
+            busy = self._per_buyer.get(buyer, 0) >= self.limits.streams_per_buyer
+            if not busy:
+                self._per_buyer[buyer] = self._per_buyer.get(buyer, 0) + 1
+        if busy:
+            error = Error(
+                code=int(ErrorCode.OVER_BUDGET),
+                msg=f"at most {self.limits.streams_per_buyer} streams per buyer at once",
+                re=admission.seq,
+            )
+            with contextlib.suppress(OSError):
+                _send_control(
+                    conn, self.signer.seal(error, now_ms=self.now_ms(), to=node_id(buyer))
+                )
+            return None
+        try:
+            payments = Payments(offer, admission.first, self.inbox, self.signer.identity.node_id)
+            done = serve_stream(
+                conn, offer, admission.first, payments, self.now_ms, self.limits, self.on_receipt
+            )
+        finally:
+            with self._lock:
+                self._per_buyer[buyer] -= 1
+                if not self._per_buyer[buyer]:
+                    del self._per_buyer[buyer]
+        return offer if done else None
 
     async def close(self) -> None:
         if self._accepting is not None:
@@ -230,8 +401,11 @@ class TcpDataServer:
                 await self._accepting
         if self._listener is not None:
             self._listener.close()
-        if self._streams:
-            await asyncio.gather(*self._streams, return_exceptions=True)
+        for task in list(self._opening.values()):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def open_stream(address: str, timeout_s: float) -> socket.socket:
@@ -246,6 +420,7 @@ def fetch_tcp(
     verifier: StreamVerifier,
     dest: Destination,
     timeout_s: float,
+    pay: Callable[[int], bytes] | None = None,
 ) -> None:
     """Open a stream to `address` and receive it whole (blocking; run it in a thread)."""
     try:
@@ -254,7 +429,7 @@ def fetch_tcp(
         raise RemoteProtocolError(ErrorCode.UNAVAILABLE, f"cannot reach {address}: {exc}") from None
     with sock:
         try:
-            receive_stream(sock, transfer_frame, verifier, dest)
+            receive_stream(sock, transfer_frame, verifier, dest, pay)
         except (TimeoutError, BlockingIOError):  # SO_RCVTIMEO expired: EAGAIN
             raise RemoteProtocolError(ErrorCode.TIMEOUT, "the stream stalled") from None
         except OSError as exc:

@@ -28,10 +28,10 @@ from kvx.protocol import (
     frame_header,
     parse_frame_header,
 )
-from kvx.trust import Inbox, Signer
+from kvx.trust import Inbox, Signer, Statement
 
 from ._destination import Destination
-from ._sessions import Offer, Sessions, admit
+from ._sessions import Offer, Payments, Sessions, admit
 from ._tcp import remote_error, split_address
 from ._verify import StreamVerifier
 
@@ -57,9 +57,16 @@ async def _send(ep: ucxx.Endpoint, tag: FrameTag, *parts: bytes | memoryview) ->
 
 
 async def receive_stream_ucx(
-    ep: ucxx.Endpoint, transfer_frame: bytes, verifier: StreamVerifier, dest: Destination
+    ep: ucxx.Endpoint,
+    transfer_frame: bytes,
+    verifier: StreamVerifier,
+    dest: Destination,
+    pay: Callable[[int], bytes] | None = None,
 ) -> None:
-    """The UCX twin of `receive_stream`: same checks, same resume point on failure."""
+    """The UCX twin of `receive_stream`: same checks, same payment window, same resume
+    point on failure."""
+    if verifier.expected.window and pay is None:
+        raise ValueError("a quote with a payment window needs `pay`")
     await _send(ep, FrameTag.CONTROL, transfer_frame)
     tag, length = await _read_header(ep)
     if tag == FrameTag.CONTROL:
@@ -104,6 +111,12 @@ async def receive_stream_ucx(
                 if pending is not None:
                     await pending
                 pending = loop.run_in_executor(hasher, verify, index, landed)
+                if verifier.window_full:  # the seller waits: pay for what verified
+                    await pending
+                    pending = None
+                    due = verifier.payment_due()
+                    assert due is not None and pay is not None
+                    await _send(ep, FrameTag.CONTROL, pay(due))
                 if index + 2 < expected.needed:
                     window.append(post(index + 2))
         finally:
@@ -123,7 +136,11 @@ async def receive_stream_ucx(
 
 
 async def fetch_ucx(
-    address: str, transfer_frame: bytes, verifier: StreamVerifier, dest: Destination
+    address: str,
+    transfer_frame: bytes,
+    verifier: StreamVerifier,
+    dest: Destination,
+    pay: Callable[[int], bytes] | None = None,
 ) -> None:
     host, port = split_address(address)
     try:
@@ -131,7 +148,7 @@ async def fetch_ucx(
     except Exception as exc:  # ucxx raises its own error types for unreachable peers
         raise RemoteProtocolError(ErrorCode.UNAVAILABLE, f"cannot reach {address}: {exc}") from None
     try:
-        await receive_stream_ucx(ep, transfer_frame, verifier, dest)
+        await receive_stream_ucx(ep, transfer_frame, verifier, dest, pay)
     except ucxx.exceptions.UCXError as exc:
         raise RemoteProtocolError(ErrorCode.STREAM_TRUNCATED, f"the stream broke: {exc}") from None
     finally:
@@ -148,12 +165,14 @@ class UcxDataServer:
         signer: Signer,
         *,
         on_delivered: Callable[[Offer], None] | None = None,
+        on_receipt: Callable[[Statement], None] | None = None,
         now_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
     ) -> None:
         self.sessions = sessions
         self.inbox = inbox
         self.signer = signer
         self.on_delivered = on_delivered
+        self.on_receipt = on_receipt
         self.now_ms = now_ms
         self._listener: ucxx.Listener | None = None
         self._host = "127.0.0.1"
@@ -197,8 +216,21 @@ class UcxDataServer:
                 await _send(ep, FrameTag.CONTROL, admission.reply)
             return None
         await _send(ep, FrameTag.CHUNK_LIST, b"".join(offer.hashes))
+        payments = Payments(offer, admission.first, self.inbox, self.signer.identity.node_id)
         inflight: list[asyncio.Future] = []
         for index in range(admission.first, offer.expected.needed):
+            if payments.blocked(index):  # the window is used up: wait for the receipt
+                await asyncio.gather(*inflight)
+                inflight.clear()
+                tag, length = await _read_header(ep)
+                if tag != FrameTag.CONTROL:
+                    return None
+                try:
+                    receipt = payments.receipt(await _recv(ep, length), index, self.now_ms())
+                except RemoteProtocolError:
+                    return None  # no valid receipt: the buyer gets no more
+                if self.on_receipt is not None:
+                    self.on_receipt(receipt)
             data = offer.chunk(index)
             head = frame_header(FrameTag.CHUNK, CHUNK_INDEX.size + len(data))
             # Two chunks in flight: the next is posted before this one has left.

@@ -27,10 +27,28 @@ class Expected:
     size: int  # bytes the root covers
     chunk: int
     deliver: int  # bytes the buyer keeps: a prefix of the payload
+    window: int = 0  # chunks the seller sends before it waits for a receipt; 0: no window
+    price: int = 0  # of the whole delivery, which window receipts pay pro rata
 
     @classmethod
     def from_quote(cls, quote: Quote) -> Expected:
-        return cls(root=quote.root, size=quote.size, chunk=quote.chunk, deliver=quote.deliver)
+        return cls(
+            root=quote.root,
+            size=quote.size,
+            chunk=quote.chunk,
+            deliver=quote.deliver,
+            window=(quote.window or 0) // quote.chunk,
+            price=quote.price,
+        )
+
+    @property
+    def content(self) -> tuple[bytes, int, int, int]:
+        """What makes two providers' streams interchangeable chunk for chunk."""
+        return (self.root, self.size, self.chunk, self.deliver)
+
+    def paid_price(self, paid_bytes: int) -> int:
+        """The price a receipt for the first `paid_bytes` of the delivery states (§9.4)."""
+        return self.price * paid_bytes // self.deliver
 
     @property
     def chunks(self) -> int:
@@ -58,13 +76,35 @@ class StreamVerifier:
             raise ValueError("first chunk or delivered size outside the payload")
         self.expected = expected
         self.verified = first
+        self.paid = first  # chunks this stream's receipts cover (a window counts from here)
         self._next = first
         self._hashes: list[bytes] | None = None
 
-    def begin_stream(self) -> None:
-        """A new stream (from this or another provider) resumes at the first unverified chunk."""
+    def begin_stream(self, expected: Expected | None = None) -> None:
+        """A new stream (from this or another provider of the same content, whose quote
+        may set another window and price) resumes at the first unverified chunk."""
+        if expected is not None:
+            if expected.content != self.expected.content:
+                raise ValueError("a stream of another payload cannot resume this one")
+            self.expected = expected
         self._next = self.verified
+        self.paid = self.verified
         self._hashes = None
+
+    def payment_due(self) -> int | None:
+        """Bytes to receipt now, when every chunk of the window has verified and more are
+        needed: the seller sends no further chunk before that receipt (§9.4)."""
+        window = self.expected.window
+        if window and self.verified == self.paid + window < self.expected.needed:
+            self.paid = self.verified
+            return self.verified * self.expected.chunk
+        return None
+
+    @property
+    def window_full(self) -> bool:
+        """Whether the chunk just admitted is the last the seller sends before a receipt."""
+        window = self.expected.window
+        return bool(window) and self._next == self.paid + window < self.expected.needed
 
     @property
     def complete(self) -> bool:

@@ -138,5 +138,6 @@ class Inbox:
                 ErrorCode.SIGNER_MISMATCH,
                 f"{st.type.name} is signed by a key other than the sender's",
             )
-        self.guard.check(st.signer, st.header, now_ms)
+        # A relayed statement is remembered once the node has taken it (see ReplayGuard).
+        self.guard.check(st.signer, st.header, now_ms, remember=st.type not in RELAYABLE)
         return st

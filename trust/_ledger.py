@@ -31,9 +31,19 @@ CREATE TABLE IF NOT EXISTS deals (
 CREATE TABLE IF NOT EXISTS receipts (
     quote_id      BLOB PRIMARY KEY REFERENCES deals (quote_id),
     receipt_frame BLOB NOT NULL,
-    recorded_ms   INTEGER NOT NULL
+    recorded_ms   INTEGER NOT NULL,
+    bytes         INTEGER NOT NULL,
+    price         INTEGER NOT NULL
 );
 """
+
+_RECEIPT_COLUMNS = (  # a ledger written before payment windows held whole receipts only
+    "ALTER TABLE receipts ADD COLUMN bytes INTEGER NOT NULL DEFAULT -1",
+    "ALTER TABLE receipts ADD COLUMN price INTEGER NOT NULL DEFAULT -1",
+    "UPDATE receipts SET bytes = (SELECT d.bytes FROM deals d WHERE d.quote_id ="
+    " receipts.quote_id), price = (SELECT d.price FROM deals d WHERE d.quote_id ="
+    " receipts.quote_id) WHERE bytes = -1",
+)
 
 
 def _fail(code: ErrorCode, detail: str) -> RemoteProtocolError:
@@ -48,7 +58,8 @@ class AuditEntry:
     quote_id: bytes
     bytes: int
     price: int
-    receipted: bool
+    paid: int  # what the latest receipt states: the price, or part of it mid-stream
+    receipted: bool  # a receipt for the whole delivery is stored
 
 
 class Ledger:
@@ -61,6 +72,12 @@ class Ledger:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(receipts)")}
+        if "price" not in columns:
+            self._db.execute("BEGIN IMMEDIATE")
+            for statement in _RECEIPT_COLUMNS:
+                self._db.execute(statement)
+            self._db.execute("COMMIT")
 
     def close(self) -> None:
         self._db.close()
@@ -72,7 +89,7 @@ class Ledger:
             (self.me, peer),
         ).fetchone()[0]
         bought = self._db.execute(
-            "SELECT COALESCE(SUM(d.price), 0) FROM deals d JOIN receipts r USING (quote_id)"
+            "SELECT COALESCE(SUM(r.price), 0) FROM deals d JOIN receipts r USING (quote_id)"
             " WHERE d.seller = ? AND d.buyer = ?",
             (peer, self.me),
         ).fetchone()[0]
@@ -140,7 +157,9 @@ class Ledger:
             raise _fail(ErrorCode.UNKNOWN_QUOTE, "no deal of ours with that quote id")
 
     def record_receipt(self, receipt: Statement, now_ms: int) -> None:
-        """Store a buyer's RECEIPT for a deal that was accepted and delivered, exactly once."""
+        """Store a buyer's RECEIPT for a deal that was accepted (and, for the whole
+        delivery, delivered); a receipt for more of the delivery replaces one for less
+        (the payment window, §9.4), anything else differing from the stored one is refused."""
         r = receipt.message
         if not isinstance(r, Receipt):
             raise _fail(ErrorCode.UNEXPECTED_MESSAGE, "not a RECEIPT")
@@ -156,19 +175,30 @@ class Ledger:
             seller, buyer, price, root, size, delivered = deal
             if receipt.signer_id != buyer:
                 raise _fail(ErrorCode.UNKNOWN_TRANSFER, "the receipt is not signed by the buyer")
-            if (r.seller, r.price, r.root, r.bytes) != (seller, price, root, size):
+            if (
+                (r.seller, r.root) != (seller, root)
+                or not 0 < r.bytes <= size
+                or r.price != price * r.bytes // size
+            ):
                 raise _fail(ErrorCode.UNKNOWN_TRANSFER, "the receipt does not match the deal")
-            if seller == self.me and delivered is None:
+            if seller == self.me and r.bytes == size and delivered is None:
                 raise _fail(ErrorCode.UNKNOWN_TRANSFER, "that transfer never completed")
             row = self._db.execute(
-                "SELECT receipt_frame FROM receipts WHERE quote_id = ?", (r.quote,)
+                "SELECT receipt_frame, bytes FROM receipts WHERE quote_id = ?", (r.quote,)
             ).fetchone()
             if row is None:
                 self._db.execute(
-                    "INSERT INTO receipts VALUES (?, ?, ?)", (r.quote, receipt.frame, now_ms)
+                    "INSERT INTO receipts VALUES (?, ?, ?, ?, ?)",
+                    (r.quote, receipt.frame, now_ms, r.bytes, r.price),
                 )
             elif row[0] != receipt.frame:
-                raise _fail(ErrorCode.REPLAYED, "a different receipt was recorded for this deal")
+                if r.bytes <= row[1]:
+                    raise _fail(ErrorCode.REPLAYED, "a receipt for as much is already recorded")
+                self._db.execute(
+                    "UPDATE receipts SET receipt_frame = ?, recorded_ms = ?, bytes = ?, price = ?"
+                    " WHERE quote_id = ?",
+                    (receipt.frame, now_ms, r.bytes, r.price, r.quote),
+                )
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
@@ -178,7 +208,7 @@ class Ledger:
         """Net receipted amount each peer owes this node (negative: this node owes it)."""
         out: dict[bytes, int] = {}
         rows = self._db.execute(
-            "SELECT d.seller, d.buyer, d.price FROM deals d JOIN receipts USING (quote_id)"
+            "SELECT d.seller, d.buyer, r.price FROM deals d JOIN receipts r USING (quote_id)"
         )
         for seller, buyer, price in rows:
             if seller == self.me:
@@ -191,7 +221,8 @@ class Ledger:
         """Every deal, oldest first."""
         rows = self._db.execute(
             "SELECT d.accepted_ms, d.seller, d.buyer, d.quote_id, d.bytes, d.price,"
-            " r.quote_id IS NOT NULL FROM deals d LEFT JOIN receipts r USING (quote_id)"
+            " COALESCE(r.price, 0), COALESCE(r.bytes = d.bytes, 0)"
+            " FROM deals d LEFT JOIN receipts r USING (quote_id)"
             " ORDER BY d.accepted_ms, d.quote_id"
         )
         return [
@@ -202,9 +233,10 @@ class Ledger:
                 quote_id=qid,
                 bytes=size,
                 price=price,
+                paid=paid,
                 receipted=bool(done),
             )
-            for when, seller, buyer, qid, size, price, done in rows
+            for when, seller, buyer, qid, size, price, paid, done in rows
         ]
 
     def verify(self) -> None:

@@ -8,6 +8,7 @@ challenge, so a proof is worth nothing on another connection or to another node.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kvx.protocol import ErrorCode, Membership, NamespaceProof, RemoteProtocolError
@@ -29,11 +30,17 @@ class _Session:
 class Memberships:
     """One node's challenges to its peers and the namespaces each peer has proved."""
 
-    def __init__(self, me: bytes, policy: Policy, *, ttl_s: float = 3600.0) -> None:
+    def __init__(
+        self, me: bytes, policy: Policy, *, ttl_s: float = 3600.0, max_sessions: int = 4096
+    ) -> None:
         self.me = me
         self.policy = policy
         self.ttl_s = ttl_s
+        self.max_sessions = max_sessions
         self._sessions: dict[bytes, _Session] = {}
+
+    def __len__(self) -> int:
+        return len(self._sessions)
 
     def challenge(self, peer: bytes, now: float) -> bytes:
         """The challenge of `peer`'s session, opening a new session if none is live.
@@ -43,9 +50,19 @@ class Memberships:
         """
         session = self._sessions.get(peer)
         if session is None or now - session.issued > self.ttl_s:
+            if len(self._sessions) >= self.max_sessions:  # the oldest session goes
+                del self._sessions[next(iter(self._sessions))]
             session = _Session(secrets.token_bytes(16), now)
+            self._sessions.pop(peer, None)
             self._sessions[peer] = session
         return session.challenge
+
+    def prune(self, keep: Callable[[bytes], bool], now: float, idle_s: float = 60.0) -> None:
+        """Forget sessions of peers the node no longer keeps, once they are `idle_s` old."""
+        for peer in [
+            p for p, s in self._sessions.items() if not keep(p) and now - s.issued > idle_s
+        ]:
+            del self._sessions[peer]
 
     def forget(self, peer: bytes) -> None:
         """The session with `peer` ended (it disconnected or was declared dead)."""

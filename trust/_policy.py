@@ -6,6 +6,7 @@ with the file, line and reason, rather than running with a policy nobody wrote.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -78,6 +79,20 @@ class Policy:
     namespaces: tuple[NamespaceRule, ...] = ()
     scores: ScoreRules = ScoreRules()
     encrypt_at_rest: bool = False
+    allow_loopback: bool = True
+    """Whether peers may name loopback addresses (127/8, ::1): a swarm on one host needs
+    them; a node on an open network should refuse them, so strangers cannot aim it at
+    its own host's services."""
+    allow_private: bool = True
+    """Whether peers may name private, link-local and other non-global addresses."""
+
+    def check_address(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
+        """Raise DENIED for a peer-supplied address this node's policy keeps it from dialing."""
+        if ip.is_loopback:
+            if not self.allow_loopback:
+                raise _denied(f"{ip} is a loopback address")
+        elif not ip.is_global and not self.allow_private:
+            raise _denied(f"{ip} is not a global address")
 
     def check_peer(self, peer: bytes) -> None:
         """Raise DENIED for a peer this node must not deal with."""
@@ -115,6 +130,8 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
     max_price = sec.take("max_price", int, Policy.max_price, non_negative)
     credit_limit = sec.take("credit_limit", int, Policy.credit_limit, non_negative)
     encrypt = sec.take("encrypt_at_rest", bool, False)
+    loopback = sec.take("allow_loopback", bool, Policy.allow_loopback)
+    private = sec.take("allow_private", bool, Policy.allow_private)
     peers_table = sec.take("peers", dict, {})
     sec.finish()
 
@@ -172,4 +189,6 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
         namespaces=tuple(namespaces),
         scores=scores,
         encrypt_at_rest=encrypt,
+        allow_loopback=loopback,
+        allow_private=private,
     )

@@ -63,6 +63,7 @@ class PeerScores:
             "CREATE TABLE IF NOT EXISTS scores (peer BLOB PRIMARY KEY, score REAL NOT NULL,"
             " updated REAL NOT NULL, banned_until REAL NOT NULL)"
         )
+        self.write_failed = False  # the last write to disk failed (full disk): a metric
         self._rows: dict[bytes, tuple[float, float, float]] = {
             peer: (score, updated, banned)
             for peer, score, updated, banned in self._db.execute("SELECT * FROM scores")
@@ -89,9 +90,14 @@ class PeerScores:
         if score < self.rules.threshold and banned <= now:
             banned = now + self.rules.cooldown_s
         self._rows[peer] = (score, now, banned)
-        self._db.execute(
-            "INSERT OR REPLACE INTO scores VALUES (?, ?, ?, ?)", (peer, score, now, banned)
-        )
+        try:
+            self._db.execute(
+                "INSERT OR REPLACE INTO scores VALUES (?, ?, ?, ?)", (peer, score, now, banned)
+            )
+            self.write_failed = False
+        except sqlite3.Error:
+            # Scores keep working in memory; what a full disk costs is their persistence.
+            self.write_failed = True
         return score
 
     def table(self, now: float) -> list[tuple[bytes, float, bool]]:

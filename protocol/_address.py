@@ -1,0 +1,93 @@
+"""Peer-supplied network addresses (spec §8.1a), checked where they are decoded.
+
+A control or data address a stranger sends ends in `connect()`, so it is parsed here
+and nowhere later: an IP literal (IPv6 in brackets) and a port in 1-65535. Host names
+are refused on the wire, so that no peer can make a node resolve names of its choosing
+or hide a loopback or private address behind one; addresses no peer can listen on
+(unspecified, multicast, broadcast) are refused too. Whether loopback and private
+ranges are acceptable is the receiving node's policy, not the codec's.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from ._errors import RemoteProtocolError
+from ._schema import Invalid, Str
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+CTL_SCHEME = "tcp://"
+
+
+def _host_port(text: str, path: str) -> tuple[IPAddress, int]:
+    """`HOST:PORT` with HOST an IPv4 literal or a bracketed IPv6 literal; raises Invalid."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise Invalid(path, f"{text!r:.80} is not HOST:PORT")
+    if host.startswith("["):
+        if not host.endswith("]"):
+            raise Invalid(path, f"{text!r:.80}: an IPv6 host is written [ADDR]")
+        host = host[1:-1]
+        if ":" not in host:
+            raise Invalid(path, f"{text!r:.80}: only IPv6 hosts are bracketed")
+    elif ":" in host:
+        raise Invalid(path, f"{text!r:.80}: an IPv6 host is written [ADDR]")
+    if not (port.isascii() and port.isdigit()) or len(port) > 5 or not 1 <= int(port) <= 65535:
+        raise Invalid(path, f"{text!r:.80}: the port is not in 1-65535")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise Invalid(path, f"{text!r:.80}: the host is not an IP literal") from None
+    if ip.is_unspecified or ip.is_multicast or ip == ipaddress.IPv4Address("255.255.255.255"):
+        raise Invalid(path, f"{text!r:.80}: no peer can be reached at {ip}")
+    return ip, int(port)
+
+
+def _ctl(text: str, path: str) -> tuple[IPAddress, int]:
+    """A control address, `tcp://HOST:PORT`; raises Invalid."""
+    if not text.startswith(CTL_SCHEME):
+        raise Invalid(path, f"{text!r:.80} is not tcp://HOST:PORT")
+    return _host_port(text[len(CTL_SCHEME) :], path)
+
+
+def _remote(split, text: str, path: str) -> tuple[IPAddress, int]:
+    try:
+        return split(text, path)
+    except Invalid as exc:
+        raise RemoteProtocolError(exc.code, str(exc)) from None
+
+
+def split_host_port(text: str, path: str = "address") -> tuple[IPAddress, int]:
+    """The IP and port of a data address; INVALID_FIELD if it breaks §8.1a."""
+    return _remote(_host_port, text, path)
+
+
+def split_ctl(text: str, path: str = "ctl") -> tuple[IPAddress, int]:
+    """The IP and port of a control address; INVALID_FIELD if it breaks §8.1a."""
+    return _remote(_ctl, text, path)
+
+
+@dataclass(frozen=True)
+class CtlAddress(Str):
+    """Wire type of a control address: `tcp://HOST:PORT`, 1-256 bytes."""
+
+    lo: int = 1
+    hi: int = 256
+
+    def decode(self, value: object, path: str) -> str:
+        text = super().decode(value, path)
+        _ctl(text, path)
+        return text
+
+    encode = decode
+
+
+ENDPOINT_TRANSPORTS = frozenset({"tcp", "ucx"})
+"""Transports whose data address is HOST:PORT; others' addresses are opaque (and unused)."""
+
+
+def check_data_address(transport: str, address: str, path: str) -> None:
+    if transport in ENDPOINT_TRANSPORTS:
+        _host_port(address, path)

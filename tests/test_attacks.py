@@ -1,0 +1,649 @@
+"""Hostile peers against live node processes, one attack class at a time (spec §12.6).
+
+Each test sends a validly signed attack to a real node, then checks that the node is
+alive, that an honest peer is still answered and not blamed, and what the node held.
+"""
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import blake3
+import msgpack
+import pytest
+import zmq
+from swarm import NodeProcess, TestPeer, eventually
+
+from kvx.p2p import PeerClient
+from kvx.protocol import (
+    Accept,
+    Advertise,
+    DataAddress,
+    Digest,
+    DigestEntry,
+    Error,
+    ErrorCode,
+    Header,
+    Hello,
+    KVLayout,
+    Lookup,
+    LookupResult,
+    Namespace,
+    PeerEntry,
+    Peers,
+    Quote,
+    QuoteRequest,
+    Transfer,
+    encode_envelope,
+    frame_header,
+    prefix_chain,
+    signing_input,
+)
+from kvx.protocol._datachannel import FrameTag
+from kvx.trust import Identity, Signer, seal, write_private
+
+LAYOUT = KVLayout(dtype="float16", layers=2, kv_heads=2, head_dim=8, block=16)
+FP = b"\x0f" * 32
+CHAIN = [blake3.blake3(f"doc/{i}".encode()).digest() for i in range(3)]
+PAYLOAD = blake3.blake3(b"doc").digest(length=LAYOUT.payload_bytes(3))
+CHUNK = 1 << 16
+BIG = KVLayout(dtype="float16", layers=4, kv_heads=4, head_dim=64, block=32)  # 6 chunks
+BIG_PAYLOAD = blake3.blake3(b"big doc").digest(length=BIG.payload_bytes(3))
+
+
+def now() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def sealed_raw(identity: Identity, message, fields: dict, header: Header) -> bytes:
+    """A validly signed frame whose body is `message` with `fields` written over it:
+    values no honest encoder would produce, under a good signature."""
+    from kvx.protocol import encode_body
+
+    body = msgpack.unpackb(encode_body(header, message))
+    body.update(fields)
+    raw = msgpack.packb(body, use_bin_type=True)
+    return encode_envelope(
+        message.TYPE, raw, identity.public_key, identity.sign(signing_input(message.TYPE, raw))
+    )
+
+
+def direct(peer: TestPeer, ttl: int = 60_000, seq: int | None = None) -> Header:
+    t = now()
+    return Header(iat=t, exp=t + ttl, seq=seq if seq is not None else t * 1000, to=peer.node_id)
+
+
+def hello_ok(node: NodeProcess) -> bool:
+    """An honest newcomer's HELLO is answered with PEERS."""
+    peer = TestPeer(node, Identity.generate())
+    try:
+        peer.send(
+            Signer(peer.identity).seal(
+                Hello(ctl="tcp://127.0.0.1:9", data=(), inc=1), now_ms=now(), to=peer.node_id
+            )
+        )
+        answer = peer.recv(timeout=10)
+        return answer is not None and isinstance(answer.message, Peers)
+    finally:
+        peer.close()
+
+
+def alive_and_serving(node: NodeProcess) -> None:
+    assert node.proc.poll() is None, (node.dir / "node.log").read_text()[-3000:]
+    assert hello_ok(node)
+    assert node.call("status")["internal_errors"] == 0
+
+
+def publish(node: NodeProcess, layout: KVLayout = LAYOUT, payload: bytes = PAYLOAD) -> None:
+    node.call(
+        "publish",
+        fp=FP,
+        layout=layout.__dict__,
+        blocks=CHAIN,
+        payload=payload,
+        chunk=CHUNK,
+        params=10**9,
+    )
+
+
+def advert(ctl: str = "tcp://127.0.0.1:1", blocks=CHAIN[:1], root=b"\x01" * 32) -> Advertise:
+    return Advertise(
+        fp=FP,
+        layout=LAYOUT,
+        blocks=tuple(blocks),
+        root=root,
+        chunk=CHUNK,
+        price=1,
+        ctl=ctl,
+        data=(DataAddress("tcp", "127.0.0.1:2"),),
+    )
+
+
+def relayable(t: int | None = None, ttl: int = 600_000) -> Header:
+    t = t or now()
+    return Header(iat=t, exp=t + ttl, seq=time.time_ns())
+
+
+# ---- 1. one signed frame must not stop a node ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    "ctl",
+    [
+        "x",
+        "tcp://host",
+        "tcp://127.0.0.1:99999",
+        "udp://1.2.3.4:5",
+        "tcp://0.0.0.0:7",
+        "tcp://localhost:7",
+        "tcp://[::1]7",
+    ],
+)
+def test_a_bad_address_in_any_signed_message_is_refused_at_decode(node, peers, ctl):
+    n = node()
+    peer, _signer = peers(n)
+    peer.send(
+        sealed_raw(
+            peer.identity,
+            Hello(ctl="tcp://127.0.0.1:9", data=(), inc=1),
+            {"ctl": ctl},
+            direct(peer),
+        )
+    )
+    answer = peer.recv()
+    assert isinstance(answer.message, Error) and answer.message.code == ErrorCode.INVALID_FIELD
+    # The same address in a PEERS entry and in a gossiped ADVERTISE: dropped, nothing dialed.
+    entry = {"key": Identity.generate().public_key, "ctl": ctl, "inc": 1, "state": 0}
+    peer.send(sealed_raw(peer.identity, Peers(peers=()), {"peers": [entry]}, direct(peer)))
+    peer.send(sealed_raw(peer.identity, advert(), {"ctl": ctl}, relayable()))
+    time.sleep(0.3)
+    alive_and_serving(n)
+    assert n.call("ads")["ads"] == []
+
+
+def test_one_advertise_with_a_bad_address_cannot_stop_a_swarm(tmp_path):
+    a = NodeProcess(tmp_path / "a").start()
+    a.wait_ready()
+    b = NodeProcess(tmp_path / "b", [a.dir / "node.json"]).start()
+    c = NodeProcess(tmp_path / "c", [a.dir / "node.json"]).start()
+    try:
+        b.wait_ready(), c.wait_ready()
+        eventually(lambda: len(a.call("peers")["peers"]) == 2)
+        liar = Identity.generate()
+        peer = TestPeer(a, liar)
+        body = {"ctl": "tcp://127.0.0.1:99999"}
+        peer.send(sealed_raw(liar, advert(), body, relayable()))
+        time.sleep(2)
+        peer.close()
+        for n in (a, b, c):
+            alive_and_serving(n)
+    finally:
+        for n in (c, b, a):
+            n.stop()
+
+
+def test_a_lookup_whose_chain_overlaps_an_ad_at_another_position_is_a_miss(node, peers):
+    n = node()
+    publish(n)
+    peer, signer = peers(n)
+    # The ad holds CHAIN[0] at position 0; this chain holds it at position 1.
+    peer.send(
+        signer.seal(
+            Lookup(fp=FP, blocks=(b"\x77" * 32, CHAIN[0]), limit=4), now_ms=now(), to=peer.node_id
+        )
+    )
+    answer = peer.recv()
+    assert isinstance(answer.message, LookupResult) and answer.message.matched == 0
+    alive_and_serving(n)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_a_full_disk_degrades_the_node_instead_of_stopping_it(tmp_path, peers):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], check=True)
+    n = None
+    try:
+        n = NodeProcess(disk / "node", memory_bytes=1 << 20).start()
+        n.wait_ready()
+        publish(n)
+        # Fill the disk to the last byte.
+        with open(disk / "filler", "wb") as f, pytest.raises(OSError):
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        # Frames that make the node write: forged signatures (scores), a purchase (ledger).
+        for _ in range(5):
+            bad, _ = peers(n)
+            bad.send(encode_envelope(Hello.TYPE, b"\x80", bad.identity.public_key, bytes(64)))
+        buyer, signer = peers(n)
+        buyer.send(
+            signer.seal(
+                Hello(ctl="tcp://127.0.0.1:9", data=(), inc=1), now_ms=now(), to=buyer.node_id
+            )
+        )
+        assert isinstance(buyer.recv().message, Peers)
+        request = QuoteRequest(fp=FP, blocks=tuple(CHAIN), transports=("tcp",), max_price=10**12)
+        buyer.send(signer.seal(request, now_ms=now(), to=buyer.node_id))
+        quote = buyer.recv()
+        if isinstance(quote.message, Quote):  # the quote is not written; its ACCEPT is
+            q = quote.message
+            buyer.send(
+                signer.seal(
+                    Accept(quote=q.quote, price=q.price, root=q.root),
+                    now_ms=now(),
+                    to=buyer.node_id,
+                )
+            )
+            answer = buyer.recv()
+            assert answer.message.code == ErrorCode.UNAVAILABLE
+        eventually(lambda: n.call("status")["degraded"])
+        assert n.proc.poll() is None
+        assert hello_ok(n)
+        (disk / "filler").unlink()
+    finally:
+        if n is not None:
+            n.stop()
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+# ---- 2. memory is budgeted per signer and in total ----------------------------------
+
+
+def test_ballast_in_unknown_fields_and_ads_beyond_a_signers_budget_are_refused(node, peers):
+    n = node(max_ads_per_signer=4)
+    peer, _signer = peers(n)
+    ballast = {"pad": b"\0" * 5000}  # over MAX_UNKNOWN_BYTES of fields nobody defined
+    peer.send(sealed_raw(peer.identity, advert(), ballast, relayable()))
+    for i in range(8):  # twice its budget of distinct ads
+        ad = advert(root=bytes([i + 10]) * 32)
+        peer.send(seal(peer.identity, ad, relayable()))
+    honest, _honest_signer = peers(n)
+    honest.send(seal(honest.identity, advert(root=b"\x55" * 32), relayable()))
+    eventually(lambda: len(n.call("ads")["ads"]) == 5)
+    signers = {a["signer"] for a in n.call("ads")["ads"]}
+    assert honest.identity.node_id.hex() in signers  # one stranger's budget is its own
+    alive_and_serving(n)
+
+
+def test_a_many_part_message_is_dropped_part_by_part(node):
+    n = node()
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    from kvx.trust import make_curve_client
+
+    make_curve_client(sock, Identity.generate(), bytes.fromhex(n.info["public_key"]))
+    sock.connect(n.info["ctl"])
+    part = b"\0" * (256 << 10)
+    for _ in range(3):
+        sock.send_multipart([part] * 200)  # 50 MiB in one message
+    time.sleep(1.0)
+    sock.close(linger=0)
+    ctx.term()
+    alive_and_serving(n)
+
+
+def test_state_for_identities_that_came_and_went_is_freed(node):
+    n = node(max_peers=8, rate_per_s=5.0, burst=5)
+    for _ in range(60):
+        peer = TestPeer(n, Identity.generate())
+        peer.send(
+            Signer(peer.identity).seal(
+                Hello(ctl="tcp://127.0.0.1:9", data=(), inc=1), now_ms=now(), to=peer.node_id
+            )
+        )
+        peer.recv()
+        peer.close()
+    eventually(lambda: n.call("status")["held"]["rate_buckets"] == 0, timeout=10)
+    held = n.call("status")["held"]
+    assert held["peers"] <= 8 and held["curve_keys"] <= 8 and held["sessions"] <= 60
+    alive_and_serving(n)
+
+
+# ---- 3. no stranger can starve honest peers ------------------------------------------
+
+
+def test_a_full_replay_memory_refuses_nobody_and_blames_nobody(node, peers):
+    n = node(replay_total=200)
+    flooder, flood_signer = peers(n)
+    for i in range(400):  # long-lived statements, all remembered
+        flooder.send(
+            flood_signer.seal(
+                Hello(ctl="tcp://127.0.0.1:9", data=(), inc=1),
+                now_ms=now(),
+                to=flooder.node_id,
+                ttl_ms=300_000,
+            )
+        )
+        if i % 100 == 99:
+            time.sleep(0.6)  # stay under the rate limit: this is not a flood
+    while flooder.recv(timeout=1) is not None:
+        pass
+    honest, honest_signer = peers(n)
+    honest.send(
+        honest_signer.seal(
+            Hello(ctl="tcp://127.0.0.1:9", data=(), inc=1), now_ms=now(), to=honest.node_id
+        )
+    )
+    assert isinstance(honest.recv().message, Peers)
+    held = n.call("status")["held"]
+    assert held["replay_entries"] <= 200 and held["replay_forgotten"] > 0
+    scores = {p["node_id"]: p["score"] for p in n.call("peers")["peers"]}
+    assert scores.get(honest.identity.node_id.hex(), 0) == 0
+    assert hello_ok(n)
+
+
+def _buy(seller: NodeProcess, buyer_dir) -> bytes:
+    import asyncio
+
+    async def go():
+        client = PeerClient(buyer_dir, timeout_s=10)
+        try:
+            return bytes((await client.fetch(FP, CHAIN, params=10**9)).tensor.numpy())
+        finally:
+            await client.close()
+
+    return asyncio.run(go())
+
+
+def test_slow_and_idle_data_connections_do_not_stop_sales(tmp_path):
+    seller = NodeProcess(
+        tmp_path / "seller",
+        data_header_s=1.0,
+        data_connections=32,
+        prefix=("prlimit", "--nofile=160:160"),
+    ).start()
+    seller.wait_ready()
+    buyer = NodeProcess(tmp_path / "buyer", [seller.dir / "node.json"]).start()
+    buyer.wait_ready()
+    host, port = seller.info["data"][0]["addr"].rsplit(":", 1)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def slowloris() -> None:  # one byte of a header every half second, on six sockets
+        socks = [socket.create_connection((host, int(port))) for _ in range(6)]
+        while not stop.wait(0.5):
+            for s in socks:
+                with contextlib.suppress(OSError):
+                    s.send(b"\x01")
+        for s in socks:
+            s.close()
+
+    thread = threading.Thread(target=slowloris)
+    try:
+        publish(seller)
+        eventually(lambda: len(buyer.call("ads")["ads"]) == 1)
+        thread.start()
+        for _ in range(300):  # idle connections: past the budget, and past the FD limit
+            try:
+                held.append(socket.create_connection((host, int(port)), timeout=2))
+            except OSError:
+                break
+        time.sleep(1.5)
+        assert _buy(seller, buyer.dir) == PAYLOAD  # served while under attack
+        assert seller.call("status")["held"]["data_connections"] <= 32
+        alive_and_serving(seller)
+    finally:
+        stop.set()
+        if thread.is_alive():
+            thread.join()
+        for s in held:
+            s.close()
+        buyer.stop()
+        seller.stop()
+
+
+def test_a_body_of_a_hundred_thousand_keys_is_refused_cheaply(node, peers):
+    n = node()
+    peer, _ = peers(n)
+    keys = {f"k{i}": 0 for i in range(100_000)}
+    peer.send(
+        sealed_raw(
+            peer.identity, Hello(ctl="tcp://127.0.0.1:9", data=(), inc=1), keys, direct(peer)
+        )
+    )
+    answer = peer.recv()
+    assert isinstance(answer.message, Error) and answer.message.code == ErrorCode.MALFORMED
+    alive_and_serving(n)
+
+
+# ---- 4. eclipse and reflection ------------------------------------------------------
+
+
+def test_strangers_filling_the_peer_table_do_not_keep_an_honest_node_out(tmp_path):
+    target = NodeProcess(tmp_path / "target", max_peers=16).start()
+    target.wait_ready()
+    sybils = [TestPeer(target, Identity.generate()) for _ in range(16)]
+    stop = threading.Event()
+
+    def keep_talking() -> None:  # every stranger stays alive and says so, again and again
+        while not stop.is_set():
+            for peer in sybils:
+                hello = Hello(ctl="tcp://127.0.0.1:9", data=(), inc=1)
+                peer.send(Signer(peer.identity).seal(hello, now_ms=now(), to=peer.node_id))
+            stop.wait(0.2)
+
+    thread = threading.Thread(target=keep_talking)
+    thread.start()
+    try:
+        eventually(lambda: len(target.call("peers")["peers"]) == 16)
+        honest = NodeProcess(tmp_path / "honest", [target.dir / "node.json"]).start()
+        honest.wait_ready()
+        try:
+            honest_id = honest.info["node_id"]
+            eventually(lambda: honest_id in {p["node_id"] for p in target.call("peers")["peers"]})
+        finally:
+            honest.stop()
+        assert len(target.call("peers")["peers"]) <= 16
+    finally:
+        stop.set()
+        thread.join()
+        for peer in sybils:
+            peer.close()
+        target.stop()
+
+
+def test_a_peers_list_aimed_at_a_victim_costs_it_a_few_connections(node, peers):
+    victim = socket.create_server(("127.0.0.1", 0))
+    victim.settimeout(0.2)
+    accepted = 0
+    n = node()
+    peer, signer = peers(n)
+    port = victim.getsockname()[1]
+    entries = tuple(
+        PeerEntry(key=Identity.generate().public_key, ctl=f"tcp://127.0.0.1:{port}", inc=1, state=0)
+        for _ in range(64)
+    )
+    peer.send(signer.seal(Peers(peers=entries), now_ms=now(), to=peer.node_id))
+    deadline = time.monotonic() + 6
+    while time.monotonic() < deadline:
+        try:
+            conn, _ = victim.accept()
+            accepted += 1
+            conn.close()
+        except TimeoutError:
+            pass
+    victim.close()
+    assert accepted <= 8, f"{accepted} connections to the victim in 6 s"
+    alive_and_serving(n)
+
+
+# ---- 5. blame and payment -----------------------------------------------------------
+
+
+def test_a_buyer_that_never_pays_gets_one_window(tmp_path, node, peers):
+    seller = node(payment_window_bytes=CHUNK)
+    publish(seller, BIG, BIG_PAYLOAD)
+    buyer, signer = peers(seller)
+    buyer.send(
+        signer.seal(Hello(ctl="tcp://127.0.0.1:9", data=(), inc=1), now_ms=now(), to=buyer.node_id)
+    )
+    buyer.recv()
+    request = QuoteRequest(fp=FP, blocks=tuple(CHAIN), transports=("tcp",), max_price=10**12)
+    buyer.send(signer.seal(request, now_ms=now(), to=buyer.node_id))
+    q = buyer.recv().message
+    assert isinstance(q, Quote) and q.window == CHUNK and q.deliver > 2 * CHUNK
+    buyer.send(
+        signer.seal(
+            Accept(quote=q.quote, price=q.price, root=q.root), now_ms=now(), to=buyer.node_id
+        )
+    )
+    host, port = q.data.rsplit(":", 1)
+    with socket.create_connection((host, int(port))) as s:
+        transfer = signer.seal(
+            Transfer(quote=q.quote, token=q.token, first=0), now_ms=now(), to=buyer.node_id
+        )
+        s.sendall(frame_header(FrameTag.CONTROL, len(transfer)) + transfer)
+        s.settimeout(3)
+        got = b""
+        try:
+            while chunk := s.recv(1 << 20):
+                got += chunk
+        except TimeoutError:
+            pass
+    # The chunk list, then exactly one chunk: the seller waits for a receipt that never comes.
+    listing = 5 + 32 * -(-q.size // q.chunk)
+    assert len(got) == listing + 5 + 4 + CHUNK
+    alive_and_serving(seller)
+
+
+def test_honest_buyers_pay_window_by_window_and_the_seller_records_it(tmp_path):
+    seller = NodeProcess(tmp_path / "seller", payment_window_bytes=CHUNK).start()
+    seller.wait_ready()
+    buyer = NodeProcess(tmp_path / "buyer", [seller.dir / "node.json"]).start()
+    buyer.wait_ready()
+    try:
+        publish(seller, BIG, BIG_PAYLOAD)
+        eventually(lambda: len(buyer.call("ads")["ads"]) == 1)
+        assert _buy(seller, buyer.dir) == BIG_PAYLOAD
+        from kvx.trust import Ledger
+
+        ledger = Ledger(seller.dir / "ledger.db", bytes.fromhex(seller.info["node_id"]))
+        eventually(lambda: [e.receipted for e in ledger.audit()] == [True])
+        entry = ledger.audit()[0]
+        assert entry.paid == entry.price
+        ledger.close()
+    finally:
+        buyer.stop()
+        seller.stop()
+
+
+# ---- 6. private means private -------------------------------------------------------
+
+
+def test_outsiders_learn_nothing_of_a_private_namespace(tmp_path, peers):
+    secret = blake3.blake3(b"team").digest()
+    write_private(tmp_path / "team.ns", secret.hex(), "namespace secret")
+    team = Namespace(secret)
+    member = f'\n[[namespace]]\nname = "team"\nsecret_file = "{tmp_path / "team.ns"}"\n'
+    n = NodeProcess(tmp_path / "seller", tables=member).start()
+    n.wait_ready()
+    try:
+        chain = prefix_chain(FP, list(range(3 * LAYOUT.block)), LAYOUT.block, team)
+        n.call(
+            "publish",
+            fp=FP,
+            ns=team.id,
+            layout=LAYOUT.__dict__,
+            blocks=chain,
+            payload=PAYLOAD,
+            chunk=CHUNK,
+            params=10**9,
+        )
+        outsider, signer = peers(n)
+        outsider.send(
+            signer.seal(
+                Hello(ctl="tcp://127.0.0.1:9", data=(), inc=1), now_ms=now(), to=outsider.node_id
+            )
+        )
+        outsider.recv()
+        # DIGEST: claims to hold something, so the node answers with its own digest.
+        claim = Digest(have=(DigestEntry(key=b"\x01" * 32, seq=1),))
+        outsider.send(signer.seal(claim, now_ms=now(), to=outsider.node_id))
+        replies = []
+        while (st := outsider.recv(timeout=1)) is not None:
+            replies.append(st)
+        assert all(not isinstance(r.message, Advertise) for r in replies)
+        assert all(r.message.have == () for r in replies if isinstance(r.message, Digest))
+        # LOOKUP: the same answer for a namespace the node is in and for one it is not.
+        answers = []
+        for ns in (team.id, b"\x99" * 32):
+            outsider.send(
+                signer.seal(
+                    Lookup(fp=FP, blocks=tuple(chain), limit=4, ns=ns),
+                    now_ms=now(),
+                    to=outsider.node_id,
+                )
+            )
+            answers.append(outsider.recv().message)
+        assert [(a.matched, a.ads) for a in answers] == [(0, ()), (0, ())]
+        # ADVERTISE into the namespace by a non-member: not indexed.
+        ad = Advertise(
+            fp=FP,
+            layout=LAYOUT,
+            blocks=tuple(chain),
+            root=b"\x02" * 32,
+            chunk=CHUNK,
+            price=0,
+            ctl="tcp://127.0.0.1:1",
+            data=(DataAddress("tcp", "127.0.0.1:2"),),
+            ns=team.id,
+        )
+        outsider.send(seal(outsider.identity, ad, relayable()))
+        time.sleep(0.5)
+        assert len(n.call("ads")["ads"]) == 1  # only the seller's own
+        alive_and_serving(n)
+    finally:
+        n.stop()
+
+
+# ---- 7. local faults ----------------------------------------------------------------
+
+
+def test_a_second_node_on_a_data_dir_in_use_is_refused_and_harms_nothing(node):
+    first = node()
+    second = subprocess.run(
+        [sys.executable, "-m", "kvx.cli", "node", "--config", str(first.dir / "node.toml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert second.returncode != 0
+    assert f"PID {first.proc.pid}" in second.stderr
+    assert (first.dir / "node.json").exists() and (first.dir / "admin.sock").exists()
+    alive_and_serving(first)
+
+
+def test_the_data_dir_mode_is_left_alone_and_a_world_writable_one_refused(tmp_path):
+    import stat
+
+    shared = tmp_path / "open"
+    shared.mkdir(mode=0o755)
+    n = NodeProcess(shared).start()
+    n.wait_ready()
+    n.stop()
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o755
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    loose.chmod(0o777)
+    bad = NodeProcess(loose).start()
+    with pytest.raises(RuntimeError, match="writable by every user"):
+        bad.wait_ready()
+
+
+def test_malformed_admin_requests_do_not_stop_the_node(node):
+    n = node()
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.connect(f"ipc://{n.dir / 'admin.sock'}")
+    sock.send(b"one frame")
+    sock.send_multipart([b"", b"\xc1"])
+    sock.send_multipart([b"", msgpack.packb([1, 2])])
+    time.sleep(0.3)
+    sock.close(linger=0)
+    ctx.term()
+    alive_and_serving(n)
