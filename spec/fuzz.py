@@ -16,11 +16,15 @@ from kvx.protocol import (
     Advertise,
     DataAddress,
     Digest,
+    Header,
     Hello,
     KVLayout,
     Lookup,
     MessageType,
+    Peers,
     QuoteRequest,
+    Withdraw,
+    encode_body,
     encode_envelope,
     signing_input,
 )
@@ -54,6 +58,89 @@ def _valid(signer: Signer, to: bytes, rng: random.Random, now_ms: int) -> bytes:
     return signer.seal(message, now_ms=now_ms, to=recipient)
 
 
+_ADDRESSES = [
+    "tcp://127.0.0.1:9",
+    "x",
+    "tcp://host",
+    "tcp://127.0.0.1:99999",
+    "tcp://127.0.0.1:0",
+    "udp://1.2.3.4:5",
+    "tcp://0.0.0.0:7",
+    "tcp://[::]:7",
+    "tcp://224.0.0.1:7",
+    "tcp://localhost:7",
+    "tcp://[::1]:7",
+    "tcp://::1:7",
+    "tcp://127.0.0.1:+7",
+    "tcp://127.0.0.1:07",
+    "tcp://1.2.3.4:7/extra",
+    "tcp://" + "9" * 240 + ":7",
+]
+
+
+def _hostile(signer: Signer, to: bytes, rng: random.Random, now_ms: int) -> bytes:
+    """A well-typed, validly signed message whose values are chosen to hurt: addresses a
+    socket cannot take, chains overlapping others at shifted positions, counts at their
+    bounds, statements living as long as allowed, listings aimed at one address."""
+    hashes = [bytes([i]) * 32 for i in range(1, 9)]  # a small pool, so chains overlap
+    chain = tuple(rng.choice(hashes) for _ in range(rng.choice((1, 2, 3, 4096))))
+    ctl = rng.choice(_ADDRESSES)
+    host_port = ctl.removeprefix("tcp://")
+    choices = [
+        (Hello(ctl="tcp://127.0.0.1:9", data=(), inc=rng.randrange(2**64)), to, {"ctl": ctl}),
+        (
+            Peers(peers=()),
+            to,
+            {
+                "peers": [
+                    {"key": rng.randbytes(32), "ctl": ctl, "inc": 1, "state": rng.randrange(3)}
+                    for _ in range(rng.choice((1, 64)))
+                ]
+            },
+        ),
+        (Lookup(fp=hashes[0], blocks=(hashes[0],), limit=16), to, {"blocks": list(chain)}),
+        (
+            Advertise(
+                fp=hashes[0],
+                layout=_LAYOUT,
+                blocks=(hashes[0],),
+                root=rng.choice(hashes),
+                chunk=1 << 16,
+                price=rng.choice((0, 2**64 - 1)),
+                ctl="tcp://127.0.0.1:9",
+                data=(DataAddress("tcp", "127.0.0.1:9"),),
+            ),
+            None,
+            {
+                "ctl": ctl,
+                "blocks": list(chain),
+                "data": [{"t": rng.choice(("tcp", "ucx", "zz")), "addr": host_port}],
+            },
+        ),
+        (Withdraw(ad=rng.randrange(2**64)), None, {}),
+        (
+            Digest(have=()),
+            to,
+            {"have": [{"key": rng.randbytes(32), "seq": i} for i in range(rng.choice((1, 4096)))]},
+        ),
+        (
+            QuoteRequest(fp=hashes[0], blocks=(hashes[0],), transports=("tcp",), max_price=0),
+            to,
+            {"blocks": list(chain), "max_price": rng.choice((0, 2**64 - 1))},
+        ),
+    ]
+    message, recipient, fields = rng.choice(choices)
+    lifetime = 86_400_000 if recipient is None else 300_000
+    header = Header(
+        iat=now_ms + 29_000, exp=now_ms + lifetime, seq=rng.randrange(2**64), to=recipient
+    )
+    body = msgpack.unpackb(encode_body(header, message))
+    body.update(fields)
+    raw = msgpack.packb(body, use_bin_type=True)
+    sig = signer.identity.sign(signing_input(message.TYPE, raw))
+    return encode_envelope(message.TYPE, raw, signer.identity.public_key, sig)
+
+
 def _junk(rng: random.Random, depth: int = 0) -> object:
     kind = rng.randrange(9 if depth < 3 else 6)
     if kind == 0:
@@ -79,7 +166,7 @@ def frames(count: int, *, seed: int, target: bytes, now_ms: int) -> Iterator[byt
     identity = Identity.from_seed(rng.randbytes(32))
     signer = Signer(identity)
     for _ in range(count):
-        mode = rng.randrange(4)
+        mode = rng.randrange(5)
         if mode == 0:  # random bytes
             yield rng.randbytes(rng.randrange(1, 300))
         elif mode == 1:  # a valid frame, mutated
@@ -103,6 +190,8 @@ def frames(count: int, *, seed: int, target: bytes, now_ms: int) -> Iterator[byt
                 else _junk(rng),
                 use_bin_type=True,
             )
+        elif mode == 4:  # well-typed and signed, with values chosen to hurt
+            yield _hostile(signer, target, rng, now_ms)
         else:  # correctly signed, so the junk reaches the body checks
             mtype = rng.choice(list(MessageType))
             body = {"iat": now_ms, "exp": now_ms + 1000, "seq": rng.randrange(2**63), "to": target}

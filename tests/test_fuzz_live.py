@@ -57,6 +57,7 @@ def test_a_node_survives_100000_hostile_frames(tmp_path):
     assert growth < 64 * 1024, f"memory grew by {growth} KiB"
     log = (node.dir / "node.log").read_text()
     assert "task_failed" not in log
+    assert node.call("status")["internal_errors"] == 0, log[-3000:]  # no fault of kvx's own
     # The frames reached the decoders: nearly all of them were refused, one by one.
     assert log.count('"event": "rejected"') > 0.9 * FRAMES
     node.stop()
