@@ -3,16 +3,17 @@
     python bench/hostile.py [--seconds 60] [--json OUT]
 
 Nodes (with the node's default timers): A sells one document (6 chunks, a payment
-window of one chunk), B relays, C is the honest buyer's node. For `--seconds`, attacker threads hit A and B with every attack
-class of the hardening issue, each validly signed where it is a frame: addresses no
-socket can take, LOOKUP chains overlapping ads at other positions, advertisements with
-ballast and beyond a signer's budget, many-part messages, long-lived statements to fill
-the replay memory, a hundred-thousand-key body, a table full of strangers that keep
-talking, PEERS lists aimed at a victim socket, slow and idle data connections, and a
-free rider that never pays. Meanwhile a PeerClient on C buys the document again and
-again. The baseline is the same buyer on the same swarm with no attack, in the same run.
-It reports the honest success rate under attack and without, every node's peak RSS and
-open file descriptors, and whether every node is alive at the end.
+window of one chunk), B relays, C is the honest buyer's node. For `--seconds`, attacker
+threads hit A and B with every attack class of the hardening issue, each validly signed
+where it is a frame: addresses no socket can take, LOOKUP chains overlapping ads at
+other positions, advertisements with ballast and beyond a signer's budget, many-part
+messages, long-lived statements to fill the replay memory, a hundred-thousand-key body,
+a table full of strangers that keep talking, PEERS lists aimed at a victim socket, slow
+and idle data connections, and a free rider that never pays. Meanwhile a PeerClient on
+C buys the document again and again. The baseline is the same buyer on the same swarm
+with no attack, in the same run. It reports the honest success rate under attack and
+without, every node's peak RSS and open file descriptors, and whether every node is
+alive at the end.
 """
 
 from __future__ import annotations
