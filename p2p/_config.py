@@ -12,8 +12,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from kvx.protocol import ConfigError
+from kvx.transport import DataLimits
 from kvx.trust import ConfigFile, Policy, load_policy
 from kvx.trust._config import Section
+
+from ._index import IndexBudget
 
 KEY_FILE = "node.key"
 INFO_FILE = "node.json"
@@ -69,20 +72,20 @@ class NodeConfig:
     memory_bytes: int = 1 << 30
     disk_bytes: int = 16 << 30
     # Budgets (spec §13.1): what one peer, and all of them, may make this node hold.
-    max_ads: int = 100_000
-    max_ad_bytes: int = 256 << 20
-    max_ads_per_signer: int = 4096
-    max_ad_bytes_per_signer: int = 16 << 20
+    max_ads: int = IndexBudget.ads
+    max_ad_bytes: int = IndexBudget.bytes
+    max_ads_per_signer: int = IndexBudget.ads_per_signer
+    max_ad_bytes_per_signer: int = IndexBudget.bytes_per_signer
     replay_total: int = 262_144
     replay_per_signer: int = 65_536
     reconnect_s: float = 1.0  # first retry of an outgoing connection; doubles up to the max
     reconnect_max_s: float = 30.0
-    data_connections: int = 256
-    data_streams: int = 8
-    data_streams_per_buyer: int = 2
-    data_header_s: float = 5.0
-    data_stall_s: float = 30.0
-    data_min_rate: int = 1 << 20
+    data_connections: int = DataLimits.connections
+    data_streams: int = DataLimits.streams
+    data_streams_per_buyer: int = DataLimits.streams_per_buyer
+    data_header_s: float = DataLimits.header_s
+    data_stall_s: float = DataLimits.stall_s
+    data_min_rate: int = DataLimits.min_rate
     payment_window_bytes: int = 64 << 20
     policy: Policy = field(default_factory=Policy)
 
@@ -93,6 +96,26 @@ class NodeConfig:
     @property
     def admin_address(self) -> str:
         return f"ipc://{self.data_dir.resolve() / ADMIN_SOCKET}"
+
+    @property
+    def index_budget(self) -> IndexBudget:
+        return IndexBudget(
+            ads=self.max_ads,
+            bytes=self.max_ad_bytes,
+            ads_per_signer=self.max_ads_per_signer,
+            bytes_per_signer=self.max_ad_bytes_per_signer,
+        )
+
+    @property
+    def data_limits(self) -> DataLimits:
+        return DataLimits(
+            connections=self.data_connections,
+            streams=self.data_streams,
+            streams_per_buyer=self.data_streams_per_buyer,
+            header_s=self.data_header_s,
+            stall_s=self.data_stall_s,
+            min_rate=self.data_min_rate,
+        )
 
     def with_args(self, **changes: object) -> NodeConfig:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})

@@ -49,7 +49,7 @@ from kvx.protocol import (
     split_ctl,
     split_host_port,
 )
-from kvx.transport import DataLimits, Sessions, TcpDataServer
+from kvx.transport import Sessions, TcpDataServer
 from kvx.trust import (
     AtRestCipher,
     Event,
@@ -73,7 +73,7 @@ from kvx.trust import (
 from ._admin import answer, pack, unpack
 from ._config import ADMIN_SOCKET, INFO_FILE, LEDGER_FILE, SCORES_FILE, STORE_DIR, NodeConfig
 from ._datadir import DataDirLock
-from ._index import AdIndex, Advert, IndexBudget
+from ._index import AdIndex, Advert
 from ._market import Market
 from ._peers import Peer, PeerTable, State
 from ._pricing import PricePolicy
@@ -135,14 +135,7 @@ class Node:
             max_peers=config.max_peers,
             keep=self._keeps,
         )
-        self.index = AdIndex(
-            IndexBudget(
-                ads=config.max_ads,
-                bytes=config.max_ad_bytes,
-                ads_per_signer=config.max_ads_per_signer,
-                bytes_per_signer=config.max_ad_bytes_per_signer,
-            )
-        )
+        self.index = AdIndex(config.index_budget)
         self.memberships = Memberships(self.id, self.policy)
         self.metrics = Metrics()
         self.pricing = pricing if pricing is not None else PricePolicy()
@@ -226,14 +219,7 @@ class Node:
             self.signer,
             on_delivered=lambda o: self.market.delivered(o),
             on_receipt=lambda st: loop.call_soon_threadsafe(self._window_receipt, st),
-            limits=DataLimits(
-                connections=cfg.data_connections,
-                streams=cfg.data_streams,
-                streams_per_buyer=cfg.data_streams_per_buyer,
-                header_s=cfg.data_header_s,
-                stall_s=cfg.data_stall_s,
-                min_rate=cfg.data_min_rate,
-            ),
+            limits=cfg.data_limits,
         )
         await self.tcp.start(cfg.data_host)
         self.data = (DataAddress(t="tcp", addr=self.tcp.address),)

@@ -12,6 +12,7 @@ import blake3
 from kvx.protocol import (
     CHUNK_INDEX,
     FrameTag,
+    Receipt,
     Transfer,
     chunk_hashes,
     content_root,
@@ -50,12 +51,36 @@ def transfer_maker(seller: Identity = SELLER, token: bytes = TOKEN, buyer: Ident
     return make
 
 
+def payer(expected: Expected, *, price_off: int = 0, buyer: Identity = BUYER):
+    """Seals the buyer's window receipts (spec §9.4); `price_off` makes them wrong."""
+    signer = Signer(buyer)
+    paid: list[int] = []
+
+    def pay(size: int) -> bytes:
+        paid.append(size)
+        receipt = Receipt(
+            quote=QUOTE,
+            seller=SELLER.node_id,
+            root=expected.root,
+            bytes=size,
+            price=expected.paid_price(size) + price_off,
+        )
+        return signer.seal(receipt, now_ms=now(), to=SELLER.node_id)
+
+    pay.paid = paid  # the sizes receipted, in order
+    return pay
+
+
 def now() -> int:
     return time.time_ns() // 1_000_000
 
 
 async def honest_server(
-    data: bytes, expected: Expected, token: bytes = TOKEN, server_class=TcpDataServer
+    data: bytes,
+    expected: Expected,
+    token: bytes = TOKEN,
+    server_class=TcpDataServer,
+    on_receipt=None,
 ):
     """A real data server (TCP, or UcxDataServer) with one authorised offer of `data`."""
     sessions = Sessions()
@@ -70,7 +95,7 @@ async def honest_server(
             expires_ms=now() + 60_000,
         )
     )
-    server = server_class(sessions, Inbox(SELLER.node_id), Signer(SELLER))
+    server = server_class(sessions, Inbox(SELLER.node_id), Signer(SELLER), on_receipt=on_receipt)
     await server.start()
     return server
 
@@ -132,7 +157,14 @@ class Hostile:
         self._listener.close()
 
 
-def source(address: str, expected: Expected, provider: bytes, make, transport="tcp") -> Source:
+def source(
+    address: str, expected: Expected, provider: bytes, make, transport="tcp", pay=None
+) -> Source:
     return Source(
-        provider=provider, transport=transport, address=address, expected=expected, transfer=make
+        provider=provider,
+        transport=transport,
+        address=address,
+        expected=expected,
+        transfer=make,
+        pay=pay,
     )

@@ -201,6 +201,25 @@ def test_a_lookup_whose_chain_overlaps_an_ad_at_another_position_is_a_miss(node,
     alive_and_serving(n)
 
 
+async def test_a_crash_of_the_nodes_own_loops_is_no_clean_exit(tmp_path):
+    import asyncio
+
+    from kvx.p2p import Node, NodeConfig
+
+    node = Node(NodeConfig(tmp_path / "n", metrics_port=None))
+    running = asyncio.ensure_future(node.run())
+    while not (tmp_path / "n" / "node.json").exists():
+        await asyncio.sleep(0.02)
+
+    async def broken() -> None:
+        raise RuntimeError("a bug in kvx")
+
+    node._spawn(broken())  # a loop of the node's own dies: the node stops and says why
+    with pytest.raises(RuntimeError, match="a bug in kvx"):
+        await asyncio.wait_for(running, 10)
+    assert not (tmp_path / "n" / "node.json").exists()
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
 def test_a_full_disk_degrades_the_node_instead_of_stopping_it(tmp_path, peers):
     disk = tmp_path / "disk"

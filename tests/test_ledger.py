@@ -108,6 +108,66 @@ def test_receipts_are_recorded_exactly_once(seller_ledger):
     assert seller_ledger.balances() == {BUYER.node_id: 5}
 
 
+def receipt_for(quote, size: int, price: int, seq: int = 9):
+    """The buyer's receipt for the first `size` bytes of a deal (a payment window)."""
+    from kvx.protocol import Header, Receipt
+    from kvx.trust import open_envelope, seal
+
+    q = quote.message
+    r = Receipt(quote=q.quote, seller=SELLER.node_id, root=q.root, bytes=size, price=price)
+    t = quote.header.iat
+    return open_envelope(seal(BUYER, r, Header(iat=t, exp=t + 30_000, seq=seq, to=SELLER.node_id)))
+
+
+def test_window_receipts_pay_part_and_the_whole_one_needs_the_delivery(seller_ledger):
+    quote, accept, whole = deal(SELLER, BUYER, Q1, 1_000)
+    deliver = quote.message.deliver
+    seller_ledger.record_accept(quote, accept, now_ms=1, limit=10_000)
+    part = receipt_for(quote, deliver // 4, 1_000 * (deliver // 4) // deliver, seq=10)
+    seller_ledger.record_receipt(part, now_ms=2)  # no delivery needed for a window
+    assert seller_ledger.balances() == {BUYER.node_id: 250}
+    more = receipt_for(quote, deliver // 2, 500, seq=11)
+    seller_ledger.record_receipt(more, now_ms=3)  # a receipt for more replaces it
+    assert seller_ledger.balances() == {BUYER.node_id: 500}
+    fewer = receipt_for(quote, deliver // 4, 250, seq=12)
+    assert code(seller_ledger.record_receipt, fewer, now_ms=4) == ErrorCode.REPLAYED
+    wrong = receipt_for(quote, deliver // 2 + 1, 600, seq=13)  # not its share of the price
+    assert code(seller_ledger.record_receipt, wrong, now_ms=4) == ErrorCode.UNKNOWN_TRANSFER
+    assert code(seller_ledger.record_receipt, whole, now_ms=5) == ErrorCode.UNKNOWN_TRANSFER
+    seller_ledger.record_delivery(Q1, now_ms=6)
+    seller_ledger.record_receipt(whole, now_ms=7)
+    assert seller_ledger.balances() == {BUYER.node_id: 1_000}
+    (entry,) = seller_ledger.audit()
+    assert (entry.paid, entry.receipted) == (1_000, True)
+    seller_ledger.verify()
+
+
+def test_a_ledger_written_before_payment_windows_is_upgraded(tmp_path):
+    db = tmp_path / "old.db"
+    quote, accept, receipt = deal(SELLER, BUYER, Q1, 5)
+    conn = sqlite3.connect(db)
+    conn.executescript(
+        "CREATE TABLE deals (quote_id BLOB PRIMARY KEY, seller BLOB NOT NULL, buyer BLOB NOT NULL,"
+        " price INTEGER NOT NULL, root BLOB NOT NULL, bytes INTEGER NOT NULL,"
+        " quote_frame BLOB NOT NULL, accept_frame BLOB NOT NULL, accepted_ms INTEGER NOT NULL,"
+        " delivered_ms INTEGER);"
+        "CREATE TABLE receipts (quote_id BLOB PRIMARY KEY REFERENCES deals (quote_id),"
+        " receipt_frame BLOB NOT NULL, recorded_ms INTEGER NOT NULL);"
+    )
+    q = quote.message
+    conn.execute(
+        "INSERT INTO deals VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (Q1, SELLER.node_id, BUYER.node_id, 5, q.root, q.deliver, quote.frame, accept.frame, 1, 2),
+    )
+    conn.execute("INSERT INTO receipts VALUES (?, ?, ?)", (Q1, receipt.frame, 3))
+    conn.commit()
+    conn.close()
+    ledger = Ledger(db, SELLER.node_id)
+    assert ledger.balances() == {BUYER.node_id: 5}
+    assert [(e.paid, e.receipted) for e in ledger.audit()] == [(5, True)]
+    ledger.close()
+
+
 def test_accept_must_match_its_quote_and_come_in_time(seller_ledger):
     quote, _, _ = deal(SELLER, BUYER, Q1, 5)
     wrong_price = deal(SELLER, BUYER, Q1, 6)[1]

@@ -192,3 +192,43 @@ def test_a_converted_purchase_delivers_the_converted_bytes(seller, tmp_path):
     finally:
         client.close()
         agent_node.stop()
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"stored": 4}, "stored"),
+        ({"chunk": 1 << 17}, "chunk"),
+        ({"root": b"\x09" * 32}, "root"),
+        ({"blocks": 2}, "blocks"),
+        ({"data": "127.0.0.1:9"}, "data"),
+        (
+            {"layout": KVLayout(dtype="float16", layers=2, kv_heads=2, head_dim=16, block=16)},
+            "layout",
+        ),
+    ],
+)
+def test_a_quote_unlike_its_sellers_advertisement_is_refused_before_allocation(change, field):
+    import dataclasses
+
+    from kvx.p2p._client import check_quote
+    from kvx.protocol import Advertise, DataAddress, Header, RemoteProtocolError
+    from kvx.trust import open_envelope, seal
+
+    seller = Identity.generate()
+    ad = Advertise(
+        fp=FP, layout=LAYOUT, blocks=tuple(CHAIN), root=b"\x07" * 32, chunk=1 << 16, price=1,
+        ctl="tcp://127.0.0.1:1", data=(DataAddress("tcp", "127.0.0.1:2"),),
+    )  # fmt: skip
+    st = open_envelope(seal(seller, ad, Header(iat=now(), exp=now() + 60_000, seq=1)))
+    honest = Quote(
+        re=1, quote=b"\x01" * 16, blocks=3, stored=3, layout=LAYOUT, root=b"\x07" * 32,
+        chunk=1 << 16, price=5, transport="tcp", data="127.0.0.1:2", token=bytes(32),
+    )  # fmt: skip
+    check_quote(st, honest, 3, None)
+    with pytest.raises(RemoteProtocolError, match=field) as err:
+        check_quote(st, dataclasses.replace(honest, **change), 3, None)
+    assert err.value.code == ErrorCode.ROOT_MISMATCH
+    # A conversion the buyer asked for changes the dtype and the root, and nothing else.
+    f32 = dataclasses.replace(LAYOUT, dtype="float32")
+    check_quote(st, dataclasses.replace(honest, layout=f32, root=b"\x08" * 32), 3, "float32")

@@ -1,5 +1,6 @@
 """The TCP data channel and multi-provider fetch, against honest and hostile sellers."""
 
+import dataclasses
 import socket
 
 import pytest
@@ -9,6 +10,7 @@ from sellers import (
     Hostile,
     expected_for,
     honest_server,
+    payer,
     payload,
     source,
     transfer_maker,
@@ -230,3 +232,69 @@ async def test_a_payload_lands_in_gpu_memory():
     await fetch([source(server.address, expected, P1, transfer_maker())], dest)
     await server.close()
     assert dest.cpu().numpy().tobytes() == DATA
+
+
+def windowed(data: bytes = DATA, window: int = 1, price: int = 6_000):
+    return dataclasses.replace(expected_for(data), window=window, price=price)
+
+
+async def test_a_windowed_stream_is_paid_window_by_window():
+    expected = windowed(window=2)
+    receipts = []
+    server = await honest_server(DATA, expected, on_receipt=receipts.append)
+    pay = payer(expected)
+    dest = dest_for(len(DATA))
+    await fetch([source(server.address, expected, P1, transfer_maker(), pay=pay)], dest)
+    await server.close()
+    assert as_bytes(dest) == DATA
+    # Six chunks, two a window: receipts after chunks 2 and 4, none after the last.
+    assert pay.paid == [2 * CHUNK, 4 * CHUNK]
+    assert [(r.message.bytes, r.message.price) for r in receipts] == [
+        (2 * CHUNK, 6_000 * 2 * CHUNK // len(DATA)),
+        (4 * CHUNK, 6_000 * 4 * CHUNK // len(DATA)),
+    ]
+
+
+async def test_a_buyer_whose_receipt_is_wrong_gets_one_window_and_no_more():
+    expected = windowed(window=1)
+    receipts = []
+    server = await honest_server(DATA, expected, on_receipt=receipts.append)
+    dest = dest_for(len(DATA))
+    pay = payer(expected, price_off=-1)  # underpays by one micro-credit
+    with pytest.raises(FetchMiss) as miss:
+        await fetch([source(server.address, expected, P1, transfer_maker(), pay=pay)], dest)
+    await server.close()
+    assert [f.code for f in miss.value.faults] == [ErrorCode.STREAM_TRUNCATED]
+    assert receipts == [] and pay.paid == [CHUNK]  # it got chunk 0 and then nothing
+
+
+async def test_a_windowed_quote_needs_a_way_to_pay():
+    expected = windowed()
+    server = await honest_server(DATA, expected)
+    with pytest.raises(ValueError, match="payment window"):
+        await fetch([source(server.address, expected, P1, transfer_maker())], dest_for(len(DATA)))
+    await server.close()
+
+
+async def test_a_provider_of_another_payload_restarts_the_fetch_and_blames_nobody():
+    other = payload(len(DATA) + 2 * CHUNK)[1:]  # another size and other bytes
+    liar = Hostile(other, stop_after=2)  # serves two good chunks of its payload, then dies
+    server = await honest_server(DATA, expected_for(DATA))
+    allocated = []
+
+    def allocate(expected):
+        allocated.append(torch.zeros(expected.deliver, dtype=torch.uint8))
+        return allocated[-1]
+
+    sources = [
+        source(liar.address, expected_for(other), P1, transfer_maker()),
+        source(server.address, expected_for(DATA), P2, transfer_maker()),
+    ]
+    got = await fetch(sources, allocate)
+    liar.close()
+    await server.close()
+    assert [len(t) for t in allocated] == [len(other), len(DATA)]
+    assert as_bytes(allocated[-1]) == DATA and as_bytes(allocated[0]) == bytes(len(other))
+    # The first provider's own fault is reported; the difference of payloads is nobody's.
+    assert [(f.provider, f.code) for f in got.faults] == [(P1, ErrorCode.STREAM_TRUNCATED)]
+    assert got.providers == (P2,)

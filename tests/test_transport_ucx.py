@@ -1,8 +1,19 @@
 """The UCX data channel with ucxx over UCX_TLS=tcp (set in conftest), in host memory."""
 
+import dataclasses
+
 import pytest
 import torch
-from sellers import CHUNK, Hostile, expected_for, honest_server, payload, source, transfer_maker
+from sellers import (
+    CHUNK,
+    Hostile,
+    expected_for,
+    honest_server,
+    payer,
+    payload,
+    source,
+    transfer_maker,
+)
 
 from kvx.protocol import ErrorCode
 
@@ -13,8 +24,13 @@ P1, P2 = b"\x01" * 32, b"\x02" * 32
 DATA = payload()
 
 
-async def ucx_server(data=DATA, expected=None):
-    return await honest_server(data, expected or expected_for(data), server_class=ucx.UcxDataServer)
+async def ucx_server(data=DATA, expected=None, on_receipt=None):
+    return await honest_server(
+        data,
+        expected or expected_for(data),
+        server_class=ucx.UcxDataServer,
+        on_receipt=on_receipt,
+    )
 
 
 async def test_a_whole_payload_arrives_over_ucx():
@@ -79,3 +95,29 @@ async def test_a_payload_lands_in_gpu_memory_over_ucx():
     await fetch([source(server.address, expected_for(DATA), P1, transfer_maker(), "ucx")], dest)
     await server.close()
     assert dest.cpu().numpy().tobytes() == DATA
+
+
+async def test_a_windowed_stream_is_paid_window_by_window_over_ucx():
+    expected = dataclasses.replace(expected_for(DATA), window=2, price=6_000)
+    receipts = []
+    server = await ucx_server(expected=expected, on_receipt=receipts.append)
+    pay = payer(expected)
+    dest = torch.zeros(len(DATA), dtype=torch.uint8)
+    await fetch([source(server.address, expected, P1, transfer_maker(), "ucx", pay)], dest)
+    await server.close()
+    assert dest.numpy().tobytes() == DATA
+    assert pay.paid == [2 * CHUNK, 4 * CHUNK]
+    assert [r.message.bytes for r in receipts] == [2 * CHUNK, 4 * CHUNK]
+
+
+async def test_a_wrong_receipt_over_ucx_gets_one_window():
+    expected = dataclasses.replace(expected_for(DATA), window=1, price=6_000)
+    server = await ucx_server(expected=expected)
+    dest = torch.zeros(len(DATA), dtype=torch.uint8)
+    pay = payer(expected, price_off=1)
+    with pytest.raises(FetchMiss):
+        await fetch(
+            [source(server.address, expected, P1, transfer_maker(), "ucx", pay)], dest, timeout_s=5
+        )
+    await server.close()
+    assert pay.paid == [CHUNK]

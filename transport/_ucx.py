@@ -122,6 +122,8 @@ async def receive_stream_ucx(
         finally:
             for *_, done in window:
                 done.cancel()
+            # Collect what the cancelled receives raised, so none is left unretrieved.
+            await asyncio.gather(*(done for *_, done in window), return_exceptions=True)
             if pending is not None:
                 with contextlib.suppress(ProtocolError):
                     await pending
