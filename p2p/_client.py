@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import json
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -42,7 +42,15 @@ from kvx.protocol import (
     RemoteProtocolError,
     Transfer,
 )
-from kvx.transport import Expected, Fault, FetchMiss, Source, available_transports, fetch
+from kvx.transport import (
+    Destination,
+    Expected,
+    Fault,
+    FetchMiss,
+    Source,
+    available_transports,
+    fetch,
+)
 from kvx.trust import (
     Event,
     Identity,
@@ -79,7 +87,7 @@ class Miss(KvxError):
 class Bought:
     """What a fetch delivered and what it cost."""
 
-    tensor: torch.Tensor  # the payload prefix, verified, on the requested device
+    tensor: torch.Tensor | None  # the payload prefix, verified; None when fetched `into`
     layout: KVLayout  # as delivered
     blocks: int
     tokens: int
@@ -89,6 +97,7 @@ class Bought:
     seller: bytes  # node id of the provider that completed the delivery
     faults: tuple[Fault, ...]  # providers that failed on the way
     seconds: float
+    timings: dict[str, float]  # where the seconds went: lookup, negotiation, transfer, receipt
 
 
 MAX_FETCH_BYTES = 16 << 30
@@ -285,8 +294,11 @@ class PeerClient:
         dtype: str | None = None,
         max_price: int | None = None,
         timeout_s: float | None = None,
+        into: Callable[[Expected], Destination] | None = None,
     ) -> Bought:
-        """Buy the longest advertised prefix of `chain` into a tensor on `device`.
+        """Buy the longest advertised prefix of `chain` into a tensor on `device`, or
+        `into` the destination that function makes for a quote (one copy from the socket
+        into the caller's own memory; Bought.tensor is then None).
 
         `params` is the buyer's own model size, from which it prices its own prefill and so
         its highest bid (unless `max_price` is given); `timeout_s` bounds each answer and each
@@ -298,6 +310,7 @@ class PeerClient:
         timeout = self.timeout_s if timeout_s is None else timeout_s
         ns = None if namespace is None else namespace.id
         matched, found = await self.lookup(fp, chain, ns=ns)
+        timings = {"lookup": time.monotonic() - started, "negotiation": 0.0}
         # An advertisement whose delivery would pass our bound is skipped, not bought.
         ads = [ad for ad in found if ad.message.layout.payload_bytes(matched) <= self.max_bytes]
         if not matched or not ads:
@@ -320,6 +333,7 @@ class PeerClient:
                     dtype=dtype,
                 )
                 sock = self._dealer(ad)
+                negotiating = time.monotonic()
                 try:
                     if namespace is not None and namespace.secret is not None:
                         await self._prove(sock, ad, namespace, timeout)
@@ -340,6 +354,8 @@ class PeerClient:
                     faults.append(Fault(ad.signer_id, exc.code, exc.detail))
                     sock.close()
                     continue
+                finally:
+                    timings["negotiation"] += time.monotonic() - negotiating
                 deals[ad.signer_id] = (quote, open_envelope(accept), sock)
                 yield Source(
                     ad.signer_id,
@@ -350,14 +366,19 @@ class PeerClient:
                     self._payer(q, ad.signer_id, paid),
                 )
 
-        allocated: list[torch.Tensor] = []
+        allocated: list[torch.Tensor | None] = [None]
 
-        def allocate(expected: Expected) -> torch.Tensor:
+        def allocate(expected: Expected) -> torch.Tensor | Destination:
+            if into is not None:
+                return into(expected)
             allocated[:] = [torch.empty(expected.deliver, dtype=torch.uint8, device=device)]
             return allocated[0]
 
         try:
+            streaming = time.monotonic()
             fetched = await fetch(sources(), allocate, timeout_s=timeout, faults=faults)
+            timings["transfer"] = time.monotonic() - streaming - timings["negotiation"]
+            receipting = time.monotonic()
             seller = fetched.providers[-1]
             quote, _, sock = deals[seller]
             q = quote.message
@@ -369,6 +390,7 @@ class PeerClient:
             )
             await sock.send(receipt)
             self.ledger.record_receipt(open_envelope(receipt), _now())
+            timings["receipt"] = time.monotonic() - receipting
         except FetchMiss as miss:
             await self._report(miss.faults)
             raise Miss("every provider failed", miss.faults) from None
@@ -390,6 +412,7 @@ class PeerClient:
             seller=seller,
             faults=fetched.faults,
             seconds=time.monotonic() - started,
+            timings=timings,
         )
 
     async def _prove(

@@ -168,3 +168,27 @@ def source(
         transfer=make,
         pay=pay,
     )
+
+
+def scattered(size: int, piece: int = 1000):
+    """Memory that payload bytes land in out of order: piece i of the payload goes to
+    slot `order[i]` of a buffer, as a KV cache's layers take a block-major payload."""
+    count = -(-size // piece)
+    order = list(reversed(range(count)))
+    memory = bytearray(count * piece)
+    view = memoryview(memory)
+
+    def place(start: int, stop: int) -> list[memoryview]:
+        pieces = []
+        while start < stop:
+            index, offset = divmod(start, piece)
+            n = min(piece - offset, stop - start)
+            at = order[index] * piece + offset
+            pieces.append(view[at : at + n])
+            start += n
+        return pieces
+
+    def payload_of() -> bytes:
+        return b"".join(bytes(p) for p in place(0, size))
+
+    return place, payload_of, memory

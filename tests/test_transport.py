@@ -12,6 +12,7 @@ from sellers import (
     honest_server,
     payer,
     payload,
+    scattered,
     source,
     transfer_maker,
 )
@@ -298,3 +299,31 @@ async def test_a_provider_of_another_payload_restarts_the_fetch_and_blames_nobod
     # The first provider's own fault is reported; the difference of payloads is nobody's.
     assert [(f.provider, f.code) for f in got.faults] == [(P1, ErrorCode.STREAM_TRUNCATED)]
     assert got.providers == (P2,)
+
+
+async def test_a_payload_is_received_scattered_straight_into_its_callers_memory():
+    from kvx.transport import ScatterDestination
+
+    deliver = 4 * CHUNK + 777
+    expected = expected_for(DATA, deliver)
+    server = await honest_server(DATA, expected)
+    place, payload_of, _ = scattered(deliver)
+    await fetch(
+        [source(server.address, expected, P1, transfer_maker())],
+        lambda e: ScatterDestination(e, place),
+    )
+    await server.close()
+    assert payload_of() == DATA[:deliver]
+
+
+async def test_a_scattered_fetch_that_fails_leaves_nothing_behind(hostile):
+    from kvx.transport import ScatterDestination
+
+    expected = expected_for(DATA)
+    place, _, memory = scattered(len(DATA))
+    with pytest.raises(FetchMiss):
+        await fetch(
+            [source(hostile(flip=3).address, expected, P1, transfer_maker())],
+            lambda e: ScatterDestination(e, place),
+        )
+    assert bytes(memory) == bytes(len(memory))  # even the verified chunks are wiped

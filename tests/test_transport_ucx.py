@@ -11,6 +11,7 @@ from sellers import (
     honest_server,
     payer,
     payload,
+    scattered,
     source,
     transfer_maker,
 )
@@ -121,3 +122,18 @@ async def test_a_wrong_receipt_over_ucx_gets_one_window():
         )
     await server.close()
     assert pay.paid == [CHUNK]
+
+
+async def test_a_payload_is_received_scattered_over_ucx():
+    from kvx.transport import ScatterDestination
+
+    deliver = 4 * CHUNK + 777
+    expected = expected_for(DATA, deliver)
+    server = await ucx_server(expected=expected)
+    place, payload_of, _ = scattered(deliver)
+    await fetch(
+        [source(server.address, expected, P1, transfer_maker(), "ucx")],
+        lambda e: ScatterDestination(e, place),
+    )
+    await server.close()
+    assert payload_of() == DATA[:deliver]

@@ -1,7 +1,7 @@
 """kvx.transport: moving verified KV bytes between hosts, over TCP or UCX, into CPU or GPU
 memory. A payload is returned whole and verified, or not at all."""
 
-from ._destination import Destination
+from ._destination import Destination, ScatterDestination
 from ._fetch import (
     PREFERENCE,
     Fault,
@@ -25,6 +25,7 @@ __all__ = [
     "FetchMiss",
     "Fetched",
     "Offer",
+    "ScatterDestination",
     "Sessions",
     "Source",
     "StreamVerifier",

@@ -1,9 +1,11 @@
 """Where received chunks land: straight into a CPU tensor's memory, or through pinned host
-staging into a CUDA tensor, so that only verified bytes ever reach the device.
+staging into a CUDA tensor, so that only verified bytes ever reach the device; or, for a
+caller that owns the final memory (a model's KV cache), scattered straight into it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from kvx.protocol import ErrorCode, RemoteProtocolError, byte_view
@@ -52,6 +54,11 @@ class Destination:
         start = index * self.expected.chunk
         return start, min(start + self.expected.length(index), self.expected.deliver)
 
+    def segments(self, index: int) -> list[memoryview]:
+        """Where chunk `index` is received, in order: one piece of memory here (a scatter
+        destination gives several)."""
+        return [self.landing(index)]
+
     def landing(self, index: int) -> memoryview:
         """Memory of exactly the chunk's length to receive chunk `index` into."""
         start, stop = self._span(index)
@@ -65,8 +72,10 @@ class Destination:
             return self._view[start:stop]  # in place, no copy at all
         return byte_view(self._staging[0])[:length]  # the chunk runs past what is kept
 
-    def commit(self, index: int, landed: memoryview) -> None:
+    def commit(self, index: int, landed: memoryview | list[memoryview]) -> None:
         """Place a verified chunk into the destination."""
+        if isinstance(landed, list):
+            (landed,) = landed
         start, stop = self._span(index)
         if self.on_gpu:
             slot = index % len(self._staging)
@@ -86,3 +95,55 @@ class Destination:
         """Zero everything from chunk `first_unverified` on: no unchecked byte stays."""
         self.finish()
         self._flat[first_unverified * self.expected.chunk :].zero_()
+
+
+class ScatterDestination(Destination):
+    """A payload received straight into memory its caller lays out, one copy from the
+    socket: `place(start, stop)` names the pieces of memory that payload bytes
+    [start, stop) land in, in order (the pieces of a KV cache's layers, say).
+
+    Bytes land before their chunk is verified, as they do in a tensor destination: the
+    caller hands the memory on only after the whole fetch verified, and a failed fetch
+    scrubs everything it did not verify. Transports that cannot scatter (UCX) receive
+    a chunk whole into staging and `commit` copies it out.
+    """
+
+    def __init__(
+        self, expected: Expected, place: Callable[[int, int], list[memoryview]]
+    ) -> None:
+        import torch
+
+        self.expected = expected
+        self.on_gpu = False
+        self._place = place
+        # A pipelined transport has a chunk being verified and two landing: three slots.
+        self._staging = [torch.empty(expected.chunk, dtype=torch.uint8) for _ in "abc"]
+
+    def segments(self, index: int) -> list[memoryview]:
+        start, stop = self._span(index)
+        pieces = self._place(start, stop)
+        spill = self.expected.length(index) - (stop - start)
+        if spill:  # the last chunk runs past what is kept: read the rest into staging
+            pieces.append(byte_view(self._staging[0])[:spill])
+        return pieces
+
+    def landing(self, index: int) -> memoryview:
+        slot = self._staging[index % len(self._staging)]
+        return byte_view(slot)[: self.expected.length(index)]
+
+    def commit(self, index: int, landed: memoryview | list[memoryview]) -> None:
+        if isinstance(landed, list):  # scattered in place already
+            return
+        at = 0
+        for piece in self._place(*self._span(index)):
+            piece[:] = landed[at : at + len(piece)]
+            at += len(piece)
+
+    def finish(self) -> None:
+        pass
+
+    def scrub(self, first_unverified: int) -> None:
+        start = first_unverified * self.expected.chunk
+        if start < self.expected.deliver:
+            for piece in self._place(start, self.expected.deliver):
+                piece[:] = bytes(len(piece))

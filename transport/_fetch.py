@@ -113,7 +113,7 @@ async def _each(sources: Iterable[Source] | AsyncIterable[Source]) -> AsyncItera
 
 async def fetch(
     sources: Iterable[Source] | AsyncIterable[Source],
-    tensor: torch.Tensor | Callable[[Expected], torch.Tensor],
+    tensor: torch.Tensor | Callable[[Expected], torch.Tensor | Destination],
     *,
     timeout_s: float = 30.0,
     faults: list[Fault] | None = None,
@@ -123,8 +123,9 @@ async def fetch(
     `sources` may be produced lazily (a buyer negotiates with the next provider only when
     the last one failed); `tensor` may be a function that allocates the destination once
     a source's quote has fixed its size (again, should a later source offer another
-    payload after the earlier ones failed). Faults met before (a refused quote, say)
-    can be passed in `faults`, to be reported with the rest.
+    payload after the earlier ones failed), or that returns a Destination of its own.
+    Faults met before (a refused quote, say) can be passed in `faults`, to be reported
+    with the rest.
     """
     faults = [] if faults is None else faults
     served: list[bytes] = []
@@ -138,7 +139,9 @@ async def fetch(
                 dest.scrub(0)
             served = []
             target = tensor(source.expected) if callable(tensor) else tensor
-            dest, verifier = Destination(target, source.expected), StreamVerifier(source.expected)
+            if not isinstance(target, Destination):
+                target = Destination(target, source.expected)
+            dest, verifier = target, StreamVerifier(source.expected)
         expected = source.expected
         before = verifier.verified
         try:

@@ -75,6 +75,28 @@ def _recv_exact(sock: socket.socket, view: memoryview, deadline: float | None = 
         view = view[got:]
 
 
+_IOV_MAX = 1024
+
+
+def _recv_scattered(sock: socket.socket, pieces: list[memoryview]) -> None:
+    """Fill every piece, in order, with as few system calls as the kernel allows."""
+    if len(pieces) == 1:
+        _recv_exact(sock, pieces[0])
+        return
+    left = [p for p in pieces if len(p)]
+    while left:
+        batch = left[:_IOV_MAX]
+        got = sock.recvmsg_into(batch, 0, socket.MSG_WAITALL)[0]
+        if got == 0:
+            raise RemoteProtocolError(ErrorCode.STREAM_TRUNCATED, "the peer closed the stream")
+        while got and left:
+            if got >= len(left[0]):
+                got -= len(left.pop(0))
+            else:
+                left[0] = left[0][got:]
+                got = 0
+
+
 def _recv_bytes(sock: socket.socket, n: int, deadline: float | None = None) -> bytes:
     buf = bytearray(n)
     _recv_exact(sock, memoryview(buf), deadline)
@@ -139,7 +161,7 @@ def receive_stream(
     with ThreadPoolExecutor(1, thread_name_prefix="kvx-verify") as hasher:
         pending: Future[None] | None = None
 
-        def verify(index: int, landed: memoryview) -> None:
+        def verify(index: int, landed: list[memoryview]) -> None:
             verifier.check(index, landed)
             dest.commit(index, landed)
 
@@ -154,8 +176,8 @@ def receive_stream(
                     raise RemoteProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"{tag.name} frame")
                 (index,) = CHUNK_INDEX.unpack(_recv_bytes(sock, CHUNK_INDEX.size))
                 verifier.begin_chunk(index, length - CHUNK_INDEX.size)
-                landed = dest.landing(index)
-                _recv_exact(sock, landed)
+                landed = dest.segments(index)
+                _recv_scattered(sock, landed)
                 if pending is not None:
                     pending.result()  # chunk index-1 is verified before index is handed on
                 pending = hasher.submit(verify, index, landed)

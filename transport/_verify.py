@@ -136,10 +136,13 @@ class StreamVerifier:
             )
         self._next += 1
 
-    def check(self, index: int, data: memoryview) -> None:
-        """Verify a received chunk; chunks are checked in order."""
+    def check(self, index: int, data: memoryview | list[memoryview]) -> None:
+        """Verify a received chunk (whole, or as the pieces it landed in, in order)."""
         assert self._hashes is not None and index == self.verified
-        if blake3.blake3(data, max_threads=blake3.blake3.AUTO).digest() != self._hashes[index]:
+        hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        for piece in data if isinstance(data, list) else (data,):
+            hasher.update(piece)
+        if hasher.digest() != self._hashes[index]:
             raise _fail(ErrorCode.CHUNK_HASH_MISMATCH, f"chunk {index} does not match its hash")
         self.verified += 1
 

@@ -26,9 +26,10 @@ from kvx.protocol import (
     byte_view,
     prefix_chain,
 )
+from kvx.transport import ScatterDestination
 
 if TYPE_CHECKING:
-    from transformers import DynamicCache, PreTrainedModel
+    from transformers import Cache, DynamicCache, PreTrainedModel
 
 
 def tokenizer_hash(tokenizer: Any) -> bytes:
@@ -92,23 +93,65 @@ def pack(cache: DynamicCache, layout: KVLayout, blocks: int) -> torch.Tensor:
     return kv.contiguous().to("cpu").view(torch.uint8).reshape(-1)
 
 
-def unpack(
-    payload: torch.Tensor, layout: KVLayout, blocks: int, model: PreTrainedModel
-) -> DynamicCache:
-    """A DynamicCache holding a bought block-major payload, on the model's device and dtype."""
-    from transformers import DynamicCache
+class BoughtCache:
+    """A StaticCache whose layers are allocated up front, for the prompt and what will be
+    generated after it, so that a bought payload is received straight into them — one
+    copy, from the socket to the memory attention reads — and the first forward extends
+    them in place instead of concatenating a copy of the prefix.
 
-    t = payload.view(getattr(torch, layout.dtype)).reshape(
-        blocks, layout.layers, 2, layout.kv_heads, layout.block, layout.head_dim
-    )
-    t = t.permute(1, 2, 3, 0, 4, 5).reshape(
-        layout.layers, 2, layout.kv_heads, blocks * layout.block, layout.head_dim
-    )
-    cache = DynamicCache(config=model.config)
-    for layer in range(layout.layers):
-        k, v = (t[layer, i].unsqueeze(0).to(model.device, model.dtype) for i in (0, 1))
-        cache.update(k.contiguous(), v.contiguous(), layer)
-    return cache
+    The wire is block-major (spec §7.4): block, layer, K then V, head, token, element.
+    For a fixed (layer, K or V, head) the tokens of one block are contiguous in a
+    [1, heads, capacity, head_dim] tensor, so every such piece of the payload lands in
+    place; `place` maps payload bytes to those pieces.
+    """
+
+    def __init__(self, model: PreTrainedModel, layout: KVLayout, capacity: int) -> None:
+        from transformers import StaticCache
+
+        self.layout = layout
+        self.capacity = capacity
+        self.cache = StaticCache(config=model.config, max_cache_len=capacity)
+        if len(self.cache.layers) != layout.layers:
+            raise ValueError(f"the model has {len(self.cache.layers)} layers, not {layout.layers}")
+        shape = (1, layout.kv_heads, capacity, layout.head_dim)
+        dtype = getattr(torch, layout.dtype)
+        self.kv = [
+            [torch.empty(shape, dtype=dtype, device=model.device) for _ in "kv"]
+            for _ in range(layout.layers)
+        ]
+        self._heads = [
+            [[byte_view(t[0, h]) for h in range(layout.kv_heads)] for t in kv] for kv in self.kv
+        ]
+        self._piece = layout.block * layout.head_dim * layout.itemsize
+
+    def place(self, start: int, stop: int) -> list[memoryview]:
+        """The memory that payload bytes [start, stop) land in, in order."""
+        layout, size = self.layout, self._piece
+        per_block = 2 * layout.layers * layout.kv_heads
+        pieces = []
+        while start < stop:
+            index, offset = divmod(start, size)
+            block, rest = divmod(index, per_block)
+            layer, rest = divmod(rest, 2 * layout.kv_heads)
+            kv, head = divmod(rest, layout.kv_heads)
+            n = min(size - offset, stop - start)
+            at = block * size + offset
+            pieces.append(self._heads[layer][kv][head][at : at + n])
+            start += n
+        return pieces
+
+    def ready(self, tokens: int):
+        """The cache, holding `tokens` verified tokens, for `generate` or a forward."""
+        for layer, (k, v) in zip(self.cache.layers, self.kv, strict=True):
+            k[:, :, tokens:].zero_()  # attention masks them, but NaN * 0 would still be NaN
+            v[:, :, tokens:].zero_()
+            layer.keys, layer.values = k, v
+            layer.dtype, layer.device = k.dtype, k.device
+            layer.batch_size, layer.num_heads = 1, k.shape[1]
+            layer.k_head_dim = layer.v_head_dim = k.shape[-1]
+            layer.cumulative_length = torch.tensor(tokens, dtype=torch.int64, device=k.device)
+            layer.is_initialized = True
+        return self.cache
 
 
 def _chain(fp: ModelFingerprint, ids: torch.Tensor, ns: Namespace) -> list[bytes]:
@@ -154,8 +197,10 @@ async def fetch_prefix(
     input_ids: torch.Tensor,
     *,
     namespace: Namespace | None = None,
-) -> tuple[DynamicCache, Bought]:
-    """Buy the longest prefix of the prompt, leaving at least its last token to compute.
+    max_new_tokens: int = 256,
+) -> tuple[Cache, Bought]:
+    """Buy the longest prefix of the prompt, leaving at least its last token to compute,
+    into a cache with room for the prompt and `max_new_tokens` more.
 
     Raises Miss when nothing can be bought; the caller then prefills itself.
     """
@@ -163,10 +208,15 @@ async def fetch_prefix(
     chain = _chain(fp, input_ids[..., :-1], ns)  # the last token is never bought
     if not chain:
         raise Miss("the prompt is shorter than one block plus a token")
+    target = BoughtCache(model, fp.layout, input_ids.shape[-1] + max_new_tokens)
     bought = await client.fetch(
-        fp.digest(), chain, params=model.num_parameters(), namespace=ns, device=str(model.device)
+        fp.digest(),
+        chain,
+        params=model.num_parameters(),
+        namespace=ns,
+        into=lambda expected: ScatterDestination(expected, target.place),
     )
-    return unpack(bought.tensor, bought.layout, bought.blocks, model), bought
+    return target.ready(bought.tokens), bought
 
 
 @dataclass(frozen=True)
@@ -188,8 +238,11 @@ async def generate(
 ) -> Outcome:
     """`model.generate` with the longest bought prefix, or a plain prefill on a miss."""
     start = time.monotonic()
+    room = generate_kwargs.get("max_new_tokens", model.generation_config.max_new_tokens or 256)
     try:
-        cache, bought = await fetch_prefix(client, model, fp, input_ids, namespace=namespace)
+        cache, bought = await fetch_prefix(
+            client, model, fp, input_ids, namespace=namespace, max_new_tokens=room
+        )
     except Miss as miss:
         out = model.generate(input_ids, **generate_kwargs)
         return Outcome(out, None, str(miss), time.monotonic() - start)
