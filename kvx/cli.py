@@ -118,6 +118,9 @@ def _status(args: argparse.Namespace, out: Console) -> None:
         ("peers", peers),
         ("ads known", s["ads"]),
         ("payloads stored", s["stored"]),
+        ("degraded", ", ".join(s["degraded"]) or "no"),
+        ("internal errors", s["internal_errors"]),
+        ("held for peers", ", ".join(f"{k} {v:,}" for k, v in s["held"].items())),
     ):
         table.add_row(name, str(value))
     out.print(table)

@@ -247,6 +247,8 @@ class Node:
             window_bytes=cfg.payment_window_bytes,
             selling=self.selling,
         )
+        for what in self.held():  # read when scraped, never stale
+            self.metrics.held.labels(what).set_function(lambda what=what: self.held()[what])
         metrics_url = None
         if cfg.metrics_port is not None:
             metrics_url = f"http://127.0.0.1:{self.metrics.serve(cfg.metrics_port)}/metrics"
@@ -884,8 +886,6 @@ class Node:
         kept_ids = {node_id(k) for k in known}
         self.memberships.prune(lambda peer: peer in kept_ids, time.time())
         m = self.metrics
-        for what, amount in self.held().items():
-            m.held.labels(what).set(amount)
         m.degraded.labels("scores").set(int(self.scores.write_failed))
         if time.monotonic() - self._ledger_failed_at > LEDGER_RETRY_S:
             m.degraded.labels("ledger").set(0)

@@ -134,9 +134,11 @@ def test_metrics_endpoint_and_cli_tables_of_a_running_node(tmp_path):
     assert "kvx_ads_known 1.0" in text
     assert "kvx_lookup_hits_total 1.0" in text and "kvx_lookup_misses_total 1.0" in text
     assert 'kvx_peers{state="alive"}' in text
+    assert 'kvx_degraded{what="ledger"} 0.0' in text and 'kvx_held{what="replay_entries"}' in text
     kvx = Path(sys.executable).with_name("kvx")
     for verb, expect in (
         ("status", info["node_id"][:16]),
+        ("status", "held for peers"),
         ("peers", "peers"),
         ("ads", "advertisements"),
     ):

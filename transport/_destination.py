@@ -108,9 +108,7 @@ class ScatterDestination(Destination):
     a chunk whole into staging and `commit` copies it out.
     """
 
-    def __init__(
-        self, expected: Expected, place: Callable[[int, int], list[memoryview]]
-    ) -> None:
+    def __init__(self, expected: Expected, place: Callable[[int, int], list[memoryview]]) -> None:
         import torch
 
         self.expected = expected
