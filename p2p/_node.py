@@ -935,13 +935,13 @@ class Node:
 
 def _check_listen(config: NodeConfig) -> None:
     """Peers must be able to dial what a node advertises: no wildcard addresses."""
+    listen = (
+        config.listen.removesuffix(":0") + ":1" if config.listen.endswith(":0") else config.listen
+    )
+    host = f"[{config.data_host}]" if ":" in config.data_host else config.data_host
     try:
-        split_ctl(
-            config.listen.replace(":0", ":1") if config.listen.endswith(":0") else config.listen
-        )
-        split_host_port(
-            f"{config.data_host}:1" if ":" not in config.data_host else f"[{config.data_host}]:1"
-        )
+        split_ctl(listen)  # port 0 (any free port) is the node's own choice to make
+        split_host_port(f"{host}:1")
     except RemoteProtocolError as exc:
         raise ConfigError(
             f"listen on an address peers can dial (tcp://IP:PORT, data_host an IP): {exc.detail}"

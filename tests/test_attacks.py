@@ -666,3 +666,24 @@ def test_malformed_admin_requests_do_not_stop_the_node(node):
     sock.close(linger=0)
     ctx.term()
     alive_and_serving(n)
+
+
+@pytest.mark.parametrize("listen", ["tcp://0.0.0.0:7000", "127.0.0.1:7005"])
+def test_a_node_refuses_to_advertise_an_address_no_peer_can_dial(tmp_path, listen):
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kvx.cli",
+            "node",
+            "--data-dir",
+            str(tmp_path / "n"),
+            "--listen",
+            listen,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "listen on an address peers can dial" in run.stderr
