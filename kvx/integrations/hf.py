@@ -110,9 +110,13 @@ class BoughtCache:
 
         self.layout = layout
         self.capacity = capacity
+        from transformers.cache_utils import StaticLayer
+
         self.cache = StaticCache(config=model.config, max_cache_len=capacity)
         if len(self.cache.layers) != layout.layers:
             raise ValueError(f"the model has {len(self.cache.layers)} layers, not {layout.layers}")
+        if any(type(layer) is not StaticLayer for layer in self.cache.layers):
+            raise ValueError("only full-attention layers can take a bought prefix in place")
         shape = (1, layout.kv_heads, capacity, layout.head_dim)
         dtype = getattr(torch, layout.dtype)
         self.kv = [
