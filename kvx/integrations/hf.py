@@ -1,5 +1,6 @@
-"""Hugging Face transformers: publish the KV cache of a prompt, buy one into a DynamicCache,
-and generate with the exchange, falling back to a local prefill on a miss (extra `hf`).
+"""Hugging Face transformers: publish the KV cache of a prompt, buy one straight into a
+preallocated cache (BoughtCache), and generate with the exchange, falling back to a local
+prefill on a miss (extra `hf`).
 
 The payload layout is the spec's block-major one (§7.4): for each block, for each layer,
 K then V of shape [kv_heads, block, head_dim]. A bought prefix always leaves at least one
