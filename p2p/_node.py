@@ -252,14 +252,13 @@ class Node:
         metrics_url = None
         if cfg.metrics_port is not None:
             metrics_url = f"http://127.0.0.1:{self.metrics.serve(cfg.metrics_port)}/metrics"
-        cfg_ = self.config
         for coro in (
             self._receive(self.router, None),
             self._admin_loop(),
-            self._every("heartbeat", lambda: cfg_.heartbeat_s, self._heartbeat_round),
+            self._every("heartbeat", lambda: cfg.heartbeat_s, self._heartbeat_round),
             self._every(
                 "anti_entropy",
-                lambda: cfg_.anti_entropy_s * random.uniform(0.5, 1.5),
+                lambda: cfg.anti_entropy_s * random.uniform(0.5, 1.5),
                 self._anti_entropy_round,
             ),
             self._every("housekeeping", lambda: 1.0, self._housekeeping_round),
@@ -866,6 +865,8 @@ class Node:
         self._forget_strangers()
         self.index.expire(now_ms())
         self.market.expire(now_ms())
+        self.metrics.degraded.labels("scores").set(int(self.scores.write_failed))
+        self.metrics.degraded.labels("ledger").set(int(not self.selling()))
         self.metrics.ads.set(len(self.index))
         self.metrics.credits.set(sum(self.ledger.balances().values()))
         half = self.config.advert_ttl_s * 500
@@ -885,10 +886,6 @@ class Node:
             del self._curve_to_key[curve]
         kept_ids = {node_id(k) for k in known}
         self.memberships.prune(lambda peer: peer in kept_ids, time.time())
-        m = self.metrics
-        m.degraded.labels("scores").set(int(self.scores.write_failed))
-        if time.monotonic() - self._ledger_failed_at > LEDGER_RETRY_S:
-            m.degraded.labels("ledger").set(0)
 
     def held(self) -> dict[str, int]:
         """What the node holds for its peers, each against a budget (spec §13.1)."""
