@@ -32,9 +32,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import blake3
-import msgpack
 import zmq
 
+from kvx.conformance.fuzz import signed_with
 from kvx.p2p import Miss, NodeProcess, PeerClient, wait_for
 from kvx.protocol import (
     Accept,
@@ -50,10 +50,7 @@ from kvx.protocol import (
     Quote,
     QuoteRequest,
     Transfer,
-    encode_body,
-    encode_envelope,
     frame_header,
-    signing_input,
 )
 from kvx.trust import Identity, Signer, make_curve_client, open_envelope, seal
 
@@ -109,11 +106,7 @@ class Attacker:
         t = now()
         ttl = 600_000 if to is None else 60_000  # relayable, or direct
         header = Header(iat=t, exp=t + ttl, seq=time.time_ns(), to=to)
-        body = msgpack.unpackb(encode_body(header, message))
-        body.update(fields)
-        data = msgpack.packb(body, use_bin_type=True)
-        sig = self.identity.sign(signing_input(message.TYPE, data))
-        return encode_envelope(message.TYPE, data, self.identity.public_key, sig)
+        return signed_with(self.identity, message, fields, header)
 
     def close(self) -> None:
         self.sock.close()

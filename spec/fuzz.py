@@ -20,6 +20,7 @@ from kvx.protocol import (
     Hello,
     KVLayout,
     Lookup,
+    Message,
     MessageType,
     Peers,
     QuoteRequest,
@@ -134,11 +135,19 @@ def _hostile(signer: Signer, to: bytes, rng: random.Random, now_ms: int) -> byte
     header = Header(
         iat=now_ms + 29_000, exp=now_ms + lifetime, seq=rng.randrange(2**64), to=recipient
     )
+    return signed_with(signer.identity, message, fields, header)
+
+
+def signed_with(identity: Identity, message: Message, fields: dict, header: Header) -> bytes:
+    """A validly signed frame whose body is `message` with `fields` written over it:
+    values no honest encoder produces, under a good signature, so they reach the checks
+    a receiver makes after it has verified the signer."""
     body = msgpack.unpackb(encode_body(header, message))
     body.update(fields)
     raw = msgpack.packb(body, use_bin_type=True)
-    sig = signer.identity.sign(signing_input(message.TYPE, raw))
-    return encode_envelope(message.TYPE, raw, signer.identity.public_key, sig)
+    return encode_envelope(
+        message.TYPE, raw, identity.public_key, identity.sign(signing_input(message.TYPE, raw))
+    )
 
 
 def _junk(rng: random.Random, depth: int = 0) -> object:

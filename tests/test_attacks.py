@@ -18,6 +18,7 @@ import pytest
 import zmq
 from swarm import NodeProcess, TestPeer, eventually
 
+from kvx.conformance.fuzz import signed_with
 from kvx.p2p import PeerClient
 from kvx.protocol import (
     Accept,
@@ -41,7 +42,6 @@ from kvx.protocol import (
     encode_envelope,
     frame_header,
     prefix_chain,
-    signing_input,
 )
 from kvx.protocol._datachannel import FrameTag
 from kvx.trust import Identity, Signer, seal, write_private
@@ -57,19 +57,6 @@ BIG_PAYLOAD = blake3.blake3(b"big doc").digest(length=BIG.payload_bytes(3))
 
 def now() -> int:
     return time.time_ns() // 1_000_000
-
-
-def sealed_raw(identity: Identity, message, fields: dict, header: Header) -> bytes:
-    """A validly signed frame whose body is `message` with `fields` written over it:
-    values no honest encoder would produce, under a good signature."""
-    from kvx.protocol import encode_body
-
-    body = msgpack.unpackb(encode_body(header, message))
-    body.update(fields)
-    raw = msgpack.packb(body, use_bin_type=True)
-    return encode_envelope(
-        message.TYPE, raw, identity.public_key, identity.sign(signing_input(message.TYPE, raw))
-    )
 
 
 def direct(peer: TestPeer, ttl: int = 60_000, seq: int | None = None) -> Header:
@@ -147,7 +134,7 @@ def test_a_bad_address_in_any_signed_message_is_refused_at_decode(node, peers, c
     n = node()
     peer, _signer = peers(n)
     peer.send(
-        sealed_raw(
+        signed_with(
             peer.identity,
             Hello(ctl="tcp://127.0.0.1:9", data=(), inc=1),
             {"ctl": ctl},
@@ -158,8 +145,8 @@ def test_a_bad_address_in_any_signed_message_is_refused_at_decode(node, peers, c
     assert isinstance(answer.message, Error) and answer.message.code == ErrorCode.INVALID_FIELD
     # The same address in a PEERS entry and in a gossiped ADVERTISE: dropped, nothing dialed.
     entry = {"key": Identity.generate().public_key, "ctl": ctl, "inc": 1, "state": 0}
-    peer.send(sealed_raw(peer.identity, Peers(peers=()), {"peers": [entry]}, direct(peer)))
-    peer.send(sealed_raw(peer.identity, advert(), {"ctl": ctl}, relayable()))
+    peer.send(signed_with(peer.identity, Peers(peers=()), {"peers": [entry]}, direct(peer)))
+    peer.send(signed_with(peer.identity, advert(), {"ctl": ctl}, relayable()))
     time.sleep(0.3)
     alive_and_serving(n)
     assert n.call("ads")["ads"] == []
@@ -176,7 +163,7 @@ def test_one_advertise_with_a_bad_address_cannot_stop_a_swarm(tmp_path):
         liar = Identity.generate()
         peer = TestPeer(a, liar)
         body = {"ctl": "tcp://127.0.0.1:99999"}
-        peer.send(sealed_raw(liar, advert(), body, relayable()))
+        peer.send(signed_with(liar, advert(), body, relayable()))
         time.sleep(2)
         peer.close()
         for n in (a, b, c):
@@ -277,7 +264,7 @@ def test_ballast_in_unknown_fields_and_ads_beyond_a_signers_budget_are_refused(n
     n = node(max_ads_per_signer=4)
     peer, _signer = peers(n)
     ballast = {"pad": b"\0" * 5000}  # over MAX_UNKNOWN_BYTES of fields nobody defined
-    peer.send(sealed_raw(peer.identity, advert(), ballast, relayable()))
+    peer.send(signed_with(peer.identity, advert(), ballast, relayable()))
     for i in range(8):  # twice its budget of distinct ads
         ad = advert(root=bytes([i + 10]) * 32)
         peer.send(seal(peer.identity, ad, relayable()))
@@ -421,7 +408,7 @@ def test_a_body_of_a_hundred_thousand_keys_is_refused_cheaply(node, peers):
     peer, _ = peers(n)
     keys = {f"k{i}": 0 for i in range(100_000)}
     peer.send(
-        sealed_raw(
+        signed_with(
             peer.identity, Hello(ctl="tcp://127.0.0.1:9", data=(), inc=1), keys, direct(peer)
         )
     )
