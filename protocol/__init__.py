@@ -74,6 +74,7 @@ from ._messages import (
     Transfer,
     Withdraw,
     max_lifetime_ms,
+    receipt_price,
 )
 from ._naming import (
     PUBLIC,
@@ -153,6 +154,7 @@ __all__ = [
     "parse_envelope",
     "parse_frame_header",
     "prefix_chain",
+    "receipt_price",
     "signing_input",
     "split_ctl",
     "split_host_port",

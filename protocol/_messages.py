@@ -258,6 +258,12 @@ class Receipt:
     price: int = wire(UInt())
 
 
+def receipt_price(price: int, paid_bytes: int, deliver: int) -> int:
+    """What a RECEIPT for the first `paid_bytes` of a `deliver`-byte delivery states, for
+    a deal at `price` (spec §8.14): its share, rounded down."""
+    return price * paid_bytes // deliver
+
+
 @dataclass(frozen=True)
 class Error:
     TYPE: ClassVar = MessageType.ERROR

@@ -15,6 +15,7 @@ from kvx.protocol import (
     Quote,
     RemoteProtocolError,
     chunk_count,
+    receipt_price,
     verify_chunk_list,
 )
 
@@ -48,7 +49,7 @@ class Expected:
 
     def paid_price(self, paid_bytes: int) -> int:
         """The price a receipt for the first `paid_bytes` of the delivery states (§9.4)."""
-        return self.price * paid_bytes // self.deliver
+        return receipt_price(self.price, paid_bytes, self.deliver)
 
     @property
     def chunks(self) -> int:

@@ -11,7 +11,15 @@ import os
 import sqlite3
 from dataclasses import dataclass
 
-from kvx.protocol import Accept, ErrorCode, MessageType, Quote, Receipt, RemoteProtocolError
+from kvx.protocol import (
+    Accept,
+    ErrorCode,
+    MessageType,
+    Quote,
+    Receipt,
+    RemoteProtocolError,
+    receipt_price,
+)
 
 from ._envelope import Statement, open_envelope
 
@@ -178,7 +186,7 @@ class Ledger:
             if (
                 (r.seller, r.root) != (seller, root)
                 or not 0 < r.bytes <= size
-                or r.price != price * r.bytes // size
+                or r.price != receipt_price(price, r.bytes, size)
             ):
                 raise _fail(ErrorCode.UNKNOWN_TRANSFER, "the receipt does not match the deal")
             if seller == self.me and r.bytes == size and delivered is None:
