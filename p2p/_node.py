@@ -577,8 +577,7 @@ class Node:
         """ERROR back on the connection a direct statement came on; never for an ERROR."""
         if routing is None or mtype in RELAYABLE or mtype == MessageType.ERROR:
             return
-        error = Error(code=int(exc.code), msg=exc.detail[:256], re=re)
-        reply = self.signer.seal(error, now_ms=now_ms(), to=node_id(signer))
+        reply = self.signer.seal_error(exc, re=re, to=node_id(signer), now_ms=now_ms())
         await self._reply_frame(routing, reply, MessageType.ERROR)
 
     async def _reply(self, routing: bytes, st: Statement, message: Message) -> None:

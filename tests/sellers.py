@@ -81,21 +81,27 @@ async def honest_server(
     token: bytes = TOKEN,
     server_class=TcpDataServer,
     on_receipt=None,
+    more_tokens: tuple[bytes, ...] = (),
+    **options,
 ):
-    """A real data server (TCP, or UcxDataServer) with one authorised offer of `data`."""
+    """A real data server (TCP, or UcxDataServer) with an authorised offer of `data` for
+    `token` (and as many again for `more_tokens`)."""
     sessions = Sessions()
-    sessions.authorize(
-        Offer.build(
-            quote=QUOTE,
-            token=token,
-            buyer=BUYER.public_key,
-            payload=data,
-            hashes=chunk_hashes(data, CHUNK),
-            expected=expected,
-            expires_ms=now() + 60_000,
+    for each in (token, *more_tokens):
+        sessions.authorize(
+            Offer.build(
+                quote=QUOTE,
+                token=each,
+                buyer=BUYER.public_key,
+                payload=data,
+                hashes=chunk_hashes(data, CHUNK),
+                expected=expected,
+                expires_ms=now() + 60_000,
+            )
         )
+    server = server_class(
+        sessions, Inbox(SELLER.node_id), Signer(SELLER), on_receipt=on_receipt, **options
     )
-    server = server_class(sessions, Inbox(SELLER.node_id), Signer(SELLER), on_receipt=on_receipt)
     await server.start()
     return server
 

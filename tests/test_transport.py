@@ -1,5 +1,6 @@
 """The TCP data channel and multi-provider fetch, against honest and hostile sellers."""
 
+import asyncio
 import dataclasses
 import socket
 
@@ -327,3 +328,34 @@ async def test_a_scattered_fetch_that_fails_leaves_nothing_behind(hostile):
             lambda e: ScatterDestination(e, place),
         )
     assert bytes(memory) == bytes(len(memory))  # even the verified chunks are wiped
+
+
+async def test_a_buyer_past_its_streams_budget_is_told_so_and_others_go_on():
+    from sellers import TOKEN
+
+    from kvx.protocol import FrameTag, frame_header
+    from kvx.transport import DataLimits
+
+    expected = windowed(window=1)  # the first stream stops after a chunk, awaiting payment
+    second = b"\x7b" * 32
+    server = await honest_server(
+        DATA, expected, more_tokens=(second,), limits=DataLimits(streams_per_buyer=1)
+    )
+    host, port = server.address.rsplit(":", 1)
+    held = socket.create_connection((host, int(port)))
+    opening = transfer_maker(token=TOKEN)(0)
+    held.sendall(frame_header(FrameTag.CONTROL, len(opening)) + opening)
+    # The chunk list is coming: that stream holds its slot (read off the loop the server runs on).
+    await asyncio.to_thread(held.recv, 5, socket.MSG_WAITALL)
+    with pytest.raises(FetchMiss) as miss:
+        await fetch(
+            [
+                source(
+                    server.address, expected, P1, transfer_maker(token=second), pay=payer(expected)
+                )
+            ],
+            dest_for(len(DATA)),
+        )
+    assert [f.code for f in miss.value.faults] == [ErrorCode.OVER_BUDGET]
+    held.close()
+    await server.close()

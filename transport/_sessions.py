@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from kvx.protocol import Error, ErrorCode, Receipt, RemoteProtocolError, Transfer, byte_view
+from kvx.protocol import ErrorCode, Receipt, RemoteProtocolError, Transfer, byte_view
 from kvx.trust import Inbox, Signer, Statement
 
 from ._verify import Expected
@@ -123,8 +123,10 @@ def admit(frame: bytes, sessions: Sessions, inbox: Inbox, signer: Signer, now_ms
     except RemoteProtocolError as exc:
         if statement is None:  # an ERROR needs a verified sender to address it to
             return Admission(None)
-        error = Error(code=int(exc.code), msg=exc.detail[:256], re=statement.header.seq)
-        return Admission(None, reply=signer.seal(error, now_ms=now_ms, to=statement.signer_id))
+        reply = signer.seal_error(
+            exc, re=statement.header.seq, to=statement.signer_id, now_ms=now_ms
+        )
+        return Admission(None, reply=reply)
     return Admission(offer, statement.message.first, seq=statement.header.seq)
 
 

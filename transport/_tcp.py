@@ -394,15 +394,15 @@ class TcpDataServer:
             if not busy:
                 self._per_buyer[buyer] = self._per_buyer.get(buyer, 0) + 1
         if busy:
-            error = Error(
-                code=int(ErrorCode.OVER_BUDGET),
-                msg=f"at most {self.limits.streams_per_buyer} streams per buyer at once",
-                re=admission.seq,
+            over = RemoteProtocolError(
+                ErrorCode.OVER_BUDGET,
+                f"at most {self.limits.streams_per_buyer} streams per buyer at once",
+            )
+            reply = self.signer.seal_error(
+                over, re=admission.seq, to=node_id(buyer), now_ms=self.now_ms()
             )
             with contextlib.suppress(OSError):
-                _send_control(
-                    conn, self.signer.seal(error, now_ms=self.now_ms(), to=node_id(buyer))
-                )
+                _send_control(conn, reply)
             return None
         try:
             payments = Payments(offer, admission.first, self.inbox, self.signer.identity.node_id)

@@ -11,6 +11,7 @@ from nacl.signing import VerifyKey
 
 from kvx.protocol import (
     RELAYABLE,
+    Error,
     ErrorCode,
     Header,
     Message,
@@ -111,6 +112,13 @@ class Signer:
         if self._fixed:
             self._next += 1
         return frame
+
+    def seal_error(
+        self, exc: RemoteProtocolError, *, re: int | None, to: bytes, now_ms: int
+    ) -> bytes:
+        """The ERROR (spec §8.15) that reports `exc` to node `to`, about its statement `re`."""
+        error = Error(code=int(exc.code), msg=exc.detail[:256], re=re)
+        return self.seal(error, now_ms=now_ms, to=to)
 
 
 class Inbox:
