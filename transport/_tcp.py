@@ -47,8 +47,7 @@ def set_stall_timeout(sock: socket.socket, seconds: float) -> None:
     one call; Python's own socket timeout would turn each receive into a poll loop.
     """
     sock.settimeout(None)
-    whole = int(seconds)
-    value = struct.pack("ll", whole, int((seconds - whole) * 1e6))
+    value = _timeval(seconds)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -114,9 +113,14 @@ def _wait_at_most(sock: socket.socket, option: int, deadline: float) -> None:
         raise TimeoutError("the stream's deadline passed")
     current = struct.unpack("ll", sock.getsockopt(socket.SOL_SOCKET, option, 16))
     if left < current[0] + current[1] / 1e6 or current == (0, 0):
-        whole = int(left)
-        value = struct.pack("ll", whole, max(1, int((left - whole) * 1e6)))
-        sock.setsockopt(socket.SOL_SOCKET, option, value)
+        sock.setsockopt(socket.SOL_SOCKET, option, _timeval(left))
+
+
+def _timeval(seconds: float) -> bytes:
+    """A struct timeval for SO_RCVTIMEO/SO_SNDTIMEO; never zero, which would mean "wait
+    forever"."""
+    whole = int(seconds)
+    return struct.pack("ll", whole, max(1, int((seconds - whole) * 1e6)))
 
 
 def remote_error(frame: bytes) -> RemoteProtocolError:
