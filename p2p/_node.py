@@ -26,6 +26,7 @@ import zmq
 import zmq.asyncio
 
 from kvx.protocol import (
+    ENDPOINT_TRANSPORTS,
     MAX_FRAME_BYTES,
     RELAYABLE,
     Advertise,
@@ -655,7 +656,7 @@ class Node:
 
     @staticmethod
     def _data_hosts(ad: Advertise) -> list:
-        return [split_host_port(d.addr)[0] for d in ad.data if d.t in ("tcp", "ucx")]
+        return [split_host_port(d.addr)[0] for d in ad.data if d.t in ENDPOINT_TRANSPORTS]
 
     async def _on_withdraw(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
         new, ns = self.index.withdraw(st)

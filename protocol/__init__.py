@@ -4,7 +4,7 @@ Nothing here touches a socket, a clock or a key: callers pass bytes and times in
 get messages, bytes and errors out (spec/PROTOCOL.md is the normative text).
 """
 
-from ._address import split_ctl, split_host_port
+from ._address import ENDPOINT_TRANSPORTS, split_ctl, split_host_port
 from ._codec import (
     RawEnvelope,
     decode_body,
@@ -92,6 +92,7 @@ __all__ = [
     "DEFAULT_BLOCK_TOKENS",
     "DEFAULT_CHUNK_BYTES",
     "DTYPE_SIZES",
+    "ENDPOINT_TRANSPORTS",
     "FRAME_HEADER",
     "LAYOUT_NAME",
     "MAX_ADVERT_LIFETIME_MS",
