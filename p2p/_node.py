@@ -16,7 +16,6 @@ import os
 import random
 import signal
 import sqlite3
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -75,6 +74,7 @@ from ._admin import answer, pack, unpack
 from ._config import ADMIN_SOCKET, INFO_FILE, LEDGER_FILE, SCORES_FILE, STORE_DIR, NodeConfig
 from ._datadir import DataDirLock
 from ._index import AdIndex, Advert
+from ._logs import setup_logging
 from ._market import Market
 from ._peers import Peer, PeerTable, State
 from ._pricing import PricePolicy
@@ -154,6 +154,7 @@ class Node:
         self._tasks: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
         self._crash: BaseException | None = None
+        self._served = False
         self._handlers: dict[
             MessageType, Callable[[Statement, bytes | None, bytes], Awaitable[None]]
         ] = {
@@ -173,13 +174,9 @@ class Node:
 
     # ---- lifecycle -------------------------------------------------------------------
 
-    def event(self, name: str, **fields: Any) -> None:
-        """One structured log line."""
-        log.info(
-            json.dumps(
-                {"ts": round(time.time(), 3), "node": self.id.hex()[:12], "event": name, **fields}
-            )
-        )
+    def event(self, name: str, level: int = logging.INFO, **fields: Any) -> None:
+        """One structured log line (p2p/_logs.py writes it as JSON)."""
+        log.log(level, {"node": self.id.hex()[:12], "event": name, **fields})
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -206,13 +203,13 @@ class Node:
         make_curve_server(self.router, self.identity)
         self.router.maxmsgsize = MAX_FRAME_BYTES
         self.router.linger = 0
-        self.router.bind(
-            cfg.listen.replace(":0", ":*") if cfg.listen.endswith(":0") else cfg.listen
+        _bind(
+            self.router, cfg.listen.replace(":0", ":*") if cfg.listen.endswith(":0") else cfg.listen
         )
         self.ctl = self.router.last_endpoint.decode()
         self.admin = self._ctx.socket(zmq.ROUTER)
         self.admin.linger = 0
-        self.admin.bind(cfg.admin_address)
+        _bind(self.admin, cfg.admin_address)
         loop = asyncio.get_running_loop()
         self.tcp = TcpDataServer(
             self.sessions,
@@ -222,7 +219,10 @@ class Node:
             on_receipt=lambda st: loop.call_soon_threadsafe(self._window_receipt, st),
             limits=cfg.data_limits,
         )
-        await self.tcp.start(cfg.data_host)
+        try:
+            await self.tcp.start(cfg.data_host)
+        except OSError as exc:
+            raise ConfigError(f"cannot serve data on {cfg.data_host}: {exc.strerror}") from None
         self.data = (DataAddress(t="tcp", addr=self.tcp.address),)
         if cfg.ucx:
             from kvx.transport._ucx import UcxDataServer  # the optional 'ucx' extra
@@ -252,7 +252,13 @@ class Node:
             self.metrics.held.labels(what).set_function(lambda what=what: self.held()[what])
         metrics_url = None
         if cfg.metrics_port is not None:
-            metrics_url = f"http://127.0.0.1:{self.metrics.serve(cfg.metrics_port)}/metrics"
+            try:
+                port = self.metrics.serve(cfg.metrics_port)
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot serve metrics on 127.0.0.1:{cfg.metrics_port}: {exc.strerror}"
+                ) from None
+            metrics_url = f"http://127.0.0.1:{port}/metrics"
         for coro in (
             self._receive(self.router, None),
             self._admin_loop(),
@@ -266,7 +272,12 @@ class Node:
         ):
             self._spawn(coro)
         for entry in self.store.verify_all():  # never advertise what cannot be served
-            self.event("store_dropped", root=entry.root.hex()[:16], reason="failed its root")
+            self.event(
+                "store_dropped",
+                logging.WARNING,
+                root=entry.root.hex()[:16],
+                reason="failed its root",
+            )
         for entry in self.store.entries():
             await self._advertise(entry)
         for boot in cfg.bootstrap:
@@ -285,6 +296,7 @@ class Node:
         tmp.write_text(json.dumps(info, indent=1))
         tmp.replace(cfg.data_dir / INFO_FILE)
         self.event("ready", ctl=self.ctl, data=self.tcp.address, peers=len(cfg.bootstrap))
+        self._served = True
 
     async def _shutdown(self) -> None:
         (self.config.data_dir / INFO_FILE).unlink(missing_ok=True)
@@ -309,7 +321,8 @@ class Node:
         self.ledger.close()
         self.scores.close()
         self._lock.release()
-        self.event("stopped")
+        if self._served:  # a node that never started did not stop either: its error says why
+            self.event("stopped")
 
     def _spawn(self, coro: Awaitable[None]) -> asyncio.Future[None]:
         task = asyncio.ensure_future(coro)
@@ -320,7 +333,7 @@ class Node:
 
     def _crashed(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
-            self.event("task_failed", error=repr(task.exception()))
+            self.event("task_failed", logging.ERROR, error=repr(task.exception()))
             self._crash = self._crash or task.exception()
             self._stop.set()  # a broken loop must not leave a half-working node
 
@@ -380,7 +393,9 @@ class Node:
                 sock.connect(ctl)
             except zmq.ZMQError as exc:  # decoded addresses connect; config ones may not
                 sock.close(linger=0)
-                self.event("connect_failed", peer=node_id(key).hex()[:12], error=str(exc))
+                self.event(
+                    "connect_failed", logging.WARNING, peer=node_id(key).hex()[:12], error=str(exc)
+                )
                 return None
             self._dealers[key] = sock
             self._dealer_ctl[ctl] = key
@@ -531,14 +546,16 @@ class Node:
         """Selling needs the ledger: for a while the node quotes nothing, and says why."""
         self._ledger_failed_at = time.monotonic()
         self.metrics.degraded.labels("ledger").set(1)
-        self.event("degraded", what="ledger", error=str(exc)[:200])
+        self.event("degraded", logging.ERROR, what="ledger", error=str(exc)[:200])
 
     def _window_receipt(self, st: Statement) -> None:
         """A receipt a buyer paid mid-stream (§9.4), recorded as the stream goes on."""
         try:
             self.market.receipt(st, now_ms())
         except RemoteProtocolError as exc:
-            self.event("receipt_refused", code=exc.code.name, detail=exc.detail[:120])
+            self.event(
+                "receipt_refused", logging.WARNING, code=exc.code.name, detail=exc.detail[:120]
+            )
         except sqlite3.Error as exc:
             self._ledger_failed(exc)
 
@@ -837,9 +854,9 @@ class Node:
         now = time.monotonic()
         suspect, dead = self.peers.tick(now)
         for peer in suspect:
-            self.event("peer_suspect", peer=node_id(peer.key).hex()[:12])
+            self.event("peer_suspect", logging.WARNING, peer=node_id(peer.key).hex()[:12])
         for peer in dead:
-            self.event("peer_dead", peer=node_id(peer.key).hex()[:12])
+            self.event("peer_dead", logging.WARNING, peer=node_id(peer.key).hex()[:12])
             self.memberships.forget(node_id(peer.key))
             self._drop_dealer(peer.key)
         for key in [k for k in self._dealers if k not in self.peers and not self._keeps(k)]:
@@ -930,6 +947,14 @@ class Node:
             await self.admin.send_multipart([routing, b"", pack(reply)])
 
 
+def _bind(sock: zmq.Socket, address: str) -> None:
+    """Bind, or say in one line why not (a port in use is a user's mistake, not a crash)."""
+    try:
+        sock.bind(address)
+    except zmq.ZMQError as exc:
+        raise ConfigError(f"cannot listen on {address}: {zmq.strerror(exc.errno)}") from None
+
+
 def _check_listen(config: NodeConfig) -> None:
     """Peers must be able to dial what a node advertises: no wildcard addresses."""
     listen = (
@@ -945,7 +970,7 @@ def _check_listen(config: NodeConfig) -> None:
         ) from None
 
 
-def run_node(config: NodeConfig) -> None:
+def run_node(config: NodeConfig, log_level: str = "info") -> None:
     """Run a node in the foreground until SIGTERM or SIGINT."""
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(message)s")
+    setup_logging(log_level)
     asyncio.run(Node(config).run())
