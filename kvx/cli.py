@@ -6,26 +6,55 @@ import argparse
 import json
 import secrets
 import sys
+import traceback
 from datetime import UTC, datetime
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from kvx import __version__
 from kvx.p2p import Bootstrap, NodeConfig, admin_call, load_node_config, run_node
 from kvx.p2p._config import KEY_FILE, LEDGER_FILE
+from kvx.p2p._logs import LEVELS
+from kvx.p2p._probe import KEY_HINT, Probe, check_public_key, probe
 from kvx.protocol import ConfigError, KvxError, Namespace
 from kvx.trust import Identity, Ledger, read_secret, write_private
 
 
+def _keys(identity: Identity, args: argparse.Namespace, out: Console) -> None:
+    """Both names of a node, labelled: mixing them up is the commonest first mistake."""
+    public, node = identity.public_key.hex(), identity.node_id.hex()
+    if args.json:
+        print(json.dumps({"public_key": public, "node_id": node}))
+        return
+    out.print(f"public key  {public}  (--bootstrap KEY@tcp://HOST:PORT and --target-key)")
+    out.print(f"node id     {node}  (how peers, ads and ledgers name the node)")
+
+
+def _key_path(path: str) -> Path:
+    """A path ending in .key is a key file; any other is a data dir, whose node uses
+    DATA_DIR/node.key."""
+    p = Path(path)
+    return p if p.suffix == ".key" else p / KEY_FILE
+
+
 def _keygen(args: argparse.Namespace, out: Console) -> None:
     identity = Identity.generate()
-    identity.save(args.path)
-    out.print(identity.node_id.hex())
+    path = _key_path(args.path)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    identity.save(path)
+    print(f"wrote {path}", file=sys.stderr)
+    _keys(identity, args, out)
 
 
 def _id(args: argparse.Namespace, out: Console) -> None:
-    out.print(Identity.load(args.path).node_id.hex())
+    path = _key_path(args.path)
+    if not path.exists():
+        raise ConfigError(
+            f"no key file at {path} (a node makes DATA_DIR/{KEY_FILE} on first start)"
+        )
+    _keys(Identity.load(path), args, out)
 
 
 def _namespace_create(args: argparse.Namespace, out: Console) -> None:
@@ -61,29 +90,47 @@ def _ledger(args: argparse.Namespace, out: Console) -> None:
     ledger = Ledger(db, me)
     try:
         ledger.verify()
-        balances = Table(title="balances (micro-credits; positive: the peer owes this node)")
-        balances.add_column("peer")
-        balances.add_column("balance", justify="right")
-        for peer, amount in sorted(ledger.balances().items(), key=lambda kv: -kv[1]):
-            balances.add_row(peer.hex()[:16], f"{amount:,}")
-        audit = Table(title="audit log")
-        for column in ("time (UTC)", "role", "peer", "quote", "bytes", "price", "receipt"):
-            audit.add_column(column, justify="right" if column in ("bytes", "price") else "left")
-        for e in ledger.audit():
-            when = datetime.fromtimestamp(e.when_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
-            audit.add_row(
-                when,
-                e.role,
-                e.peer.hex()[:16],
-                e.quote_id.hex(),
-                f"{e.bytes:,}",
-                f"{e.price:,}",
-                "yes" if e.receipted else "no",
-            )
-        out.print(balances)
-        out.print(audit)
+        balances = sorted(ledger.balances().items(), key=lambda kv: -kv[1])
+        audit = ledger.audit()
     finally:
         ledger.close()
+    if args.json:
+        entries = [
+            {
+                "when_ms": e.when_ms,
+                "role": e.role,
+                "peer": e.peer.hex(),
+                "quote": e.quote_id.hex(),
+                "bytes": e.bytes,
+                "price": e.price,
+                "receipted": e.receipted,
+            }
+            for e in audit
+        ]
+        print(json.dumps({"balances": {p.hex(): a for p, a in balances}, "audit": entries}))
+        return
+    cut = _cut(args)
+    table = Table(title="balances (micro-credits; positive: the peer owes this node)")
+    table.add_column("peer")
+    table.add_column("balance", justify="right")
+    for peer, amount in balances:
+        table.add_row(cut(peer.hex()), f"{amount:,}")
+    log = Table(title="audit log")
+    for column in ("time (UTC)", "role", "peer", "quote", "bytes", "price", "receipt"):
+        log.add_column(column, justify="right" if column in ("bytes", "price") else "left")
+    for e in audit:
+        when = datetime.fromtimestamp(e.when_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
+        log.add_row(
+            when,
+            e.role,
+            cut(e.peer.hex()),
+            e.quote_id.hex(),
+            f"{e.bytes:,}",
+            f"{e.price:,}",
+            "yes" if e.receipted else "no",
+        )
+    out.print(table)
+    out.print(log)
 
 
 def _node(args: argparse.Namespace, out: Console) -> None:
@@ -95,7 +142,19 @@ def _node(args: argparse.Namespace, out: Console) -> None:
         raise ConfigError("kvx node needs --config FILE or --data-dir DIR")
     boots = tuple(Bootstrap.parse(b) for b in args.bootstrap)
     config = config.with_args(listen=args.listen, bootstrap=boots or None)
-    run_node(config)
+    for boot in config.bootstrap:  # a wrong key would otherwise fail silently, forever
+        found = probe(boot.ctl, boot.key)
+        where = f"bootstrap {boot.key.hex()[:16]}…@{boot.ctl}"
+        if found is Probe.WRONG_KEY:
+            raise ConfigError(f"{where}: {found.value}; {KEY_HINT}")
+        if found is not Probe.ANSWERS:
+            print(f"kvx: warning: {where}: {found.value}; the node keeps trying", file=sys.stderr)
+    run_node(config, args.log_level)
+
+
+def _cut(args: argparse.Namespace):
+    """Ids in full with --full, else their first 16 hex digits (enough to tell apart)."""
+    return (lambda text: text) if args.full else (lambda text: text[:16] if text else text)
 
 
 def _table(title: str, rows: list[dict], columns: list[str], out: Console) -> None:
@@ -109,10 +168,14 @@ def _table(title: str, rows: list[dict], columns: list[str], out: Console) -> No
 
 def _status(args: argparse.Namespace, out: Console) -> None:
     s = admin_call(args.data_dir, "status")
+    if args.json:
+        print(json.dumps(s))
+        return
     peers = ", ".join(f"{n} {state}" for state, n in s["peers"].items())
     table = Table(title="node status", show_header=False)
     for name, value in (
-        ("node id", s["node_id"]),
+        ("node id", _cut(args)(s["node_id"])),
+        ("public key", _cut(args)(s["public_key"])),
         ("control", s["ctl"]),
         ("data", ", ".join(s["data"])),
         ("peers", peers),
@@ -128,16 +191,24 @@ def _status(args: argparse.Namespace, out: Console) -> None:
 
 def _peers(args: argparse.Namespace, out: Console) -> None:
     rows = admin_call(args.data_dir, "peers")["peers"]
+    if args.json:
+        print(json.dumps(rows))
+        return
+    cut = _cut(args)
     for row in rows:
-        row["node_id"] = row["node_id"][:16]
+        row["node_id"] = cut(row["node_id"])
     _table("peers", rows, ["node_id", "ctl", "state", "inc", "score"], out)
 
 
 def _ads(args: argparse.Namespace, out: Console) -> None:
     rows = admin_call(args.data_dir, "ads")["ads"]
+    if args.json:
+        print(json.dumps(rows))
+        return
+    cut = _cut(args)
     for row in rows:
-        row["signer"], row["root"] = row["signer"][:16], row["root"][:16]
-        row["ns"] = (row["ns"] or "public")[:16]
+        row["signer"], row["root"] = cut(row["signer"]), cut(row["root"])
+        row["ns"] = cut(row["ns"] or "public")
     _table("advertisements", rows, ["signer", "seq", "root", "blocks", "price", "ns"], out)
 
 
@@ -157,12 +228,11 @@ def _conformance(args: argparse.Namespace, out: Console) -> int:
     else:
         if not (args.target and args.target_key):
             raise ConfigError("give --target tcp://HOST:PORT and --target-key PUBKEYHEX")
-        try:
-            key = bytes.fromhex(args.target_key)
-        except ValueError:
-            key = b""
-        if len(key) != 32:
-            raise ConfigError("--target-key is the target's Ed25519 public key, 64 hex digits")
+        key = check_public_key(args.target_key, "--target-key")
+        found = probe(args.target, key)
+        if found is not Probe.ANSWERS:
+            hint = f"; {KEY_HINT}" if found is Probe.WRONG_KEY else ""
+            raise ConfigError(f"--target {args.target}: {found.value}{hint}")
         results = run_live(args.target, key, args.only or None)
     if args.json:
         Path(args.json).write_text(
@@ -174,11 +244,17 @@ def _conformance(args: argparse.Namespace, out: Console) -> int:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvx", description="A peer-to-peer exchange for KV caches.")
     sub = p.add_subparsers(dest="command", required=True)
-    keygen = sub.add_parser("keygen", help="write a new node key file (mode 0600)")
-    keygen.add_argument("path")
+    p.add_argument("--version", action="version", version=f"kvx {__version__}")
+    p.add_argument("--verbose", action="store_true", help="show the traceback of an error")
+    keygen = sub.add_parser(
+        "keygen", help="write a new node key (a DATA_DIR, or a file path), mode 0600"
+    )
+    keygen.add_argument("path", help="the data dir a node will run in, or a path ending in .key")
+    keygen.add_argument("--json", action="store_true", help="print the keys as JSON")
     keygen.set_defaults(run=_keygen)
-    ident = sub.add_parser("id", help="print the node id of a key file")
-    ident.add_argument("path")
+    ident = sub.add_parser("id", help="print the public key and node id of a node")
+    ident.add_argument("path", help="the node's data dir, or a path ending in .key")
+    ident.add_argument("--json", action="store_true", help="print the keys as JSON")
     ident.set_defaults(run=_id)
     ns = sub.add_parser("namespace", help="private namespaces").add_subparsers(
         dest="action", required=True
@@ -189,9 +265,6 @@ def parser() -> argparse.ArgumentParser:
     join = ns.add_parser("join", help="store a secret read from standard input; prints its id")
     join.add_argument("path")
     join.set_defaults(run=_namespace_join)
-    ledger = sub.add_parser("ledger", help="balances and audit log of a node's ledger")
-    ledger.add_argument("--data-dir", required=True)
-    ledger.set_defaults(run=_ledger)
     node = sub.add_parser("node", help="run a node daemon in the foreground")
     node.add_argument("--config", help="a node.toml ([node], [policy], [[namespace]], [scores])")
     node.add_argument("--data-dir", help="without --config: run with defaults in DIR")
@@ -202,6 +275,7 @@ def parser() -> argparse.ArgumentParser:
         default=[],
         help="PUBKEYHEX@tcp://HOST:PORT or a peer's node.json (repeatable)",
     )
+    node.add_argument("--log-level", choices=LEVELS, default="info", help="default: info")
     node.set_defaults(run=_node)
     conf = sub.add_parser("conformance", help="test a node (or a codec) against the spec")
     conf.add_argument("--target", help="the node's control address, tcp://HOST:PORT")
@@ -226,21 +300,37 @@ def parser() -> argparse.ArgumentParser:
         ("status", _status, "a running node's state"),
         ("peers", _peers, "a running node's peer table"),
         ("ads", _ads, "the advertisements a running node knows"),
+        ("ledger", _ledger, "balances and audit log of a node's ledger"),
     ):
         verb = sub.add_parser(name, help=text)
         verb.add_argument("--data-dir", required=True)
+        verb.add_argument("--json", action="store_true", help="print JSON, ids in full")
+        verb.add_argument("--full", action="store_true", help="print ids in full")
         verb.set_defaults(run=run)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Every mistake a user can make ends in one line on stderr and a non-zero exit;
+    --verbose adds the traceback."""
     args = parser().parse_args(argv)
     try:
-        code = args.run(args, Console(soft_wrap=True))
-    except KvxError as exc:
-        print(f"kvx: error: {exc}", file=sys.stderr)
-        return 2
+        wide = getattr(args, "full", False)  # full ids are never folded into a column
+        code = args.run(args, Console(soft_wrap=True, width=1000 if wide else None))
+    except (KvxError, OSError) as exc:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"kvx: error: {_one_line(exc)}", file=sys.stderr)
+        return 2 if isinstance(exc, KvxError) else 1
+    except KeyboardInterrupt:
+        return 130
     return code or 0
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 if __name__ == "__main__":

@@ -11,12 +11,13 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from kvx.protocol import ConfigError
+from kvx.protocol import ConfigError, RemoteProtocolError, split_ctl
 from kvx.transport import DataLimits
 from kvx.trust import ConfigFile, Policy, load_policy
 from kvx.trust._config import Section
 
 from ._index import IndexBudget
+from ._probe import check_public_key
 
 KEY_FILE = "node.key"
 INFO_FILE = "node.json"
@@ -36,18 +37,24 @@ class Bootstrap:
     @classmethod
     def parse(cls, text: str) -> Bootstrap:
         """`PUBKEYHEX@tcp://HOST:PORT`, or the path of that peer's node.json."""
-        if "@" not in text and Path(text).is_file():
-            info = json.loads(Path(text).read_text())
-            return cls(info["ctl"], bytes.fromhex(info["public_key"]))
+        if "@" not in text:
+            path = Path(text)
+            if not path.is_file():
+                raise ConfigError(
+                    f"bootstrap {text!r}: expected PUBKEYHEX@tcp://HOST:PORT or the path of "
+                    "a running peer's node.json"
+                )
+            try:
+                info = json.loads(path.read_text())
+                text = f"{info['public_key']}@{info['ctl']}"
+            except (ValueError, KeyError, TypeError):
+                raise ConfigError(f"bootstrap {path}: not a node.json") from None
         key_hex, _, ctl = text.partition("@")
+        key = check_public_key(key_hex, "bootstrap key")
         try:
-            key = bytes.fromhex(key_hex)
-        except ValueError:
-            key = b""
-        if len(key) != 32 or not ctl.startswith("tcp://"):
-            raise ConfigError(
-                f"bootstrap {text!r}: expected PUBKEYHEX@tcp://HOST:PORT or a node.json path"
-            )
+            split_ctl(ctl)
+        except RemoteProtocolError as exc:
+            raise ConfigError(f"bootstrap address {ctl!r}: {exc.detail}") from None
         return cls(ctl, key)
 
 

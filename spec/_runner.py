@@ -20,6 +20,8 @@ import zmq
 from rich.console import Console
 from rich.table import Table
 
+from kvx.protocol import ConfigError
+
 from ._cases import CASES, FIXTURE_CHAIN, FIXTURE_FP, FIXTURE_LAYOUT, FIXTURE_PAYLOAD, Case
 from ._peer import Failed, Session, Skipped
 
@@ -42,6 +44,13 @@ def run_case(ctx: zmq.Context, case: Case, target: str, key: bytes) -> tuple[str
 def run_live(target: str, key: bytes, only: list[str] | None = None) -> list[dict[str, Any]]:
     ctx = zmq.Context()
     try:
+        greeting = Session(ctx, target, key)  # a target that answers nothing fails fast
+        try:
+            greeting.hello()
+        except Failed as exc:
+            raise ConfigError(f"the target at {target} answers no HELLO: {exc}") from None
+        finally:
+            greeting.close()
         results = []
         for case in CASES:
             if only and case.id not in only:

@@ -1,5 +1,6 @@
 """The `kvx` command, run as a user would run it."""
 
+import json
 import stat
 import subprocess
 import sys
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from deals import deal
+from swarm import NodeProcess
 
 from kvx.protocol import Namespace
 from kvx.trust import Identity, Ledger
@@ -20,16 +22,30 @@ def kvx(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
     )
 
 
-def test_keygen_then_id(tmp_path):
-    key = tmp_path / "node.key"
-    made = kvx("keygen", str(key))
+def test_keygen_then_id_print_both_names_labelled(tmp_path):
+    made = kvx("keygen", str(tmp_path))  # a data dir: the key the node will use
     assert made.returncode == 0, made.stderr
+    key = tmp_path / "node.key"
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
-    node_id = made.stdout.strip()
-    assert node_id == Identity.load(key).node_id.hex()
-    assert kvx("id", str(key)).stdout.strip() == node_id
+    identity = Identity.load(key)
+    public_line, node_line = made.stdout.splitlines()
+    assert public_line.split()[:3] == ["public", "key", identity.public_key.hex()]
+    assert node_line.split()[:3] == ["node", "id", identity.node_id.hex()]
+    assert kvx("id", str(tmp_path)).stdout == made.stdout
+    shown = json.loads(kvx("id", str(key), "--json").stdout)
+    assert shown == {"public_key": identity.public_key.hex(), "node_id": identity.node_id.hex()}
     again = kvx("keygen", str(key))
     assert again.returncode == 2 and "refusing to overwrite" in again.stderr
+
+
+def test_a_node_runs_with_the_key_keygen_made_for_its_data_dir(tmp_path):
+    made = json.loads(kvx("keygen", str(tmp_path / "new" / "node"), "--json").stdout)
+    assert stat.S_IMODE((tmp_path / "new" / "node").stat().st_mode) == 0o700
+    node = NodeProcess(tmp_path / "new" / "node").start()
+    try:
+        assert node.wait_ready()["public_key"] == made["public_key"]
+    finally:
+        node.stop()
 
 
 def test_id_refuses_a_key_file_others_can_read(tmp_path):
