@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from kvx.demo import MODEL_ID, Swarm, document_ids, load_model, raw_socket_seconds
+from kvx.demo import Swarm, document_ids, raw_socket_seconds
 from kvx.integrations import hf
 from kvx.p2p import PeerClient, wait_for
 
@@ -31,8 +31,8 @@ CONTINUATION = 16
 
 
 async def measure(lengths: list[int], root: Path) -> list[dict]:
-    tokenizer, model = load_model()
-    fp = hf.fingerprint(model, hf.tokenizer_hash(tokenizer), model_id=MODEL_ID)
+    loaded = hf.load_smollm2()
+    tokenizer, model, fp = loaded.tokenizer, loaded.model, loaded.fp
     swarm = Swarm(root)
     results = []
     try:
@@ -149,7 +149,7 @@ def main() -> None:
             json.dump(
                 {
                     "bench": "savings",
-                    "model": MODEL_ID,
+                    "model": hf.SMOLLM2_ID,
                     "results": results,
                     "ratios": {
                         **{f"prefill_vs_bought_{r['tokens']}": r["ratio"] for r in results},

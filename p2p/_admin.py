@@ -6,6 +6,7 @@ part of the peer protocol, and the data dir's 0700 mode is what guards it.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -50,17 +51,41 @@ def result(data: bytes) -> dict:
     return reply
 
 
+def admin_socket(data_dir: str | Path) -> str:
+    """The admin address of the node serving `data_dir`, or AdminError at once when none is:
+    node.json exists while, and only while, a node serves, and names the node's process."""
+    info = Path(data_dir).resolve() / INFO_FILE
+    try:
+        pid = json.loads(info.read_text())["pid"]
+    except FileNotFoundError:
+        raise AdminError(int(ErrorCode.UNAVAILABLE), f"no node is running in {data_dir}") from None
+    except PermissionError:
+        raise AdminError(
+            int(ErrorCode.UNAVAILABLE),
+            f"cannot read {info}: permission denied (run this as the user that runs the node)",
+        ) from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise AdminError(int(ErrorCode.UNAVAILABLE), f"cannot read {info}: {exc}") from None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        raise AdminError(
+            int(ErrorCode.UNAVAILABLE), f"the node in {data_dir} (PID {pid}) is gone"
+        ) from None
+    except PermissionError:
+        pass  # it runs, as another user: the socket's own mode decides
+    return f"ipc://{info.parent / ADMIN_SOCKET}"
+
+
 def admin_call(data_dir: str | Path, op: str, timeout_s: float = 10.0, **args: Any) -> dict:
     """One request to the node running in `data_dir`; raises AdminError on its refusal."""
-    path = Path(data_dir).resolve() / ADMIN_SOCKET
-    if not (path.parent / INFO_FILE).exists():  # written while, and only while, it serves
-        raise AdminError(int(ErrorCode.UNAVAILABLE), f"no node is running in {data_dir}")
+    address = admin_socket(data_dir)
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.REQ)
     sock.linger = 0
     sock.rcvtimeo = sock.sndtimeo = int(timeout_s * 1000)
     try:
-        sock.connect(f"ipc://{path}")
+        sock.connect(address)
         sock.send(request(op, args))
         try:
             data = sock.recv()
@@ -80,6 +105,7 @@ async def answer(node: Node, req: dict) -> dict:
     if op == "status":
         return {
             "node_id": node.id.hex(),
+            "public_key": node.identity.public_key.hex(),
             "ctl": node.ctl,
             "data": [d.addr for d in node.data],
             "incarnation": node.incarnation,
@@ -148,6 +174,28 @@ async def answer(node: Node, req: dict) -> dict:
             req["fp"], req.get("ns"), tuple(req["blocks"]), req.get("limit", 8), asker=node.id
         )
         return {"matched": matched, "ads": [a.frame for a in ads]}
+    if op == "bought":  # a local client's purchase: logged and measured here
+        for stage, seconds in req["timings"].items():
+            if stage in node.metrics.stage:
+                node.metrics.stage[stage].observe(seconds)
+        node.metrics.purchases.labels("bought").inc()
+        node.metrics.purchased_bytes.inc(req["bytes"])
+        node.event(
+            "bought",
+            seller=req["seller"].hex()[:12],
+            bytes=req["bytes"],
+            tokens=req["tokens"],
+            price=req["price"],
+            seconds=round(req["seconds"], 4),
+        )
+        return {}
+    if op == "missed":  # a local client found nothing it could buy
+        node.metrics.purchases.labels("missed").inc()
+        node.event("missed", reason=str(req["reason"])[:200])
+        return {}
+    if op == "first_token":
+        node.metrics.time_to_first_token.labels(req["source"]).observe(req["seconds"])
+        return {}
     if op == "report":  # a local client's verdict on a provider it dealt with
         node.scores.record(req["peer"], Event[req["event"]], now)
         return {}

