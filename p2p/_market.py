@@ -28,6 +28,7 @@ from kvx.protocol import (
 from kvx.transport import Expected, Offer, Sessions, choose_transport
 from kvx.trust import Ledger, Memberships, Policy, Signer, Statement, open_envelope
 
+from ._negotiation import Phase, advance
 from ._pricing import PricePolicy
 from ._store import Entry, LocalStore
 
@@ -56,6 +57,7 @@ class _Pending:
     layout: KVLayout  # as delivered
     lowest: int
     counters: int = 0
+    phase: Phase = Phase.OFFERED
 
 
 class Market:
@@ -162,24 +164,27 @@ class Market:
             self._conversion = (key, (data, root, hashes))
         return self._conversion[1]
 
-    def _pending_for(self, st: Statement, quote_id: bytes, now_ms: int) -> _Pending:
+    def _step(self, st: Statement, quote_id: bytes, now_ms: int) -> tuple[_Pending, Phase]:
+        """The quote a buyer's ACCEPT or REJECT names, and the phase it would move to."""
         pending = self._pending.get(quote_id)
-        if pending is None or pending.quote.header.exp < now_ms:
-            raise _fail(ErrorCode.UNKNOWN_QUOTE, "no live quote has that id")
-        if pending.buyer != st.signer:
-            raise _fail(ErrorCode.UNKNOWN_QUOTE, "that quote was made to someone else")
-        return pending
+        if pending is not None and (
+            pending.quote.header.exp < now_ms or pending.buyer != st.signer
+        ):
+            pending = None  # past its exp, or made to someone else: not held for this buyer
+        after = advance(None if pending is None else pending.phase, st.type)
+        assert pending is not None  # advance refuses a quote that is not held
+        return pending, after
 
     def accept(self, st: Statement, now_ms: int) -> None:
         """Record the deal atomically with the credit check, then open the stream to it."""
         accept = st.message
         assert isinstance(accept, Accept)
-        pending = self._pending_for(st, accept.quote, now_ms)
+        pending, accepted = self._step(st, accept.quote, now_ms)
         quote = pending.quote.message
         assert isinstance(quote, Quote)
         buyer = st.signer_id
         self.ledger.record_accept(pending.quote, st, now_ms, self.policy.credit_limit_for(buyer))
-        del self._pending[accept.quote]
+        pending.phase = accepted  # kept until its exp, to answer what comes after it
         if pending.layout == pending.entry.layout:
             payload = self.store.get(pending.entry.root)  # verified as it is read
             data, hashes = payload.data, list(payload.hashes)
@@ -201,10 +206,10 @@ class Market:
         """A counter-offer at or above our floor gets a new QUOTE; anything else ends it."""
         reject = st.message
         assert isinstance(reject, Reject)
-        pending = self._pending_for(st, reject.quote, now_ms)
+        pending, rejected = self._step(st, reject.quote, now_ms)
+        pending.phase = rejected
         old = pending.quote.message
         assert isinstance(old, Quote)
-        del self._pending[reject.quote]
         self.sessions.forget(old.token)
         if reject.counter is None:
             return None
@@ -230,4 +235,6 @@ class Market:
 
     def expire(self, now_ms: int) -> None:
         for quote_id in [q for q, p in self._pending.items() if p.quote.header.exp < now_ms]:
-            self.sessions.forget(self._pending.pop(quote_id).quote.message.token)
+            pending = self._pending.pop(quote_id)
+            if pending.phase is Phase.OFFERED:  # an accepted one's stream has its own expiry
+                self.sessions.forget(pending.quote.message.token)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 MAX_FRAME_BYTES = 1 << 20
 """Largest control frame (one envelope) a node accepts; larger ones are never decoded."""

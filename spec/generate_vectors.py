@@ -9,6 +9,7 @@ and msgpack encodes each value one way, so nothing here depends on the run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +24,7 @@ from kvx.protocol import (
     MAX_CLOCK_SKEW_MS,
     MAX_FRAME_BYTES,
     MAX_LIFETIME_MS,
+    PROTOCOL_VERSION,
     Accept,
     Advertise,
     DataAddress,
@@ -242,6 +244,25 @@ def messages() -> dict[str, Any]:
             ),
             context(),
         ),
+        valid_case(
+            "codec/unknown-nested-field",
+            "an ADVERTISE whose layout map carries an extra key, which is ignored (§4.5)",
+            signed(
+                MessageType.ADVERTISE,
+                body_of(
+                    advert(),
+                    header(205, to=None, ttl=3_600_000),
+                    layout={**dataclasses.asdict(LAYOUT), "zz_future": 1},
+                ),
+            ),
+            context(),
+        ),
+        valid_case(
+            "codec/uint-in-signed-format",
+            "HELLO inc encoded as msgpack int 8 (d0 03): a uint in a signed format (§1)",
+            signed(MessageType.HELLO, _int8_inc_body(header(206))),
+            context(),
+        ),
     ]
     return {"description": "Valid frames, one per message type and per boundary", "cases": cases}
 
@@ -256,12 +277,12 @@ def signed(
     mtype: int | MessageType,
     body: bytes,
     signer: Identity = ALICE,
-    version: int = 1,
+    version: int = PROTOCOL_VERSION,
     purpose_type: MessageType | None = None,
 ) -> bytes:
     """A frame whose body is signed correctly, however wrong the body itself is."""
     sig = signer.sign(signing_input(MessageType(purpose_type or mtype), body))
-    if version == 1 and mtype in MessageType._value2member_map_:
+    if version == PROTOCOL_VERSION and mtype in MessageType._value2member_map_:
         return encode_envelope(MessageType(mtype), body, signer.public_key, sig)
     return msgpack.packb([version, int(mtype), body, signer.public_key, sig], use_bin_type=True)
 
@@ -319,10 +340,16 @@ def invalid() -> dict[str, Any]:
         {"fill": "00", "length": MAX_FRAME_BYTES + 1},
     )
     case(
-        "codec/version-2",
-        "protocol version 2",
+        "codec/version-1",
+        "a kvx 0.1 peer's HELLO: protocol version 1, signed for purpose kvx/hello/1",
         ErrorCode.UNSUPPORTED_VERSION,
-        pack([2, mtype, body, signer, sig]),
+        pack([1, mtype, body, signer, ALICE.sign(b"\x0b\x00\x00\x00kvx/hello/1" + body)]),
+    )
+    case(
+        "codec/version-3",
+        "protocol version 3",
+        ErrorCode.UNSUPPORTED_VERSION,
+        pack([3, mtype, body, signer, sig]),
     )
     case(
         "codec/version-0",
@@ -597,6 +624,14 @@ def invalid() -> dict[str, Any]:
 
 def hello_msg() -> Hello:
     return MESSAGES[0]  # type: ignore[return-value]
+
+
+def _int8_inc_body(hdr: Header) -> bytes:
+    """A HELLO body whose `inc` (3) is written d0 03 (int 8) where an encoder writes 03."""
+    body = encode_body(hdr, hello_msg())
+    key = msgpack.packb("inc")
+    assert body.count(key + b"\x03") == 1
+    return body.replace(key + b"\x03", key + b"\xd0\x03")
 
 
 def _duplicate_key_body() -> bytes:

@@ -106,20 +106,42 @@ def test_a_conversion_it_can_make_is_named_in_the_quote(buyer):
     assert quote.deliver == 2 * LAYOUT.payload_bytes(3)  # twice the bytes of float16
 
 
-def test_unknown_and_twice_accepted_quotes(buyer):
-    unknown = ask(buyer, Accept(quote=b"\x00" * 16, price=1, root=b"\x00" * 32))
-    assert isinstance(unknown, Error) and unknown.code == ErrorCode.UNKNOWN_QUOTE
-    quote = ask(buyer, request())
+def send(buyer, message) -> None:
     peer, signer = buyer
-    peer.send(
-        signer.seal(
-            Accept(quote=quote.quote, price=quote.price, root=quote.root),
-            now_ms=now(),
-            to=peer.node_id,
-        )
-    )
-    again = ask(buyer, Accept(quote=quote.quote, price=quote.price, root=quote.root))
-    assert isinstance(again, Error) and again.code == ErrorCode.UNKNOWN_QUOTE
+    peer.send(signer.seal(message, now_ms=now(), to=peer.node_id))
+
+
+def refused(buyer, message, code: ErrorCode) -> None:
+    answer = ask(buyer, message)
+    assert isinstance(answer, Error) and answer.code == code, answer
+
+
+def accept(q: Quote, **over) -> Accept:
+    return Accept(**{"quote": q.quote, "price": q.price, "root": q.root, **over})
+
+
+def test_every_illegal_step_of_a_quote_has_its_spec_code(seller, buyer):
+    """Spec §10.4's table, against a live seller."""
+    refused(buyer, accept(ask(buyer, request()), quote=b"\x00" * 16), ErrorCode.UNKNOWN_QUOTE)
+    refused(buyer, Reject(quote=b"\x00" * 16, reason=0), ErrorCode.UNKNOWN_QUOTE)
+    # An ACCEPT whose terms differ names no quote that was issued.
+    quote = ask(buyer, request())
+    refused(buyer, accept(quote, price=quote.price - 1), ErrorCode.UNKNOWN_QUOTE)
+    # A quote made to another buyer is not held for this one.
+    other = TestPeer(seller, Identity.generate())
+    try:
+        refused((other, Signer(other.identity)), accept(quote), ErrorCode.UNKNOWN_QUOTE)
+    finally:
+        other.close()
+    # ACCEPTED: neither a second ACCEPT nor a REJECT.
+    send(buyer, accept(quote))
+    refused(buyer, accept(quote), ErrorCode.UNEXPECTED_MESSAGE)
+    refused(buyer, Reject(quote=quote.quote, reason=0), ErrorCode.UNEXPECTED_MESSAGE)
+    # REJECTED: neither an ACCEPT nor another REJECT.
+    quote = ask(buyer, request())
+    send(buyer, Reject(quote=quote.quote, reason=0))
+    refused(buyer, accept(quote), ErrorCode.UNEXPECTED_MESSAGE)
+    refused(buyer, Reject(quote=quote.quote, reason=0, counter=1), ErrorCode.UNEXPECTED_MESSAGE)
 
 
 def test_no_common_transport(buyer):

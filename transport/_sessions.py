@@ -93,8 +93,8 @@ class Sessions:
             del self._offers[transfer.token]
         if now_ms > offer.expires_ms:
             raise _bad_token("the session token has expired")
-        if transfer.first > offer.expected.needed:
-            raise RemoteProtocolError(ErrorCode.INVALID_FIELD, "first chunk past the payload")
+        if transfer.first >= offer.expected.needed:
+            raise RemoteProtocolError(ErrorCode.INVALID_FIELD, "first is past the last chunk")
         return offer
 
     def __len__(self) -> int:
