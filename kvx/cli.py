@@ -213,13 +213,13 @@ def _ads(args: argparse.Namespace, out: Console) -> None:
 
 
 def _conformance(args: argparse.Namespace, out: Console) -> int:
-    from kvx.conformance import dry_run, publish_fixture, report, run_live, run_vectors
+    from kvx.conformance import dry_run, report, run_live, run_vectors
 
     if args.dry_run:
         dry_run(out)
         return 0
     if args.publish_fixture:
-        out.print(publish_fixture(args.publish_fixture).hex())
+        out.print(_publish_fixture(args.publish_fixture).hex())
         return 0
     if args.vectors_only:
         if not args.adapter:
@@ -239,6 +239,24 @@ def _conformance(args: argparse.Namespace, out: Console) -> int:
             json.dumps({"strict": args.strict, "cases": results}, indent=1) + "\n"
         )
     return report(results, args.strict, out)
+
+
+def _publish_fixture(data_dir: str) -> bytes:
+    """Load the conformance fixture (spec/README.md) into the kvx node serving `data_dir`,
+    through its admin API as any local publisher would; returns its content root."""
+    from kvx.conformance import FIXTURE_CHAIN, FIXTURE_FP, FIXTURE_LAYOUT, FIXTURE_PAYLOAD
+
+    reply = admin_call(
+        data_dir,
+        "publish",
+        fp=FIXTURE_FP,
+        layout=FIXTURE_LAYOUT.__dict__,
+        blocks=FIXTURE_CHAIN,
+        payload=FIXTURE_PAYLOAD,
+        chunk=1 << 16,
+        params=1,
+    )
+    return reply["root"]
 
 
 def parser() -> argparse.ArgumentParser:

@@ -2,7 +2,7 @@
 tests any implementation over the network (or its codec through an adapter)."""
 
 from ._cases import CASES, FIXTURE_CHAIN, FIXTURE_FP, FIXTURE_LAYOUT, FIXTURE_PAYLOAD, Case
-from ._runner import dry_run, publish_fixture, report, run_live, run_vectors
+from ._runner import dry_run, report, run_live, run_vectors
 from ._wire_json import from_json, to_json
 
 __all__ = [
@@ -14,7 +14,6 @@ __all__ = [
     "Case",
     "dry_run",
     "from_json",
-    "publish_fixture",
     "report",
     "run_live",
     "run_vectors",

@@ -22,7 +22,7 @@ from rich.table import Table
 
 from kvx.protocol import ConfigError
 
-from ._cases import CASES, FIXTURE_CHAIN, FIXTURE_FP, FIXTURE_LAYOUT, FIXTURE_PAYLOAD, Case
+from ._cases import CASES, Case
 from ._peer import Failed, Session, Skipped
 
 
@@ -137,20 +137,3 @@ def report(results: list[dict[str, Any]], strict: bool, console: Console) -> int
 def dry_run(console: Console) -> None:
     for case in CASES:
         console.print(f"{case.id:<8} {case.level:<6} {case.requirement}")
-
-
-def publish_fixture(data_dir: str) -> bytes:
-    """Load the conformance fixture into a local kvx node (other implementations: README)."""
-    from kvx.p2p import admin_call
-
-    reply = admin_call(
-        data_dir,
-        "publish",
-        fp=FIXTURE_FP,
-        layout=FIXTURE_LAYOUT.__dict__,
-        blocks=FIXTURE_CHAIN,
-        payload=FIXTURE_PAYLOAD,
-        chunk=1 << 16,
-        params=1,
-    )
-    return reply["root"]

@@ -1,6 +1,7 @@
 """The conformance suite against a real node (every MUST passes), against a deliberately
 broken implementation (the failing case is named), and in vector-only mode."""
 
+import ast
 import json
 import subprocess
 import sys
@@ -137,3 +138,19 @@ def test_dry_run_lists_every_case_with_its_section_and_level():
 def test_incomplete_arguments_are_refused(args):
     run = conformance(*args)
     assert run.returncode == 2 and "kvx: error" in run.stderr
+
+
+def test_the_suite_imports_nothing_of_the_node_or_its_transport():
+    """The suite shares no code with what it tests: a bug in kvx's own node or data path
+    must not pass kvx's own conformance run."""
+    spec = Path(__file__).parent.parent / "spec"
+    for path in spec.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            for name in names:
+                assert not name.startswith(("kvx.p2p", "kvx.transport")), (path.name, name)
+                assert name.split(".")[0] not in ("p2p", "transport"), (path.name, name)

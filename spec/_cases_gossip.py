@@ -1,0 +1,210 @@
+"""Cases for spec §6.3, §7.6, §7.7 and §8: membership, gossip, lookups and namespaces."""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import socket
+import time
+
+import blake3
+
+from kvx.protocol import (
+    MAX_UNKNOWN_BYTES,
+    Advertise,
+    DataAddress,
+    Digest,
+    Error,
+    ErrorCode,
+    Lookup,
+    LookupResult,
+    Membership,
+    NamespaceProof,
+    PeerEntry,
+    Peers,
+    QuoteRequest,
+)
+from kvx.trust import Identity
+
+from ._case import FIXTURE_FP, FIXTURE_LAYOUT, case, refused, seq_of, signed_body
+from ._peer import Failed, Session, now_ms
+
+
+@case("8.2/1", "MUST", "a HELLO is answered with PEERS, re = its seq, signed by the target")
+def _(s: Session) -> None:
+    answer = s.hello()
+    if answer.signer != s.target_key:
+        raise Failed("PEERS is signed by a key other than the target's")
+
+
+@case("7.6/1", "SHOULD", "PEERS answering a HELLO carries the session's membership challenge")
+def _(s: Session) -> None:
+    if s.hello().message.challenge is None:  # type: ignore[union-attr]
+        raise Failed("no challenge in PEERS")
+
+
+def _ad(chain: list[bytes]) -> Advertise:
+    return Advertise(
+        fp=FIXTURE_FP,
+        layout=FIXTURE_LAYOUT,
+        blocks=tuple(chain),
+        root=bytes(32),
+        chunk=1 << 16,
+        price=1,
+        ctl="tcp://127.0.0.1:9",
+        data=(DataAddress("tcp", "127.0.0.1:9"),),
+    )
+
+
+def _advert(s: Session, chain: list[bytes]) -> bytes:
+    return s.frame(_ad(chain), exp=now_ms() + 600_000)
+
+
+def _own_chain(s: Session) -> list[bytes]:
+    return [blake3.blake3(s.identity.public_key + bytes([i])).digest() for i in range(3)]
+
+
+@case("8.6/1", "MUST", "an ADVERTISE gossiped to the target comes back in answer to a DIGEST")
+def _(s: Session) -> None:
+    s.hello()
+    frame = _advert(s, _own_chain(s))
+    s.send(frame)
+    time.sleep(0.3)
+    s.send(s.frame(Digest(have=())))
+    if not any(st.frame == frame for st in s.receive(2.0)):
+        raise Failed("the advertisement did not come back, byte for byte, after DIGEST")
+
+
+@case("8.7/1", "MUST", "LOOKUP returns the longest prefix held, with the signed ADVERTISE")
+def _(s: Session) -> None:
+    s.hello()
+    chain = _own_chain(s)
+    frame = _advert(s, chain)
+    s.send(frame)
+    time.sleep(0.3)
+    ask = s.frame(Lookup(fp=FIXTURE_FP, blocks=(chain[0], chain[1], bytes(32)), limit=4))
+    s.send(ask)
+    answer = s.answer(seq_of(ask))
+    if answer is None or not isinstance(answer.message, LookupResult):
+        raise Failed("LOOKUP was not answered with LOOKUP_RESULT")
+    if answer.message.matched != 2 or frame not in answer.message.ads:
+        raise Failed(
+            f"matched {answer.message.matched} (want 2), our ad listed: "
+            f"{frame in answer.message.ads}"
+        )
+
+
+@case("8.7/2", "MUST", "LOOKUP of a chain nobody holds is a miss: matched 0, no ads")
+def _(s: Session) -> None:
+    ask = s.frame(Lookup(fp=FIXTURE_FP, blocks=(blake3.blake3(b"nobody").digest(),), limit=4))
+    s.send(ask)
+    answer = s.answer(seq_of(ask))
+    if answer is None or not isinstance(answer.message, LookupResult):
+        raise Failed("LOOKUP was not answered with LOOKUP_RESULT")
+    if answer.message.matched != 0 or answer.message.ads:
+        raise Failed("a miss must list nothing")
+
+
+def _lookup(s: Session, chain: list[bytes], ns: bytes | None = None) -> LookupResult:
+    ask = s.frame(Lookup(fp=FIXTURE_FP, blocks=tuple(chain), limit=4, ns=ns))
+    s.send(ask)
+    answer = s.answer(seq_of(ask))
+    if answer is None or not isinstance(answer.message, LookupResult):
+        raise Failed("LOOKUP was not answered with LOOKUP_RESULT")
+    return answer.message
+
+
+def _not_indexed(s: Session, frame: bytes, chain: list[bytes]) -> None:
+    """MUST: a refused relayable statement is not indexed, nor answered (§6.5)."""
+    s.hello()
+    s.send(frame)
+    errors = [st for st in s.receive(1.0) if isinstance(st.message, Error)]
+    if errors:
+        raise Failed(f"a relayable statement was answered ERROR {errors[0].message.code}")
+    if _lookup(s, chain).matched:
+        raise Failed("the refused advertisement was indexed")
+    s.hello()
+
+
+@case("6.3/1", "MUST", "the same ADVERTISE delivered twice is dropped silently, not an error")
+def _(s: Session) -> None:
+    s.hello()
+    frame = _advert(s, _own_chain(s))
+    s.send(frame)
+    s.send(frame)
+    errors = [st for st in s.receive(1.5) if isinstance(st.message, Error)]
+    if errors:
+        raise Failed(f"a duplicate relayable statement was answered ERROR {errors[0].message.code}")
+    s.hello()
+
+
+@case(
+    "4.5/3",
+    "MUST",
+    f"an ADVERTISE with over {MAX_UNKNOWN_BYTES} bytes of unknown fields is refused",
+)
+def _(s: Session) -> None:
+    chain = _own_chain(s)
+    ad = _ad(chain)
+    frame = signed_body(s, ad, zz_ballast=bytes(MAX_UNKNOWN_BYTES + 1))
+    _not_indexed(s, frame, chain)
+
+
+@case("8.1a/4", "MUST", "an ADVERTISE whose data address is a host name is refused")
+def _(s: Session) -> None:
+    chain = _own_chain(s)
+    frame = signed_body(s, _ad(chain), data=[{"t": "tcp", "addr": "example.org:1"}])
+    _not_indexed(s, frame, chain)
+
+
+@case("7.7/1", "MUST", "a LOOKUP naming a private namespace, from a non-member, is a miss")
+def _(s: Session) -> None:
+    s.hello()
+    answer = _lookup(s, [secrets.token_bytes(32)], ns=secrets.token_bytes(32))
+    if answer.matched or answer.ads:
+        raise Failed("a non-member learned something of a private namespace")
+
+
+@case(
+    "7.7/2", "MUST", "a QUOTE_REQUEST naming a private namespace, from a non-member, is NOT_FOUND"
+)
+def _(s: Session) -> None:
+    s.hello()
+    request = QuoteRequest(
+        fp=FIXTURE_FP,
+        blocks=(secrets.token_bytes(32),),
+        transports=("tcp",),
+        max_price=10**9,
+        ns=secrets.token_bytes(32),
+    )
+    refused(s, s.frame(request), ErrorCode.NOT_FOUND)
+
+
+@case("7.6/2", "MUST", "a MEMBERSHIP answering a challenge never issued is NOT_A_MEMBER")
+def _(s: Session) -> None:
+    s.hello()
+    proof = NamespaceProof(ns=secrets.token_bytes(32), mac=secrets.token_bytes(32))
+    message = Membership(challenge=secrets.token_bytes(16), proofs=(proof,))
+    refused(s, s.frame(message), ErrorCode.NOT_A_MEMBER)
+
+
+@case("8.1a/5", "MUST", "16 keys named at one address cost that address one connection at most")
+def _(s: Session) -> None:
+    s.hello()
+    with socket.create_server(("127.0.0.1", 0)) as victim:
+        victim.settimeout(0.2)
+        ctl = f"tcp://127.0.0.1:{victim.getsockname()[1]}"
+        keys = [Identity.generate().public_key for _ in range(16)]
+        entries = tuple(PeerEntry(key=k, ctl=ctl, inc=1, state=0) for k in keys)
+        s.send(s.frame(Peers(peers=entries)))
+        opened, deadline = [], time.monotonic() + 3.0
+        try:
+            while time.monotonic() < deadline:
+                with contextlib.suppress(TimeoutError):
+                    opened.append(victim.accept()[0])  # held open: no reconnects
+        finally:
+            for conn in opened:
+                conn.close()
+    if len(opened) > 1:
+        raise Failed(f"{len(opened)} connections to one address named by 16 keys")
+    s.hello()

@@ -1,0 +1,319 @@
+"""Cases for spec §8.10 to §10: quotes, the data channel, the quote-state table, receipts.
+
+They buy the conformance fixture from the target (spec/README.md), and are skipped with
+the reason when it does not hold it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import blake3
+
+from kvx.protocol import (
+    Accept,
+    Advertise,
+    Error,
+    ErrorCode,
+    Lookup,
+    LookupResult,
+    Quote,
+    QuoteRequest,
+    Receipt,
+    Reject,
+    Transfer,
+)
+from kvx.trust import Statement, open_envelope
+
+from ._case import FIXTURE_CHAIN, FIXTURE_FP, FIXTURE_PAYLOAD, case, refused, seq_of
+from ._data import Stream, open_stream
+from ._peer import Failed, Session, Skipped
+
+
+def _quote(s: Session, fp: bytes = FIXTURE_FP) -> Statement:
+    ask = s.frame(
+        QuoteRequest(fp=fp, blocks=tuple(FIXTURE_CHAIN), transports=("tcp",), max_price=10**15)
+    )
+    s.send(ask)
+    answer = s.answer(seq_of(ask))
+    if answer is None:
+        raise Failed("QUOTE_REQUEST was not answered")
+    if isinstance(answer.message, Error):
+        if (
+            answer.message.code in (ErrorCode.NOT_FOUND, ErrorCode.FINGERPRINT_MISMATCH)
+            and fp == FIXTURE_FP
+        ):
+            raise Skipped("the target does not hold the conformance fixture (spec/README.md)")
+        raise Failed(f"ERROR {answer.message.code}: {answer.message.msg}")
+    return answer
+
+
+def _deal(s: Session) -> Quote:
+    """A QUOTE for the fixture, accepted."""
+    s.hello()
+    quote = _quote(s).message
+    if not isinstance(quote, Quote) or quote.blocks != 3:
+        raise Failed(f"expected a QUOTE for 3 blocks, got {quote!r}")
+    s.send(s.frame(Accept(quote=quote.quote, price=quote.price, root=quote.root)))
+    return quote
+
+
+def _stream(s: Session, q: Quote, *, token: bytes | None = None, first: int = 0) -> Stream:
+    transfer = s.frame(Transfer(quote=q.quote, token=token or q.token, first=first))
+    return open_stream(q.data, transfer, q, _payer(s, q))
+
+
+def _refused_stream(stream: Stream, code: ErrorCode) -> None:
+    if stream.chunks:
+        raise Failed(f"{len(stream.chunks)} chunks were streamed")
+    codes = [st.message.code for st in stream.controls if isinstance(st.message, Error)]
+    if codes != [code]:
+        raise Failed(f"the seller answered ERROR {codes or 'nothing'}, not {code.name}")
+
+
+@case(
+    "10.1/1",
+    "MUST",
+    "QUOTE_REQUEST, QUOTE, ACCEPT, TRANSFER, RECEIPT: the payload arrives "
+    "whole and matches the signed content root",
+)
+def _(s: Session) -> None:
+    q = _deal(s)
+    stream = _stream(s, q)
+    if stream.fault or not stream.ended:
+        raise Failed(f"the data channel failed: {stream.fault or 'no END'}")
+    if stream.payload(q.deliver) != FIXTURE_PAYLOAD[: q.deliver]:
+        raise Failed("verified bytes differ from the fixture")
+    receipt = s.frame(
+        Receipt(quote=q.quote, seller=s.target_id, root=q.root, bytes=q.deliver, price=q.price)
+    )
+    s.send(receipt)
+    for st in s.receive(1.0):
+        if isinstance(st.message, Error):
+            raise Failed(f"the RECEIPT was refused: {st.message.msg}")
+
+
+@case("9.2/4", "MUST", "after END the seller sends nothing more and closes the connection")
+def _(s: Session) -> None:
+    stream = _stream(s, _deal(s))
+    if not (stream.ended and stream.closed) or stream.fault:
+        raise Failed(stream.fault or "the connection stayed open after END")
+
+
+@case(
+    "10.2/1",
+    "MUST",
+    "a QUOTE_REQUEST for another fingerprint is refused before any "
+    "transfer, with FINGERPRINT_MISMATCH or NOT_FOUND",
+)
+def _(s: Session) -> None:
+    answer = _quote_error(s, blake3.blake3(b"another model").digest())
+    if answer not in (ErrorCode.FINGERPRINT_MISMATCH, ErrorCode.NOT_FOUND):
+        raise Failed(f"answered {answer}")
+
+
+def _payer(s: Session, q: Quote):
+    """Receipts for the payment window (§9.4): the first `n` bytes at their share (§8.14)."""
+    return lambda n: s.frame(
+        Receipt(
+            quote=q.quote, seller=s.target_id, root=q.root, bytes=n, price=q.price * n // q.deliver
+        )
+    )
+
+
+def _quote_error(s: Session, fp: bytes) -> ErrorCode | str:
+    try:
+        answer = _quote(s, fp)
+    except Failed as exc:
+        text = str(exc)
+        with contextlib.suppress(ValueError):
+            return ErrorCode(int(text.split()[1].rstrip(":")))
+        return text
+    return answer.type.name
+
+
+@case("9.2/1", "MUST", "a TRANSFER with a wrong session token streams nothing (BAD_TOKEN)")
+def _(s: Session) -> None:
+    _refused_stream(_stream(s, _deal(s), token=bytes(32)), ErrorCode.BAD_TOKEN)
+
+
+@case("9.2/2", "MUST", "a session token is single-use: a second TRANSFER gets BAD_TOKEN")
+def _(s: Session) -> None:
+    q = _deal(s)
+    if _stream(s, q).fault:
+        raise Failed("the first stream failed")
+    _refused_stream(_stream(s, q), ErrorCode.BAD_TOKEN)
+
+
+@case("9.2/3", "MUST", "a TRANSFER whose first chunk is past the delivery is INVALID_FIELD")
+def _(s: Session) -> None:
+    q = _deal(s)
+    _refused_stream(_stream(s, q, first=-(-q.deliver // q.chunk)), ErrorCode.INVALID_FIELD)
+
+
+def _ask(s: Session, message) -> Statement:
+    frame = s.frame(message)
+    s.send(frame)
+    answer = s.answer(seq_of(frame))
+    if answer is None:
+        raise Failed(f"{message.TYPE.name} was not answered")
+    return answer
+
+
+def _receipt(s: Session, q: Quote, **over) -> Receipt:
+    fields = {
+        "quote": q.quote,
+        "seller": s.target_id,
+        "root": q.root,
+        "bytes": q.deliver,
+        "price": q.price,
+    }
+    return Receipt(**{**fields, **over})
+
+
+def _bought(s: Session) -> Quote:
+    q = _deal(s)
+    stream = _stream(s, q)
+    if stream.fault or not stream.ended:
+        raise Failed(f"the data channel failed: {stream.fault or 'no END'}")
+    return q
+
+
+def _accept(q: Quote, **over) -> Accept:
+    return Accept(**{"quote": q.quote, "price": q.price, "root": q.root, **over})
+
+
+@case("8.10/1", "MUST", "a QUOTE without a conversion names the advertised root, chunk, layout")
+def _(s: Session) -> None:
+    s.hello()
+    ask = s.frame(Lookup(fp=FIXTURE_FP, blocks=tuple(FIXTURE_CHAIN), limit=16))
+    s.send(ask)
+    found = s.answer(seq_of(ask))
+    if found is None or not isinstance(found.message, LookupResult):
+        raise Failed("LOOKUP was not answered")
+    ads = [open_envelope(frame) for frame in found.message.ads]
+    own = [ad.message for ad in ads if ad.signer == s.target_key]
+    if not own:
+        raise Skipped("the target does not advertise the conformance fixture")
+    q = _quote(s).message
+    assert isinstance(q, Quote)
+    ad = own[0]
+    assert isinstance(ad, Advertise)
+    if (q.root, q.chunk, q.layout, q.stored) != (ad.root, ad.chunk, ad.layout, len(ad.blocks)):
+        raise Failed("the QUOTE differs from the target's own advertisement")
+
+
+@case("10.3/1", "MUST", "a QUOTE_REQUEST with no transport in common is NO_COMMON_TRANSPORT")
+def _(s: Session) -> None:
+    s.hello()
+    _quote(s)  # skips without the fixture
+    request = QuoteRequest(
+        fp=FIXTURE_FP, blocks=tuple(FIXTURE_CHAIN), transports=("x-none",), max_price=10**15
+    )
+    refused(s, s.frame(request), ErrorCode.NO_COMMON_TRANSPORT)
+
+
+@case("10.2a/1", "MUST", "a QUOTE never asks more than max_price (or the bid is refused)")
+def _(s: Session) -> None:
+    s.hello()
+    _quote(s)
+    request = QuoteRequest(
+        fp=FIXTURE_FP, blocks=tuple(FIXTURE_CHAIN), transports=("tcp",), max_price=1
+    )
+    answer = _ask(s, request).message
+    if isinstance(answer, Quote) and answer.price > 1:
+        raise Failed(f"quoted {answer.price} against a bid of 1")
+    if isinstance(answer, Error) and answer.code != ErrorCode.PRICE_TOO_HIGH:
+        raise Failed(f"refused with {answer.code}, not PRICE_TOO_HIGH")
+
+
+@case("10.1/2", "MUST", "a counter-offer is answered with a QUOTE at it or PRICE_TOO_HIGH")
+def _(s: Session) -> None:
+    s.hello()
+    q = _quote(s).message
+    assert isinstance(q, Quote)
+    answer = _ask(s, Reject(quote=q.quote, reason=0, counter=1)).message
+    if isinstance(answer, Quote):
+        if answer.price != 1 or answer.quote == q.quote:
+            raise Failed("a counter-offer must be a new quote at the countered price")
+    elif not (isinstance(answer, Error) and answer.code == ErrorCode.PRICE_TOO_HIGH):
+        raise Failed(f"answered {answer!r}")
+
+
+@case("10.1/3", "MUST", "a fourth counter-offer is never answered with a QUOTE")
+def _(s: Session) -> None:
+    s.hello()
+    q = _quote(s).message
+    for n in range(4):
+        answer = _ask(s, Reject(quote=q.quote, reason=0, counter=q.price)).message
+        if not isinstance(answer, Quote):
+            if n < 3:
+                raise Skipped(f"the target takes no counter-offer at its own price ({answer!r})")
+            return
+        q = answer
+    raise Failed("the fourth counter-offer was answered with a QUOTE")
+
+
+@case("10.4/1", "MUST", "ACCEPT and REJECT of a quote never issued are UNKNOWN_QUOTE")
+def _(s: Session) -> None:
+    s.hello()
+    refused(s, s.frame(Accept(quote=bytes(16), price=1, root=bytes(32))), ErrorCode.UNKNOWN_QUOTE)
+    refused(s, s.frame(Reject(quote=bytes(16), reason=0)), ErrorCode.UNKNOWN_QUOTE)
+
+
+@case("10.4/2", "MUST", "an ACCEPT whose price differs from the quote's is UNKNOWN_QUOTE")
+def _(s: Session) -> None:
+    s.hello()
+    q = _quote(s).message
+    assert isinstance(q, Quote)
+    refused(s, s.frame(_accept(q, price=q.price + 1)), ErrorCode.UNKNOWN_QUOTE)
+
+
+@case("10.4/3", "MUST", "ACCEPT, then ACCEPT or REJECT of the same quote: UNEXPECTED_MESSAGE")
+def _(s: Session) -> None:
+    q = _deal(s)
+    refused(s, s.frame(_accept(q)), ErrorCode.UNEXPECTED_MESSAGE)
+    refused(s, s.frame(Reject(quote=q.quote, reason=0)), ErrorCode.UNEXPECTED_MESSAGE)
+
+
+@case("10.4/4", "MUST", "REJECT, then ACCEPT or REJECT of the same quote: UNEXPECTED_MESSAGE")
+def _(s: Session) -> None:
+    s.hello()
+    q = _quote(s).message
+    assert isinstance(q, Quote)
+    s.send(s.frame(Reject(quote=q.quote, reason=0)))
+    refused(s, s.frame(_accept(q)), ErrorCode.UNEXPECTED_MESSAGE)
+    refused(s, s.frame(Reject(quote=q.quote, reason=0)), ErrorCode.UNEXPECTED_MESSAGE)
+
+
+@case("10.4/5", "MUST", "a RECEIPT for a quote without a deal is UNKNOWN_TRANSFER")
+def _(s: Session) -> None:
+    s.hello()
+    q = _quote(s).message
+    assert isinstance(q, Quote)
+    refused(s, s.frame(_receipt(s, q)), ErrorCode.UNKNOWN_TRANSFER)
+
+
+@case("10.6/1", "MUST", "a RECEIPT whose price is not the deal's is UNKNOWN_TRANSFER")
+def _(s: Session) -> None:
+    q = _bought(s)
+    refused(s, s.frame(_receipt(s, q, price=q.price + 1)), ErrorCode.UNKNOWN_TRANSFER)
+
+
+@case("10.6/2", "MUST", "the same RECEIPT frame twice is REPLAYED")
+def _(s: Session) -> None:
+    q = _bought(s)
+    frame = s.frame(_receipt(s, q))
+    s.send(frame)
+    if any(isinstance(st.message, Error) for st in s.receive(1.0)):
+        raise Failed("the RECEIPT was refused")
+    refused(s, frame, ErrorCode.REPLAYED)
+
+
+@case("10.6/3", "MUST", "a second RECEIPT with equal fields under a new seq is REPLAYED")
+def _(s: Session) -> None:
+    q = _bought(s)
+    s.send(s.frame(_receipt(s, q)))
+    if any(isinstance(st.message, Error) for st in s.receive(1.0)):
+        raise Failed("the RECEIPT was refused")
+    refused(s, s.frame(_receipt(s, q)), ErrorCode.REPLAYED)
