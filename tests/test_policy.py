@@ -1,5 +1,8 @@
 """Policy: loading the TOML config (every mistake with its line) and applying it."""
 
+import re
+from pathlib import Path
+
 import pytest
 
 from kvx.protocol import ConfigError, ErrorCode, Header, RemoteProtocolError, Withdraw
@@ -131,3 +134,16 @@ buy = ["{A.hex()}", "{B.hex()}"]
     with pytest.raises(RemoteProtocolError) as err:
         policy.check_namespace(A, b"\x00" * 32, publish=False)
     assert err.value.code == ErrorCode.NOT_FOUND
+
+
+def test_every_config_key_a_node_reads_is_documented():
+    """docs/CONFIG.md names every key the loaders take, so none is known only to the code."""
+    root = Path(__file__).parent.parent
+    sources = (root / "p2p" / "_config.py").read_text() + (
+        root / "trust" / "_policy.py"
+    ).read_text()
+    keys = set(re.findall(r'take\(\s*"(\w+)"', sources))
+    keys |= set(re.findall(r'^    "(\w+)",$', sources, flags=re.MULTILINE))  # BUDGETS
+    doc = (root / "docs" / "CONFIG.md").read_text()
+    assert len(keys) > 30
+    assert not [k for k in keys if f"`{k}`" not in doc]
