@@ -179,6 +179,15 @@ def _bought(s: Session) -> Quote:
     return q
 
 
+def _quoted(s: Session) -> Quote:
+    """A QUOTE for the fixture, neither accepted nor rejected."""
+    s.hello()
+    q = _quote(s).message
+    if not isinstance(q, Quote):
+        raise Failed(f"expected a QUOTE, got {q!r}")
+    return q
+
+
 def _accept(q: Quote, **over) -> Accept:
     return Accept(**{"quote": q.quote, "price": q.price, "root": q.root, **over})
 
@@ -229,9 +238,7 @@ def _(s: Session) -> None:
 
 @case("10.1/2", "MUST", "a counter-offer is answered with a QUOTE at it or PRICE_TOO_HIGH")
 def _(s: Session) -> None:
-    s.hello()
-    q = _quote(s).message
-    assert isinstance(q, Quote)
+    q = _quoted(s)
     answer = _ask(s, Reject(quote=q.quote, reason=0, counter=1)).message
     if isinstance(answer, Quote):
         if answer.price != 1 or answer.quote == q.quote:
@@ -263,9 +270,7 @@ def _(s: Session) -> None:
 
 @case("10.4/2", "MUST", "an ACCEPT whose price differs from the quote's is UNKNOWN_QUOTE")
 def _(s: Session) -> None:
-    s.hello()
-    q = _quote(s).message
-    assert isinstance(q, Quote)
+    q = _quoted(s)
     refused(s, s.frame(_accept(q, price=q.price + 1)), ErrorCode.UNKNOWN_QUOTE)
 
 
@@ -278,9 +283,7 @@ def _(s: Session) -> None:
 
 @case("10.4/4", "MUST", "REJECT, then ACCEPT or REJECT of the same quote: UNEXPECTED_MESSAGE")
 def _(s: Session) -> None:
-    s.hello()
-    q = _quote(s).message
-    assert isinstance(q, Quote)
+    q = _quoted(s)
     s.send(s.frame(Reject(quote=q.quote, reason=0)))
     refused(s, s.frame(_accept(q)), ErrorCode.UNEXPECTED_MESSAGE)
     refused(s, s.frame(Reject(quote=q.quote, reason=0)), ErrorCode.UNEXPECTED_MESSAGE)
@@ -288,9 +291,7 @@ def _(s: Session) -> None:
 
 @case("10.4/5", "MUST", "a RECEIPT for a quote without a deal is UNKNOWN_TRANSFER")
 def _(s: Session) -> None:
-    s.hello()
-    q = _quote(s).message
-    assert isinstance(q, Quote)
+    q = _quoted(s)
     refused(s, s.frame(_receipt(s, q)), ErrorCode.UNKNOWN_TRANSFER)
 
 
