@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -98,33 +97,34 @@ def admin_call(data_dir: str | Path, op: str, timeout_s: float = 10.0, **args: A
     return result(data)
 
 
-async def answer(node: Node, req: dict) -> dict:
+def answer(node: Node, req: dict) -> dict:
     """The node's answer to one local admin request (the ops the CLI and clients use)."""
     op = req.get("op")
-    now = time.time()
+    core = node.core
+    now = core.clock.time()
     if op == "status":
         return {
             "node_id": node.id.hex(),
             "public_key": node.identity.public_key.hex(),
-            "ctl": node.ctl,
-            "data": [d.addr for d in node.data],
-            "incarnation": node.incarnation,
-            "peers": {s.name.lower(): sum(p.state == s for p in node.peers.all()) for s in State},
-            "ads": len(node.index),
-            "stored": len(node.store.entries()),
+            "ctl": core.ctl,
+            "data": [d.addr for d in core.data],
+            "incarnation": core.incarnation,
+            "peers": {s.name.lower(): sum(p.state == s for p in core.peers.all()) for s in State},
+            "ads": len(core.index),
+            "stored": len(core.store.entries()),
             "sent": {
-                t.name: node.metrics.value("kvx_messages_sent_total", type=t.name)
+                t.name: core.metrics.value("kvx_messages_sent_total", type=t.name)
                 for t in MessageType
             },
             "internal_errors": sum(
                 s.value
-                for metric in node.metrics.internal_errors.collect()
+                for metric in core.metrics.internal_errors.collect()
                 for s in metric.samples
                 if s.name.endswith("_total")
             ),
             "held": node.held(),
             "degraded": [
-                w for w in ("ledger", "scores") if node.metrics.value("kvx_degraded", what=w)
+                w for w in ("ledger", "scores") if core.metrics.value("kvx_degraded", what=w)
             ],
             "pid": os.getpid(),
         }
@@ -137,10 +137,10 @@ async def answer(node: Node, req: dict) -> dict:
                     "ctl": p.ctl,
                     "state": p.state.name.lower(),
                     "inc": p.inc,
-                    "score": round(node.scores.score(node_id(p.key), now), 2),
-                    "banned": node.scores.is_banned(node_id(p.key), now),
+                    "score": round(core.scores.score(node_id(p.key), now), 2),
+                    "banned": core.scores.is_banned(node_id(p.key), now),
                 }
-                for p in node.peers.all()
+                for p in core.peers.all()
             ]
         }
     if op == "ads":
@@ -155,11 +155,11 @@ async def answer(node: Node, req: dict) -> dict:
                     "ns": a.message.ns.hex() if a.message.ns else None,
                     "exp_ms": a.exp_ms,
                 }
-                for a in node.index.ads()
+                for a in core.index.ads()
             ]
         }
     if op == "publish":
-        entry = await node.publish(
+        entry = core.publish(
             fp=req["fp"],
             ns=req.get("ns"),
             layout=KVLayout(**req["layout"]),
@@ -170,17 +170,17 @@ async def answer(node: Node, req: dict) -> dict:
         )
         return {"root": entry.root}
     if op == "lookup":
-        matched, ads = node.lookup(
-            req["fp"], req.get("ns"), tuple(req["blocks"]), req.get("limit", 8), asker=node.id
+        matched, ads = core.lookup(
+            req["fp"], req.get("ns"), tuple(req["blocks"]), req.get("limit", 8), asker=core.id
         )
         return {"matched": matched, "ads": [a.frame for a in ads]}
     if op == "bought":  # a local client's purchase: logged and measured here
         for stage, seconds in req["timings"].items():
-            if stage in node.metrics.stage:
-                node.metrics.stage[stage].observe(seconds)
-        node.metrics.purchases.labels("bought").inc()
-        node.metrics.purchased_bytes.inc(req["bytes"])
-        node.event(
+            if stage in core.metrics.stage:
+                core.metrics.stage[stage].observe(seconds)
+        core.metrics.purchases.labels("bought").inc()
+        core.metrics.purchased_bytes.inc(req["bytes"])
+        core.event(
             "bought",
             seller=req["seller"].hex()[:12],
             bytes=req["bytes"],
@@ -190,16 +190,16 @@ async def answer(node: Node, req: dict) -> dict:
         )
         return {}
     if op == "missed":  # a local client found nothing it could buy
-        node.metrics.purchases.labels("missed").inc()
-        node.event("missed", reason=str(req["reason"])[:200])
+        core.metrics.purchases.labels("missed").inc()
+        core.event("missed", reason=str(req["reason"])[:200])
         return {}
     if op == "first_token":
-        node.metrics.time_to_first_token.labels(req["source"]).observe(req["seconds"])
+        core.metrics.time_to_first_token.labels(req["source"]).observe(req["seconds"])
         return {}
     if op == "report":  # a local client's verdict on a provider it dealt with
-        node.scores.record(req["peer"], Event[req["event"]], now)
+        core.scores.record(req["peer"], Event[req["event"]], now)
         return {}
     if op == "withdraw":
-        await node.withdraw(req["root"])
+        core.withdraw(req["root"])
         return {}
     raise RemoteProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"unknown admin op {op!r}")

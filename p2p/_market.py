@@ -8,7 +8,6 @@ credit — each is refused with its code at QUOTE_REQUEST time.
 from __future__ import annotations
 
 import secrets
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -28,6 +27,7 @@ from kvx.protocol import (
 from kvx.transport import Expected, Offer, Sessions, choose_transport
 from kvx.trust import Ledger, Memberships, Policy, Signer, Statement, open_envelope
 
+from ._clock import Clock
 from ._negotiation import Phase, advance
 from ._pricing import PricePolicy
 from ._store import Entry, LocalStore
@@ -74,6 +74,7 @@ class Market:
         data: dict[str, str],  # transport -> data address
         window_bytes: int = 64 << 20,
         selling: Callable[[], bool] = lambda: True,
+        clock: Clock | None = None,
     ) -> None:
         self.signer = signer
         self.store = store
@@ -85,6 +86,7 @@ class Market:
         self.data = data
         self.window_bytes = window_bytes
         self.selling = selling
+        self.clock = clock or Clock()
         self._pending: dict[bytes, _Pending] = {}
         self._conversion: tuple[tuple[bytes, str], tuple[bytes, bytes, list[bytes]]] | None = None
 
@@ -98,7 +100,7 @@ class Market:
         if req.ns is not None:
             try:
                 self.policy.check_namespace(buyer, req.ns, publish=False)
-                self.memberships.require(buyer, req.ns, time.time())
+                self.memberships.require(buyer, req.ns, self.clock.time())
             except RemoteProtocolError:
                 # One answer whether or not we are in it: no oracle for outsiders (§7.6).
                 raise _fail(ErrorCode.NOT_FOUND, "no block of that chain is held here") from None
@@ -231,7 +233,7 @@ class Market:
         self.ledger.record_receipt(st, now_ms)
 
     def delivered(self, offer: Offer) -> None:
-        self.ledger.record_delivery(offer.quote, int(time.time() * 1000))
+        self.ledger.record_delivery(offer.quote, self.clock.now_ms())
 
     def expire(self, now_ms: int) -> None:
         for quote_id in [q for q, p in self._pending.items() if p.quote.header.exp < now_ms]:

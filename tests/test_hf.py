@@ -133,10 +133,10 @@ async def test_a_tampered_payload_never_reaches_the_model(tmp_path, model, fp):
         ids = prompt(7, 4 * BLOCK + 1)
         root, _ = await hf.publish_prompt(seller, model, fp, ids)
         node, _task = seller._embedded
-        honest = node.store.get(root)
+        honest = node.core.store.get(root)
         tampered = bytearray(honest.data)
         tampered[len(tampered) // 2] ^= 0x01
-        node.store._memory[root] = Payload(honest.entry, bytes(tampered), honest.hashes)
+        node.core.store._memory[root] = Payload(honest.entry, bytes(tampered), honest.hashes)
         await asyncio.to_thread(eventually, lambda: len(buyer.call("ads")["ads"]) == 1)
         client = PeerClient(buyer.dir)
         out = await hf.generate(client, model, fp, ids, max_new_tokens=12, do_sample=False)
