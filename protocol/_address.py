@@ -10,6 +10,7 @@ ranges are acceptable is the receiving node's policy, not the codec's.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass
 
@@ -23,25 +24,36 @@ CTL_SCHEME = "tcp://"
 
 def _host_port(text: str, path: str) -> tuple[IPAddress, int]:
     """`HOST:PORT` with HOST an IPv4 literal or a bracketed IPv6 literal; raises Invalid."""
+    parsed = _parse(text)
+    if isinstance(parsed, str):
+        raise Invalid(path, parsed)
+    return parsed
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse(text: str) -> tuple[IPAddress, int] | str:
+    """The IP and port, or why not. Cached: peer lists repeat the same addresses, and
+    parsing IP literals dominated a node's cost of a PEERS frame; the cache is bounded,
+    so a stranger's stream of new addresses only evicts."""
     host, sep, port = text.rpartition(":")
     if not sep or not host:
-        raise Invalid(path, f"{text!r:.80} is not HOST:PORT")
+        return f"{text!r:.80} is not HOST:PORT"
     if host.startswith("["):
         if not host.endswith("]"):
-            raise Invalid(path, f"{text!r:.80}: an IPv6 host is written [ADDR]")
+            return f"{text!r:.80}: an IPv6 host is written [ADDR]"
         host = host[1:-1]
         if ":" not in host:
-            raise Invalid(path, f"{text!r:.80}: only IPv6 hosts are bracketed")
+            return f"{text!r:.80}: only IPv6 hosts are bracketed"
     elif ":" in host:
-        raise Invalid(path, f"{text!r:.80}: an IPv6 host is written [ADDR]")
+        return f"{text!r:.80}: an IPv6 host is written [ADDR]"
     if not (port.isascii() and port.isdigit()) or len(port) > 5 or not 1 <= int(port) <= 65535:
-        raise Invalid(path, f"{text!r:.80}: the port is not in 1-65535")
+        return f"{text!r:.80}: the port is not in 1-65535"
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
-        raise Invalid(path, f"{text!r:.80}: the host is not an IP literal") from None
+        return f"{text!r:.80}: the host is not an IP literal"
     if ip.is_unspecified or ip.is_multicast or ip == ipaddress.IPv4Address("255.255.255.255"):
-        raise Invalid(path, f"{text!r:.80}: no peer can be reached at {ip}")
+        return f"{text!r:.80}: no peer can be reached at {ip}"
     return ip, int(port)
 
 

@@ -8,6 +8,7 @@ checks our own values with the very same rules, so what we send always decodes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -161,16 +162,30 @@ def _check(obj: Any, path: str) -> None:
             raise Invalid(f"{path}.{exc.path}", exc.reason, exc.code) from None
 
 
+@functools.cache
+def _fields(cls: type) -> tuple[tuple[str, Any, bool, bool], ...]:
+    """(name, wire type, required, optional-as-None) of each field of a message class."""
+    return tuple(
+        (
+            f.name,
+            f.metadata["wire"],
+            f.default is dataclasses.MISSING,
+            f.default is None,
+        )
+        for f in dataclasses.fields(cls)
+    )
+
+
 def decode_struct(cls: type, value: object, path: str) -> Any:
-    """Build `cls` from a peer's map; unknown keys are ignored (spec §4.3)."""
+    """Build `cls` from a peer's map; unknown keys are ignored (spec §4.5)."""
     if type(value) is not dict:
         raise Invalid(path, f"expected map, got {_kind(value)}")
     kwargs: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        if f.name in value:
-            kwargs[f.name] = f.metadata["wire"].decode(value[f.name], f"{path}.{f.name}")
-        elif f.default is dataclasses.MISSING:
-            raise Invalid(f"{path}.{f.name}", "required field is missing")
+    for name, wire, required, _ in _fields(cls):
+        if name in value:
+            kwargs[name] = wire.decode(value[name], f"{path}.{name}")
+        elif required:
+            raise Invalid(f"{path}.{name}", "required field is missing")
     obj = cls(**kwargs)
     _check(obj, path)
     return obj
@@ -179,11 +194,11 @@ def decode_struct(cls: type, value: object, path: str) -> Any:
 def encode_struct(obj: Any, path: str) -> dict[str, object]:
     """The map for `obj`; optional fields left at None are omitted, never sent as nil."""
     out: dict[str, object] = {}
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if value is None and f.default is None:
+    for name, wire, _, optional in _fields(type(obj)):
+        value = getattr(obj, name)
+        if value is None and optional:
             continue
-        out[f.name] = f.metadata["wire"].encode(value, f"{path}.{f.name}")
+        out[name] = wire.encode(value, f"{path}.{name}")
     _check(obj, path)
     return out
 
