@@ -10,22 +10,45 @@ def table(**kw) -> PeerTable:
     return PeerTable(ME, **{"suspect_after_s": 2, "dead_after_s": 5, "max_peers": 3, **kw})
 
 
-def test_silence_makes_a_peer_suspect_then_dead():
+def test_an_unanswered_probe_makes_a_peer_suspect_then_dead_and_silence_does_not():
     t = table()
     assert t.heard_from(A, "tcp://a", 1, now=0)
-    assert t.tick(1) == ([], [])
-    suspect, dead = t.tick(2.5)
+    assert t.tick(100) == ([], [])  # silent, but never asked: nothing to suspect
+    assert [p.key for p in t.to_probe(1, now=100)] == [A]
+    assert t.tick(101) == ([], [])
+    suspect, dead = t.tick(102.5)
     assert [p.key for p in suspect] == [A] and dead == []
-    t.alive_again(A, 3)  # any message refutes suspicion
+    t.alive_again(A, 103)  # any message refutes suspicion
     assert t.get(A).state == State.ALIVE
-    t.tick(6)
-    suspect, dead = t.tick(8.5)
+    t.to_probe(1, now=104)
+    t.tick(106.5)
+    suspect, dead = t.tick(109.5)
     assert [p.key for p in dead] == [A]
+
+
+def test_an_unanswered_probe_is_retried_before_suspicion():
+    t = table(max_peers=8)
+    for key in (A, B, C):
+        t.heard_from(key, "tcp://x", 1, now=0)
+    t.to_probe(1, now=1)  # A (ties broken by the table's order)
+    t.to_probe(2, now=1.5)  # B and C
+    t.alive_again(B, 1.6)
+    t.alive_again(C, 1.6)
+    assert [p.key for p in t.to_probe(1, now=2.2)] == [A]  # 1.2 s unanswered: retry
+    t.alive_again(A, 2.3)  # the retry's answer: never suspect
+    assert t.tick(4) == ([], []) and t.get(A).state == State.ALIVE
+
+
+def probed_and_silent(t: PeerTable, key: bytes, now: float) -> None:
+    """`key` is probed at `now` and never answers."""
+    t.get(key).last_probed = -1.0
+    assert key in {p.key for p in t.to_probe(len(t.all()), now)}
 
 
 def test_a_dead_peer_that_speaks_again_is_alive_and_a_restart_is_noticed():
     t = table()
     t.heard_from(A, "tcp://a", 1, now=0)
+    probed_and_silent(t, A, 0)
     t.tick(3)
     t.tick(6)
     assert t.get(A).state == State.DEAD
@@ -42,8 +65,9 @@ def test_the_table_is_bounded_and_dead_peers_make_room_first():
     for key in (A, B, C):
         t.heard_from(key, "tcp://x", 1, now=0)
     assert not t.heard_from(b"\x0d" * 32, "tcp://d", 1, now=0)  # all kept: no room
-    t.alive_again(A, 10)
-    t.alive_again(B, 10)
+    probed_and_silent(t, C, 15)
+    t.alive_again(A, 20)
+    t.alive_again(B, 20)
     t.tick(20)  # C died
     t.tick(30)
     assert t.heard_from(b"\x0d" * 32, "tcp://d", 1, now=31)
@@ -84,11 +108,14 @@ def test_probes_go_to_the_longest_unprobed_and_one_dead_peer_a_round():
     t = table()
     for key in (A, B, C):
         t.heard_from(key, "tcp://x", 1, now=0)
+    probed_and_silent(t, C, 0)
     t.alive_again(A, 3)
     t.alive_again(B, 3)
     t.tick(4)
     t.tick(6)  # C is dead
     first = {p.key for p in t.to_probe(1, now=7)}
+    for key in first - {C}:
+        t.alive_again(key, 7.5)  # it answered: no retry owed
     second = {p.key for p in t.to_probe(1, now=8)}
     assert C in first and C in second  # one dead peer a round, to notice a healed link
     assert (first | second) - {C} == {A, B}

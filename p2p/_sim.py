@@ -1,0 +1,220 @@
+"""A deterministic swarm simulator: thousands of real node cores (p2p/_core.py) in one
+process, over a simulated network and simulated time.
+
+It is a driver like p2p/_node.py, with a priority queue of deliveries instead of
+sockets: a frame a core sends reaches its peer after a latency drawn from a seeded
+distribution, unless the link drops it. Signatures, replay checks, rate limits, the
+peer table, gossip and anti-entropy are the node's own code. The same seed gives the
+same run, event for event.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvx.protocol import DataAddress, KVLayout, MessageType
+from kvx.trust import Identity, Ledger, PeerScores, curve_public_key
+
+from ._clock import Clock
+from ._config import NodeConfig
+from ._core import Disconnect, NodeCore, Reply, Send
+from ._store import LocalStore
+
+
+class SimClock(Clock):
+    """Simulated time, shared by every core of a simulation (wall = epoch + elapsed)."""
+
+    EPOCH = 1_800_000_000.0
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return self.EPOCH + self.now
+
+
+@dataclass(frozen=True)
+class Network:
+    """The simulated links: one-way latency (a base plus an exponential tail, in
+    seconds) and the chance that a frame is lost."""
+
+    latency_s: float = 0.010
+    jitter_s: float = 0.005
+    loss: float = 0.0
+
+    def delay(self, rng: random.Random) -> float:
+        return self.latency_s + rng.expovariate(1 / self.jitter_s) if self.jitter_s else 0.0
+
+
+@dataclass
+class Traffic:
+    """What crossed the network, by message type."""
+
+    frames: dict[str, int] = field(default_factory=dict)
+    bytes: dict[str, int] = field(default_factory=dict)
+    lost: int = 0
+
+    def count(self, mtype: MessageType, size: int) -> None:
+        self.frames[mtype.name] = self.frames.get(mtype.name, 0) + 1
+        self.bytes[mtype.name] = self.bytes.get(mtype.name, 0) + size
+
+
+@dataclass(order=True)
+class _Delivery:
+    at: float
+    order: int
+    to: int = field(compare=False)
+    frame: bytes = field(compare=False)
+    sender: int = field(compare=False)
+    reply: bool = field(compare=False)  # on the receiver's own connection to `sender`
+
+
+class Simulation:
+    """`n` nodes, every one a NodeCore with in-memory ledger and scores."""
+
+    def __init__(
+        self,
+        n: int,
+        *,
+        seed: int = 0,
+        network: Network | None = None,
+        config: Callable[[Path], NodeConfig] | None = None,
+    ) -> None:
+        self.rng = random.Random(seed)
+        self.network = network or Network()
+        self.clock = SimClock()
+        self.traffic = Traffic()
+        self._queue: list[_Delivery] = []
+        self._order = itertools.count()
+        self._dir = tempfile.TemporaryDirectory(prefix="kvx-sim-")
+        root = Path(self._dir.name)
+        make = config or (lambda d: NodeConfig(data_dir=d, metrics_port=None))
+        self.cores: list[NodeCore] = []
+        for i in range(n):
+            identity = Identity.from_seed(self.rng.randbytes(32))
+            self.cores.append(
+                NodeCore(
+                    make(root / str(i)),
+                    identity,
+                    scores=PeerScores(":memory:"),
+                    ledger=Ledger(":memory:", identity.node_id),
+                    store=LocalStore(root / str(i), memory_bytes=1 << 30, disk_bytes=1 << 30),
+                    clock=self.clock,
+                    rng=random.Random(self.rng.getrandbits(64)),
+                )
+            )
+        self.index = {core.identity.public_key: i for i, core in enumerate(self.cores)}
+        self.curve = [curve_public_key(core.identity.public_key) for core in self.cores]
+        self.down: set[int] = set()
+        self._timers: list[tuple[float, int]] = []
+        self.on_receive: Callable[[int, int, bytes], None] | None = None
+
+    def close(self) -> None:
+        for core in self.cores:
+            core.ledger.close()
+            core.scores.close()
+            core.store.close()
+        self._dir.cleanup()
+
+    # ---- setting up ------------------------------------------------------------------
+
+    def start(self, *, known: int = 16) -> None:
+        """Serve every core, each knowing `known` random others as alive peers (a swarm
+        that has already formed: joining is the subject of other runs)."""
+        for i, core in enumerate(self.cores):
+            data = (DataAddress("tcp", f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}:7001"),)
+            core.serve(self.address(i), data)
+        for i, core in enumerate(self.cores):
+            others = self.rng.sample(range(len(self.cores)), min(known + 1, len(self.cores)))
+            for j in [j for j in others if j != i][:known]:
+                core.peers.heard_from(self.cores[j].identity.public_key, self.address(j), 0, 0.0)
+        self._timers = [(core.next_timer(), i) for i, core in enumerate(self.cores)]
+        heapq.heapify(self._timers)
+        for i in range(len(self.cores)):
+            self._drain(i)
+
+    @staticmethod
+    def address(i: int) -> str:
+        return f"tcp://10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}:7000"
+
+    # ---- running ---------------------------------------------------------------------
+
+    def run_until(self, t: float) -> None:
+        """Deliver frames and fire timers, in time order, up to simulated time `t`."""
+        while True:
+            frame_at = self._queue[0].at if self._queue else float("inf")
+            timer_at = self._timers[0][0] if self._timers else float("inf")
+            at = min(frame_at, timer_at)
+            if at > t:
+                self.clock.now = t
+                return
+            self.clock.now = at
+            if frame_at <= timer_at:
+                self._deliver(heapq.heappop(self._queue))
+                continue
+            _, i = heapq.heappop(self._timers)
+            if i in self.down:
+                continue  # a crashed node's timers stop; restart() sets them again
+            self.cores[i].handle_timer(at)
+            heapq.heappush(self._timers, (self.cores[i].next_timer(), i))
+            self._drain(i)
+
+    def _deliver(self, d: _Delivery) -> None:
+        if d.to in self.down:
+            return
+        core = self.cores[d.to]
+        if d.reply:  # an answer on the receiver's own connection to the sender
+            core.receive(
+                d.frame, self.curve[d.sender], None, self.cores[d.sender].identity.public_key
+            )
+        else:
+            core.receive(d.frame, self.curve[d.sender], d.sender.to_bytes(4, "big"), None)
+        if self.on_receive is not None:
+            self.on_receive(d.to, d.sender, d.frame)
+        self._drain(d.to)
+
+    def _drain(self, i: int) -> None:
+        for out in self.cores[i].drain():
+            if isinstance(out, Disconnect):
+                continue
+            if isinstance(out, Send):
+                to, reply = self.index.get(out.key), False
+            else:
+                assert isinstance(out, Reply)
+                to, reply = int.from_bytes(out.routing, "big"), True
+            if to is None:
+                continue
+            self.traffic.count(out.mtype, len(out.frame))
+            if self.rng.random() < self.network.loss:
+                self.traffic.lost += 1
+                continue
+            at = self.clock.now + self.network.delay(self.rng)
+            heapq.heappush(self._queue, _Delivery(at, next(self._order), to, out.frame, i, reply))
+
+    # ---- what a run measures ---------------------------------------------------------
+
+    def publish(self, i: int, blocks: int = 2) -> tuple[bytes, int]:
+        """Node `i` stores and advertises a small payload; returns the ad's (signer, seq)."""
+        core = self.cores[i]
+        layout = KVLayout(dtype="float16", layers=1, kv_heads=1, head_dim=8, block=16)
+        chain = tuple(self.rng.randbytes(32) for _ in range(blocks))
+        entry = core.publish(
+            fp=self.rng.randbytes(32),
+            ns=None,
+            layout=layout,
+            blocks=chain,
+            payload=bytes(layout.payload_bytes(blocks)),
+            chunk=1 << 16,
+        )
+        st = core.advertisement(entry.root)
+        self._drain(i)
+        return st.signer, st.header.seq

@@ -1,0 +1,110 @@
+"""The node core without I/O: cores driven in memory by the simulator (p2p/_sim.py), the
+same code the daemon runs, over simulated links and simulated time."""
+
+import ast
+import logging
+from pathlib import Path
+
+import pytest
+
+from kvx.p2p import State
+from kvx.p2p._sim import Network, Simulation
+
+ROOT = Path(__file__).parent.parent
+CORE = [
+    "p2p/_core.py",
+    "p2p/_peers.py",
+    "p2p/_index.py",
+    "p2p/_market.py",
+    "p2p/_negotiation.py",
+    "p2p/_rates.py",
+    "p2p/_clock.py",
+    "p2p/_pricing.py",
+    "p2p/_store.py",
+    "p2p/_sim.py",
+    "transport/_sessions.py",
+]
+
+
+@pytest.fixture(autouse=True)
+def quiet():
+    """Thousands of peer events are logged by simulated nodes: keep them off the output."""
+    log = logging.getLogger("kvx.node")
+    log.propagate = False
+    yield
+    log.propagate = True
+
+
+def test_no_module_of_the_core_imports_asyncio_or_zmq():
+    for path in CORE:
+        for node in ast.walk(ast.parse((ROOT / path).read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            for name in names:
+                assert name.split(".")[0] not in ("asyncio", "zmq", "socket"), (path, name)
+
+
+def spread(seed: int, n: int = 40, loss: float = 0.0) -> tuple[dict[int, float], dict]:
+    sim = Simulation(n, seed=seed, network=Network(loss=loss))
+    try:
+        sim.start(known=6)
+        sim.run_until(1.0)
+        ad = sim.publish(0)
+        reached: dict[int, float] = {0: 1.0}
+
+        def seen(to: int, sender: int, frame: bytes) -> None:
+            if to not in reached and ad in sim.cores[to].index:
+                reached[to] = sim.clock.now
+
+        sim.on_receive = seen
+        sim.run_until(8.0)
+        return reached, dict(sim.traffic.frames)
+    finally:
+        sim.close()
+
+
+def test_an_advertisement_reaches_every_node_of_a_simulated_swarm():
+    reached, frames = spread(seed=3)
+    assert len(reached) == 40
+    assert frames["ADVERTISE"] >= 39 and frames["HELLO"] and frames["PEERS"]
+
+
+def test_a_run_is_reproduced_by_its_seed_and_not_by_another():
+    first, second, other = spread(seed=5), spread(seed=5), spread(seed=6)
+    assert first == second
+    assert first != other
+
+
+def test_with_loss_gossip_and_anti_entropy_still_reach_everyone():
+    reached, _ = spread(seed=7, loss=0.05)
+    assert len(reached) == 40
+
+
+def test_healthy_peers_with_a_lossy_network_are_not_suspected():
+    """A probe is retried before suspicion: one lost frame suspects nobody."""
+    sim = Simulation(20, seed=11, network=Network(loss=0.01))
+    try:
+        sim.start(known=8)
+        sim.run_until(60.0)
+        suspect = [p for core in sim.cores for p in core.peers.all() if p.state != State.ALIVE]
+        assert suspect == []
+    finally:
+        sim.close()
+
+
+def test_a_crashed_node_is_found_dead_by_its_peers():
+    sim = Simulation(12, seed=13)
+    try:
+        sim.start(known=11)
+        sim.run_until(2.0)
+        gone = sim.cores[5].identity.public_key
+        sim.down.add(5)
+        sim.run_until(60.0)
+        for i, core in enumerate(sim.cores):
+            if i != 5 and gone in core.peers:
+                assert core.peers.get(gone).state == State.DEAD, i
+    finally:
+        sim.close()
