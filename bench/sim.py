@@ -27,7 +27,8 @@ from rich.table import Table
 from kvx.p2p._sim import Network, Simulation
 from kvx.protocol import MessageType, parse_envelope
 
-WARM_S = 1.0  # the swarm runs this long before the advertisement is published
+WARM_S = 2.0  # the swarm runs this long before the advertisement is published
+KNOWN = 64  # each node starts with a full peer table: a formed swarm, not one joining
 SPREAD_S = 5.0  # and this long after
 SUSPICION_NODES, SUSPICION_S = 50, 300.0
 
@@ -57,7 +58,7 @@ def spread(n: int, seed: int, loss: float) -> dict:
     log.addHandler(suspicions)
     log.propagate = False
     try:
-        sim.start()
+        sim.start(known=KNOWN)
         sim.run_until(WARM_S)
         suspicions.count = 0
         ad = sim.publish(0)
@@ -105,7 +106,7 @@ def false_suspicions(seed: int) -> dict:
     log.addHandler(suspicions)
     log.propagate = False
     try:
-        sim.start()
+        sim.start(known=KNOWN)
         sim.run_until(SUSPICION_S)
     finally:
         log.removeHandler(suspicions)
