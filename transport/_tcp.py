@@ -363,6 +363,8 @@ class TcpDataServer:
             self._opening[conn] = task
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+            # A task cancelled before its first step never enters `with conn`: close here.
+            task.add_done_callback(lambda _, conn=conn: conn.close())
 
     async def _serve(self, conn: socket.socket) -> None:
         loop = asyncio.get_running_loop()
