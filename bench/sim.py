@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import math
+import resource
 import sys
 import time
 from pathlib import Path
@@ -129,6 +130,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    # Each simulated node's store keeps an SQLite index open: 10,000 nodes need more
+    # descriptors than the usual soft limit of 1,024.
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     runs = []
     for n in [int(s) for s in args.sizes.split(",")]:
         for loss in (0.0, 0.01) if n <= 1000 else (0.0,):

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import random
 import sqlite3
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,7 @@ from kvx.protocol import (
     Advertise,
     DataAddress,
     Digest,
+    DigestEntry,
     Error,
     ErrorCode,
     Hello,
@@ -63,7 +65,7 @@ from kvx.trust import (
 
 from ._clock import Clock
 from ._config import NodeConfig
-from ._index import AdIndex, Advert
+from ._index import AdId, AdIndex, Advert
 from ._market import Market
 from ._metrics import Metrics
 from ._peers import Peer, PeerTable, State
@@ -72,6 +74,10 @@ from ._rates import RateLimits
 from ._store import Entry, LocalStore
 
 log = logging.getLogger("kvx.node")
+
+RECENT_S = 10.0
+"""How long a relayable statement a node took counts as news it tells each prober of."""
+RECENT_MAX = 64
 
 LEDGER_RETRY_S = 10.0
 """After a failed ledger write (a full disk), the node quotes nothing for this long."""
@@ -159,6 +165,7 @@ class NodeCore:
         self.data: tuple[DataAddress, ...] = ()
         self.market: Market | None = None
         self._own: dict[bytes, Statement] = {}  # content root -> our ADVERTISE
+        self._recent: deque[tuple[float, AdId, bytes | None]] = deque(maxlen=RECENT_MAX)
         self._rates = RateLimits(config.rate_per_s, config.burst)
         self._curve_to_key: dict[bytes, bytes] = {}
         self._ledger_failed_at = float("-inf")
@@ -340,6 +347,19 @@ class NodeCore:
     def _hello(self) -> Hello:
         return Hello(ctl=self.ctl, data=self.data, inc=self.incarnation, agent="kvx/0.2")
 
+    def _took(self, st: Statement, ns: bytes | None) -> None:
+        """A relayable statement was just indexed or applied: recent news, for PEERS."""
+        self._recent.append((self.clock.monotonic(), (st.signer, st.header.seq), ns))
+
+    def _recent_for(self, key: bytes) -> tuple[DigestEntry, ...]:
+        """The recent news `key` may see, newest first (§8.3 `recent`)."""
+        since = self.clock.monotonic() - RECENT_S
+        return tuple(
+            DigestEntry(key=signer, seq=seq)
+            for at, (signer, seq), ns in reversed(self._recent)
+            if at >= since and self._may_see(key, ns)
+        )
+
     def _digest_for(self, key: bytes) -> Digest:
         """Our digest as `key` may see it: ids of a private namespace only for its members."""
         return Digest(have=self.index.digest(lambda ns: self._may_see(key, ns)))
@@ -469,10 +489,16 @@ class NodeCore:
             self._send(st.signer, self._digest_for(st.signer))
         if routing is not None:
             challenge = self.memberships.challenge(st.signer_id, self.clock.time())
+            recent = self._recent_for(st.signer)
             self._reply(
                 routing,
                 st,
-                Peers(peers=self.peers.entries(), re=st.header.seq, challenge=challenge),
+                Peers(
+                    peers=self.peers.entries(),
+                    re=st.header.seq,
+                    challenge=challenge,
+                    recent=recent or None,
+                ),
             )
 
     def _on_peers(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
@@ -489,6 +515,10 @@ class NodeCore:
                 self._send(candidate.key, self._hello())
         if peers.challenge is not None and self.policy.namespaces:
             self._send(st.signer, self.memberships.prove(st.signer_id, peers.challenge))
+        if peers.recent and not all(self.index.holds((e.key, e.seq)) for e in peers.recent):
+            # News this node missed: pull it now (§8.3) rather than at the next
+            # anti-entropy round, which push gossip's misses would otherwise wait for.
+            self._send(st.signer, self._digest_for(st.signer))
 
     def _on_advertise(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
         ad = st.message
@@ -506,6 +536,7 @@ class NodeCore:
         if not self.index.add(st):
             return
         self.inbox.guard.remember(st.signer, st.header)
+        self._took(st, ad.ns)
         self.event(
             "ad_received",
             signer=st.signer_id.hex()[:12],
@@ -528,6 +559,7 @@ class NodeCore:
         new, ns = self.index.withdraw(st)
         if new:
             self.inbox.guard.remember(st.signer, st.header)
+            self._took(st, ns)
             self.metrics.ads.set(len(self.index))
             self._push(st.frame, MessageType.WITHDRAW, {relayer, st.signer}, ns)
 
@@ -646,6 +678,7 @@ class NodeCore:
         )
         st = open_envelope(frame)
         self.index.add(st)
+        self._took(st, entry.ns)
         self._own[entry.root] = st
         self.metrics.ads.set(len(self.index))
         self.event(
@@ -663,7 +696,9 @@ class NodeCore:
             now_ms=self.clock.now_ms(),
             ttl_ms=int(self.config.advert_ttl_s * 1000),
         )
-        self.index.withdraw(open_envelope(frame))
+        withdrawal = open_envelope(frame)
+        self.index.withdraw(withdrawal)
+        self._took(withdrawal, st.message.ns)
         self.metrics.ads.set(len(self.index))
         self._push(frame, MessageType.WITHDRAW, set(), st.message.ns)
 

@@ -24,7 +24,7 @@ from kvx.trust import Identity, Ledger, PeerScores, curve_public_key
 from ._clock import Clock
 from ._config import NodeConfig
 from ._core import Disconnect, NodeCore, Reply, Send
-from ._store import LocalStore
+from ._store import Entry, LocalStore
 
 
 class SimClock(Clock):
@@ -78,8 +78,33 @@ class _Delivery:
     reply: bool = field(compare=False)  # on the receiver's own connection to `sender`
 
 
+class NoStore:
+    """The store of a node that holds no KV: a relay or a buyer. Simulated swarms of
+    10,000 nodes cannot give each one a LocalStore (each keeps an SQLite index open,
+    three descriptors with its WAL); the nodes that publish get a real one."""
+
+    def entries(self) -> list[Entry]:
+        return []
+
+    def verify_all(self) -> list[Entry]:
+        return []
+
+    def best_match(self, fp: bytes, ns: bytes | None, chain: tuple[bytes, ...]):
+        return 0, None
+
+    def get(self, root: bytes):
+        raise KeyError(root)
+
+    def put(self, **kwargs: object):
+        raise ValueError("this simulated node was not made a publisher")
+
+    def close(self) -> None:
+        pass
+
+
 class Simulation:
-    """`n` nodes, every one a NodeCore with in-memory ledger and scores."""
+    """`n` nodes, every one a NodeCore with in-memory ledger and scores; the nodes
+    in `publishers` have a LocalStore (in a temporary directory), the others none."""
 
     def __init__(
         self,
@@ -88,6 +113,7 @@ class Simulation:
         seed: int = 0,
         network: Network | None = None,
         config: Callable[[Path], NodeConfig] | None = None,
+        publishers: frozenset[int] = frozenset({0}),
     ) -> None:
         self.rng = random.Random(seed)
         self.network = network or Network()
@@ -107,7 +133,11 @@ class Simulation:
                     identity,
                     scores=PeerScores(":memory:"),
                     ledger=Ledger(":memory:", identity.node_id),
-                    store=LocalStore(root / str(i), memory_bytes=1 << 30, disk_bytes=1 << 30),
+                    store=(
+                        LocalStore(root / str(i), memory_bytes=1 << 30, disk_bytes=1 << 30)
+                        if i in publishers
+                        else NoStore()
+                    ),
                     clock=self.clock,
                     rng=random.Random(self.rng.getrandbits(64)),
                 )

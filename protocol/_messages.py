@@ -108,6 +108,7 @@ class Peers:
     peers: tuple[PeerEntry, ...] = wire(Array(Struct(PeerEntry), 0, 64))
     re: int | None = wire(UInt(), default=None)
     challenge: bytes | None = wire(CHALLENGE, default=None)
+    recent: tuple[DigestEntry, ...] | None = wire(Array(Struct(DigestEntry), 0, 64), default=None)
 
 
 @dataclass(frozen=True)

@@ -114,6 +114,7 @@ MESSAGES: list[Message] = [
     Hello(ctl="tcp://127.0.0.1:7000", data=DATA, inc=3, agent="kvx/0.1"),
     Peers(
         peers=(PeerEntry(key=MALLORY.public_key, ctl="tcp://127.0.0.1:7100", inc=1, state=1),),
+        recent=(DigestEntry(key=MALLORY.public_key, seq=9),),
         re=1,
         challenge=seed("challenge")[:16],
     ),
