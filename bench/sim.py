@@ -175,7 +175,7 @@ def main() -> None:
                 )
             )
         )
-    console = Console()
+    console = Console(width=132)  # eleven columns: do not fold them into ellipses
     console.print(table)
     console.print(
         f"false suspicions: {suspected['false_suspicions']} in {suspected['node_hours']} "
