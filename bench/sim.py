@@ -14,12 +14,14 @@ predicts: log2(N) rounds.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import resource
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from rich.console import Console
@@ -46,6 +48,20 @@ class Suspicions(logging.Handler):
             self.count += 1
 
 
+@contextlib.contextmanager
+def counting_suspicions() -> Iterator[Suspicions]:
+    """Count the cores' suspicions, and keep their thousands of log lines off the output."""
+    suspicions = Suspicions()
+    log = logging.getLogger("kvx.node")
+    log.addHandler(suspicions)
+    log.propagate = False
+    try:
+        yield suspicions
+    finally:
+        log.removeHandler(suspicions)
+        log.propagate = True
+
+
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(p * len(ordered)))]
@@ -54,32 +70,27 @@ def percentile(values: list[float], p: float) -> float:
 def spread(n: int, seed: int, loss: float) -> dict:
     started = time.perf_counter()
     sim = Simulation(n, seed=seed, network=Network(loss=loss))
-    suspicions = Suspicions()
-    log = logging.getLogger("kvx.node")
-    log.addHandler(suspicions)
-    log.propagate = False
-    try:
-        sim.start(known=KNOWN)
-        sim.run_until(WARM_S)
-        suspicions.count = 0
-        ad = sim.publish(0)
-        reached = {0: (0.0, 0)}  # node -> (seconds after publishing, relay hops)
-        sent = {"frames": 0, "bytes": 0}
+    with counting_suspicions() as suspicions:
+        try:
+            sim.start(known=KNOWN)
+            sim.run_until(WARM_S)
+            suspicions.count = 0
+            ad = sim.publish(0)
+            reached = {0: (0.0, 0)}  # node -> (seconds after publishing, relay hops)
+            sent = {"frames": 0, "bytes": 0}
 
-        def seen(to: int, sender: int, frame: bytes) -> None:
-            if parse_envelope(frame).type == MessageType.ADVERTISE:
-                sent["frames"] += 1
-                sent["bytes"] += len(frame)
-            if to not in reached and ad in sim.cores[to].index:
-                hops = reached.get(sender, (0.0, 0))[1] + 1
-                reached[to] = (sim.clock.now - WARM_S, hops)
+            def seen(to: int, sender: int, frame: bytes) -> None:
+                if parse_envelope(frame).type == MessageType.ADVERTISE:
+                    sent["frames"] += 1
+                    sent["bytes"] += len(frame)
+                if to not in reached and ad in sim.cores[to].index:
+                    hops = reached.get(sender, (0.0, 0))[1] + 1
+                    reached[to] = (sim.clock.now - WARM_S, hops)
 
-        sim.on_receive = seen
-        sim.run_until(WARM_S + SPREAD_S)
-    finally:
-        log.removeHandler(suspicions)
-        log.propagate = True
-        sim.close()
+            sim.on_receive = seen
+            sim.run_until(WARM_S + SPREAD_S)
+        finally:
+            sim.close()
     seconds = [s for s, _ in reached.values()]
     hops = [h for _, h in reached.values()]
     return {
@@ -102,17 +113,12 @@ def false_suspicions(seed: int) -> dict:
     """Healthy nodes, 1% of frames lost: every suspicion is a false one."""
     started = time.perf_counter()
     sim = Simulation(SUSPICION_NODES, seed=seed, network=Network(loss=0.01))
-    suspicions = Suspicions()
-    log = logging.getLogger("kvx.node")
-    log.addHandler(suspicions)
-    log.propagate = False
-    try:
-        sim.start(known=KNOWN)
-        sim.run_until(SUSPICION_S)
-    finally:
-        log.removeHandler(suspicions)
-        log.propagate = True
-        sim.close()
+    with counting_suspicions() as suspicions:
+        try:
+            sim.start(known=KNOWN)
+            sim.run_until(SUSPICION_S)
+        finally:
+            sim.close()
     node_hours = SUSPICION_NODES * SUSPICION_S / 3600
     return {
         "nodes": SUSPICION_NODES,

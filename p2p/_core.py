@@ -154,6 +154,7 @@ class NodeCore:
             dead_after_s=config.dead_after_s,
             max_peers=config.max_peers,
             keep=self._keeps,
+            rng=self.random,  # a seeded run evicts the same peers
         )
         self.index = AdIndex(config.index_budget)
         self.memberships = Memberships(self.id, self.policy)

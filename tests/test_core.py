@@ -1,11 +1,11 @@
 """The node core without I/O: cores driven in memory by the simulator (p2p/_sim.py), the
 same code the daemon runs, over simulated links and simulated time."""
 
-import ast
 import logging
 from pathlib import Path
 
 import pytest
+from imports import imported
 
 from kvx.p2p import State
 from kvx.p2p._sim import Network, Simulation
@@ -37,14 +37,8 @@ def quiet():
 
 def test_no_module_of_the_core_imports_asyncio_or_zmq():
     for path in CORE:
-        for node in ast.walk(ast.parse((ROOT / path).read_text())):
-            names = []
-            if isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                names = [node.module]
-            for name in names:
-                assert name.split(".")[0] not in ("asyncio", "zmq", "socket"), (path, name)
+        for name in imported(ROOT / path):
+            assert name.split(".")[0] not in ("asyncio", "zmq", "socket"), (path, name)
 
 
 def spread(seed: int, n: int = 40, loss: float = 0.0) -> tuple[dict[int, float], dict]:
