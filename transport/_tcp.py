@@ -343,8 +343,14 @@ class TcpDataServer:
         assert self._listener is not None
         backoff = 0.01
         while True:
+            accepting = asyncio.ensure_future(loop.sock_accept(self._listener))
             try:
-                conn, _ = await loop.sock_accept(self._listener)
+                conn, _ = await asyncio.shield(accepting)
+            except asyncio.CancelledError:
+                # Closing: a connection accepted just now would be dropped unclosed.
+                accepting.add_done_callback(_close_accepted)
+                accepting.cancel()
+                raise
             except OSError as exc:
                 # EMFILE and friends: wait for descriptors to come back; never give up.
                 self.accept_errors += 1
@@ -434,6 +440,11 @@ class TcpDataServer:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _close_accepted(accepting: asyncio.Future) -> None:
+    if not accepting.cancelled() and accepting.exception() is None:
+        accepting.result()[0].close()
 
 
 def open_stream(address: str, timeout_s: float) -> socket.socket:
