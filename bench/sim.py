@@ -6,8 +6,9 @@ nodes, each running kvx's real node core (p2p/_core.py) over a simulated network
 For each size: the share of nodes that index the advertisement (reach), the seconds
 and the rounds (relay hops) until they do (p50, p99), the ADVERTISE frames and bytes
 sent per node for it, and the wall time of the simulation itself; the same with 1% of
-frames lost (up to 1,000 nodes); and, in a longer run of 50 nodes with 1% loss, how
-often a node suspects a healthy peer. The baseline in the same run is what push gossip
+frames lost (up to 1,000 nodes); with a tenth of 1,000 nodes crashing as it is
+published and restarting 2 s later; and, in a longer run of 50 nodes with 1% loss,
+how often a node suspects a healthy peer. The baseline in the same run is what push gossip
 predicts: log2(N) rounds.
 """
 
@@ -109,6 +110,46 @@ def spread(n: int, seed: int, loss: float) -> dict:
     }
 
 
+def churn(n: int, seed: int, share: float = 0.1) -> dict:
+    """A tenth of the nodes crash as the advertisement is published and restart 2 s
+    later with nothing but their identity: how soon does every node hold it?"""
+    started = time.perf_counter()
+    sim = Simulation(n, seed=seed)
+    with counting_suspicions():
+        try:
+            sim.start(known=KNOWN)
+            sim.run_until(WARM_S)
+            churned = sim.rng.sample(range(1, n), int(share * n))
+            for i in churned:
+                sim.crash(i)
+            ad = sim.publish(0)
+            sim.run_until(WARM_S + 2.0)
+            for i in churned:
+                sim.restart(i, known=16)
+            restarted_at = sim.clock.now
+            got: dict[int, float] = {}
+
+            def seen(to: int, sender: int, frame: bytes) -> None:
+                if to in churned and to not in got and ad in sim.cores[to].index:
+                    got[to] = sim.clock.now - restarted_at
+
+            sim.on_receive = seen
+            sim.run_until(restarted_at + 10.0)
+            reach = sum(ad in core.index for core in sim.cores) / n
+        finally:
+            sim.close()
+    seconds = list(got.values()) or [float("inf")]
+    return {
+        "nodes": n,
+        "churned": len(churned),
+        "reach": reach,
+        "restarted_reached": len(got) / len(churned),
+        "restarted_seconds_p50": round(percentile(seconds, 0.5), 3),
+        "restarted_seconds_p99": round(percentile(seconds, 0.99), 3),
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
+
+
 def false_suspicions(seed: int) -> dict:
     """Healthy nodes, 1% of frames lost: every suspicion is a false one."""
     started = time.perf_counter()
@@ -145,6 +186,8 @@ def main() -> None:
         for loss in (0.0, 0.01) if n <= 1000 else (0.0,):
             runs.append(spread(n, args.seed, loss))
             print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
+    churned = churn(1000, args.seed)
+    print(json.dumps(churned), file=sys.stderr, flush=True)
     suspected = false_suspicions(args.seed)
     print(json.dumps(suspected), file=sys.stderr, flush=True)
     table = Table(title="one advertisement through a simulated swarm (10 ms + exp(5 ms) links)")
@@ -184,6 +227,12 @@ def main() -> None:
     console = Console(width=132)  # eleven columns: do not fold them into ellipses
     console.print(table)
     console.print(
+        f"10% churn at 1,000 nodes: {churned['churned']} crash as the ad is published and "
+        f"restart 2 s later; reach after 10 s {churned['reach']}, restarted nodes holding it "
+        f"p50 {churned['restarted_seconds_p50']} s / p99 {churned['restarted_seconds_p99']} s "
+        "after restarting"
+    )
+    console.print(
         f"false suspicions: {suspected['false_suspicions']} in {suspected['node_hours']} "
         f"node-hours of {SUSPICION_NODES} healthy nodes with 1% loss "
         f"({suspected['per_node_hour']} per node-hour; {suspected['wall_s']} s of wall time)"
@@ -194,7 +243,7 @@ def main() -> None:
         if r["loss"] == 0.0
     }
     if args.json:
-        figures = {"runs": runs, "false_suspicions": suspected, "ratios": ratios}
+        figures = {"runs": runs, "churn": churned, "false_suspicions": suspected, "ratios": ratios}
         args.json.write_text(json.dumps(figures, indent=1) + "\n")
 
 

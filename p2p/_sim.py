@@ -124,29 +124,35 @@ class Simulation:
         self._dir = tempfile.TemporaryDirectory(prefix="kvx-sim-")
         root = Path(self._dir.name)
         make = config or (lambda d: NodeConfig(data_dir=d, metrics_port=None))
-        self.cores: list[NodeCore] = []
-        for i in range(n):
-            identity = Identity.from_seed(self.rng.randbytes(32))
-            self.cores.append(
-                NodeCore(
-                    make(root / str(i)),
-                    identity,
-                    scores=PeerScores(":memory:"),
-                    ledger=Ledger(":memory:", identity.node_id),
-                    store=(
-                        LocalStore(root / str(i), memory_bytes=1 << 30, disk_bytes=1 << 30)
-                        if i in publishers
-                        else NoStore()
-                    ),
-                    clock=self.clock,
-                    rng=random.Random(self.rng.getrandbits(64)),
-                )
-            )
+        self._root, self._publishers = root, publishers
+        self.cores: list[NodeCore] = [
+            self._core(i, make(root / str(i)), Identity.from_seed(self.rng.randbytes(32)))
+            for i in range(n)
+        ]
         self.index = {core.identity.public_key: i for i, core in enumerate(self.cores)}
         self.curve = [curve_public_key(core.identity.public_key) for core in self.cores]
         self.down: set[int] = set()
-        self._timers: list[tuple[float, int]] = []
+        self._timers: list[tuple[float, int, int]] = []  # (due, node, its generation)
+        self._generation: dict[int, int] = {}  # node -> restarts, to drop stale timers
         self.on_receive: Callable[[int, int, bytes], None] | None = None
+
+    def _core(self, i: int, config: NodeConfig, identity: Identity) -> NodeCore:
+        """Node `i` as a process starting: in-memory ledger and scores, a store if it
+        publishes, its own seeded RNG."""
+        store = (
+            LocalStore(self._root / str(i), memory_bytes=1 << 30, disk_bytes=1 << 30)
+            if i in self._publishers
+            else NoStore()
+        )
+        return NodeCore(
+            config,
+            identity,
+            scores=PeerScores(":memory:"),
+            ledger=Ledger(":memory:", identity.node_id),
+            store=store,
+            clock=self.clock,
+            rng=random.Random(self.rng.getrandbits(64)),
+        )
 
     def close(self) -> None:
         for core in self.cores:
@@ -161,16 +167,42 @@ class Simulation:
         """Serve every core, each knowing `known` random others as alive peers (a swarm
         that has already formed: joining is the subject of other runs)."""
         for i, core in enumerate(self.cores):
-            data = (DataAddress("tcp", f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}:7001"),)
-            core.serve(self.address(i), data)
-        for i, core in enumerate(self.cores):
-            others = self.rng.sample(range(len(self.cores)), min(known + 1, len(self.cores)))
-            for j in [j for j in others if j != i][:known]:
-                core.peers.heard_from(self.cores[j].identity.public_key, self.address(j), 0, 0.0)
-        self._timers = [(core.next_timer(), i) for i, core in enumerate(self.cores)]
+            core.serve(self.address(i), self._data(i))
+        for i in range(len(self.cores)):
+            self._introduce(i, known)
+        self._timers = [(core.next_timer(), i, 0) for i, core in enumerate(self.cores)]
         heapq.heapify(self._timers)
         for i in range(len(self.cores)):
             self._drain(i)
+
+    def _introduce(self, i: int, known: int) -> None:
+        core, now = self.cores[i], self.clock.now
+        others = self.rng.sample(range(len(self.cores)), min(known + 1, len(self.cores)))
+        for j in [j for j in others if j != i][:known]:
+            core.peers.heard_from(self.cores[j].identity.public_key, self.address(j), 0, now)
+
+    @staticmethod
+    def _data(i: int) -> tuple[DataAddress, ...]:
+        return (DataAddress("tcp", f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}:7001"),)
+
+    def crash(self, i: int) -> None:
+        """Node `i` stops: frames to it are lost, its timers stop, its state is gone."""
+        self.down.add(i)
+        self._generation[i] = self._generation.get(i, 0) + 1
+
+    def restart(self, i: int, *, known: int = 16) -> None:
+        """Node `i` starts again with its identity and nothing else (a new incarnation),
+        knowing `known` peers, as from its bootstrap list."""
+        old = self.cores[i]
+        old.ledger.close()
+        old.scores.close()
+        old.store.close()
+        self.cores[i] = core = self._core(i, old.config, old.identity)
+        core.serve(self.address(i), self._data(i))
+        self._introduce(i, known)
+        self.down.discard(i)
+        heapq.heappush(self._timers, (core.next_timer(), i, self._generation.get(i, 0)))
+        self._drain(i)
 
     @staticmethod
     def address(i: int) -> str:
@@ -191,11 +223,11 @@ class Simulation:
             if frame_at <= timer_at:
                 self._deliver(heapq.heappop(self._queue))
                 continue
-            _, i = heapq.heappop(self._timers)
-            if i in self.down:
+            _, i, generation = heapq.heappop(self._timers)
+            if i in self.down or generation != self._generation.get(i, 0):
                 continue  # a crashed node's timers stop; restart() sets them again
             self.cores[i].handle_timer(at)
-            heapq.heappush(self._timers, (self.cores[i].next_timer(), i))
+            heapq.heappush(self._timers, (self.cores[i].next_timer(), i, generation))
             self._drain(i)
 
     def _deliver(self, d: _Delivery) -> None:

@@ -95,10 +95,29 @@ def test_a_crashed_node_is_found_dead_by_its_peers():
         sim.start(known=11)
         sim.run_until(2.0)
         gone = sim.cores[5].identity.public_key
-        sim.down.add(5)
+        sim.crash(5)
         sim.run_until(60.0)
         for i, core in enumerate(sim.cores):
             if i != 5 and gone in core.peers:
                 assert core.peers.get(gone).state == State.DEAD, i
+    finally:
+        sim.close()
+
+
+def test_nodes_that_crash_as_an_ad_spreads_get_it_once_restarted():
+    sim = Simulation(30, seed=17)
+    try:
+        sim.start(known=10)
+        sim.run_until(1.0)
+        churned = [3, 7, 11, 19]
+        for i in churned:
+            sim.crash(i)
+        ad = sim.publish(0)
+        sim.run_until(3.0)
+        assert not any(ad in sim.cores[i].index for i in churned)  # their state is gone
+        for i in churned:
+            sim.restart(i, known=5)
+        sim.run_until(15.0)
+        assert all(ad in core.index for core in sim.cores)
     finally:
         sim.close()
