@@ -78,6 +78,8 @@ log = logging.getLogger("kvx.node")
 RECENT_S = 10.0
 """How long a relayable statement a node took counts as news it tells each prober of."""
 RECENT_MAX = 64
+PULL_EVERY_S = 1.0
+"""The least time between two DIGESTs a node sends one peer for its `recent` news."""
 
 LEDGER_RETRY_S = 10.0
 """After a failed ledger write (a full disk), the node quotes nothing for this long."""
@@ -167,6 +169,7 @@ class NodeCore:
         self.market: Market | None = None
         self._own: dict[bytes, Statement] = {}  # content root -> our ADVERTISE
         self._recent: deque[tuple[float, AdId, bytes | None]] = deque(maxlen=RECENT_MAX)
+        self._pulled: dict[bytes, float] = {}  # peer -> when its news was last pulled
         self._rates = RateLimits(config.rate_per_s, config.burst)
         self._curve_to_key: dict[bytes, bytes] = {}
         self._ledger_failed_at = float("-inf")
@@ -518,8 +521,13 @@ class NodeCore:
             self._send(st.signer, self.memberships.prove(st.signer_id, peers.challenge))
         if peers.recent and not all(self.index.holds((e.key, e.seq)) for e in peers.recent):
             # News this node missed: pull it now (§8.3) rather than at the next
-            # anti-entropy round, which push gossip's misses would otherwise wait for.
-            self._send(st.signer, self._digest_for(st.signer))
+            # anti-entropy round, which push gossip's misses would otherwise wait for;
+            # at most once a second per peer, since a DIGEST may be 4,096 entries long
+            # and a PEERS naming made-up news costs its sender a kilobyte.
+            now = self.clock.monotonic()
+            if now - self._pulled.get(st.signer, float("-inf")) >= PULL_EVERY_S:
+                self._pulled[st.signer] = now
+                self._send(st.signer, self._digest_for(st.signer))
 
     def _on_advertise(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
         ad = st.message
@@ -767,12 +775,15 @@ class NodeCore:
 
     def _forget_strangers(self) -> None:
         """Per-identity state lives only as long as its use: buckets refilled to the
-        brim, CURVE keys and membership sessions of peers no longer in the table go."""
+        brim, CURVE keys, pull times and membership sessions of peers no longer in the
+        table go."""
         now = self.clock.monotonic()
         self._rates.prune(now)
         known = {p.key for p in self.peers.all()} | {b.key for b in self.config.bootstrap}
         for curve in [c for c, k in self._curve_to_key.items() if k not in known]:
             del self._curve_to_key[curve]
+        for key in [k for k in self._pulled if k not in known]:
+            del self._pulled[key]
         kept_ids = {node_id(k) for k in known}
         self.memberships.prune(lambda peer: peer in kept_ids, self.clock.time())
 

@@ -121,3 +121,27 @@ def test_nodes_that_crash_as_an_ad_spreads_get_it_once_restarted():
         assert all(ad in core.index for core in sim.cores)
     finally:
         sim.close()
+
+
+def test_made_up_news_in_peers_pulls_at_most_one_digest_a_second():
+    """A PEERS naming news nobody has costs its sender a kilobyte; the DIGEST it asks
+    for may be far larger, so a flood of them is answered once a second at most."""
+    from kvx.protocol import DigestEntry, Peers
+    from kvx.protocol import MessageType as T
+
+    sim = Simulation(2, seed=19)
+    try:
+        sim.start(known=1)
+        victim, liar = sim.cores
+        fake = tuple(DigestEntry(key=bytes([i]) * 32, seq=i) for i in range(64))
+        digests = 0
+        for k in range(50):
+            sim.clock.now = 5.0 + k * 0.01  # 50 within half a second
+            frame = liar.signer.seal(
+                Peers(peers=(), recent=fake), now_ms=sim.clock.now_ms(), to=victim.id
+            )
+            victim.receive(frame, sim.curve[1], None, liar.identity.public_key)
+            digests += sum(1 for out in victim.drain() if getattr(out, "mtype", None) == T.DIGEST)
+        assert digests == 1
+    finally:
+        sim.close()
