@@ -71,27 +71,24 @@ def percentile(values: list[float], p: float) -> float:
 def spread(n: int, seed: int, loss: float) -> dict:
     started = time.perf_counter()
     sim = Simulation(n, seed=seed, network=Network(loss=loss))
-    with counting_suspicions() as suspicions:
-        try:
-            sim.start(known=KNOWN)
-            sim.run_until(WARM_S)
-            suspicions.count = 0
-            ad = sim.publish(0)
-            reached = {0: (0.0, 0)}  # node -> (seconds after publishing, relay hops)
-            sent = {"frames": 0, "bytes": 0}
+    with sim, counting_suspicions() as suspicions:
+        sim.start(known=KNOWN)
+        sim.run_until(WARM_S)
+        suspicions.count = 0
+        ad = sim.publish(0)
+        reached = {0: (0.0, 0)}  # node -> (seconds after publishing, relay hops)
+        sent = {"frames": 0, "bytes": 0}
 
-            def seen(to: int, sender: int, frame: bytes) -> None:
-                if parse_envelope(frame).type == MessageType.ADVERTISE:
-                    sent["frames"] += 1
-                    sent["bytes"] += len(frame)
-                if to not in reached and ad in sim.cores[to].index:
-                    hops = reached.get(sender, (0.0, 0))[1] + 1
-                    reached[to] = (sim.clock.now - WARM_S, hops)
+        def seen(to: int, sender: int, frame: bytes) -> None:
+            if parse_envelope(frame).type == MessageType.ADVERTISE:
+                sent["frames"] += 1
+                sent["bytes"] += len(frame)
+            if to not in reached and ad in sim.cores[to].index:
+                hops = reached.get(sender, (0.0, 0))[1] + 1
+                reached[to] = (sim.clock.now - WARM_S, hops)
 
-            sim.on_receive = seen
-            sim.run_until(WARM_S + SPREAD_S)
-        finally:
-            sim.close()
+        sim.on_receive = seen
+        sim.run_until(WARM_S + SPREAD_S)
     seconds = [s for s, _ in reached.values()]
     hops = [h for _, h in reached.values()]
     return {
@@ -115,29 +112,26 @@ def churn(n: int, seed: int, share: float = 0.1) -> dict:
     later with nothing but their identity: how soon does every node hold it?"""
     started = time.perf_counter()
     sim = Simulation(n, seed=seed)
-    with counting_suspicions():
-        try:
-            sim.start(known=KNOWN)
-            sim.run_until(WARM_S)
-            churned = sim.rng.sample(range(1, n), int(share * n))
-            for i in churned:
-                sim.crash(i)
-            ad = sim.publish(0)
-            sim.run_until(WARM_S + 2.0)
-            for i in churned:
-                sim.restart(i, known=16)
-            restarted_at = sim.clock.now
-            got: dict[int, float] = {}
+    with sim, counting_suspicions():
+        sim.start(known=KNOWN)
+        sim.run_until(WARM_S)
+        churned = sim.rng.sample(range(1, n), int(share * n))
+        for i in churned:
+            sim.crash(i)
+        ad = sim.publish(0)
+        sim.run_until(WARM_S + 2.0)
+        for i in churned:
+            sim.restart(i, known=16)
+        restarted_at = sim.clock.now
+        got: dict[int, float] = {}
 
-            def seen(to: int, sender: int, frame: bytes) -> None:
-                if to in churned and to not in got and ad in sim.cores[to].index:
-                    got[to] = sim.clock.now - restarted_at
+        def seen(to: int, sender: int, frame: bytes) -> None:
+            if to in churned and to not in got and ad in sim.cores[to].index:
+                got[to] = sim.clock.now - restarted_at
 
-            sim.on_receive = seen
-            sim.run_until(restarted_at + 10.0)
-            reach = sum(ad in core.index for core in sim.cores) / n
-        finally:
-            sim.close()
+        sim.on_receive = seen
+        sim.run_until(restarted_at + 10.0)
+        reach = sum(ad in core.index for core in sim.cores) / n
     seconds = list(got.values()) or [float("inf")]
     return {
         "nodes": n,
@@ -154,12 +148,9 @@ def false_suspicions(seed: int) -> dict:
     """Healthy nodes, 1% of frames lost: every suspicion is a false one."""
     started = time.perf_counter()
     sim = Simulation(SUSPICION_NODES, seed=seed, network=Network(loss=0.01))
-    with counting_suspicions() as suspicions:
-        try:
-            sim.start(known=KNOWN)
-            sim.run_until(SUSPICION_S)
-        finally:
-            sim.close()
+    with sim, counting_suspicions() as suspicions:
+        sim.start(known=KNOWN)
+        sim.run_until(SUSPICION_S)
     node_hours = SUSPICION_NODES * SUSPICION_S / 3600
     return {
         "nodes": SUSPICION_NODES,

@@ -175,6 +175,11 @@ class NodeCore:
         self._ledger_failed_at = float("-inf")
         self._out: list[Output] = []
         self._due: dict[str, float] = {}
+        self._rounds: dict[str, Callable[[], None]] = {
+            "heartbeat": self._heartbeat_round,
+            "anti_entropy": self._anti_entropy_round,
+            "housekeeping": self._housekeeping_round,
+        }
         self._handlers: dict[MessageType, Callable[[Statement, bytes | None, bytes], None]] = {
             MessageType.HELLO: self._on_hello,
             MessageType.PEERS: self._on_peers,
@@ -220,7 +225,7 @@ class NodeCore:
         for boot in self.config.bootstrap:
             self._send(boot.key, self._hello())
         now = self.clock.monotonic()
-        self._due = {name: now + self._period(name) for name in self._rounds()}
+        self._due = {name: now + self._period(name) for name in self._rounds}
 
     def drain(self) -> list[Output]:
         """What to send and drop, in order, since the last call."""
@@ -233,7 +238,7 @@ class NodeCore:
 
     def handle_timer(self, now: float) -> None:
         """Run the rounds that are due; one that fails is logged and counted, not fatal."""
-        for name, run in self._rounds().items():
+        for name, run in self._rounds.items():
             if self._due.get(name, float("inf")) > now:
                 continue
             self._due[name] = now + self._period(name)
@@ -243,13 +248,6 @@ class NodeCore:
                 self._ledger_failed(exc)
             except Exception:
                 self.internal_error(name)
-
-    def _rounds(self) -> dict[str, Callable[[], None]]:
-        return {
-            "heartbeat": self._heartbeat_round,
-            "anti_entropy": self._anti_entropy_round,
-            "housekeeping": self._housekeeping_round,
-        }
 
     def _period(self, name: str) -> float:
         if name == "heartbeat":

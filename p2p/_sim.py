@@ -154,6 +154,12 @@ class Simulation:
             rng=random.Random(self.rng.getrandbits(64)),
         )
 
+    def __enter__(self) -> Simulation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         for core in self.cores:
             core.ledger.close()

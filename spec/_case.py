@@ -12,12 +12,11 @@ import blake3
 import msgpack
 
 from kvx.protocol import (
-    Advertise,
+    RELAYABLE,
     Error,
     ErrorCode,
     KVLayout,
     Message,
-    Withdraw,
     encode_body,
     encode_envelope,
     prefix_chain,
@@ -113,8 +112,7 @@ def refused(s: Session, frame: bytes, code: ErrorCode) -> None:
 def signed_body(s: Session, message: Message, **fields) -> bytes:
     """A correctly signed statement whose body fields are replaced or added by `fields`
     (hostile values the codec would never produce)."""
-    relayable = message.TYPE in (Advertise.TYPE, Withdraw.TYPE)
-    over = {"to": None, "exp": now_ms() + 600_000} if relayable else {}
+    over = {"to": None, "exp": now_ms() + 600_000} if message.TYPE in RELAYABLE else {}
     body = msgpack.unpackb(encode_body(s.header(**over), message))
     body.update(fields)
     data = msgpack.packb(body, use_bin_type=True)

@@ -23,6 +23,7 @@ from ._case import (
     hello,
     ignored,
     refused,
+    seal_raw,
     seq_of,
     signed_body,
     silent,
@@ -206,8 +207,6 @@ def _(s: Session) -> None:
     env = msgpack.unpackb(frame)
     key = msgpack.packb("inc")
     body = env[2].replace(key + b"\x05", key + b"\xd0\x05")
-    from ._case import seal_raw
-
     frame = seal_raw(s.identity, Hello.TYPE, body)
     welcomed(s, frame)
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import zmq
 
-from kvx.protocol import Header, Hello, Message, Peers, RemoteProtocolError, node_id
+from kvx.protocol import RELAYABLE, Header, Hello, Message, Peers, RemoteProtocolError, node_id
 from kvx.trust import (
     Identity,
     Inbox,
@@ -76,7 +76,7 @@ class Session:
         return Header(**fields)
 
     def frame(self, message: Message, signer: Identity | None = None, **over: Any) -> bytes:
-        if message.TYPE.name in ("ADVERTISE", "WITHDRAW"):
+        if message.TYPE in RELAYABLE:
             over.setdefault("to", None)
         return seal(signer or self.identity, message, self.header(**over))
 

@@ -42,8 +42,7 @@ def test_no_module_of_the_core_imports_asyncio_or_zmq():
 
 
 def spread(seed: int, n: int = 40, loss: float = 0.0) -> tuple[dict[int, float], dict]:
-    sim = Simulation(n, seed=seed, network=Network(loss=loss))
-    try:
+    with Simulation(n, seed=seed, network=Network(loss=loss)) as sim:
         sim.start(known=6)
         sim.run_until(1.0)
         ad = sim.publish(0)
@@ -56,8 +55,6 @@ def spread(seed: int, n: int = 40, loss: float = 0.0) -> tuple[dict[int, float],
         sim.on_receive = seen
         sim.run_until(8.0)
         return reached, dict(sim.traffic.frames)
-    finally:
-        sim.close()
 
 
 def test_an_advertisement_reaches_every_node_of_a_simulated_swarm():
@@ -79,19 +76,15 @@ def test_with_loss_gossip_and_anti_entropy_still_reach_everyone():
 
 def test_healthy_peers_with_a_lossy_network_are_not_suspected():
     """A probe is retried before suspicion: one lost frame suspects nobody."""
-    sim = Simulation(20, seed=11, network=Network(loss=0.01))
-    try:
+    with Simulation(20, seed=11, network=Network(loss=0.01)) as sim:
         sim.start(known=8)
         sim.run_until(60.0)
         suspect = [p for core in sim.cores for p in core.peers.all() if p.state != State.ALIVE]
         assert suspect == []
-    finally:
-        sim.close()
 
 
 def test_a_crashed_node_is_found_dead_by_its_peers():
-    sim = Simulation(12, seed=13)
-    try:
+    with Simulation(12, seed=13) as sim:
         sim.start(known=11)
         sim.run_until(2.0)
         gone = sim.cores[5].identity.public_key
@@ -100,13 +93,10 @@ def test_a_crashed_node_is_found_dead_by_its_peers():
         for i, core in enumerate(sim.cores):
             if i != 5 and gone in core.peers:
                 assert core.peers.get(gone).state == State.DEAD, i
-    finally:
-        sim.close()
 
 
 def test_nodes_that_crash_as_an_ad_spreads_get_it_once_restarted():
-    sim = Simulation(30, seed=17)
-    try:
+    with Simulation(30, seed=17) as sim:
         sim.start(known=10)
         sim.run_until(1.0)
         churned = [3, 7, 11, 19]
@@ -119,8 +109,6 @@ def test_nodes_that_crash_as_an_ad_spreads_get_it_once_restarted():
             sim.restart(i, known=5)
         sim.run_until(15.0)
         assert all(ad in core.index for core in sim.cores)
-    finally:
-        sim.close()
 
 
 def test_made_up_news_in_peers_pulls_at_most_one_digest_a_second():
@@ -129,8 +117,7 @@ def test_made_up_news_in_peers_pulls_at_most_one_digest_a_second():
     from kvx.protocol import DigestEntry, Peers
     from kvx.protocol import MessageType as T
 
-    sim = Simulation(2, seed=19)
-    try:
+    with Simulation(2, seed=19) as sim:
         sim.start(known=1)
         victim, liar = sim.cores
         fake = tuple(DigestEntry(key=bytes([i]) * 32, seq=i) for i in range(64))
@@ -143,5 +130,3 @@ def test_made_up_news_in_peers_pulls_at_most_one_digest_a_second():
             victim.receive(frame, sim.curve[1], None, liar.identity.public_key)
             digests += sum(1 for out in victim.drain() if getattr(out, "mtype", None) == T.DIGEST)
         assert digests == 1
-    finally:
-        sim.close()
