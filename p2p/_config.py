@@ -72,6 +72,7 @@ class NodeConfig:
     dead_after_s: float = 12.0
     max_peers: int = 64
     fanout: int = 3
+    indirect_probes: int = 3
     anti_entropy_s: float = 5.0
     rate_per_s: float = 200.0
     burst: int = 400
@@ -179,6 +180,12 @@ def load_node_config(path: str | os.PathLike[str]) -> NodeConfig:
         dead_after_s=sec.take("dead_after_s", float, d.dead_after_s, positive),
         max_peers=sec.take("max_peers", int, d.max_peers, positive),
         fanout=sec.take("fanout", int, d.fanout, positive),
+        indirect_probes=sec.take(
+            "indirect_probes",
+            int,
+            d.indirect_probes,
+            lambda v: None if v >= 0 else "must be 0 (off) or more",
+        ),
         anti_entropy_s=sec.take("anti_entropy_s", float, d.anti_entropy_s, positive),
         rate_per_s=sec.take("rate_per_s", float, d.rate_per_s, positive),
         burst=sec.take("burst", int, d.burst, positive),

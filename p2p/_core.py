@@ -40,6 +40,8 @@ from kvx.protocol import (
     Message,
     MessageType,
     Peers,
+    Probe,
+    ProbeAck,
     RawEnvelope,
     RemoteProtocolError,
     Withdraw,
@@ -70,6 +72,7 @@ from ._market import Market
 from ._metrics import Metrics
 from ._peers import Peer, PeerTable, State
 from ._pricing import PricePolicy
+from ._probing import IndirectProbes, Waiting
 from ._rates import RateLimits
 from ._store import Entry, LocalStore
 
@@ -170,6 +173,7 @@ class NodeCore:
         self._own: dict[bytes, Statement] = {}  # content root -> our ADVERTISE
         self._recent: deque[tuple[float, AdId, bytes | None]] = deque(maxlen=RECENT_MAX)
         self._pulled: dict[bytes, float] = {}  # peer -> when its news was last pulled
+        self.probes = IndirectProbes()
         self._rates = RateLimits(config.rate_per_s, config.burst)
         self._curve_to_key: dict[bytes, bytes] = {}
         self._ledger_failed_at = float("-inf")
@@ -193,6 +197,8 @@ class NodeCore:
             MessageType.ACCEPT: self._on_accept,
             MessageType.REJECT: self._on_reject,
             MessageType.RECEIPT: self._on_receipt,
+            MessageType.PROBE: self._on_probe,
+            MessageType.PROBE_ACK: self._on_probe_ack,
         }
 
     # ---- what the driver calls ---------------------------------------------------------
@@ -283,6 +289,7 @@ class NodeCore:
             "ads": len(self.index),
             "ad_bytes": self.index.bytes,
             "ad_signers": self.index.signers(),
+            **self.probes.held(),
         }
 
     # ---- outputs ---------------------------------------------------------------------
@@ -401,6 +408,8 @@ class NodeCore:
             self.event("peer_back", peer=signer_id.hex()[:12])
             self._disconnect(st.signer)
             self._send(st.signer, self._digest_for(st.signer))
+        if st.type not in RELAYABLE:
+            self._vouch(st)
         relayer = server_key if server_key is not None else self._curve_to_key.get(curve, b"")
         handler = self._handlers.get(st.type)
         try:
@@ -626,6 +635,44 @@ class NodeCore:
         self.market.receipt(st, self.clock.now_ms())
         self.event("sold", buyer=st.signer_id.hex()[:12], price=st.message.price)
 
+    def _on_probe(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
+        """Probe a peer for someone whose own probes it does not answer (§8.17): only a
+        peer of our table, at the address we know, so a stranger cannot aim us elsewhere."""
+        assert isinstance(st.message, Probe)
+        target = st.message.target
+        peer = self.peers.get(target)
+        if peer is None or not peer.proven or peer.state == State.DEAD or target == st.signer:
+            raise RemoteProtocolError(ErrorCode.NOT_FOUND, "this node knows no live peer so keyed")
+        until = self.clock.monotonic() + self.config.suspect_after_s / 2
+        if self.probes.help(Waiting(st.signer, routing, st.header.seq, until), target):
+            self._send(target, self._hello())
+
+    def _vouch(self, st: Statement) -> None:
+        """A peer spoke: send its statement to whoever asked us to probe it."""
+        for waiting in self.probes.vouch(st):
+            ack = ProbeAck(re=waiting.seq, target=st.signer, proof=st.frame)
+            frame = self.signer.seal(ack, now_ms=self.clock.now_ms(), to=node_id(waiting.asker))
+            if waiting.routing is not None:
+                self._reply_frame(waiting.routing, frame, MessageType.PROBE_ACK)
+            else:
+                self._send_frame(waiting.asker, frame, MessageType.PROBE_ACK)
+
+    def _on_probe_ack(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
+        target = self.probes.take_ack(st)
+        if target is not None and self.peers.vouched(target):
+            self.event("peer_vouched", peer=node_id(target).hex()[:12], by=st.signer_id.hex()[:12])
+
+    def _ask_help(self, target: bytes) -> None:
+        """Our probe of `target` went unanswered for half the suspicion time: ask
+        `indirect_probes` other live peers to probe it (SWIM's ping-req)."""
+        now_ms = self.clock.now_ms()
+        until = self.clock.monotonic() + self.config.dead_after_s
+        helpers = [p.key for p in self.peers.alive() if p.key != target]
+        for key in self.random.sample(helpers, min(self.config.indirect_probes, len(helpers))):
+            frame = self.signer.seal(Probe(target=target), now_ms=now_ms, to=node_id(key))
+            self.probes.asked(key, open_envelope(frame).header.seq, target, now_ms, until)
+            self._send_frame(key, frame, MessageType.PROBE)
+
     def _on_error(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
         assert isinstance(st.message, Error)
         self.event(
@@ -741,6 +788,8 @@ class NodeCore:
             self._disconnect(peer.key)
         for peer in self.peers.to_probe(self.config.probes_per_heartbeat, now):
             self._send(peer.key, self._hello())
+        for peer in self.peers.need_help(now):
+            self._ask_help(peer.key)
         if not self.peers.alive():
             for boot in self.config.bootstrap:
                 self._disconnect(boot.key)  # reconnect: it may have moved
@@ -782,6 +831,7 @@ class NodeCore:
             del self._curve_to_key[curve]
         for key in [k for k in self._pulled if k not in known]:
             del self._pulled[key]
+        self.probes.expire(now, known)
         kept_ids = {node_id(k) for k in known}
         self.memberships.prune(lambda peer: peer in kept_ids, self.clock.time())
 

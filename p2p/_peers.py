@@ -45,6 +45,7 @@ class Peer:
     proven: bool = False  # a statement signed by the peer itself has arrived
     since: float = 0.0  # when it was admitted
     awaiting: float | None = None  # when the oldest probe it has not answered was sent
+    helped: float | None = None  # the `awaiting` for which others were asked to probe it
 
 
 class PeerTable:
@@ -102,6 +103,34 @@ class PeerTable:
         was_dead = peer.state == State.DEAD
         peer.state, peer.last_heard, peer.proven, peer.awaiting = State.ALIVE, now, True, None
         return was_dead
+
+    def vouched(self, key: bytes) -> bool:
+        """Another peer showed us a fresh statement of `key` (§8.18): its probe is
+        answered, though it did not answer us. False for a peer not (or no longer) alive
+        in our table: only our own probes bring a dead peer back."""
+        peer = self._peers.get(key)
+        if peer is None or peer.state == State.DEAD:
+            return False
+        peer.state, peer.awaiting = State.ALIVE, None
+        return True
+
+    def need_help(self, now: float) -> list[Peer]:
+        """Proven live or suspect peers whose probe has gone unanswered for half the
+        suspicion time, for which nobody has been asked to probe yet: one lossy link
+        between us must not make them suspect."""
+        retry = now - self.suspect_after_s / 2
+        chosen = [
+            p
+            for p in self._peers.values()
+            if p.proven
+            and p.state != State.DEAD
+            and p.awaiting is not None
+            and p.awaiting <= retry
+            and p.helped != p.awaiting
+        ]
+        for peer in chosen:
+            peer.helped = peer.awaiting
+        return chosen
 
     def learn(self, entries: list[PeerEntry]) -> list[Peer]:
         """Peers named by someone else (peer exchange): candidates to contact, not yet alive."""

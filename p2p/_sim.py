@@ -135,6 +135,8 @@ class Simulation:
         self._timers: list[tuple[float, int, int]] = []  # (due, node, its generation)
         self._generation: dict[int, int] = {}  # node -> restarts, to drop stale timers
         self.on_receive: Callable[[int, int, bytes], None] | None = None
+        self._links: dict[frozenset[int], float] = {}  # loss of one link, over the network's
+        self._side: dict[int, int] = {}  # node -> its side of a partition
 
     def _core(self, i: int, config: NodeConfig, identity: Identity) -> NodeCore:
         """Node `i` as a process starting: in-memory ledger and scores, a store if it
@@ -210,6 +212,23 @@ class Simulation:
         heapq.heappush(self._timers, (core.next_timer(), i, self._generation.get(i, 0)))
         self._drain(i)
 
+    def link(self, i: int, j: int, loss: float) -> None:
+        """The link between `i` and `j` loses this fraction of frames, both ways."""
+        self._links[frozenset((i, j))] = loss
+
+    def partition(self, *sides: set[int]) -> None:
+        """Cut the network into `sides` (nodes named in none form one more side): frames
+        between sides are lost until `heal`."""
+        self._side = {i: n for n, side in enumerate(sides, start=1) for i in side}
+
+    def heal(self) -> None:
+        self._side = {}
+
+    def _lost(self, i: int, j: int) -> bool:
+        if self._side.get(i, 0) != self._side.get(j, 0):
+            return True
+        return self.rng.random() < self._links.get(frozenset((i, j)), self.network.loss)
+
     @staticmethod
     def address(i: int) -> str:
         return f"tcp://10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}:7000"
@@ -262,7 +281,7 @@ class Simulation:
             if to is None:
                 continue
             self.traffic.count(out.mtype, len(out.frame))
-            if self.rng.random() < self.network.loss:
+            if self._lost(i, to):
                 self.traffic.lost += 1
                 continue
             at = self.clock.now + self.network.delay(self.rng)

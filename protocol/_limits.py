@@ -37,3 +37,5 @@ MAX_CHUNK_BYTES = 64 << 20
 
 MAX_TOKEN_ID = (1 << 32) - 1
 MAX_UINT64 = (1 << 64) - 1
+MAX_PROOF_BYTES = 65_536
+"""The largest frame a PROBE_ACK carries as its target's proof of life (spec §8.18)."""

@@ -14,6 +14,7 @@ from ._limits import (
     MAX_CHAIN_BLOCKS,
     MAX_FRAME_BYTES,
     MAX_LIFETIME_MS,
+    MAX_PROOF_BYTES,
     MAX_UINT64,
     PROTOCOL_VERSION,
 )
@@ -37,6 +38,8 @@ class MessageType(IntEnum):
     RECEIPT = 13
     ERROR = 14
     MEMBERSHIP = 15
+    PROBE = 16
+    PROBE_ACK = 17
 
     @property
     def purpose(self) -> bytes:
@@ -122,6 +125,25 @@ class Membership:
     TYPE: ClassVar = MessageType.MEMBERSHIP
     challenge: bytes = wire(CHALLENGE)
     proofs: tuple[NamespaceProof, ...] = wire(Array(Struct(NamespaceProof), 1, 16))
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Ask a peer to probe `target` for us: SWIM's indirect probe (ping-req)."""
+
+    TYPE: ClassVar = MessageType.PROBE
+    target: bytes = wire(KEY)
+
+
+@dataclass(frozen=True)
+class ProbeAck:
+    """The target answered the prober: `proof` is a frame the target signed, which the
+    asker checks itself, so that a helper can vouch only with the target's own words."""
+
+    TYPE: ClassVar = MessageType.PROBE_ACK
+    re: int = wire(UInt())
+    target: bytes = wire(KEY)
+    proof: bytes = wire(Bin(1, MAX_PROOF_BYTES))
 
 
 @dataclass(frozen=True)
@@ -289,6 +311,8 @@ Message = (
     | Receipt
     | Error
     | Membership
+    | Probe
+    | ProbeAck
 )
 
 MESSAGE_CLASSES: dict[MessageType, type] = {
@@ -309,6 +333,8 @@ MESSAGE_CLASSES: dict[MessageType, type] = {
         Receipt,
         Error,
         Membership,
+        Probe,
+        ProbeAck,
     )
 }
 

@@ -22,12 +22,14 @@ from kvx.protocol import (
     NamespaceProof,
     PeerEntry,
     Peers,
+    Probe,
+    ProbeAck,
     QuoteRequest,
 )
-from kvx.trust import Identity
+from kvx.trust import Identity, open_envelope, seal
 
 from ._case import FIXTURE_FP, FIXTURE_LAYOUT, case, refused, seq_of, signed_body
-from ._peer import Failed, Session, now_ms
+from ._peer import Failed, Listener, Session, now_ms
 
 
 @case("8.2/1", "MUST", "a HELLO is answered with PEERS, re = its seq, signed by the target")
@@ -207,4 +209,42 @@ def _(s: Session) -> None:
                 conn.close()
     if len(opened) > 1:
         raise Failed(f"{len(opened)} connections to one address named by 16 keys")
+    s.hello()
+
+
+@case("8.17/1", "MUST", "a PROBE for a key that is no live peer of the target is NOT_FOUND")
+def _(s: Session) -> None:
+    s.hello()
+    refused(s, s.frame(Probe(target=Identity.generate().public_key)), ErrorCode.NOT_FOUND)
+    refused(s, s.frame(Probe(target=s.identity.public_key)), ErrorCode.NOT_FOUND)
+
+
+@case("8.17/2", "MUST", "a PROBE for a live peer brings PROBE_ACK with the peer's own statement")
+def _(s: Session) -> None:
+    s.hello()
+    listener = Listener(s)
+    try:
+        listener.join()
+        frame = s.frame(Probe(target=listener.identity.public_key))
+        s.send(frame)
+        ack = s.answer(seq_of(frame))
+    finally:
+        listener.close()
+    if ack is None or not isinstance(ack.message, ProbeAck):
+        raise Failed(f"the PROBE was answered {ack.type.name if ack else 'with silence'}")
+    proof = open_envelope(ack.message.proof)
+    if ack.message.target != listener.identity.public_key or proof.signer != ack.message.target:
+        raise Failed("the PROBE_ACK's proof is not signed by the probed peer")
+    if proof.header.to != s.target_id:
+        raise Failed("the proof is not the peer's statement to the target")
+
+
+@case("8.18/1", "MUST", "a PROBE_ACK nobody asked for is ignored: not taken, not answered")
+def _(s: Session) -> None:
+    s.hello()
+    other = Identity.generate()
+    proof = seal(other, Peers(peers=()), s.header(to=s.target_id))
+    s.send(s.frame(ProbeAck(re=1, target=other.public_key, proof=proof)))
+    if answers := s.receive(1.5):
+        raise Failed(f"the target answered {answers[0].type.name}")
     s.hello()

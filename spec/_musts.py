@@ -87,6 +87,12 @@ MUSTS: dict[str, str | tuple[str, ...]] = {
     ),
     "§8.11: — quote (quote-id), price (uint, MUST equal the": ("10.4/2",),
     "§8.15: — code (uint 1–65535, §11; unknown codes MUST": ("6.5/5",),  # noqa: RUF001
+    "§8.17: A recipient MUST probe target only if it": ("8.17/1",),
+    "§8.18: A helper that took a PROBE MUST send": ("8.17/2",),
+    # Black-box, only an unasked PROBE_ACK: the target asks only when its own probes
+    # go unanswered. tests/test_core.py shows a node forged, misaddressed, stale and
+    # reused proofs.
+    "§8.18: The asker MUST take it only for a": ("8.18/1",),
     "§9.2: The seller MUST check the envelope as in": ("9.2/1", "9.2/2", "9.2/3"),
     "§9.2: The buyer MUST verify CHUNK_LIST against the quote's": (
         "untestable: a rule for buyers; the suite's own client keeps it (spec/_data.py)"

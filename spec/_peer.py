@@ -3,6 +3,7 @@ target over ZeroMQ with CURVE, as spec §4 describes — nothing of the target's
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -12,9 +13,11 @@ from kvx.protocol import RELAYABLE, Header, Hello, Message, Peers, RemoteProtoco
 from kvx.trust import (
     Identity,
     Inbox,
+    Signer,
     Statement,
     curve_public_key,
     make_curve_client,
+    make_curve_server,
     open_envelope,
     seal,
 )
@@ -37,12 +40,14 @@ def now_ms() -> int:
 
 
 class Session:
-    def __init__(self, ctx: zmq.Context, target: str, target_key: bytes) -> None:
+    def __init__(
+        self, ctx: zmq.Context, target: str, target_key: bytes, identity: Identity | None = None
+    ) -> None:
         self.ctx = ctx
         self.target = target
         self.target_key = target_key
         self.target_id = node_id(target_key)
-        self.identity = Identity.generate()
+        self.identity = identity or Identity.generate()
         self.inbox = Inbox(self.identity.node_id)
         self._seq = now_ms() * 1000
         self.sock = self._connect()
@@ -125,3 +130,45 @@ class Session:
 
 def _name(st: Statement | None) -> str:
     return "silence" if st is None else st.type.name
+
+
+class Listener:
+    """A suite peer that listens, as a node does, and answers every HELLO with PEERS: a
+    live third party the target can probe (§8.17). It introduces itself with `join`."""
+
+    def __init__(self, s: Session) -> None:
+        self.identity = Identity.generate()
+        self.sock = s.ctx.socket(zmq.ROUTER)
+        self.sock.linger = 0
+        make_curve_server(self.sock, self.identity)
+        self.ctl = f"tcp://127.0.0.1:{self.sock.bind_to_random_port('tcp://127.0.0.1')}"
+        self.session = Session(s.ctx, s.target, s.target_key, self.identity)
+        self._signer = Signer(self.identity)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def join(self) -> None:
+        self.session.send(self.session.frame(Hello(ctl=self.ctl, data=(), inc=1)))
+        if not any(isinstance(st.message, Peers) for st in self.session.receive(1.0)):
+            raise Failed("the target did not answer the listener's HELLO with PEERS")
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            if not self.sock.poll(50):
+                continue
+            routing, frame = self.sock.recv_multipart()[:2]
+            try:
+                st = open_envelope(frame)
+            except RemoteProtocolError:
+                continue
+            if isinstance(st.message, Hello):
+                peers = Peers(peers=(), re=st.header.seq)
+                answer = self._signer.seal(peers, now_ms=now_ms(), to=st.signer_id)
+                self.sock.send_multipart([routing, answer])
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
+        self.session.close()

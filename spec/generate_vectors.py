@@ -45,6 +45,8 @@ from kvx.protocol import (
     NamespaceProof,
     PeerEntry,
     Peers,
+    Probe,
+    ProbeAck,
     Quote,
     QuoteRequest,
     Receipt,
@@ -159,6 +161,12 @@ MESSAGES: list[Message] = [
                 ),
             ),
         ),
+    ),
+    Probe(target=MALLORY.public_key),
+    ProbeAck(
+        re=115,
+        target=MALLORY.public_key,
+        proof=seal(MALLORY, Peers(peers=(), re=3), header(90, to=ALICE.node_id)),
     ),
 ]
 

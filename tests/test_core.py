@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from imports import imported
 
-from kvx.p2p import State
+from kvx.p2p import NodeConfig, State
 from kvx.p2p._sim import Network, Simulation
 
 ROOT = Path(__file__).parent.parent
@@ -20,6 +20,7 @@ CORE = [
     "p2p/_rates.py",
     "p2p/_clock.py",
     "p2p/_pricing.py",
+    "p2p/_probing.py",
     "p2p/_store.py",
     "p2p/_sim.py",
     "transport/_sessions.py",
@@ -130,3 +131,94 @@ def test_made_up_news_in_peers_pulls_at_most_one_digest_a_second():
             victim.receive(frame, sim.curve[1], None, liar.identity.public_key)
             digests += sum(1 for out in victim.drain() if getattr(out, "mtype", None) == T.DIGEST)
         assert digests == 1
+
+
+def suspected_over_one_dead_link(indirect_probes: int) -> int:
+    """Seconds in which node 0 held a healthy peer suspect or dead, when every frame
+    between the two is lost and every other link works."""
+    config = lambda d: NodeConfig(data_dir=d, metrics_port=None, indirect_probes=indirect_probes)  # noqa: E731
+    with Simulation(24, seed=23, config=config) as sim:
+        sim.start(known=8)
+        a = sim.cores[0]
+        b = a.peers.alive()[0].key
+        sim.link(0, sim.index[b], loss=1.0)
+        seconds = 0
+        for t in range(1, 91):
+            sim.run_until(float(t))
+            seconds += a.peers.get(b).state != State.ALIVE
+        return seconds
+
+
+def test_one_lossy_link_suspects_nobody_with_indirect_probes():
+    """SWIM's ping-req: other peers probe for us, and show us the peer's own answer."""
+    assert suspected_over_one_dead_link(0) > 10  # the failure it prevents
+    assert suspected_over_one_dead_link(3) == 0
+
+
+def test_a_probe_ack_counts_only_with_the_targets_own_fresh_words_to_the_helper():
+    from kvx.protocol import Peers, ProbeAck
+
+    with Simulation(3, seed=29) as sim:
+        sim.start(known=2)
+        sim.run_until(1.0)
+        asker, helper, target = sim.cores
+        t_key, h_key = target.identity.public_key, helper.identity.public_key
+        now = sim.clock.now_ms()
+
+        def ack(seq: int, proof: bytes) -> bool:
+            """Node 0 asked the helper (PROBE `seq`), and gets this proof back: taken?"""
+            peer = asker.peers.get(t_key)
+            peer.state, peer.awaiting = State.SUSPECT, sim.clock.now - 3
+            asker.probes.asked(h_key, seq, t_key, now, sim.clock.now + 10)
+            frame = helper.signer.seal(
+                ProbeAck(re=seq, target=t_key, proof=proof), now_ms=now, to=asker.id
+            )
+            asker.receive(frame, sim.curve[1], None, h_key)
+            return peer.state == State.ALIVE
+
+        def said(by, to, at=now) -> bytes:
+            return by.signer.seal(Peers(peers=()), now_ms=at, to=to.id)
+
+        assert not ack(1, said(helper, helper))  # the helper's own words
+        assert not ack(2, said(target, asker))  # the target's, but not to the helper
+        assert not ack(3, said(target, helper, at=now - 31_000))  # older than the skew
+        assert not ack(4, said(target, helper)[:-1] + b"\0")  # a broken signature
+        fresh = said(target, helper)
+        assert ack(5, fresh)
+        assert not ack(6, fresh)  # shown before
+        assert asker.probes.held()["probes_asked"] == 5  # the refused ones wait on
+
+        peer = asker.peers.get(t_key)
+        peer.state = State.SUSPECT
+        unasked = helper.signer.seal(
+            ProbeAck(re=99, target=t_key, proof=said(target, helper)), now_ms=now, to=asker.id
+        )
+        asker.receive(unasked, sim.curve[1], None, h_key)
+        assert peer.state == State.SUSPECT and not asker.drain()  # ignored, not answered
+
+
+def test_a_helper_probes_only_its_own_live_peers_and_holds_few_askers():
+    from kvx.protocol import ErrorCode, Probe
+    from kvx.protocol import MessageType as T
+    from kvx.trust import Identity, open_envelope
+
+    with Simulation(3, seed=31) as sim:
+        sim.start(known=2)
+        sim.run_until(1.0)
+        asker, helper, target = sim.cores
+        a_key, t_key = asker.identity.public_key, target.identity.public_key
+
+        def probe(key: bytes) -> list:
+            frame = asker.signer.seal(Probe(target=key), now_ms=sim.clock.now_ms(), to=helper.id)
+            helper.receive(frame, sim.curve[0], b"\0\0\0\0", None)
+            return helper.drain()
+
+        for key in (Identity.generate().public_key, a_key):  # a stranger; the asker itself
+            (out,) = probe(key)
+            assert out.mtype == T.ERROR
+            assert open_envelope(out.frame).message.code == ErrorCode.NOT_FOUND
+        first = probe(t_key)
+        assert [(o.mtype, o.key) for o in first] == [(T.HELLO, t_key)]
+        assert all(probe(t_key) == [] for _ in range(7))  # one HELLO serves eight askers
+        (over,) = probe(t_key)
+        assert open_envelope(over.frame).message.code == ErrorCode.OVER_BUDGET
