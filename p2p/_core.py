@@ -682,7 +682,8 @@ class NodeCore:
     def lookup(
         self, fp: bytes, ns: bytes | None, chain: tuple[bytes, ...], limit: int, *, asker: bytes
     ) -> tuple[int, list[Advert]]:
-        """Longest prefix held by a usable provider, best first (price, then score).
+        """Longest prefix held by a usable provider, best first: those that delivered
+        to this node, then strangers, then those that failed it; the cheapest first in each.
 
         A peer that has not proved membership of a private namespace gets the answer of
         a namespace with nothing in it, whether or not this node is in it (§7.6).
@@ -707,7 +708,10 @@ class NodeCore:
             )
 
         def rank(advert: Advert) -> tuple:
-            return (advert.message.price, -self.scores.score(node_id(advert.signer), now))
+            # Standing before price: a provider that delivered to us comes first and one
+            # that failed us last, since a price is the one thing a liar sets for free.
+            score = self.scores.score(node_id(advert.signer), now)
+            return (0 if score > 0 else 1 if score == 0 else 2, advert.message.price, -score)
 
         matched, ads = self.index.lookup(fp, ns, chain, limit, usable=usable, rank=rank)
         (self.metrics.hits if matched else self.metrics.misses).inc()
