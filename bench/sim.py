@@ -6,11 +6,13 @@ nodes, each running kvx's real node core (p2p/_core.py) over a simulated network
 For each size: the share of nodes that index the advertisement (reach), the seconds
 and the rounds (relay hops) until they do (p50, p99), the ADVERTISE frames and bytes
 sent per node for it, and the wall time of the simulation itself; the same with 1% of
-frames lost (up to 1,000 nodes); with a tenth of 1,000 nodes crashing as it is
-published and restarting 2 s later; and, in a longer run of 50 nodes with 1% loss,
-how often a node suspects a healthy peer. The baseline in the same run is what push gossip
-predicts: log2(N) rounds.
-"""
+frames lost (up to 1,000 nodes). Then, at 1,000 nodes: a tenth crashing as it is
+published and restarting 2 s later; a tenth hostile (withholding, eclipsing, making up
+news, advertising every chain at price 0), with honest reach and honest buyers'
+purchases. At 300 nodes, a partition into halves for 20 s. At 50 nodes: how often a
+node suspects a healthy peer with 1% loss (300 s), and how long one dead link between
+two healthy nodes makes them suspect each other, with and without indirect probes. The
+baseline in the same run is what push gossip predicts: log2(N) rounds."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import contextlib
 import json
 import logging
 import math
+import random
 import resource
 import sys
 import time
@@ -28,6 +31,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from kvx.p2p import NodeConfig, State
 from kvx.p2p._sim import Network, Simulation
 from kvx.protocol import MessageType, parse_envelope
 
@@ -35,6 +39,7 @@ WARM_S = 2.0  # the swarm runs this long before the advertisement is published
 KNOWN = 64  # each node starts with a full peer table: a formed swarm, not one joining
 SPREAD_S = 5.0  # and this long after
 SUSPICION_NODES, SUSPICION_S = 50, 300.0
+LINK_S = 120.0
 
 
 class Suspicions(logging.Handler):
@@ -144,6 +149,129 @@ def churn(n: int, seed: int, share: float = 0.1) -> dict:
     }
 
 
+def hostile(n: int, seed: int, share: float = 0.1, buyers: int = 200) -> dict:
+    """A tenth of the nodes cheat (p2p/_sim.py's HostileCore: they withhold gossip and
+    DIGEST answers, name only each other in PEERS, make up news, and advertise every
+    chain they hear of at price 0 without holding it). How far and fast does an honest
+    advertisement still go among the honest nodes, and can honest buyers buy it?"""
+    started = time.perf_counter()
+    rng = random.Random(seed)
+    cheats = frozenset(rng.sample(range(1, n), int(share * n)))
+    honest = [i for i in range(n) if i not in cheats]
+    sim = Simulation(n, seed=seed, hostile=cheats)
+    with sim, counting_suspicions():
+        sim.start(known=KNOWN)
+        sim.run_until(WARM_S)
+        document = (rng.randbytes(32), (rng.randbytes(32), rng.randbytes(32)))
+        ad = sim.publish(0, document=document)
+        frame = next(a.frame for a in sim.cores[0].index.ads() if a.id == ad)
+        reached: dict[int, float] = {0: 0.0}
+        sent = {"frames": 0, "bytes": 0, "all": 0}
+
+        def seen(to: int, sender: int, delivered: bytes) -> None:
+            if parse_envelope(delivered).type == MessageType.ADVERTISE:
+                sent["all"] += 1
+                if delivered == frame:
+                    sent["frames"] += 1
+                    sent["bytes"] += len(delivered)
+            if to not in reached and ad in sim.cores[to].index:
+                reached[to] = sim.clock.now - WARM_S
+
+        sim.on_receive = seen
+        sim.run_until(WARM_S + SPREAD_S)
+        honest_reached = [s for i, s in reached.items() if i not in cheats]
+        sample = rng.sample(honest[1:], min(buyers, len(honest) - 1))
+        first_listed = sum(
+            any(
+                sim.index[a.signer] not in cheats
+                for a in sim.cores[b].lookup(document[0], None, document[1], 8, asker=b"")[1]
+            )
+            for b in sample
+        )
+        rounds = [[sim.purchase(b, *document) for b in sample] for _ in range(2)]
+    first, second = ([a for a in r if a] or [0] for r in rounds)
+    return {
+        "nodes": n,
+        "hostile": len(cheats),
+        "reach": round(len(honest_reached) / len(honest), 4),
+        "seconds_p50": round(percentile(honest_reached, 0.5), 3),
+        "seconds_p99": round(percentile(honest_reached, 0.99), 3),
+        "advertise_frames_per_node": round(sent["frames"] / n, 2),
+        "advertise_bytes_per_node": round(sent["bytes"] / n),
+        "all_advertise_frames_per_node": round(sent["all"] / n, 2),
+        "buyers": len(sample),
+        "first_lookup_lists_honest": round(first_listed / len(sample), 3),
+        "first_purchase_success": round(sum(map(bool, rounds[0])) / len(sample), 3),
+        "first_purchase_attempts_p50": percentile(first, 0.5),
+        "first_purchase_attempts_p99": percentile(first, 0.99),
+        "second_purchase_success": round(sum(map(bool, rounds[1])) / len(sample), 3),
+        "second_purchase_attempts_p99": percentile(second, 0.99),
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
+
+
+def partition(n: int, seed: int, cut_s: float = 20.0) -> dict:
+    """Half the swarm is cut off from the other half as an advertisement is published
+    on one side, for `cut_s` (long enough for each side to think the other dead); then
+    the network heals. How soon does every node hold the advertisement again?"""
+    started = time.perf_counter()
+    sim = Simulation(n, seed=seed)
+    with sim, counting_suspicions():
+        sim.start(known=KNOWN)
+        sim.run_until(WARM_S)
+        side = set(range(n // 2))
+        sim.partition(side)
+        ad = sim.publish(0)
+        sim.run_until(WARM_S + cut_s)
+        during = sum(ad in core.index for core in sim.cores) / n
+        healed_at = sim.clock.now
+        got: dict[int, float] = {}
+        sim.heal()
+
+        def seen(to: int, sender: int, frame: bytes) -> None:
+            if to not in got and to not in side and ad in sim.cores[to].index:
+                got[to] = sim.clock.now - healed_at
+
+        sim.on_receive = seen
+        sim.run_until(healed_at + 20.0)
+        reach = sum(ad in core.index for core in sim.cores) / n
+    seconds = list(got.values()) or [float("inf")]
+    return {
+        "nodes": n,
+        "cut_s": cut_s,
+        "reach_during": round(during, 3),
+        "reach_after": reach,
+        "other_side_reached": round(len(got) / (n - len(side)), 3),
+        "seconds_after_heal_p50": round(percentile(seconds, 0.5), 3),
+        "seconds_after_heal_p99": round(percentile(seconds, 0.99), 3),
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
+
+
+def one_dead_link(seed: int, indirect_probes: int) -> dict:
+    """Every frame between two healthy nodes is lost, every other link works: how long
+    does each hold the other suspect or dead, with and without indirect probes?"""
+    config = lambda d: NodeConfig(  # noqa: E731
+        data_dir=d, metrics_port=None, indirect_probes=indirect_probes
+    )
+    sim = Simulation(SUSPICION_NODES, seed=seed, config=config)
+    with sim, counting_suspicions() as suspicions:
+        sim.start(known=16)
+        a = sim.cores[0]
+        b = a.peers.alive()[0].key
+        sim.link(0, sim.index[b], loss=1.0)
+        bad = 0
+        for t in range(1, int(LINK_S) + 1):
+            sim.run_until(float(t))
+            bad += a.peers.get(b).state != State.ALIVE
+    return {
+        "indirect_probes": indirect_probes,
+        "seconds": LINK_S,
+        "seconds_held_suspect_or_dead": bad,
+        "suspicions": suspicions.count,
+    }
+
+
 def false_suspicions(seed: int) -> dict:
     """Healthy nodes, 1% of frames lost: every suspicion is a false one."""
     started = time.perf_counter()
@@ -181,6 +309,12 @@ def main() -> None:
     print(json.dumps(churned), file=sys.stderr, flush=True)
     suspected = false_suspicions(args.seed)
     print(json.dumps(suspected), file=sys.stderr, flush=True)
+    links = [one_dead_link(args.seed, k) for k in (0, 3)]
+    print(json.dumps(links), file=sys.stderr, flush=True)
+    cheated = hostile(1000, args.seed)
+    print(json.dumps(cheated), file=sys.stderr, flush=True)
+    split = partition(300, args.seed)
+    print(json.dumps(split), file=sys.stderr, flush=True)
     table = Table(title="one advertisement through a simulated swarm (10 ms + exp(5 ms) links)")
     for column in (
         "nodes",
@@ -228,13 +362,45 @@ def main() -> None:
         f"node-hours of {SUSPICION_NODES} healthy nodes with 1% loss "
         f"({suspected['per_node_hour']} per node-hour; {suspected['wall_s']} s of wall time)"
     )
+    console.print(
+        f"one dead link between two healthy nodes for {LINK_S:.0f} s: held suspect or dead "
+        f"{links[0]['seconds_held_suspect_or_dead']} s without indirect probes, "
+        f"{links[1]['seconds_held_suspect_or_dead']} s with 3 (PROBE/PROBE_ACK)"
+    )
+    console.print(
+        f"10% hostile at 1,000 nodes ({cheated['hostile']} withhold, eclipse, make up news "
+        f"and advertise every chain at price 0): honest reach {cheated['reach']}, "
+        f"p50 {cheated['seconds_p50']} s / p99 {cheated['seconds_p99']} s, "
+        f"{cheated['advertise_frames_per_node']} frames of the honest ad per node "
+        f"({cheated['all_advertise_frames_per_node']} ADVERTISE in all, lies included); "
+        f"{cheated['buyers']} honest buyers: a first lookup lists an honest provider for "
+        f"{cheated['first_lookup_lists_honest']}, a first purchase succeeds for "
+        f"{cheated['first_purchase_success']} after p50 {cheated['first_purchase_attempts_p50']}"
+        f" / p99 {cheated['first_purchase_attempts_p99']} attempts, a second for "
+        f"{cheated['second_purchase_success']} (p99 {cheated['second_purchase_attempts_p99']} "
+        "attempts)"
+    )
+    console.print(
+        f"a partition of 300 nodes into halves for {split['cut_s']:.0f} s: reach "
+        f"{split['reach_during']} while cut, {split['reach_after']} 20 s after healing; the "
+        f"other side holds it p50 {split['seconds_after_heal_p50']} s / p99 "
+        f"{split['seconds_after_heal_p99']} s after"
+    )
     ratios = {
         f"rounds_vs_log2n_{r['nodes']}": round(r["log2n"] / max(r["rounds_p99"], 1), 3)
         for r in runs
         if r["loss"] == 0.0
     }
     if args.json:
-        figures = {"runs": runs, "churn": churned, "false_suspicions": suspected, "ratios": ratios}
+        figures = {
+            "runs": runs,
+            "churn": churned,
+            "false_suspicions": suspected,
+            "one_dead_link": links,
+            "hostile": cheated,
+            "partition": split,
+            "ratios": ratios,
+        }
         args.json.write_text(json.dumps(figures, indent=1) + "\n")
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -33,12 +32,14 @@ from kvx.protocol import (
     KvxError,
     Membership,
     Message,
+    MessageType,
     Namespace,
     NamespaceProof,
     Peers,
     Quote,
     QuoteRequest,
     Receipt,
+    Reject,
     RemoteProtocolError,
     Transfer,
 )
@@ -52,7 +53,6 @@ from kvx.transport import (
     fetch,
 )
 from kvx.trust import (
-    Event,
     Identity,
     Inbox,
     Ledger,
@@ -64,6 +64,7 @@ from kvx.trust import (
 )
 
 from ._admin import AdminError, admin_socket, request, result
+from ._buying import Deal, Step, Walk, blame, check_quote
 from ._config import ADMIN_SOCKET, INFO_FILE, KEY_FILE, LEDGER_FILE, NodeConfig
 from ._pricing import PricePolicy, prefill_flops
 
@@ -102,31 +103,6 @@ class Bought:
 
 MAX_FETCH_BYTES = 16 << 30
 """The largest payload a client allocates unless told otherwise (spec §12.6)."""
-
-
-def check_quote(ad: Statement, quote: Quote, matched: int, dtype: str | None) -> None:
-    """Refuse a quote that is not for what its seller advertised, before anything is
-    allocated for it. Both are signed by the seller, so a mismatch is its fault alone."""
-    a = ad.message
-    assert isinstance(a, Advertise)
-    layout = a.layout if dtype is None else dataclasses.replace(a.layout, dtype=dtype)
-    problems = [
-        name
-        for name, ok in (
-            ("blocks", quote.blocks == matched),
-            ("stored", quote.stored == len(a.blocks)),
-            ("layout", quote.layout == layout),
-            ("chunk", quote.chunk == a.chunk),
-            ("root", dtype is not None or quote.root == a.root),
-            ("data", (quote.transport, quote.data) in {(d.t, d.addr) for d in a.data}),
-        )
-        if not ok
-    ]
-    if problems:
-        raise RemoteProtocolError(
-            ErrorCode.ROOT_MISMATCH,
-            f"the quote differs from the advertisement in {', '.join(problems)}",
-        )
 
 
 class PeerClient:
@@ -328,17 +304,32 @@ class PeerClient:
         ns = None if namespace is None else namespace.id
         matched, found = await self.lookup(fp, chain, ns=ns)
         timings = {"lookup": time.monotonic() - started, "negotiation": 0.0}
+
         # An advertisement whose delivery would pass our bound is skipped, not bought.
-        ads = [ad for ad in found if ad.message.layout.payload_bytes(matched) <= self.max_bytes]
+        def fits(ad: Statement) -> bool:
+            return ad.message.layout.payload_bytes(matched) <= self.max_bytes
+
+        ads = [ad for ad in found if fits(ad)]
         if not matched or not ads:
             await self._tell("missed", reason="nothing advertised")
             raise Miss("no provider advertises any block of this prefix within the size bound")
         faults: list[Fault] = []
-        deals: dict[bytes, tuple[Statement, Statement, zmq.asyncio.Socket]] = {}
+        reported = [0]  # faults the node has been told of
+        deals: dict[bytes, tuple[Statement, zmq.asyncio.Socket, Deal]] = {}
         paid: dict[bytes, bytes] = {}  # seller -> the last window receipt it was sent
 
+        async def providers() -> AsyncIterator[Statement]:
+            walk, listed = Walk(lambda ad: ad.signer_id), ads
+            while batch := walk.take(listed):
+                for ad in batch:
+                    yield ad
+                await self._report(faults[reported[0] :])  # so that the node ranks them last
+                reported[0] = len(faults)
+                again, found = await self.lookup(fp, chain, ns=ns)
+                listed = [ad for ad in found if fits(ad)] if again == matched else []
+
         async def sources() -> AsyncIterator[Source]:
-            for ad in ads:
+            async for ad in providers():
                 layout = ad.message.layout
                 tokens = matched * layout.block
                 bid = self.pricing.bid(params, layout, tokens) if max_price is None else max_price
@@ -352,14 +343,23 @@ class PeerClient:
                 )
                 sock = self._dealer(ad)
                 negotiating = time.monotonic()
+                deal = Deal()
                 try:
                     if namespace is not None and namespace.secret is not None:
                         await self._prove(sock, ad, namespace, timeout)
                     quote = await self._ask(sock, ad, request, Quote, timeout)
+                    deal.advance(MessageType.QUOTE)
                     q = quote.message
                     assert isinstance(q, Quote)
                     check_quote(ad, q, matched, dtype)
                     if q.price > bid:
+                        deal.advance(MessageType.REJECT)
+                        reason = int(ErrorCode.PRICE_TOO_HIGH)
+                        await sock.send(
+                            self.signer.seal(
+                                Reject(quote=q.quote, reason=reason), now_ms=_now(), to=ad.signer_id
+                            )
+                        )
                         raise RemoteProtocolError(ErrorCode.PRICE_TOO_HIGH, f"{q.price} > {bid}")
                     accept = self.signer.seal(
                         Accept(quote=q.quote, price=q.price, root=q.root),
@@ -367,20 +367,23 @@ class PeerClient:
                         to=ad.signer_id,
                     )
                     await sock.send(accept)
+                    deal.advance(MessageType.ACCEPT)
                     self.ledger.record_accept(quote, open_envelope(accept), _now(), limit=0)
                 except RemoteProtocolError as exc:
+                    if deal.step is not Step.FAILED:
+                        deal.advance(MessageType.ERROR)
                     faults.append(Fault(ad.signer_id, exc.code, exc.detail))
                     sock.close()
                     continue
                 finally:
                     timings["negotiation"] += time.monotonic() - negotiating
-                deals[ad.signer_id] = (quote, open_envelope(accept), sock)
+                deals[ad.signer_id] = (quote, sock, deal)
                 yield Source(
                     ad.signer_id,
                     q.transport,
                     q.data,
                     Expected.from_quote(q),
-                    self._transfer(q, ad.signer_id),
+                    self._transfer(q, ad.signer_id, deal),
                     self._payer(q, ad.signer_id, paid),
                 )
 
@@ -398,7 +401,7 @@ class PeerClient:
             timings["transfer"] = time.monotonic() - streaming - timings["negotiation"]
             receipting = time.monotonic()
             seller = fetched.providers[-1]
-            quote, _, sock = deals[seller]
+            quote, sock, deal = deals[seller]
             q = quote.message
             assert isinstance(q, Quote)
             receipt = self.signer.seal(
@@ -407,19 +410,22 @@ class PeerClient:
                 to=seller,
             )
             await sock.send(receipt)
+            deal.advance(MessageType.RECEIPT)
             self.ledger.record_receipt(open_envelope(receipt), _now())
             timings["receipt"] = time.monotonic() - receipting
         except FetchMiss as miss:
-            await self._report(miss.faults)
+            await self._report(miss.faults[reported[0] :])
             await self._tell("missed", reason="every provider failed")
             raise Miss("every provider failed", miss.faults) from None
         finally:
-            for *_, sock in deals.values():
+            for _, sock, deal in deals.values():
+                if deal.step in (Step.ACCEPTED, Step.STREAMING):  # it failed mid-way
+                    deal.advance(MessageType.ERROR)
                 sock.close(linger=2000)  # the receipt must leave before the socket goes
             for frame in paid.values():  # what we owe those that streamed part of it
                 with contextlib.suppress(RemoteProtocolError):
                     self.ledger.record_receipt(open_envelope(frame), _now())
-        await self._report(fetched.faults)
+        await self._report(fetched.faults[reported[0] :])
         bought = Bought(
             tensor=allocated[0],
             layout=q.layout,
@@ -491,8 +497,10 @@ class PeerClient:
 
         return pay
 
-    def _transfer(self, quote: Quote, seller: bytes):
+    def _transfer(self, quote: Quote, seller: bytes, deal: Deal):
         def make(first: int) -> bytes:
+            if deal.step is Step.ACCEPTED:  # a resumed stream is the same step
+                deal.advance(MessageType.TRANSFER)
             return self.signer.seal(
                 Transfer(quote=quote.quote, token=quote.token, first=first),
                 now_ms=_now(),
@@ -512,25 +520,6 @@ class PeerClient:
         """Inform the node; a purchase already made stands even if the node is gone."""
         with contextlib.suppress(AdminError):
             await self._admin(op, **args)
-
-
-def blame(code: ErrorCode) -> Event | None:
-    """What a failure says about the provider. A refusal of *our* request (a price, our
-    credit, a replay of ours, our membership) is no fault of theirs; a provider that
-    advertised a chain and then does not hold it is."""
-    if code in (ErrorCode.NOT_FOUND, ErrorCode.FINGERPRINT_MISMATCH):
-        return Event.UNSERVABLE_AD
-    if code in (
-        ErrorCode.CHUNK_HASH_MISMATCH,
-        ErrorCode.ROOT_MISMATCH,
-        ErrorCode.SIZE_MISMATCH,
-        ErrorCode.STREAM_TRUNCATED,
-        ErrorCode.TIMEOUT,
-        ErrorCode.UNAVAILABLE,
-        ErrorCode.BAD_SIGNATURE,
-    ):
-        return Event.for_code(code) or Event.TIMEOUT
-    return None
 
 
 def _now() -> int:

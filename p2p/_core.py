@@ -697,14 +697,11 @@ class NodeCore:
         now = self.clock.time()
 
         def usable(advert: Advert) -> bool:
-            if advert.signer == self.identity.public_key:
-                return True
+            # A provider outside our table of 64 peers is no sign of trouble: in a swarm
+            # of thousands nearly every provider is. Only a dead or banned one is skipped.
             peer = self.peers.get(advert.signer)
-            signer_id = node_id(advert.signer)
-            return (
-                peer is not None
-                and peer.state != State.DEAD
-                and not self.scores.is_banned(signer_id, now)
+            return (peer is None or peer.state != State.DEAD) and not self.scores.is_banned(
+                node_id(advert.signer), now
             )
 
         def rank(advert: Advert) -> tuple:

@@ -18,12 +18,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvx.protocol import DataAddress, KVLayout, MessageType
-from kvx.trust import Identity, Ledger, PeerScores, curve_public_key
+from kvx.protocol import (
+    Advertise,
+    DataAddress,
+    DigestEntry,
+    KVLayout,
+    MessageType,
+    PeerEntry,
+    node_id,
+)
+from kvx.trust import Event, Identity, Ledger, PeerScores, Statement, curve_public_key
 
+from ._buying import Walk
 from ._clock import Clock
 from ._config import NodeConfig
-from ._core import Disconnect, NodeCore, Reply, Send
+from ._core import RECENT_MAX, Disconnect, NodeCore, Reply, Send
+from ._index import Advert
 from ._store import Entry, LocalStore
 
 
@@ -102,6 +112,53 @@ class NoStore:
         pass
 
 
+class HostileCore(NodeCore):
+    """A node that runs the real core where that keeps it in honest tables (it answers
+    probes, it speaks for itself) and cheats wherever cheating scales to a swarm: it
+    relays nothing and answers no DIGEST (withholding), names only its accomplices in
+    PEERS (an eclipse), tells every prober of news that does not exist (so each pulls a
+    DIGEST it will not answer), and advertises under its own key, at price 0, every
+    chain an honest node advertises (a liar: it holds none of it)."""
+
+    accomplices: tuple[PeerEntry, ...] = ()  # the simulation names them
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.peers.entries = lambda limit=64: self.accomplices[:limit]  # type: ignore[method-assign]
+        self._lied: set[bytes] = set()
+
+    def _push(self, frame: bytes, mtype: MessageType, exclude: set[bytes], ns) -> None:
+        pass
+
+    def _on_digest(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
+        pass
+
+    def _recent_for(self, key: bytes) -> tuple[DigestEntry, ...]:
+        return tuple(DigestEntry(key=self.random.randbytes(32), seq=1) for _ in range(RECENT_MAX))
+
+    def _on_advertise(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
+        super()._on_advertise(st, routing, relayer)
+        ad = st.message
+        assert isinstance(ad, Advertise)
+        if ad.root in self._lied or any(st.signer == a.key for a in self.accomplices):
+            return
+        self._lied.add(ad.root)
+        lie = Advertise(
+            fp=ad.fp,
+            layout=ad.layout,
+            blocks=ad.blocks,
+            root=ad.root,
+            chunk=ad.chunk,
+            price=0,
+            ctl=self.ctl,
+            data=self.data,
+            ns=ad.ns,
+        )
+        frame = self.signer.seal(lie, now_ms=self.clock.now_ms(), ttl_ms=3_600_000)
+        for peer in self.peers.alive():  # to everyone, not to a fanout
+            self._send_frame(peer.key, frame, MessageType.ADVERTISE)
+
+
 class Simulation:
     """`n` nodes, every one a NodeCore with in-memory ledger and scores; the nodes
     in `publishers` have a LocalStore (in a temporary directory), the others none."""
@@ -114,6 +171,7 @@ class Simulation:
         network: Network | None = None,
         config: Callable[[Path], NodeConfig] | None = None,
         publishers: frozenset[int] = frozenset({0}),
+        hostile: frozenset[int] = frozenset(),
     ) -> None:
         self.rng = random.Random(seed)
         self.network = network or Network()
@@ -124,12 +182,18 @@ class Simulation:
         self._dir = tempfile.TemporaryDirectory(prefix="kvx-sim-")
         root = Path(self._dir.name)
         make = config or (lambda d: NodeConfig(data_dir=d, metrics_port=None))
-        self._root, self._publishers = root, publishers
+        self._root, self._publishers, self.hostile = root, publishers, hostile
         self.cores: list[NodeCore] = [
             self._core(i, make(root / str(i)), Identity.from_seed(self.rng.randbytes(32)))
             for i in range(n)
         ]
         self.index = {core.identity.public_key: i for i, core in enumerate(self.cores)}
+        accomplices = tuple(
+            PeerEntry(key=self.cores[i].identity.public_key, ctl=self.address(i), inc=0, state=0)
+            for i in sorted(hostile)
+        )
+        for i in hostile:
+            self.cores[i].accomplices = accomplices
         self.curve = [curve_public_key(core.identity.public_key) for core in self.cores]
         self.down: set[int] = set()
         self._timers: list[tuple[float, int, int]] = []  # (due, node, its generation)
@@ -146,7 +210,8 @@ class Simulation:
             if i in self._publishers
             else NoStore()
         )
-        return NodeCore(
+        kind = HostileCore if i in self.hostile else NodeCore
+        return kind(
             config,
             identity,
             scores=PeerScores(":memory:"),
@@ -289,19 +354,45 @@ class Simulation:
 
     # ---- what a run measures ---------------------------------------------------------
 
-    def publish(self, i: int, blocks: int = 2) -> tuple[bytes, int]:
-        """Node `i` stores and advertises a small payload; returns the ad's (signer, seq)."""
+    def publish(
+        self, i: int, blocks: int = 2, *, document: tuple[bytes, tuple[bytes, ...]] | None = None
+    ) -> tuple[bytes, int]:
+        """Node `i` stores and advertises a small payload (of `document`, a fingerprint
+        and chain, if given); returns the ad's (signer, seq)."""
         core = self.cores[i]
         layout = KVLayout(dtype="float16", layers=1, kv_heads=1, head_dim=8, block=16)
-        chain = tuple(self.rng.randbytes(32) for _ in range(blocks))
+        fp, chain = document or (
+            self.rng.randbytes(32),
+            tuple(self.rng.randbytes(32) for _ in range(blocks)),
+        )
         entry = core.publish(
-            fp=self.rng.randbytes(32),
+            fp=fp,
             ns=None,
             layout=layout,
             blocks=chain,
-            payload=bytes(layout.payload_bytes(blocks)),
+            payload=bytes(layout.payload_bytes(len(chain))),
             chunk=1 << 16,
         )
         st = core.advertisement(entry.root)
         self._drain(i)
         return st.signer, st.header.seq
+
+    def purchase(self, i: int, fp: bytes, chain: tuple[bytes, ...]) -> int:
+        """Node `i` buys `chain` as a PeerClient does: it looks it up at its own node,
+        tries the providers in the order given, then those a new lookup lists, until one
+        delivers (p2p/_buying.py's Walk), and its node scores each (a failure
+        UNSERVABLE_AD, a delivery GOOD_DELIVERY). No KV moves here: a hostile provider's
+        delivery fails (it holds nothing), an honest one's verifies. Returns the
+        attempts it took, or 0 when no provider could deliver."""
+        core = self.cores[i]
+        walk: Walk[Advert] = Walk(lambda advert: advert.signer)
+        attempts = 0
+        while batch := walk.take(core.lookup(fp, None, chain, 8, asker=core.id)[1]):
+            for advert in batch:
+                attempts += 1
+                liar = self.index[advert.signer] in self.hostile
+                event = Event.UNSERVABLE_AD if liar else Event.GOOD_DELIVERY
+                core.scores.record(node_id(advert.signer), event, self.clock.time())
+                if not liar:
+                    return attempts
+        return 0

@@ -13,6 +13,7 @@ from kvx.p2p._sim import Network, Simulation
 ROOT = Path(__file__).parent.parent
 CORE = [
     "p2p/_core.py",
+    "p2p/_buying.py",
     "p2p/_peers.py",
     "p2p/_index.py",
     "p2p/_market.py",

@@ -233,7 +233,7 @@ def test_a_converted_purchase_delivers_the_converted_bytes(seller, tmp_path):
 def test_a_quote_unlike_its_sellers_advertisement_is_refused_before_allocation(change, field):
     import dataclasses
 
-    from kvx.p2p._client import check_quote
+    from kvx.p2p._buying import check_quote
     from kvx.protocol import Advertise, DataAddress, Header, RemoteProtocolError
     from kvx.trust import open_envelope, seal
 

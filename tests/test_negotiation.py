@@ -1,21 +1,31 @@
-"""The seller's quote states (p2p/_negotiation.py) are the table of spec §10.4, row for row."""
+"""The seller's quote states (p2p/_negotiation.py) and the buyer's steps (p2p/_buying.py)
+are the tables of spec §10.4, row for row."""
 
 import re
 from pathlib import Path
 
 import pytest
 
+from kvx.p2p._buying import TRANSITIONS, Deal, Step
 from kvx.p2p._negotiation import Phase, advance
-from kvx.protocol import ErrorCode, MessageType, RemoteProtocolError
+from kvx.protocol import ErrorCode, LocalProtocolError, MessageType, RemoteProtocolError
 
 SPEC = Path(__file__).parent.parent / "spec" / "PROTOCOL.md"
 
 
-def spec_table() -> dict[tuple[str, str], str]:
-    """(the quote's phase, message) -> '→ PHASE' or an error code name, from §10.4."""
+def spec_tables() -> list[list[str]]:
+    """The rows of each table of §10.4, header first."""
     text = SPEC.read_text()
     section = text[text.index("10.4. **Quote states.**") : text.index("10.5. **Credit.**")]
-    rows = [line for line in section.splitlines() if line.startswith("| ")]
+    blocks = [b.strip().splitlines() for b in section.split("\n\n")]
+    return [
+        [row for row in b if not row.startswith("|---")] for b in blocks if b and b[0][:2] == "| "
+    ]
+
+
+def spec_table() -> dict[tuple[str, str], str]:
+    """(the quote's phase, message) -> '→ PHASE' or an error code name, from §10.4."""
+    rows = spec_tables()[0]
     header = [cell.strip() for cell in rows[0].strip("|").split("|")]
     table = {}
     for row in rows[1:]:
@@ -49,3 +59,26 @@ def test_a_settled_quote_takes_nothing_more(phase, message):
     with pytest.raises(RemoteProtocolError) as err:
         advance(phase, message)
     assert err.value.code == ErrorCode.UNEXPECTED_MESSAGE
+
+
+def test_the_buyers_steps_are_the_spec_table():
+    """'fails' in the spec is an ERROR received or a local failure: MessageType.ERROR."""
+    table = {}
+    for row in spec_tables()[1][1:]:
+        step, on, after = (cell.strip() for cell in row.strip("|").split("|"))
+        message = "ERROR" if on == "fails" else on.split()[0]
+        table[(Step[step.split()[0]], MessageType[message])] = Step[after.split()[0]]
+    assert table == TRANSITIONS
+
+
+def test_a_buyer_never_takes_a_step_the_table_does_not_list():
+    for step in Step:
+        for message in MessageType:
+            deal = Deal()
+            deal.step = step
+            if (step, message) in TRANSITIONS:
+                assert deal.advance(message) == TRANSITIONS[(step, message)]
+            else:
+                with pytest.raises(LocalProtocolError):
+                    deal.advance(message)
+    assert not any(step in (Step.PAID, Step.FAILED) for step, _ in TRANSITIONS)  # final

@@ -1,0 +1,134 @@
+"""The buyer's side of a purchase, sans-I/O: which provider to try next, the steps of a
+deal with one provider as a state machine (the buyer's table of spec §10.4), what a
+quote must match, and what a failure says about the provider.
+
+PeerClient (p2p/_client.py) drives it over ZeroMQ and the data channel, for the async
+and the sync client alike; the simulator (p2p/_sim.py) drives the same walk in memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Callable, Sequence
+from typing import Generic, TypeVar
+
+from kvx.protocol import (
+    Advertise,
+    ErrorCode,
+    LocalProtocolError,
+    MessageType,
+    Quote,
+    RemoteProtocolError,
+)
+from kvx.trust import Event, Statement
+
+MAX_PROVIDERS = 64
+"""Providers one purchase tries before it gives up."""
+
+T = TypeVar("T")
+
+
+class Step(enum.Enum):
+    ASKING = "asking"  # QUOTE_REQUEST sent
+    QUOTED = "quoted"  # a QUOTE came, and matches the advertisement and the bid
+    ACCEPTED = "accepted"  # ACCEPT sent and recorded: the buyer owes on verified delivery
+    STREAMING = "streaming"  # TRANSFER sent: chunks arrive, each verified
+    PAID = "paid"  # all verified; the RECEIPT sent
+    FAILED = "failed"  # this provider failed (or asked too much): on to the next
+
+
+TRANSITIONS: dict[tuple[Step, MessageType], Step] = {
+    (Step.ASKING, MessageType.QUOTE): Step.QUOTED,
+    (Step.ASKING, MessageType.ERROR): Step.FAILED,
+    (Step.QUOTED, MessageType.ACCEPT): Step.ACCEPTED,
+    (Step.QUOTED, MessageType.REJECT): Step.FAILED,
+    (Step.QUOTED, MessageType.ERROR): Step.FAILED,
+    (Step.ACCEPTED, MessageType.TRANSFER): Step.STREAMING,
+    (Step.ACCEPTED, MessageType.ERROR): Step.FAILED,
+    (Step.STREAMING, MessageType.RECEIPT): Step.PAID,
+    (Step.STREAMING, MessageType.ERROR): Step.FAILED,
+}
+"""(step, message received or sent) -> next step, as spec §10.4's buyer's table. ERROR
+stands for every failure: an ERROR received, no answer in time, a quote unlike its
+advertisement, a stream that breaks or does not verify. A step the table does not list
+is a fault of the client itself (LocalProtocolError)."""
+
+
+class Deal:
+    """One deal with one provider, moved by each message that crosses it."""
+
+    def __init__(self) -> None:
+        self.step = Step.ASKING
+
+    def advance(self, message: MessageType) -> Step:
+        after = TRANSITIONS.get((self.step, message))
+        if after is None:
+            raise LocalProtocolError(
+                ErrorCode.UNEXPECTED_MESSAGE, f"{message.name} in a deal already {self.step.value}"
+            )
+        self.step = after
+        return after
+
+
+class Walk(Generic[T]):
+    """Which providers a purchase tries: those a lookup lists, best first, and when every
+    one has failed, the untried ones a new lookup lists. The node ranks a provider that
+    failed after every stranger once it is told, so a swarm of liars advertising at price
+    0 costs one buyer one attempt per liar, once — not one failed purchase per lookup."""
+
+    def __init__(self, key: Callable[[T], bytes], limit: int = MAX_PROVIDERS) -> None:
+        self.key = key
+        self.limit = limit
+        self.tried: set[bytes] = set()
+
+    def take(self, listed: Sequence[T]) -> list[T]:
+        """The providers of `listed` to try now (none: the purchase is over)."""
+        fresh = [p for p in listed if self.key(p) not in self.tried]
+        fresh = fresh[: max(0, self.limit - len(self.tried))]
+        self.tried.update(self.key(p) for p in fresh)
+        return fresh
+
+
+def check_quote(ad: Statement, quote: Quote, matched: int, dtype: str | None) -> None:
+    """Refuse a quote that is not for what its seller advertised, before anything is
+    allocated for it. Both are signed by the seller, so a mismatch is its fault alone."""
+    a = ad.message
+    assert isinstance(a, Advertise)
+    layout = a.layout if dtype is None else dataclasses.replace(a.layout, dtype=dtype)
+    problems = [
+        name
+        for name, ok in (
+            ("blocks", quote.blocks == matched),
+            ("stored", quote.stored == len(a.blocks)),
+            ("layout", quote.layout == layout),
+            ("chunk", quote.chunk == a.chunk),
+            ("root", dtype is not None or quote.root == a.root),
+            ("data", (quote.transport, quote.data) in {(d.t, d.addr) for d in a.data}),
+        )
+        if not ok
+    ]
+    if problems:
+        raise RemoteProtocolError(
+            ErrorCode.ROOT_MISMATCH,
+            f"the quote differs from the advertisement in {', '.join(problems)}",
+        )
+
+
+def blame(code: ErrorCode) -> Event | None:
+    """What a failure says about the provider. A refusal of *our* request (a price, our
+    credit, a replay of ours, our membership) is no fault of theirs; a provider that
+    advertised a chain and then does not hold it is."""
+    if code in (ErrorCode.NOT_FOUND, ErrorCode.FINGERPRINT_MISMATCH):
+        return Event.UNSERVABLE_AD
+    if code in (
+        ErrorCode.CHUNK_HASH_MISMATCH,
+        ErrorCode.ROOT_MISMATCH,
+        ErrorCode.SIZE_MISMATCH,
+        ErrorCode.STREAM_TRUNCATED,
+        ErrorCode.TIMEOUT,
+        ErrorCode.UNAVAILABLE,
+        ErrorCode.BAD_SIGNATURE,
+    ):
+        return Event.for_code(code) or Event.TIMEOUT
+    return None
