@@ -223,3 +223,42 @@ def test_a_helper_probes_only_its_own_live_peers_and_holds_few_askers():
         assert all(probe(t_key) == [] for _ in range(7))  # one HELLO serves eight askers
         (over,) = probe(t_key)
         assert open_envelope(over.frame).message.code == ErrorCode.OVER_BUDGET
+
+
+def test_hostile_nodes_neither_stop_an_ad_nor_keep_honest_buyers_from_buying():
+    """A tenth of the swarm withholds gossip, eclipses, makes up news and advertises the
+    chain at price 0 without holding it: every honest node still gets the honest ad,
+    and a buyer walks past each liar once, then buys from the honest provider first."""
+    from kvx.p2p._sim import HostileCore
+
+    cheats = frozenset(range(50, 60))
+    with Simulation(60, seed=37, hostile=cheats) as sim:
+        assert all(isinstance(sim.cores[i], HostileCore) for i in cheats)
+        sim.start(known=16)
+        sim.run_until(1.0)
+        document = (b"\x01" * 32, (b"\x02" * 32, b"\x03" * 32))
+        ad = sim.publish(0, document=document)
+        sim.run_until(8.0)
+        assert all(ad in sim.cores[i].index for i in range(50))
+        liars = {sim.cores[i].identity.public_key for i in cheats}
+        _, listed = sim.cores[7].lookup(document[0], None, document[1], 8, asker=b"")
+        assert {a.signer for a in listed} <= liars  # price 0 comes first among strangers
+        first = sim.purchase(7, *document)
+        assert first == len(liars) + 1  # each liar once, then the honest provider
+        assert sim.purchase(7, *document) == 1  # which now ranks first
+
+
+def test_a_healed_partition_joins_up_and_spreads_what_one_side_missed():
+    with Simulation(40, seed=41) as sim:
+        sim.start(known=12)
+        sim.run_until(1.0)
+        side = set(range(20))
+        sim.partition(side)
+        ad = sim.publish(0)
+        sim.run_until(21.0)  # long enough for each side to find the other dead
+        assert [ad in core.index for core in sim.cores] == [i in side for i in range(40)]
+        assert any(p.state == State.DEAD for p in sim.cores[0].peers.all())
+        sim.heal()
+        sim.run_until(41.0)
+        assert all(ad in core.index for core in sim.cores)
+        assert all(p.state == State.ALIVE for core in sim.cores for p in core.peers.all())
