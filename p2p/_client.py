@@ -325,6 +325,8 @@ class PeerClient:
                     yield ad
                 await self._report(faults[reported[0] :])  # so that the node ranks them last
                 reported[0] = len(faults)
+                if time.monotonic() - started > timeout:  # silent liars cost time: stop
+                    return
                 again, found = await self.lookup(fp, chain, ns=ns)
                 listed = [ad for ad in found if fits(ad)] if again == matched else []
 

@@ -23,31 +23,15 @@ from typing import Any
 import msgpack
 
 from kvx.protocol import (
-    ENDPOINT_TRANSPORTS,
-    MAX_FRAME_BYTES,
     RELAYABLE,
-    Advertise,
     DataAddress,
-    Digest,
-    DigestEntry,
     Error,
     ErrorCode,
-    Hello,
-    KVLayout,
-    Lookup,
-    LookupResult,
-    Membership,
     Message,
     MessageType,
-    Peers,
-    Probe,
-    ProbeAck,
     RawEnvelope,
     RemoteProtocolError,
-    Withdraw,
     node_id,
-    split_ctl,
-    split_host_port,
 )
 from kvx.transport import Sessions
 from kvx.trust import (
@@ -61,28 +45,24 @@ from kvx.trust import (
     Signer,
     Statement,
     curve_public_key,
-    open_envelope,
     verify_envelope,
 )
 
 from ._clock import Clock
 from ._config import NodeConfig
-from ._index import AdId, AdIndex, Advert
+from ._gossip import RECENT_MAX, Gossip
+from ._index import AdId, AdIndex
+from ._liveness import Liveness
 from ._market import Market
 from ._metrics import Metrics
-from ._peers import Peer, PeerTable, State
+from ._peers import PeerTable
 from ._pricing import PricePolicy
-from ._probing import IndirectProbes, Waiting
+from ._probing import IndirectProbes
 from ._rates import RateLimits
-from ._store import Entry, LocalStore
+from ._store import LocalStore
+from ._trading import Trading
 
 log = logging.getLogger("kvx.node")
-
-RECENT_S = 10.0
-"""How long a relayable statement a node took counts as news it tells each prober of."""
-RECENT_MAX = 64
-PULL_EVERY_S = 1.0
-"""The least time between two DIGESTs a node sends one peer for its `recent` news."""
 
 LEDGER_RETRY_S = 10.0
 """After a failed ledger write (a full disk), the node quotes nothing for this long."""
@@ -125,7 +105,13 @@ def _seq_of(body: bytes) -> int | None:
     return None
 
 
-class NodeCore:
+class NodeCore(Liveness, Gossip, Trading):
+    """One node's protocol logic. This module admits each frame (rate limits, the
+    receive checks of spec §6.4, bans, policy), dispatches it, runs the timer rounds
+    and keeps the outputs; what each statement does is in the parts it is made of:
+    membership and liveness (p2p/_liveness.py), gossip (p2p/_gossip.py), lookups and
+    the seller's side of a deal (p2p/_trading.py)."""
+
     def __init__(
         self,
         config: NodeConfig,
@@ -262,10 +248,6 @@ class NodeCore:
             return self.config.anti_entropy_s * self.random.uniform(0.5, 1.5)
         return 1.0
 
-    def advertisement(self, root: bytes) -> Statement:
-        """This node's live ADVERTISE of the payload with this content root."""
-        return self._own[root]
-
     def multipart_refused(self) -> None:
         """The driver dropped a ZeroMQ message of more than one frame (spec §4.2)."""
         self.metrics.rejections.labels(ErrorCode.MALFORMED.name).inc()
@@ -313,65 +295,9 @@ class NodeCore:
         log.exception("internal error in %s", where)
         self.metrics.internal_errors.labels(where).inc()
 
-    def _keeps(self, key: bytes) -> bool:
-        """Peers the table never evicts for a newcomer: bootstrap peers and proven sellers."""
-        return any(b.key == key for b in self.config.bootstrap) or (
-            self.scores.score(node_id(key), self.clock.time()) > 0
-        )
-
-    def _allowed(self, ctl: str) -> bool:
-        """Whether this node's policy lets it dial a (decoded, so well-formed) address."""
-        try:
-            self.policy.check_address(split_ctl(ctl)[0])
-        except RemoteProtocolError:
-            return False
-        return True
-
     def _send(self, key: bytes, message: Message) -> None:
         frame = self.signer.seal(message, now_ms=self.clock.now_ms(), to=node_id(key))
         self._send_frame(key, frame, message.TYPE)
-
-    def _push(
-        self, frame: bytes, mtype: MessageType, exclude: set[bytes], ns: bytes | None
-    ) -> None:
-        """Gossip a relayable statement to `fanout` live peers that may see its namespace."""
-        targets = [
-            p.key for p in self.peers.alive() if p.key not in exclude and self._may_see(p.key, ns)
-        ]
-        for key in self.random.sample(targets, min(self.config.fanout, len(targets))):
-            self._send_frame(key, frame, mtype)
-
-    def _may_see(self, key: bytes, ns: bytes | None) -> bool:
-        """Private advertisements go only to peers that proved the namespace (spec §7.6)."""
-        return self.memberships.is_member(node_id(key), ns, self.clock.time())
-
-    def _may_buy(self, peer: bytes, ns: bytes) -> bool:
-        """A node id that proved `ns` and that the namespace's rules let buy."""
-        try:
-            self.policy.check_namespace(peer, ns, publish=False)
-        except RemoteProtocolError:
-            return False
-        return self.memberships.is_member(peer, ns, self.clock.time())
-
-    def _hello(self) -> Hello:
-        return Hello(ctl=self.ctl, data=self.data, inc=self.incarnation, agent="kvx/0.2")
-
-    def _took(self, st: Statement, ns: bytes | None) -> None:
-        """A relayable statement was just indexed or applied: recent news, for PEERS."""
-        self._recent.append((self.clock.monotonic(), (st.signer, st.header.seq), ns))
-
-    def _recent_for(self, key: bytes) -> tuple[DigestEntry, ...]:
-        """The recent news `key` may see, newest first (§8.3 `recent`)."""
-        since = self.clock.monotonic() - RECENT_S
-        return tuple(
-            DigestEntry(key=signer, seq=seq)
-            for at, (signer, seq), ns in reversed(self._recent)
-            if at >= since and self._may_see(key, ns)
-        )
-
-    def _digest_for(self, key: bytes) -> Digest:
-        """Our digest as `key` may see it: ids of a private namespace only for its members."""
-        return Digest(have=self.index.digest(lambda ns: self._may_see(key, ns)))
 
     def receive(
         self, frame: bytes, curve: bytes, routing: bytes | None, server_key: bytes | None
@@ -489,322 +415,11 @@ class NodeCore:
         frame = self.signer.seal(message, now_ms=self.clock.now_ms(), to=st.signer_id)
         self._reply_frame(routing, frame, message.TYPE)
 
-    def _on_hello(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
-        hello = st.message
-        assert isinstance(hello, Hello)
-        now = self.clock.monotonic()
-        self.policy.check_address(split_ctl(hello.ctl)[0])
-        if self.peers.heard_from(st.signer, hello.ctl, hello.inc, now):
-            self._disconnect(st.signer)  # it may have restarted on a new address
-            self.event("peer_joined", peer=st.signer_id.hex()[:12], ctl=hello.ctl)
-            self._send(st.signer, self._digest_for(st.signer))
-        if routing is not None:
-            challenge = self.memberships.challenge(st.signer_id, self.clock.time())
-            recent = self._recent_for(st.signer)
-            self._reply(
-                routing,
-                st,
-                Peers(
-                    peers=self.peers.entries(),
-                    re=st.header.seq,
-                    challenge=challenge,
-                    recent=recent or None,
-                ),
-            )
-
-    def _on_peers(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
-        peers = st.message
-        assert isinstance(peers, Peers)
-        if st.signer not in self.peers:  # a bootstrap peer answering our first HELLO
-            boot = next((b for b in self.config.bootstrap if b.key == st.signer), None)
-            if boot is not None:
-                self.peers.heard_from(st.signer, boot.ctl, 0, self.clock.monotonic())
-        for candidate in self.peers.learn(list(peers.peers)):
-            if self._allowed(candidate.ctl) and self.peers.add_candidate(
-                candidate, self.clock.monotonic()
-            ):
-                self._send(candidate.key, self._hello())
-        if peers.challenge is not None and self.policy.namespaces:
-            self._send(st.signer, self.memberships.prove(st.signer_id, peers.challenge))
-        if peers.recent and not all(self.index.holds((e.key, e.seq)) for e in peers.recent):
-            # News this node missed: pull it now (§8.3) rather than at the next
-            # anti-entropy round, which push gossip's misses would otherwise wait for;
-            # at most once a second per peer, since a DIGEST may be 4,096 entries long
-            # and a PEERS naming made-up news costs its sender a kilobyte.
-            now = self.clock.monotonic()
-            if now - self._pulled.get(st.signer, float("-inf")) >= PULL_EVERY_S:
-                self._pulled[st.signer] = now
-                self._send(st.signer, self._digest_for(st.signer))
-
-    def _on_advertise(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
-        ad = st.message
-        assert isinstance(ad, Advertise)
-        if ad.ns is not None:
-            if self.policy.namespace(ad.ns) is None:
-                return  # a private namespace we are not in: nothing to do with it
-            # Only a member may publish into it: the signer proved it to us, or the
-            # member that relays it did (members relay only what their members sign).
-            if not (self._may_see(st.signer, ad.ns) or (relayer and self._may_see(relayer, ad.ns))):
-                return
-        self.policy.check_namespace(st.signer_id, ad.ns, publish=True)
-        for address in (split_ctl(ad.ctl)[0], *self._data_hosts(ad)):
-            self.policy.check_address(address)
-        if not self.index.add(st):
-            return
-        self.inbox.guard.remember(st.signer, st.header)
-        self._took(st, ad.ns)
-        self.event(
-            "ad_received",
-            signer=st.signer_id.hex()[:12],
-            seq=st.header.seq,
-            via=node_id(relayer).hex()[:12] if relayer else "",
-        )
-        self.metrics.ads.set(len(self.index))
-        if st.signer not in self.peers:
-            # The provider may be news to us; we will need to reach it to buy.
-            self.peers.add_candidate(
-                Peer(st.signer, ad.ctl, 0, State.SUSPECT, 0.0), self.clock.monotonic()
-            )
-        self._push(st.frame, MessageType.ADVERTISE, {relayer, st.signer}, ad.ns)
-
-    @staticmethod
-    def _data_hosts(ad: Advertise) -> list:
-        return [split_host_port(d.addr)[0] for d in ad.data if d.t in ENDPOINT_TRANSPORTS]
-
-    def _on_withdraw(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
-        new, ns = self.index.withdraw(st)
-        if new:
-            self.inbox.guard.remember(st.signer, st.header)
-            self._took(st, ns)
-            self.metrics.ads.set(len(self.index))
-            self._push(st.frame, MessageType.WITHDRAW, {relayer, st.signer}, ns)
-
-    def _on_digest(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
-        digest = st.message
-        assert isinstance(digest, Digest)
-        # Answer on the connection the DIGEST came on: the asker may not listen itself.
-        for frame in self.index.missing_from(digest.have, lambda ns: self._may_see(st.signer, ns)):
-            if routing is not None:
-                self._reply_frame(routing, frame, MessageType.ADVERTISE)
-            else:
-                self._send_frame(st.signer, frame, MessageType.ADVERTISE)
-        if self.index.lacks_any(digest.have):
-            if routing is not None:
-                self._reply(routing, st, self._digest_for(st.signer))
-            else:
-                self._send(st.signer, self._digest_for(st.signer))
-
-    def _on_lookup(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
-        lookup = st.message
-        assert isinstance(lookup, Lookup)
-        if routing is None:
-            return
-        matched, ads = self.lookup(
-            lookup.fp, lookup.ns, lookup.blocks, lookup.limit, asker=st.signer_id
-        )
-        frames, total = [], 0
-        for advert in ads:  # stay well inside one frame
-            if total + len(advert.frame) > MAX_FRAME_BYTES // 2:
-                break
-            frames.append(advert.frame)
-            total += len(advert.frame)
-        self._reply(
-            routing,
-            st,
-            LookupResult(re=st.header.seq, matched=matched if frames else 0, ads=tuple(frames)),
-        )
-
-    def _on_membership(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
-        assert isinstance(st.message, Membership)
-        self.memberships.accept(st.signer_id, st.message, self.clock.time())
-
-    def _on_quote_request(self, st: Statement, routing: bytes | None, relayer: bytes):
-        if routing is not None:
-            frame = self.market.quote_request(st, self.clock.now_ms())
-            self._reply_frame(routing, frame, MessageType.QUOTE)
-
-    def _on_accept(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
-        self.market.accept(st, self.clock.now_ms())
-
-    def _on_reject(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
-        frame = self.market.reject(st, self.clock.now_ms())
-        if frame is not None and routing is not None:
-            self._reply_frame(routing, frame, MessageType.QUOTE)
-
-    def _on_receipt(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
-        self.market.receipt(st, self.clock.now_ms())
-        self.event("sold", buyer=st.signer_id.hex()[:12], price=st.message.price)
-
-    def _on_probe(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
-        """Probe a peer for someone whose own probes it does not answer (§8.17): only a
-        peer of our table, at the address we know, so a stranger cannot aim us elsewhere."""
-        assert isinstance(st.message, Probe)
-        target = st.message.target
-        peer = self.peers.get(target)
-        if peer is None or not peer.proven or peer.state == State.DEAD or target == st.signer:
-            raise RemoteProtocolError(ErrorCode.NOT_FOUND, "this node knows no live peer so keyed")
-        until = self.clock.monotonic() + self.config.suspect_after_s / 2
-        if self.probes.help(Waiting(st.signer, routing, st.header.seq, until), target):
-            self._send(target, self._hello())
-
-    def _vouch(self, st: Statement) -> None:
-        """A peer spoke: send its statement to whoever asked us to probe it."""
-        for waiting in self.probes.vouch(st):
-            ack = ProbeAck(re=waiting.seq, target=st.signer, proof=st.frame)
-            frame = self.signer.seal(ack, now_ms=self.clock.now_ms(), to=node_id(waiting.asker))
-            if waiting.routing is not None:
-                self._reply_frame(waiting.routing, frame, MessageType.PROBE_ACK)
-            else:
-                self._send_frame(waiting.asker, frame, MessageType.PROBE_ACK)
-
-    def _on_probe_ack(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
-        target = self.probes.take_ack(st)
-        if target is not None and self.peers.vouched(target):
-            self.event("peer_vouched", peer=node_id(target).hex()[:12], by=st.signer_id.hex()[:12])
-
-    def _ask_help(self, target: bytes) -> None:
-        """Our probe of `target` went unanswered for half the suspicion time: ask
-        `indirect_probes` other live peers to probe it (SWIM's ping-req)."""
-        now_ms = self.clock.now_ms()
-        until = self.clock.monotonic() + self.config.dead_after_s
-        helpers = [p.key for p in self.peers.alive() if p.key != target]
-        for key in self.random.sample(helpers, min(self.config.indirect_probes, len(helpers))):
-            frame = self.signer.seal(Probe(target=target), now_ms=now_ms, to=node_id(key))
-            self.probes.asked(key, open_envelope(frame).header.seq, target, now_ms, until)
-            self._send_frame(key, frame, MessageType.PROBE)
-
     def _on_error(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
         assert isinstance(st.message, Error)
         self.event(
             "peer_error", peer=st.signer_id.hex()[:12], code=st.message.code, msg=st.message.msg
         )
-
-    def lookup(
-        self, fp: bytes, ns: bytes | None, chain: tuple[bytes, ...], limit: int, *, asker: bytes
-    ) -> tuple[int, list[Advert]]:
-        """Longest prefix held by a usable provider, best first: those that delivered
-        to this node, then strangers, then those that failed it; the cheapest first in each.
-
-        A peer that has not proved membership of a private namespace gets the answer of
-        a namespace with nothing in it, whether or not this node is in it (§7.6).
-        """
-        if ns is not None:
-            if asker == self.id:
-                self.policy.check_namespace(asker, ns, publish=False)
-            elif not self._may_buy(asker, ns):
-                self.metrics.misses.inc()
-                return 0, []
-        now = self.clock.time()
-
-        def usable(advert: Advert) -> bool:
-            # A provider outside our table of 64 peers is no sign of trouble: in a swarm
-            # of thousands nearly every provider is. Only a dead or banned one is skipped.
-            peer = self.peers.get(advert.signer)
-            return (peer is None or peer.state != State.DEAD) and not self.scores.is_banned(
-                node_id(advert.signer), now
-            )
-
-        def rank(advert: Advert) -> tuple:
-            # Standing before price: a provider that delivered to us comes first and one
-            # that failed us last, since a price is the one thing a liar sets for free.
-            score = self.scores.score(node_id(advert.signer), now)
-            return (0 if score > 0 else 1 if score == 0 else 2, advert.message.price, -score)
-
-        matched, ads = self.index.lookup(fp, ns, chain, limit, usable=usable, rank=rank)
-        (self.metrics.hits if matched else self.metrics.misses).inc()
-        return matched, ads
-
-    def _advertise(self, entry: Entry) -> None:
-        ad = Advertise(
-            fp=entry.fp,
-            layout=entry.layout,
-            blocks=entry.blocks,
-            root=entry.root,
-            chunk=entry.chunk,
-            price=self.pricing.ask(
-                entry.params, entry.layout, len(entry.blocks) * entry.layout.block, entry.size
-            ),
-            ctl=self.ctl,
-            data=self.data,
-            ns=entry.ns,
-        )
-        frame = self.signer.seal(
-            ad, now_ms=self.clock.now_ms(), ttl_ms=int(self.config.advert_ttl_s * 1000)
-        )
-        st = open_envelope(frame)
-        self.index.add(st)
-        self._took(st, entry.ns)
-        self._own[entry.root] = st
-        self.metrics.ads.set(len(self.index))
-        self.event(
-            "ad_published", root=entry.root.hex()[:16], seq=st.header.seq, blocks=len(entry.blocks)
-        )
-        self._push(frame, MessageType.ADVERTISE, set(), entry.ns)
-
-    def withdraw(self, root: bytes) -> None:
-        """Withdraw our advertisement of a payload (evicted, or on request)."""
-        st = self._own.pop(root, None)
-        if st is None:
-            return
-        frame = self.signer.seal(
-            Withdraw(ad=st.header.seq),
-            now_ms=self.clock.now_ms(),
-            ttl_ms=int(self.config.advert_ttl_s * 1000),
-        )
-        withdrawal = open_envelope(frame)
-        self.index.withdraw(withdrawal)
-        self._took(withdrawal, st.message.ns)
-        self.metrics.ads.set(len(self.index))
-        self._push(frame, MessageType.WITHDRAW, set(), st.message.ns)
-
-    def publish(
-        self,
-        *,
-        fp: bytes,
-        ns: bytes | None,
-        layout: KVLayout,
-        blocks: tuple[bytes, ...],
-        payload: object,
-        chunk: int,
-        params: int = 0,
-    ) -> Entry:
-        if ns is not None and self.policy.namespace(ns) is None:
-            raise RemoteProtocolError(ErrorCode.NOT_FOUND, "this node is not in that namespace")
-        entry, evicted = self.store.put(
-            fp=fp, ns=ns, layout=layout, blocks=blocks, payload=payload, chunk=chunk, params=params
-        )
-        for old in evicted:
-            self.withdraw(old.root)
-        self._advertise(entry)
-        return entry
-
-    def _heartbeat_round(self) -> None:
-        now = self.clock.monotonic()
-        suspect, dead = self.peers.tick(now)
-        for peer in suspect:
-            self.event("peer_suspect", logging.WARNING, peer=node_id(peer.key).hex()[:12])
-        for peer in dead:
-            self.event("peer_dead", logging.WARNING, peer=node_id(peer.key).hex()[:12])
-            self.memberships.forget(node_id(peer.key))
-            self._disconnect(peer.key)
-        for peer in self.peers.to_probe(self.config.probes_per_heartbeat, now):
-            self._send(peer.key, self._hello())
-        for peer in self.peers.need_help(now):
-            self._ask_help(peer.key)
-        if not self.peers.alive():
-            for boot in self.config.bootstrap:
-                self._disconnect(boot.key)  # reconnect: it may have moved
-                self._send(boot.key, self._hello())
-        for state in State:
-            self.metrics.peers.labels(state.name.lower()).set(
-                sum(p.state == state for p in self.peers.all())
-            )
-
-    def _anti_entropy_round(self) -> None:
-        alive = self.peers.alive()
-        if alive:
-            key = self.random.choice(alive).key
-            self._send(key, self._digest_for(key))
 
     def _housekeeping_round(self) -> None:
         self._forget_strangers()
@@ -814,12 +429,7 @@ class NodeCore:
         self.metrics.degraded.labels("ledger").set(int(not self.selling()))
         self.metrics.ads.set(len(self.index))
         self.metrics.credits.set(sum(self.ledger.balances().values()))
-        half = self.config.advert_ttl_s * 500
-        for root, st in list(self._own.items()):
-            if st.header.exp - self.clock.now_ms() < half:  # refresh before it expires
-                entry = next((e for e in self.store.entries() if e.root == root), None)
-                if entry is not None:
-                    self._advertise(entry)
+        self._refresh_own()
 
     def _forget_strangers(self) -> None:
         """Per-identity state lives only as long as its use: buckets refilled to the

@@ -32,7 +32,8 @@ from kvx.trust import Event, Identity, Ledger, PeerScores, Statement, curve_publ
 from ._buying import Walk
 from ._clock import Clock
 from ._config import NodeConfig
-from ._core import RECENT_MAX, Disconnect, NodeCore, Reply, Send
+from ._core import Disconnect, NodeCore, Reply, Send
+from ._gossip import RECENT_MAX
 from ._index import Advert
 from ._store import Entry, LocalStore
 

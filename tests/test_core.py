@@ -14,6 +14,9 @@ ROOT = Path(__file__).parent.parent
 CORE = [
     "p2p/_core.py",
     "p2p/_buying.py",
+    "p2p/_gossip.py",
+    "p2p/_liveness.py",
+    "p2p/_trading.py",
     "p2p/_peers.py",
     "p2p/_index.py",
     "p2p/_market.py",
@@ -183,7 +186,8 @@ def test_a_probe_ack_counts_only_with_the_targets_own_fresh_words_to_the_helper(
         assert not ack(1, said(helper, helper))  # the helper's own words
         assert not ack(2, said(target, asker))  # the target's, but not to the helper
         assert not ack(3, said(target, helper, at=now - 31_000))  # older than the skew
-        assert not ack(4, said(target, helper)[:-1] + b"\0")  # a broken signature
+        good = said(target, helper)
+        assert not ack(4, good[:-9] + bytes([good[-9] ^ 1]) + good[-8:])  # a broken signature
         fresh = said(target, helper)
         assert ack(5, fresh)
         assert not ack(6, fresh)  # shown before

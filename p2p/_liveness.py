@@ -1,0 +1,182 @@
+"""Membership and liveness, sans-I/O: who the node's peers are and whether they live.
+
+HELLO introduces and probes; PEERS answers with a sample of the table, the session's
+membership challenge and recent news; a probe unanswered for half the suspicion time
+asks a few other peers to probe too (PROBE, PROBE_ACK: SWIM's ping-req). The table's
+rules live in p2p/_peers.py, the indirect probes' in p2p/_probing.py. A mixin of
+NodeCore (p2p/_core.py), whose state and outputs it uses.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+
+from kvx.protocol import (
+    ErrorCode,
+    Hello,
+    Membership,
+    MessageType,
+    Peers,
+    Probe,
+    ProbeAck,
+    RemoteProtocolError,
+    node_id,
+    split_ctl,
+)
+from kvx.trust import Memberships, PeerScores, Policy, Signer, Statement, open_envelope
+
+from ._clock import Clock
+from ._config import NodeConfig
+from ._index import AdIndex
+from ._metrics import Metrics
+from ._peers import PeerTable, State
+from ._probing import IndirectProbes, Waiting
+
+PULL_EVERY_S = 1.0
+"""The least time between two DIGESTs a node sends one peer for its `recent` news."""
+
+
+class Liveness:
+    config: NodeConfig
+    clock: Clock
+    random: random.Random
+    signer: Signer
+    policy: Policy
+    peers: PeerTable
+    index: AdIndex
+    memberships: Memberships
+    scores: PeerScores
+    metrics: Metrics
+    probes: IndirectProbes
+    ctl: str
+    incarnation: int
+    _pulled: dict[bytes, float]  # peer -> when its news was last pulled
+
+    def _keeps(self, key: bytes) -> bool:
+        """Peers the table never evicts for a newcomer: bootstrap peers and proven sellers."""
+        return any(b.key == key for b in self.config.bootstrap) or (
+            self.scores.score(node_id(key), self.clock.time()) > 0
+        )
+
+    def _allowed(self, ctl: str) -> bool:
+        """Whether this node's policy lets it dial a (decoded, so well-formed) address."""
+        try:
+            self.policy.check_address(split_ctl(ctl)[0])
+        except RemoteProtocolError:
+            return False
+        return True
+
+    def _hello(self) -> Hello:
+        return Hello(ctl=self.ctl, data=self.data, inc=self.incarnation, agent="kvx/0.2")
+
+    def _on_hello(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
+        hello = st.message
+        assert isinstance(hello, Hello)
+        now = self.clock.monotonic()
+        self.policy.check_address(split_ctl(hello.ctl)[0])
+        if self.peers.heard_from(st.signer, hello.ctl, hello.inc, now):
+            self._disconnect(st.signer)  # it may have restarted on a new address
+            self.event("peer_joined", peer=st.signer_id.hex()[:12], ctl=hello.ctl)
+            self._send(st.signer, self._digest_for(st.signer))
+        if routing is not None:
+            challenge = self.memberships.challenge(st.signer_id, self.clock.time())
+            recent = self._recent_for(st.signer)
+            self._reply(
+                routing,
+                st,
+                Peers(
+                    peers=self.peers.entries(),
+                    re=st.header.seq,
+                    challenge=challenge,
+                    recent=recent or None,
+                ),
+            )
+
+    def _on_peers(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
+        peers = st.message
+        assert isinstance(peers, Peers)
+        if st.signer not in self.peers:  # a bootstrap peer answering our first HELLO
+            boot = next((b for b in self.config.bootstrap if b.key == st.signer), None)
+            if boot is not None:
+                self.peers.heard_from(st.signer, boot.ctl, 0, self.clock.monotonic())
+        for candidate in self.peers.learn(list(peers.peers)):
+            if self._allowed(candidate.ctl) and self.peers.add_candidate(
+                candidate, self.clock.monotonic()
+            ):
+                self._send(candidate.key, self._hello())
+        if peers.challenge is not None and self.policy.namespaces:
+            self._send(st.signer, self.memberships.prove(st.signer_id, peers.challenge))
+        if peers.recent and not all(self.index.holds((e.key, e.seq)) for e in peers.recent):
+            # News this node missed: pull it now (§8.3) rather than at the next
+            # anti-entropy round, which push gossip's misses would otherwise wait for;
+            # at most once a second per peer, since a DIGEST may be 4,096 entries long
+            # and a PEERS naming made-up news costs its sender a kilobyte.
+            now = self.clock.monotonic()
+            if now - self._pulled.get(st.signer, float("-inf")) >= PULL_EVERY_S:
+                self._pulled[st.signer] = now
+                self._send(st.signer, self._digest_for(st.signer))
+
+    def _on_membership(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
+        assert isinstance(st.message, Membership)
+        self.memberships.accept(st.signer_id, st.message, self.clock.time())
+
+    def _on_probe(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
+        """Probe a peer for someone whose own probes it does not answer (§8.17): only a
+        peer of our table, at the address we know, so a stranger cannot aim us elsewhere."""
+        assert isinstance(st.message, Probe)
+        target = st.message.target
+        peer = self.peers.get(target)
+        if peer is None or not peer.proven or peer.state == State.DEAD or target == st.signer:
+            raise RemoteProtocolError(ErrorCode.NOT_FOUND, "this node knows no live peer so keyed")
+        until = self.clock.monotonic() + self.config.suspect_after_s / 2
+        if self.probes.help(Waiting(st.signer, routing, st.header.seq, until), target):
+            self._send(target, self._hello())
+
+    def _vouch(self, st: Statement) -> None:
+        """A peer spoke: send its statement to whoever asked us to probe it."""
+        for waiting in self.probes.vouch(st):
+            ack = ProbeAck(re=waiting.seq, target=st.signer, proof=st.frame)
+            frame = self.signer.seal(ack, now_ms=self.clock.now_ms(), to=node_id(waiting.asker))
+            if waiting.routing is not None:
+                self._reply_frame(waiting.routing, frame, MessageType.PROBE_ACK)
+            else:
+                self._send_frame(waiting.asker, frame, MessageType.PROBE_ACK)
+
+    def _on_probe_ack(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
+        target = self.probes.take_ack(st)
+        if target is not None and self.peers.vouched(target):
+            self.event("peer_vouched", peer=node_id(target).hex()[:12], by=st.signer_id.hex()[:12])
+
+    def _ask_help(self, target: bytes) -> None:
+        """Our probe of `target` went unanswered for half the suspicion time: ask
+        `indirect_probes` other live peers to probe it (SWIM's ping-req)."""
+        now_ms = self.clock.now_ms()
+        until = self.clock.monotonic() + self.config.dead_after_s
+        helpers = [p.key for p in self.peers.alive() if p.key != target]
+        for key in self.random.sample(helpers, min(self.config.indirect_probes, len(helpers))):
+            frame = self.signer.seal(Probe(target=target), now_ms=now_ms, to=node_id(key))
+            self.probes.asked(key, open_envelope(frame).header.seq, target, now_ms, until)
+            self._send_frame(key, frame, MessageType.PROBE)
+
+    def _heartbeat_round(self) -> None:
+        now = self.clock.monotonic()
+        suspect, dead = self.peers.tick(now)
+        for peer in suspect:
+            self.event("peer_suspect", logging.WARNING, peer=node_id(peer.key).hex()[:12])
+        for peer in dead:
+            self.event("peer_dead", logging.WARNING, peer=node_id(peer.key).hex()[:12])
+            self.memberships.forget(node_id(peer.key))
+            self._disconnect(peer.key)
+        for peer in self.peers.to_probe(self.config.probes_per_heartbeat, now):
+            self._send(peer.key, self._hello())
+        for peer in self.peers.need_help(now):
+            self._ask_help(peer.key)
+        if not self.peers.alive():
+            for boot in self.config.bootstrap:
+                self._disconnect(boot.key)  # reconnect: it may have moved
+                self._send(boot.key, self._hello())
+        for state in State:
+            self.metrics.peers.labels(state.name.lower()).set(
+                sum(p.state == state for p in self.peers.all())
+            )

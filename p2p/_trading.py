@@ -1,0 +1,119 @@
+"""Trading, sans-I/O: lookups ranked for a buyer, and the seller's side of a deal.
+
+A lookup answers the longest prefix held by a usable provider, ranked by standing
+(delivered to us, stranger, failed us), then price. QUOTE_REQUEST, ACCEPT, REJECT and
+RECEIPT go to the market (p2p/_market.py), whose quote states are spec §10.4's table
+(p2p/_negotiation.py). A mixin of NodeCore (p2p/_core.py), whose state and outputs it
+uses.
+"""
+
+from __future__ import annotations
+
+from kvx.protocol import (
+    MAX_FRAME_BYTES,
+    Lookup,
+    LookupResult,
+    MessageType,
+    RemoteProtocolError,
+    node_id,
+)
+from kvx.trust import Identity, Memberships, PeerScores, Policy, Statement
+
+from ._clock import Clock
+from ._index import AdIndex, Advert
+from ._market import Market
+from ._metrics import Metrics
+from ._peers import PeerTable, State
+
+
+class Trading:
+    clock: Clock
+    identity: Identity
+    id: bytes
+    policy: Policy
+    peers: PeerTable
+    index: AdIndex
+    memberships: Memberships
+    scores: PeerScores
+    metrics: Metrics
+    market: Market | None
+
+    def _may_buy(self, peer: bytes, ns: bytes) -> bool:
+        """A node id that proved `ns` and that the namespace's rules let buy."""
+        try:
+            self.policy.check_namespace(peer, ns, publish=False)
+        except RemoteProtocolError:
+            return False
+        return self.memberships.is_member(peer, ns, self.clock.time())
+
+    def _on_lookup(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
+        lookup = st.message
+        assert isinstance(lookup, Lookup)
+        if routing is None:
+            return
+        matched, ads = self.lookup(
+            lookup.fp, lookup.ns, lookup.blocks, lookup.limit, asker=st.signer_id
+        )
+        frames, total = [], 0
+        for advert in ads:  # stay well inside one frame
+            if total + len(advert.frame) > MAX_FRAME_BYTES // 2:
+                break
+            frames.append(advert.frame)
+            total += len(advert.frame)
+        self._reply(
+            routing,
+            st,
+            LookupResult(re=st.header.seq, matched=matched if frames else 0, ads=tuple(frames)),
+        )
+
+    def lookup(
+        self, fp: bytes, ns: bytes | None, chain: tuple[bytes, ...], limit: int, *, asker: bytes
+    ) -> tuple[int, list[Advert]]:
+        """Longest prefix held by a usable provider, best first: those that delivered
+        to this node, then strangers, then those that failed it; the cheapest first in each.
+
+        A peer that has not proved membership of a private namespace gets the answer of
+        a namespace with nothing in it, whether or not this node is in it (§7.6).
+        """
+        if ns is not None:
+            if asker == self.id:
+                self.policy.check_namespace(asker, ns, publish=False)
+            elif not self._may_buy(asker, ns):
+                self.metrics.misses.inc()
+                return 0, []
+        now = self.clock.time()
+
+        def usable(advert: Advert) -> bool:
+            # A provider outside our table of 64 peers is no sign of trouble: in a swarm
+            # of thousands nearly every provider is. Only a dead or banned one is skipped.
+            peer = self.peers.get(advert.signer)
+            return (peer is None or peer.state != State.DEAD) and not self.scores.is_banned(
+                node_id(advert.signer), now
+            )
+
+        def rank(advert: Advert) -> tuple:
+            # Standing before price: a provider that delivered to us comes first and one
+            # that failed us last, since a price is the one thing a liar sets for free.
+            score = self.scores.score(node_id(advert.signer), now)
+            return (0 if score > 0 else 1 if score == 0 else 2, advert.message.price, -score)
+
+        matched, ads = self.index.lookup(fp, ns, chain, limit, usable=usable, rank=rank)
+        (self.metrics.hits if matched else self.metrics.misses).inc()
+        return matched, ads
+
+    def _on_quote_request(self, st: Statement, routing: bytes | None, relayer: bytes):
+        if routing is not None:
+            frame = self.market.quote_request(st, self.clock.now_ms())
+            self._reply_frame(routing, frame, MessageType.QUOTE)
+
+    def _on_accept(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
+        self.market.accept(st, self.clock.now_ms())
+
+    def _on_reject(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
+        frame = self.market.reject(st, self.clock.now_ms())
+        if frame is not None and routing is not None:
+            self._reply_frame(routing, frame, MessageType.QUOTE)
+
+    def _on_receipt(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
+        self.market.receipt(st, self.clock.now_ms())
+        self.event("sold", buyer=st.signer_id.hex()[:12], price=st.message.price)
