@@ -113,6 +113,19 @@ def spread(n: int, seed: int, loss: float) -> dict:
     }
 
 
+def holders(sim: Simulation, ad: tuple[bytes, int], group: set[int], seconds: float) -> dict:
+    """Run `seconds` more; when each node of `group` came to hold `ad`, from now."""
+    since, got = sim.clock.now, {}
+
+    def seen(to: int, sender: int, frame: bytes) -> None:
+        if to in group and to not in got and ad in sim.cores[to].index:
+            got[to] = sim.clock.now - since
+
+    sim.on_receive = seen
+    sim.run_until(since + seconds)
+    return got
+
+
 def churn(n: int, seed: int, share: float = 0.1) -> dict:
     """A tenth of the nodes crash as the advertisement is published and restart 2 s
     later with nothing but their identity: how soon does every node hold it?"""
@@ -128,15 +141,7 @@ def churn(n: int, seed: int, share: float = 0.1) -> dict:
         sim.run_until(WARM_S + 2.0)
         for i in churned:
             sim.restart(i, known=16)
-        restarted_at = sim.clock.now
-        got: dict[int, float] = {}
-
-        def seen(to: int, sender: int, frame: bytes) -> None:
-            if to in churned and to not in got and ad in sim.cores[to].index:
-                got[to] = sim.clock.now - restarted_at
-
-        sim.on_receive = seen
-        sim.run_until(restarted_at + 10.0)
+        got = holders(sim, ad, set(churned), 10.0)
         reach = sum(ad in core.index for core in sim.cores) / n
     seconds = list(got.values()) or [float("inf")]
     return {
@@ -230,16 +235,8 @@ def partition(n: int, seed: int, cut_s: float = 20.0) -> dict:
         ad = sim.publish(0)
         sim.run_until(WARM_S + cut_s)
         during = sum(ad in core.index for core in sim.cores) / n
-        healed_at = sim.clock.now
-        got: dict[int, float] = {}
         sim.heal()
-
-        def seen(to: int, sender: int, frame: bytes) -> None:
-            if to not in got and to not in side and ad in sim.cores[to].index:
-                got[to] = sim.clock.now - healed_at
-
-        sim.on_receive = seen
-        sim.run_until(healed_at + 20.0)
+        got = holders(sim, ad, set(range(n)) - side, 20.0)
         reach = sum(ad in core.index for core in sim.cores) / n
     seconds = list(got.values()) or [float("inf")]
     return {

@@ -23,8 +23,9 @@ from kvx.protocol import (
 )
 from kvx.trust import Event, Statement
 
-MAX_PROVIDERS = 64
-"""Providers one purchase tries before it gives up."""
+MAX_PROVIDERS = 256
+"""Providers one purchase tries before it gives up (and it stops walking once the client's
+timeout has passed): a liar that answers at once costs the buyer one round trip."""
 
 T = TypeVar("T")
 

@@ -9,9 +9,6 @@ A mixin of NodeCore (p2p/_core.py), whose state and outputs it uses.
 
 from __future__ import annotations
 
-import random
-from collections import deque
-
 from kvx.protocol import (
     ENDPOINT_TRANSPORTS,
     Advertise,
@@ -26,37 +23,18 @@ from kvx.protocol import (
     split_ctl,
     split_host_port,
 )
-from kvx.trust import Memberships, Policy, Signer, Statement, open_envelope
+from kvx.trust import Statement, open_envelope
 
-from ._clock import Clock
-from ._config import NodeConfig
-from ._index import AdId, AdIndex
-from ._metrics import Metrics
-from ._peers import Peer, PeerTable, State
-from ._pricing import PricePolicy
-from ._store import Entry, LocalStore
+from ._peers import Peer, State
+from ._state import CoreState
+from ._store import Entry
 
 RECENT_S = 10.0
 """How long a relayable statement a node took counts as news it tells each prober of."""
 RECENT_MAX = 64
 
 
-class Gossip:
-    config: NodeConfig
-    clock: Clock
-    random: random.Random
-    signer: Signer
-    policy: Policy
-    peers: PeerTable
-    index: AdIndex
-    memberships: Memberships
-    metrics: Metrics
-    pricing: PricePolicy
-    store: LocalStore
-    ctl: str
-    _own: dict[bytes, Statement]  # content root -> our ADVERTISE
-    _recent: deque[tuple[float, AdId, bytes | None]]
-
+class Gossip(CoreState):
     def _push(
         self, frame: bytes, mtype: MessageType, exclude: set[bytes], ns: bytes | None
     ) -> None:

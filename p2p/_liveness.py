@@ -10,7 +10,6 @@ NodeCore (p2p/_core.py), whose state and outputs it uses.
 from __future__ import annotations
 
 import logging
-import random
 
 from kvx.protocol import (
     ErrorCode,
@@ -24,35 +23,17 @@ from kvx.protocol import (
     node_id,
     split_ctl,
 )
-from kvx.trust import Memberships, PeerScores, Policy, Signer, Statement, open_envelope
+from kvx.trust import Statement, open_envelope
 
-from ._clock import Clock
-from ._config import NodeConfig
-from ._index import AdIndex
-from ._metrics import Metrics
-from ._peers import PeerTable, State
-from ._probing import IndirectProbes, Waiting
+from ._peers import State
+from ._probing import Waiting
+from ._state import CoreState
 
 PULL_EVERY_S = 1.0
 """The least time between two DIGESTs a node sends one peer for its `recent` news."""
 
 
-class Liveness:
-    config: NodeConfig
-    clock: Clock
-    random: random.Random
-    signer: Signer
-    policy: Policy
-    peers: PeerTable
-    index: AdIndex
-    memberships: Memberships
-    scores: PeerScores
-    metrics: Metrics
-    probes: IndirectProbes
-    ctl: str
-    incarnation: int
-    _pulled: dict[bytes, float]  # peer -> when its news was last pulled
-
+class Liveness(CoreState):
     def _keeps(self, key: bytes) -> bool:
         """Peers the table never evicts for a newcomer: bootstrap peers and proven sellers."""
         return any(b.key == key for b in self.config.bootstrap) or (

@@ -2,7 +2,10 @@
 
 SWIM-style: a node probes the peers it has probed least recently, counts any valid
 statement from a peer as a sign of life, marks a peer suspect when a probe has gone
-unanswered for `suspect_after_s` and dead when it still has after `dead_after_s`.
+unanswered for `suspect_after_s` and dead when it still has after `dead_after_s`. Half
+way to suspicion it names the peer for indirect probes (`need_help`): other peers probe
+it, and a proof that it answered them counts as its answer (`vouched`), so that one
+lossy link does not make a healthy peer suspect.
 Silence alone suspects nobody: in a table of 64 peers, each is probed only every half
 minute or so, and a simulated swarm of 1,000 nodes showed silence-based suspicion
 suspecting healthy peers about six times a second per node. Dead peers are still

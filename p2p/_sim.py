@@ -10,6 +10,7 @@ same run, event for event.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 import random
@@ -144,17 +145,7 @@ class HostileCore(NodeCore):
         if ad.root in self._lied or any(st.signer == a.key for a in self.accomplices):
             return
         self._lied.add(ad.root)
-        lie = Advertise(
-            fp=ad.fp,
-            layout=ad.layout,
-            blocks=ad.blocks,
-            root=ad.root,
-            chunk=ad.chunk,
-            price=0,
-            ctl=self.ctl,
-            data=self.data,
-            ns=ad.ns,
-        )
+        lie = dataclasses.replace(ad, price=0, ctl=self.ctl, data=self.data)
         frame = self.signer.seal(lie, now_ms=self.clock.now_ms(), ttl_ms=3_600_000)
         for peer in self.peers.alive():  # to everyone, not to a fanout
             self._send_frame(peer.key, frame, MessageType.ADVERTISE)

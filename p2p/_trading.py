@@ -17,27 +17,14 @@ from kvx.protocol import (
     RemoteProtocolError,
     node_id,
 )
-from kvx.trust import Identity, Memberships, PeerScores, Policy, Statement
+from kvx.trust import Statement
 
-from ._clock import Clock
-from ._index import AdIndex, Advert
-from ._market import Market
-from ._metrics import Metrics
-from ._peers import PeerTable, State
+from ._index import Advert
+from ._peers import State
+from ._state import CoreState
 
 
-class Trading:
-    clock: Clock
-    identity: Identity
-    id: bytes
-    policy: Policy
-    peers: PeerTable
-    index: AdIndex
-    memberships: Memberships
-    scores: PeerScores
-    metrics: Metrics
-    market: Market | None
-
+class Trading(CoreState):
     def _may_buy(self, peer: bytes, ns: bytes) -> bool:
         """A node id that proved `ns` and that the namespace's rules let buy."""
         try:

@@ -27,6 +27,7 @@ CORE = [
     "p2p/_probing.py",
     "p2p/_store.py",
     "p2p/_sim.py",
+    "p2p/_state.py",
     "transport/_sessions.py",
 ]
 
