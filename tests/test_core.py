@@ -267,3 +267,50 @@ def test_a_healed_partition_joins_up_and_spreads_what_one_side_missed():
         sim.run_until(41.0)
         assert all(ad in core.index for core in sim.cores)
         assert all(p.state == State.ALIVE for core in sim.cores for p in core.peers.all())
+
+
+def test_every_illegal_step_of_a_quote_has_its_spec_code_in_memory():
+    """Spec §10.4's table, against a seller core fed frames by hand (aioquic's roundtrip
+    tests in shape): each answer is drained straight from the core."""
+    from kvx.protocol import Accept, ErrorCode, Quote, QuoteRequest, Reject
+    from kvx.trust import open_envelope
+
+    with Simulation(2, seed=43, publishers=frozenset({0})) as sim:
+        sim.start(known=1)
+        seller, buyer = sim.cores
+        sim.publish(0)
+        advert = seller.index.ads()[0].message
+        routing = (1).to_bytes(4, "big")
+
+        def ask(message) -> object:
+            frame = buyer.signer.seal(message, now_ms=sim.clock.now_ms(), to=seller.id)
+            seller.receive(frame, sim.curve[1], routing, None)
+            answers = [open_envelope(o.frame).message for o in seller.drain()]
+            return answers[0] if answers else None
+
+        def code(message) -> ErrorCode:
+            return ErrorCode(ask(message).code)
+
+        def quote() -> Quote:
+            q = ask(
+                QuoteRequest(
+                    fp=advert.fp, blocks=advert.blocks, transports=("tcp",), max_price=10**12
+                )
+            )
+            assert isinstance(q, Quote)
+            return q
+
+        def accept(q: Quote, **over) -> Accept:
+            return Accept(**{"quote": q.quote, "price": q.price, "root": q.root, **over})
+
+        q = quote()
+        assert code(accept(q, quote=b"\0" * 16)) == ErrorCode.UNKNOWN_QUOTE
+        assert code(Reject(quote=b"\0" * 16, reason=0)) == ErrorCode.UNKNOWN_QUOTE
+        assert code(accept(q, price=q.price + 1)) == ErrorCode.UNKNOWN_QUOTE
+        assert ask(accept(q)) is None  # OFFERED -> ACCEPTED, nothing to answer
+        assert code(accept(q)) == ErrorCode.UNEXPECTED_MESSAGE
+        assert code(Reject(quote=q.quote, reason=0)) == ErrorCode.UNEXPECTED_MESSAGE
+        q = quote()
+        assert ask(Reject(quote=q.quote, reason=0)) is None  # OFFERED -> REJECTED
+        assert code(accept(q)) == ErrorCode.UNEXPECTED_MESSAGE
+        assert code(Reject(quote=q.quote, reason=0, counter=1)) == ErrorCode.UNEXPECTED_MESSAGE
