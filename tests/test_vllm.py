@@ -27,12 +27,15 @@ ENGINE = Path(__file__).with_name("vllm_engine.py")
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
+    return tiny_llama(tmp_path_factory.mktemp("tiny-llama"), seed=0)
+
+
+def tiny_llama(path: Path, seed: int) -> Path:
     import torch
     from tokenizers import Tokenizer, models
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    path = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = LlamaConfig(  # head_dim 64: the CPU attention kernels take no smaller
         vocab_size=512,
         hidden_size=256,
@@ -88,6 +91,27 @@ def test_a_prefix_one_engine_computed_is_bought_by_another_token_for_token(model
     assert bought == engine(model, None, [wanted, unrelated])  # token for token
 
 
+def test_kv_of_other_weights_is_never_bought(model, tmp_path):
+    """The same architecture with other weights has another fingerprint, so its chain
+    of the same tokens matches nothing: no quote is asked for, nothing moves."""
+    other = tiny_llama(tmp_path / "other", seed=1)
+    prompt = [random.Random(4).randrange(1, 512) for _ in range(300)]
+    a = NodeProcess(tmp_path / "a").start()
+    a.wait_ready()
+    b = NodeProcess(tmp_path / "b", [a.dir / "node.json"]).start()
+    b.wait_ready()
+    try:
+        engine(model, a, [prompt])
+        eventually(lambda: len(b.call("ads")["ads"]) == 1)
+        got = engine(other, b, [[*prompt, 5]])
+        assert not events(b, "bought") and not events(b, "missed")
+        assert not events(a, "sold")
+    finally:
+        a.stop()
+        b.stop()
+    assert got == engine(other, None, [[*prompt, 5]])
+
+
 def test_a_seller_gone_before_the_fetch_costs_a_recompute_not_a_token(model, tmp_path):
     """The buyer's node has not yet noticed the seller died (its suspicion takes a
     minute here), so the engine is told the prefix is there; the fetch fails, and vLLM
@@ -139,3 +163,52 @@ def test_an_engine_whose_failed_loads_would_fail_requests_does_not_start(model, 
             engine(model, node, [[1, 2, 3]], kv_load_failure_policy="fail")
     finally:
         node.stop()
+
+
+def test_kv_trades_between_vllm_and_hugging_face_both_ways(model, tmp_path):
+    """The same weights give the same fingerprint in both integrations, so a prefix one
+    engine computed is bought by the other. The KV vLLM sells is the KV Hugging Face
+    computes (to float noise: the two run different kernels); how far their greedy
+    outputs agree is reported, not asserted, since a random model's near-ties flip."""
+    import torch
+
+    from kvx.integrations.hf import fetch_prefix_sync, load_model, publish_prompt_sync
+    from kvx.p2p import SyncPeerClient
+
+    rng = random.Random(3)
+    by_hf = [rng.randrange(1, 512) for _ in range(300)]
+    by_vllm = [rng.randrange(1, 512) for _ in range(300)]
+    hf = load_model(model)
+    a = NodeProcess(tmp_path / "a").start()
+    a.wait_ready()
+    b = NodeProcess(tmp_path / "b", [a.dir / "node.json"]).start()
+    b.wait_ready()
+    ids = torch.tensor([[*by_vllm, 5]])
+    try:
+        with SyncPeerClient(a.dir) as seller:
+            publish_prompt_sync(seller, hf.model, hf.fp, torch.tensor([by_hf]))
+        engine(model, a, [by_vllm])  # sells this one
+        eventually(lambda: len(b.call("ads")["ads"]) == 2)
+        vllm_bought = engine(model, b, [[*by_hf, 5]])[0]  # buys what HF computed
+        assert [e["tokens"] for e in events(b, "bought")] == [256]
+        with SyncPeerClient(b.dir) as buyer:  # and HF buys what vLLM computed
+            cache, bought = fetch_prefix_sync(buyer, hf.model, hf.fp, ids, max_new_tokens=12)
+        assert bought.tokens == 256
+    finally:
+        a.stop()
+        b.stop()
+    with torch.no_grad():  # the KV vLLM sold is the KV this model computes
+        own = hf.model(ids[:, :256], use_cache=True).past_key_values
+        for mine, sold in zip(own.layers, cache.layers, strict=True):
+            for x, y in ((mine.keys, sold.keys), (mine.values, sold.values)):
+                assert torch.allclose(x[0], y[0, :, :256], atol=1e-4)
+        greedy = {"max_new_tokens": 12, "do_sample": False}
+        hf_bought = hf.model.generate(ids, past_key_values=cache, **greedy)[0, ids.shape[1] :]
+        hf_own = hf.model.generate(ids, **greedy)[0, ids.shape[1] :]
+    vllm_own = engine(model, None, [[*by_hf, 5]])[0]
+    for name, x, y in (
+        ("vLLM with Hugging Face's KV", vllm_bought, vllm_own),
+        ("Hugging Face with vLLM's KV", hf_bought.tolist(), hf_own.tolist()),
+    ):
+        same = sum(p == q for p, q in zip(x, y, strict=True))
+        print(f"{name} agrees with its own prefill on {same} of {len(y)} greedy tokens")

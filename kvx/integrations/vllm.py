@@ -194,7 +194,7 @@ class KvxConnector(KVConnectorBase_V1):
     # ---- worker side -------------------------------------------------------------------
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        """Per layer [blocks, kv_heads, page, 2 * head_dim] on CPU: K, then V, per token."""
+        """Per layer [blocks, kv_heads, page, 2 * head_dim] on CPU (see _halves)."""
 
         def layer(name: str) -> int:
             return int(re.search(r"layers\.(\d+)\.", name).group(1))
@@ -208,6 +208,17 @@ class KvxConnector(KVConnectorBase_V1):
             2 * layout.head_dim,
         ):
             raise ConfigError(f"kvx: a paged cache of shape {tuple(shape)} is not {layout}")
+
+    def _halves(self, cache: torch.Tensor, page: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of the keys and the values of one page, each [kv_heads, page, head_dim].
+
+        vLLM's CPU backend keeps, per page and head, the keys and then the values; the
+        values token by token, the keys transposed ([head_dim, page], for its dot
+        products). tests/test_vllm.py checks both against Hugging Face's own KV."""
+        heads, tokens, width = cache.shape[1:]
+        halves = cache[page].view(heads, 2, tokens * (width // 2))
+        keys = halves[:, 0].view(heads, width // 2, tokens).transpose(1, 2)
+        return keys, halves[:, 1].view(heads, tokens, width // 2)
 
     def _pages(self, block_ids: list[int], kvx_block: int) -> list[int]:
         per = BLOCK // self.page
@@ -243,8 +254,9 @@ class KvxConnector(KVConnectorBase_V1):
             for j, page in enumerate(self._pages(load.block_ids, b)):
                 span = slice(j * self.page, (j + 1) * self.page)
                 for layer, cache in enumerate(self._kv):
-                    cache[page, :, :, :D] = kv[b, layer, 0, :, span]
-                    cache[page, :, :, D:] = kv[b, layer, 1, :, span]
+                    keys, values = self._halves(cache, page)
+                    keys.copy_(kv[b, layer, 0, :, span])
+                    values.copy_(kv[b, layer, 1, :, span])
         return len(load.chain)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
@@ -256,15 +268,13 @@ class KvxConnector(KVConnectorBase_V1):
     def wait_for_save(self) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, KvxMetadata)
-        layout = self.fp.layout
-        D = layout.head_dim
         for save in meta.saves:
             parts = []
             for b in range(len(save.chain)):
                 pages = self._pages(save.block_ids, b)
                 for cache in self._kv:
-                    for half in (slice(None, D), slice(D, None)):
-                        parts.append(torch.cat([cache[p, :, :, half] for p in pages], dim=1))
+                    for kv in (0, 1):
+                        parts.append(torch.cat([self._halves(cache, p)[kv] for p in pages], dim=1))
             payload = torch.stack(parts).contiguous().view(torch.uint8).reshape(-1)
             try:
                 self._publish(save.chain, payload)
