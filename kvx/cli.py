@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import secrets
 import sys
 import traceback
@@ -16,7 +17,7 @@ from rich.table import Table
 from kvx import __version__
 from kvx.p2p import Bootstrap, NodeConfig, admin_call, load_node_config, run_node
 from kvx.p2p._config import KEY_FILE, LEDGER_FILE
-from kvx.p2p._logs import LEVELS
+from kvx.p2p._logs import LEVELS, setup_logging
 from kvx.p2p._probe import KEY_HINT, Probe, check_public_key, probe
 from kvx.protocol import ConfigError, KvxError, Namespace
 from kvx.trust import Identity, Ledger, read_secret, write_private
@@ -142,14 +143,22 @@ def _node(args: argparse.Namespace, out: Console) -> None:
         raise ConfigError("kvx node needs --config FILE or --data-dir DIR")
     boots = tuple(Bootstrap.parse(b) for b in args.bootstrap)
     config = config.with_args(listen=args.listen, bootstrap=boots or None)
+    setup_logging(args.log_level)
     for boot in config.bootstrap:  # a wrong key would otherwise fail silently, forever
         found = probe(boot.ctl, boot.key)
         where = f"bootstrap {boot.key.hex()[:16]}…@{boot.ctl}"
         if found is Probe.WRONG_KEY:
             raise ConfigError(f"{where}: {found.value}; {KEY_HINT}")
-        if found is not Probe.ANSWERS:
-            print(f"kvx: warning: {where}: {found.value}; the node keeps trying", file=sys.stderr)
-    run_node(config, args.log_level)
+        if found is not Probe.ANSWERS:  # a JSON line like every other record of the node
+            logging.getLogger("kvx.node").warning(
+                {
+                    "event": "bootstrap_unanswered",
+                    "key": boot.key.hex(),
+                    "ctl": boot.ctl,
+                    "why": f"{found.value}; the node keeps trying",
+                }
+            )
+    run_node(config)
 
 
 def _cut(args: argparse.Namespace):

@@ -47,7 +47,6 @@ from ._clock import Clock
 from ._config import ADMIN_SOCKET, INFO_FILE, LEDGER_FILE, SCORES_FILE, STORE_DIR, NodeConfig
 from ._core import Disconnect, NodeCore, Reply, Send
 from ._datadir import DataDirLock
-from ._logs import setup_logging
 from ._pricing import PricePolicy
 from ._store import LocalStore
 
@@ -386,7 +385,6 @@ def _check_listen(config: NodeConfig) -> None:
         ) from None
 
 
-def run_node(config: NodeConfig, log_level: str = "info") -> None:
+def run_node(config: NodeConfig) -> None:
     """Run a node in the foreground until SIGTERM or SIGINT."""
-    setup_logging(log_level)
     asyncio.run(Node(config).run())

@@ -191,3 +191,23 @@ def test_log_lines_carry_a_level_and_log_level_filters_them(tmp_path):
     assert [e["event"] for e in default] == ["ready", "stopped"]
     assert {e["level"] for e in default} == {"info"}
     assert run("warning") == []
+
+
+def test_a_bootstrap_peer_that_does_not_answer_is_a_json_warning(tmp_path):
+    """The node starts anyway and keeps trying; the warning is a log record like any
+    other, so a program reading the log as JSON lines does not trip over it."""
+    key = Identity.generate().public_key.hex()
+    data = tmp_path / "b"
+    proc = subprocess.Popen(
+        [str(KVX), "node", "--data-dir", str(data), "--bootstrap", f"{key}@tcp://127.0.0.1:9"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    eventually(lambda: (data / "node.json").exists(), 30)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=30)
+    lines = [json.loads(line) for line in stderr.splitlines()]
+    assert lines[0]["event"] == "bootstrap_unanswered" and lines[0]["level"] == "warning"
+    assert lines[0]["key"] == key and lines[0]["ctl"] == "tcp://127.0.0.1:9"
+    assert "nothing listens there" in lines[0]["why"]
+    assert [e["event"] for e in lines[1:]] == ["ready", "stopped"]
