@@ -1,16 +1,25 @@
 """kvx inside vLLM, for real: vLLM's CPU build runs a tiny random Llama (saved with
 save_pretrained, with a word-level tokenizer for its fingerprint) in engine processes,
-each engine with its own kvx node process."""
+each engine with its own kvx node process.
+
+An engine start costs ~12 s in one process and ~30 s as vLLM deploys it (engine core and
+worker in processes of their own); the first test runs that way, so that the
+connector's scheduler and worker halves talk only through the metadata vLLM pickles,
+the others in one process."""
 
 import importlib.util
 import json
+import os
 import random
 import subprocess
 import sys
+import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from netns import Network, require_netns
 from swarm import NodeProcess, eventually
 
 from kvx.protocol import ConfigError
@@ -23,11 +32,39 @@ with warnings.catch_warnings():  # vLLM's own imports warn of torch APIs it stil
 
 
 ENGINE = Path(__file__).with_name("vllm_engine.py")
+ONE_PROCESS = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # engine core, worker
+
+
+def words(seed: int, n: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(1, 512) for _ in range(n)]
+
+
+DOC = words(1, 1100)
+SOLD = [*DOC[:512], *words(2, 90)]  # two whole kvx blocks, and more
+WANTED = [*DOC[:512], *words(3, 40)]
+UNRELATED = words(4, 300)
+SHORT = DOC[:200]  # less than a kvx block: vLLM keeps its first page of 128 tokens
+LONG = [*DOC[:1000], *words(5, 20)]
+ONE_BLOCK = words(6, 300)
+ASKED = [*ONE_BLOCK, 7, 8, 9]
+TAMPERED = words(7, 300)
+BY_HF, BY_VLLM = words(8, 300), words(9, 300)
+KILLED = words(10, 700)  # two blocks, 1 MiB of KV: seconds over the throttled link
+COMPARED = [WANTED, UNRELATED, SHORT, LONG, ASKED, [*TAMPERED, 5], [*BY_HF, 5], [*KILLED, 5]]
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
     return tiny_llama(tmp_path_factory.mktemp("tiny-llama"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def own(model) -> dict[tuple[int, ...], list[int]]:
+    """Each prompt's greedy output from an engine without kvx and without prefix caching:
+    what every purchase must leave unchanged."""
+    outs = engine(model, None, COMPARED, prefix_caching=False).out
+    return {tuple(p): o for p, o in zip(COMPARED, outs, strict=True)}
 
 
 def tiny_llama(path: Path, seed: int) -> Path:
@@ -46,22 +83,39 @@ def tiny_llama(path: Path, seed: int) -> Path:
         max_position_embeddings=2048,
     )
     LlamaForCausalLM(config).save_pretrained(path)
-    words = Tokenizer(models.WordLevel(vocab={f"w{i}": i for i in range(512)}, unk_token="w0"))
-    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="w0").save_pretrained(path)
+    vocab = Tokenizer(models.WordLevel(vocab={f"w{i}": i for i in range(512)}, unk_token="w0"))
+    PreTrainedTokenizerFast(tokenizer_object=vocab, unk_token="w0").save_pretrained(path)
     return path
 
 
-def engine(model: Path, node: NodeProcess | None, prompts: list, **config) -> list:
+@dataclass
+class Run:
+    out: list[list[int]]
+    log: str  # what the engine printed (vLLM logs to stdout), the connector's lines too
+
+
+def engine(
+    model: Path,
+    node: NodeProcess | None,
+    prompts: list,
+    *,
+    processes: bool = False,
+    prefix: tuple[str, ...] = (),
+    **options,
+) -> Run:
     """Greedy outputs of one engine run; with `node`, through the kvx connector."""
-    args = [str(model), str(node.dir) if node else "-", json.dumps(prompts)]
+    args = [str(model), str(node.dir) if node else "-", json.dumps(prompts), json.dumps(options)]
+    env = None if processes else ONE_PROCESS
     run = subprocess.run(
-        [sys.executable, str(ENGINE), *args, json.dumps(config)],
+        [*prefix, sys.executable, str(ENGINE), *args],
         capture_output=True,
         text=True,
         timeout=300,
+        env=env,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    return json.loads(next(x for x in run.stdout.splitlines() if x.startswith("OUT:"))[4:])
+    out = next(x for x in run.stdout.splitlines() if x.startswith("OUT:"))[4:]
+    return Run(json.loads(out), run.stdout + run.stderr)
 
 
 def events(node: NodeProcess, name: str) -> list[dict]:
@@ -69,72 +123,160 @@ def events(node: NodeProcess, name: str) -> list[dict]:
     return [e for e in map(json.loads, lines) if e.get("event") == name]  # JSON lines
 
 
-def test_a_prefix_one_engine_computed_is_bought_by_another_token_for_token(model, tmp_path):
-    rng = random.Random(1)
-    shared = [rng.randrange(1, 512) for _ in range(512)]  # two kvx blocks
-    sold = shared + [rng.randrange(1, 512) for _ in range(90)]
-    wanted = shared + [rng.randrange(1, 512) for _ in range(40)]
-    unrelated = [rng.randrange(1, 512) for _ in range(300)]
+def pair(tmp_path: Path, **buyer) -> tuple[NodeProcess, NodeProcess]:
     a = NodeProcess(tmp_path / "a").start()
     a.wait_ready()
-    b = NodeProcess(tmp_path / "b", [a.dir / "node.json"]).start()
+    b = NodeProcess(tmp_path / "b", [a.dir / "node.json"], **buyer).start()
     b.wait_ready()
+    return a, b
+
+
+def hf_publish(model: Path, node: NodeProcess, prompt: list[int]) -> None:
+    """Sell a prompt's KV computed by Hugging Face, without starting an engine."""
+    import torch
+
+    from kvx.integrations.hf import load_model, publish_prompt_sync
+    from kvx.p2p import SyncPeerClient
+
+    hf = load_model(model)
+    with SyncPeerClient(node.dir) as seller:
+        publish_prompt_sync(seller, hf.model, hf.fp, torch.tensor([prompt]))
+
+
+def test_a_prefix_one_engine_computed_is_bought_by_another_token_for_token(model, own, tmp_path):
+    a, b = pair(tmp_path)
     try:
-        engine(model, a, [sold])  # computes the prompt, and sells its two whole blocks
+        engine(model, a, [SOLD], processes=True)  # computes the prompt, sells two blocks
         eventually(lambda: len(b.call("ads")["ads"]) == 1)
-        bought = engine(model, b, [wanted, unrelated])
+        bought = engine(model, b, [WANTED, UNRELATED], processes=True)
         assert [e["tokens"] for e in events(b, "bought")] == [512]  # the shared prefix only
+        assert "kvx: loaded 512 tokens" in bought.log
         assert events(a, "sold")
     finally:
         a.stop()
         b.stop()
-    assert bought == engine(model, None, [wanted, unrelated])  # token for token
+    assert bought.out == [own[tuple(WANTED)], own[tuple(UNRELATED)]]  # token for token
+
+
+def test_a_partial_prefix_fills_only_the_pages_vllm_does_not_hold(model, own, tmp_path):
+    """The swarm holds two blocks of the document; vLLM's own prefix cache holds the
+    first 128 tokens (from a shorter prompt before): the connector loads the 384 tokens
+    in between and vLLM computes the rest of the prompt."""
+    a, b = pair(tmp_path)
+    try:
+        engine(model, a, [DOC[:600]])
+        eventually(lambda: len(b.call("ads")["ads"]) == 1)
+        run = engine(model, b, [SHORT, LONG])
+        assert "kvx: loaded 384 tokens" in run.log and "(512 bought, 128 its own)" in run.log
+        assert [e["tokens"] for e in events(b, "bought")] == [512]
+    finally:
+        a.stop()
+        b.stop()
+    assert run.out == [own[tuple(SHORT)], own[tuple(LONG)]]
 
 
 def test_kv_of_other_weights_is_never_bought(model, tmp_path):
     """The same architecture with other weights has another fingerprint, so its chain
     of the same tokens matches nothing: no quote is asked for, nothing moves."""
     other = tiny_llama(tmp_path / "other", seed=1)
-    prompt = [random.Random(4).randrange(1, 512) for _ in range(300)]
-    a = NodeProcess(tmp_path / "a").start()
-    a.wait_ready()
-    b = NodeProcess(tmp_path / "b", [a.dir / "node.json"]).start()
-    b.wait_ready()
+    a, b = pair(tmp_path)
     try:
-        engine(model, a, [prompt])
+        hf_publish(model, a, ONE_BLOCK)
         eventually(lambda: len(b.call("ads")["ads"]) == 1)
-        got = engine(other, b, [[*prompt, 5]])
+        run = engine(other, b, [ASKED])
         assert not events(b, "bought") and not events(b, "missed")
-        assert not events(a, "sold")
+        assert not events(a, "sold") and "kvx: loaded" not in run.log
     finally:
         a.stop()
         b.stop()
-    assert got == engine(other, None, [[*prompt, 5]])
 
 
-def test_a_seller_gone_before_the_fetch_costs_a_recompute_not_a_token(model, tmp_path):
+def test_a_seller_gone_before_the_fetch_costs_a_recompute_not_a_token(model, own, tmp_path):
     """The buyer's node has not yet noticed the seller died (its suspicion takes a
     minute here), so the engine is told the prefix is there; the fetch fails, and vLLM
     computes the blocks the connector reported failed: output unchanged."""
-    rng = random.Random(2)
-    prompt = [rng.randrange(1, 512) for _ in range(300)]  # one whole kvx block
-    asked = [*prompt, 7, 8, 9]
-    a = NodeProcess(tmp_path / "a").start()
-    a.wait_ready()
-    slow = {"suspect_after_s": 60.0, "dead_after_s": 120.0}
-    b = NodeProcess(tmp_path / "b", [a.dir / "node.json"], **slow).start()
-    b.wait_ready()
+    a, b = pair(tmp_path, suspect_after_s=60.0, dead_after_s=120.0)
     try:
-        engine(model, a, [prompt])
+        hf_publish(model, a, ONE_BLOCK)
         eventually(lambda: len(b.call("ads")["ads"]) == 1)
         a.kill()
         settings = {"data_dir": str(b.dir), "timeout_s": 1}
-        got = engine(model, b, [asked], kv_connector_extra_config=settings)
+        run = engine(model, b, [ASKED], kv={"kv_connector_extra_config": settings})
         assert not events(b, "bought") and events(b, "missed")
+        assert "kvx: nothing bought" in run.log
     finally:
         a.stop()
         b.stop()
-    assert got == engine(model, None, [asked])
+    assert run.out == [own[tuple(ASKED)]]
+
+
+def test_a_seller_killed_mid_fetch_costs_a_recompute_not_a_token(model, own, tmp_path):
+    """Seller and buyer on two hosts (network namespaces), the seller's link throttled
+    so that its 1 MiB take seconds; it is killed once the buyer's data connection is
+    open. The stream ends short, nothing of it reaches the paged cache, and vLLM
+    computes the blocks: output unchanged."""
+    require_netns()
+    network = Network(hosts=2)
+    hosts = []
+    try:
+        for i in (1, 2):
+            boot = [tmp_path / "h1" / "node.json"] if i == 2 else []
+            host = NodeProcess(
+                tmp_path / f"h{i}",
+                boot,
+                prefix=network.prefix(i),
+                listen=f"tcp://{network.address(i)}:0",
+                data_host=network.address(i),
+                suspect_after_s=60.0,
+                dead_after_s=120.0,
+            )
+            hosts.append(host.start())
+            host.wait_ready()
+        seller, buyer = hosts
+        hf_publish(model, seller, KILLED)
+        eventually(lambda: len(buyer.call("ads")["ads"]) == 1, 30)
+        tc = [*network.prefix(1), "tc", "qdisc", "add", "dev", f"{network.tag}e1", "root"]
+        throttle = subprocess.run(
+            [*tc, "tbf", "rate", "2mbit", "burst", "16kb", "latency", "400ms"],
+            capture_output=True,
+            text=True,
+        )
+        if throttle.returncode != 0:
+            pytest.skip(f"tc tbf is not available here: {throttle.stderr.strip()}")
+        port = seller.info["data"][0]["addr"].rsplit(":", 1)[1]
+        watch = [*network.prefix(1), "ss", "-Htn", "state", "established", f"sport = :{port}"]
+        settings = {"data_dir": str(buyer.dir), "timeout_s": 20}
+        running = subprocess.Popen(  # the engine, on the buyer's host
+            [
+                *network.prefix(2),
+                sys.executable,
+                str(ENGINE),
+                str(model),
+                str(buyer.dir),
+                json.dumps([[*KILLED, 5]]),
+                json.dumps({"kv": {"kv_connector_extra_config": settings}}),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=ONE_PROCESS,
+        )
+        deadline = time.monotonic() + 120
+        while not subprocess.run(watch, capture_output=True, text=True).stdout.strip():
+            assert running.poll() is None and time.monotonic() < deadline, "no data connection"
+            time.sleep(0.05)
+        seller.kill()  # SIGKILL, the stream under way
+        out, err = running.communicate(timeout=300)
+        assert running.returncode == 0, err[-3000:]
+        missed = events(buyer, "missed")
+        assert not events(buyer, "bought") and missed, err[-2000:]
+        assert "kvx: nothing bought" in out and "STREAM_TRUNCATED" in out, out[-2000:]
+    finally:
+        for host in hosts:
+            host.stop()
+        network.close()
+    got = json.loads(next(x for x in out.splitlines() if x.startswith("OUT:"))[4:])
+    assert got == [own[(*KILLED, 5)]]
 
 
 @pytest.mark.parametrize(
@@ -160,36 +302,29 @@ def test_an_engine_whose_failed_loads_would_fail_requests_does_not_start(model, 
     node.wait_ready()
     try:
         with pytest.raises(AssertionError, match="kv_load_failure_policy"):
-            engine(model, node, [[1, 2, 3]], kv_load_failure_policy="fail")
+            engine(model, node, [[1, 2, 3]], kv={"kv_load_failure_policy": "fail"})
     finally:
         node.stop()
 
 
-def test_kv_trades_between_vllm_and_hugging_face_both_ways(model, tmp_path):
+def test_kv_trades_between_vllm_and_hugging_face_both_ways(model, own, tmp_path):
     """The same weights give the same fingerprint in both integrations, so a prefix one
     engine computed is bought by the other. The KV vLLM sells is the KV Hugging Face
     computes (to float noise: the two run different kernels); how far their greedy
     outputs agree is reported, not asserted, since a random model's near-ties flip."""
     import torch
 
-    from kvx.integrations.hf import fetch_prefix_sync, load_model, publish_prompt_sync
+    from kvx.integrations.hf import fetch_prefix_sync, load_model
     from kvx.p2p import SyncPeerClient
 
-    rng = random.Random(3)
-    by_hf = [rng.randrange(1, 512) for _ in range(300)]
-    by_vllm = [rng.randrange(1, 512) for _ in range(300)]
     hf = load_model(model)
-    a = NodeProcess(tmp_path / "a").start()
-    a.wait_ready()
-    b = NodeProcess(tmp_path / "b", [a.dir / "node.json"]).start()
-    b.wait_ready()
-    ids = torch.tensor([[*by_vllm, 5]])
+    a, b = pair(tmp_path)
+    ids = torch.tensor([[*BY_VLLM, 5]])
     try:
-        with SyncPeerClient(a.dir) as seller:
-            publish_prompt_sync(seller, hf.model, hf.fp, torch.tensor([by_hf]))
-        engine(model, a, [by_vllm])  # sells this one
+        hf_publish(model, a, BY_HF)
+        engine(model, a, [BY_VLLM])  # sells this one
         eventually(lambda: len(b.call("ads")["ads"]) == 2)
-        vllm_bought = engine(model, b, [[*by_hf, 5]])[0]  # buys what HF computed
+        vllm_bought = engine(model, b, [[*BY_HF, 5]]).out[0]  # buys what HF computed
         assert [e["tokens"] for e in events(b, "bought")] == [256]
         with SyncPeerClient(b.dir) as buyer:  # and HF buys what vLLM computed
             cache, bought = fetch_prefix_sync(buyer, hf.model, hf.fp, ids, max_new_tokens=12)
@@ -198,17 +333,53 @@ def test_kv_trades_between_vllm_and_hugging_face_both_ways(model, tmp_path):
         a.stop()
         b.stop()
     with torch.no_grad():  # the KV vLLM sold is the KV this model computes
-        own = hf.model(ids[:, :256], use_cache=True).past_key_values
-        for mine, sold in zip(own.layers, cache.layers, strict=True):
-            for x, y in ((mine.keys, sold.keys), (mine.values, sold.values)):
+        mine = hf.model(ids[:, :256], use_cache=True).past_key_values
+        for computed, sold in zip(mine.layers, cache.layers, strict=True):
+            for x, y in ((computed.keys, sold.keys), (computed.values, sold.values)):
                 assert torch.allclose(x[0], y[0, :, :256], atol=1e-4)
         greedy = {"max_new_tokens": 12, "do_sample": False}
         hf_bought = hf.model.generate(ids, past_key_values=cache, **greedy)[0, ids.shape[1] :]
         hf_own = hf.model.generate(ids, **greedy)[0, ids.shape[1] :]
-    vllm_own = engine(model, None, [[*by_hf, 5]])[0]
     for name, x, y in (
-        ("vLLM with Hugging Face's KV", vllm_bought, vllm_own),
+        ("vLLM with Hugging Face's KV", vllm_bought, own[(*BY_HF, 5)]),
         ("Hugging Face with vLLM's KV", hf_bought.tolist(), hf_own.tolist()),
     ):
         same = sum(p == q for p, q in zip(x, y, strict=True))
         print(f"{name} agrees with its own prefill on {same} of {len(y)} greedy tokens")
+
+
+async def test_a_tampered_payload_never_reaches_the_paged_cache(model, own, tmp_path):
+    """The seller runs in this process, so the test can make it serve bytes that do not
+    match the root it signed; the engine's purchase fails verification, vLLM computes
+    those blocks itself, and the output is its own prefill's."""
+    import asyncio
+
+    import torch
+
+    from kvx.integrations.hf import load_model, publish_prompt
+    from kvx.p2p import NodeConfig, Payload, PeerClient
+
+    hf = load_model(model)
+    seller = await PeerClient.embedded(
+        NodeConfig(data_dir=tmp_path / "a", metrics_port=None, heartbeat_s=0.3, anti_entropy_s=1)
+    )
+    b = NodeProcess(tmp_path / "b", [tmp_path / "a" / "node.json"]).start()
+    try:
+        await asyncio.to_thread(b.wait_ready)  # the seller answers on this loop meanwhile
+        root, _ = await publish_prompt(seller, hf.model, hf.fp, torch.tensor([TAMPERED]))
+        node, _task = seller._embedded
+        honest = node.core.store.get(root)
+        tampered = bytearray(honest.data)
+        tampered[len(tampered) // 2] ^= 0x01
+        node.core.store._memory[root] = Payload(honest.entry, bytes(tampered), honest.hashes)
+        await asyncio.to_thread(eventually, lambda: len(b.call("ads")["ads"]) == 1)
+        run = await asyncio.to_thread(engine, model, b, [[*TAMPERED, 5]])
+        missed = events(b, "missed")
+        assert not events(b, "bought") and missed and "kvx: loaded" not in run.log
+        assert "CHUNK_HASH_MISMATCH" in run.log
+        seller_id = node.core.id.hex()
+        assert next(p for p in b.call("peers")["peers"] if p["node_id"] == seller_id)["score"] < 0
+    finally:
+        b.stop()
+        await seller.close()
+    assert run.out == [own[(*TAMPERED, 5)]]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,7 +47,7 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
 
-log = logging.getLogger("kvx.vllm")
+log = logging.getLogger("vllm.kvx")  # vLLM's own handler prints it, with its lines
 
 BLOCK = DEFAULT_BLOCK_TOKENS
 
@@ -91,12 +92,13 @@ def model_fingerprint(model_dir: str, dtype: torch.dtype) -> tuple[ModelFingerpr
 
 @dataclass
 class Load:
-    """Buy `blocks` kvx blocks of a prompt into these vLLM blocks (from `first` on)."""
+    """Buy the kvx blocks of `chain` and place them in these vLLM blocks, from page
+    `first_page` on (vLLM's own prefix cache holds the pages before it)."""
 
     req_id: str
     chain: list[bytes]
     block_ids: list[int]
-    first: int  # the first kvx block not already computed by vLLM itself
+    first_page: int
 
 
 @dataclass
@@ -132,11 +134,15 @@ class KvxConnector(KVConnectorBase_V1):
             vllm_config.model_config.model, vllm_config.model_config.dtype
         )
         self.client = SyncPeerClient(self.settings.data_dir, timeout_s=self.settings.timeout_s)
-        self._matched: dict[str, tuple[int, list[bytes], int]] = {}  # req -> (kvx blocks,
-        # chain, tokens vLLM computed itself)
+        # req -> (kvx blocks the swarm holds, their chain, tokens vLLM holds itself)
+        self._matched: dict[str, tuple[int, list[bytes], int]] = {}
+        # req -> (prompt, vLLM blocks so far) while its prompt is being computed
+        self._prefilling: dict[str, tuple[list[int], list[int]]] = {}
         self._loads: list[Load] = []
         self._kv: list[torch.Tensor] = []
         self._failed: set[int] = set()
+        self._selling = ThreadPoolExecutor(1, thread_name_prefix="kvx-sell")
+        self._seller: SyncPeerClient | None = None
 
     # ---- scheduler side ----------------------------------------------------------------
 
@@ -173,22 +179,47 @@ class KvxConnector(KVConnectorBase_V1):
         if num_external_tokens <= 0:
             return
         matched, chain, computed = self._matched[request.request_id]
-        first = computed // BLOCK
-        block_ids = list(blocks.get_block_ids()[0])
-        self._loads.append(Load(request.request_id, chain[:matched], block_ids, first))
+        block_ids = list(blocks.get_block_ids()[0])  # all of the request's, local hits first
+        self._loads.append(
+            Load(request.request_id, chain[:matched], block_ids, computed // self.page)
+        )
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KvxMetadata:
+        """Loads for the requests just allocated; a sale for each prompt whose computing
+        ends in this step, however many steps (chunked prefill) it took."""
         meta = KvxMetadata(loads=self._loads)
         self._loads = []
+        scheduled = scheduler_output.num_scheduled_tokens
+        progress = []
         for new in scheduler_output.scheduled_new_reqs:
-            tokens = list(new.prompt_token_ids or ())
-            done = new.num_computed_tokens + scheduler_output.num_scheduled_tokens[new.req_id]
+            self._prefilling[new.req_id] = (
+                list(new.prompt_token_ids or ()),
+                list(new.block_ids[0]),
+            )
+            progress.append((new.req_id, new.num_computed_tokens))
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            if req_id not in self._prefilling:
+                continue
+            tokens, block_ids = self._prefilling[req_id]
+            added = cached.new_block_ids[i]
+            if added is not None:
+                fresh = req_id in cached.resumed_req_ids  # preempted: blocks given anew
+                self._prefilling[req_id] = (tokens, [*([] if fresh else block_ids), *added[0]])
+            progress.append((req_id, cached.num_computed_tokens[i]))
+        for req_id, computed in progress:
+            tokens, block_ids = self._prefilling[req_id]
+            if computed + scheduled.get(req_id, 0) < len(tokens):
+                continue
+            del self._prefilling[req_id]
             whole = len(tokens) // BLOCK
-            if whole and done >= len(tokens):  # the prompt is computed in this step
+            held = self._matched.get(req_id, (0,))[0]
+            if whole > held:  # only what the swarm does not advertise yet is worth a sale
                 chain = prefix_chain(self.fp.digest(), tokens[: whole * BLOCK], BLOCK)
-                meta.saves.append(Save(chain, list(new.block_ids[0])))
+                meta.saves.append(Save(chain, block_ids))
         for req_id in scheduler_output.finished_req_ids:
             self._matched.pop(req_id, None)
+            self._prefilling.pop(req_id, None)
         return meta
 
     # ---- worker side -------------------------------------------------------------------
@@ -220,15 +251,12 @@ class KvxConnector(KVConnectorBase_V1):
         keys = halves[:, 0].view(heads, width // 2, tokens).transpose(1, 2)
         return keys, halves[:, 1].view(heads, tokens, width // 2)
 
-    def _pages(self, block_ids: list[int], kvx_block: int) -> list[int]:
-        per = BLOCK // self.page
-        return block_ids[kvx_block * per : (kvx_block + 1) * per]
-
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, KvxMetadata)
+        per = BLOCK // self.page
         for load in meta.loads:
-            wanted = range(load.first, len(load.chain))
+            end = len(load.chain) * per
             try:
                 bought = self.client.fetch(
                     self.fp.digest(),
@@ -236,28 +264,37 @@ class KvxConnector(KVConnectorBase_V1):
                     params=self.params,
                     max_price=self.settings.max_price,
                 )
-            except KvxError as exc:  # Miss, or the node gone: vLLM computes those blocks
-                log.warning("kvx: nothing bought for %s: %s", load.req_id, exc)
-                got = 0
+            except KvxError as exc:  # Miss, or the node gone: vLLM computes those pages
+                faults = "; ".join(f"{f.code.name}: {f.detail}" for f in getattr(exc, "faults", ()))
+                log.warning("kvx: nothing bought for %s: %s (%s)", load.req_id, exc, faults)
+                got = load.first_page
             else:
-                got = self._scatter(bought.tensor, bought.blocks, load, wanted)
-            for b in wanted[max(0, got - load.first) :]:
-                self._failed.update(self._pages(load.block_ids, b))
+                got = max(load.first_page, min(end, bought.blocks * per))
+                self._scatter(bought.tensor, bought.blocks, load.block_ids, load.first_page, got)
+                log.info(
+                    "kvx: loaded %d tokens of %s into its paged cache (%d bought, %d its own)",
+                    (got - load.first_page) * self.page,
+                    load.req_id,
+                    bought.tokens,
+                    load.first_page * self.page,
+                )
+            self._failed.update(load.block_ids[got:end])
 
-    def _scatter(self, payload: torch.Tensor, blocks: int, load: Load, wanted: range) -> int:
+    def _scatter(
+        self, payload: torch.Tensor, blocks: int, block_ids: list[int], first: int, end: int
+    ) -> None:
+        """Copy pages `first` to `end` of every layer from the payload (block-major,
+        spec §7.5) into the paged cache, each at its vLLM block."""
         layout = self.fp.layout
         H, D, L = layout.kv_heads, layout.head_dim, layout.layers
         kv = payload.view(self._kv[0].dtype).view(blocks, L, 2, H, BLOCK, D)
-        for b in wanted:
-            if b >= blocks:
-                return blocks
-            for j, page in enumerate(self._pages(load.block_ids, b)):
-                span = slice(j * self.page, (j + 1) * self.page)
-                for layer, cache in enumerate(self._kv):
-                    keys, values = self._halves(cache, page)
-                    keys.copy_(kv[b, layer, 0, :, span])
-                    values.copy_(kv[b, layer, 1, :, span])
-        return len(load.chain)
+        for p in range(first, end):
+            b, j = divmod(p * self.page, BLOCK)
+            span = slice(j, j + self.page)
+            for layer, cache in enumerate(self._kv):
+                keys, values = self._halves(cache, block_ids[p])
+                keys.copy_(kv[b, layer, 0, :, span])
+                values.copy_(kv[b, layer, 1, :, span])
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return
@@ -270,29 +307,37 @@ class KvxConnector(KVConnectorBase_V1):
         assert isinstance(meta, KvxMetadata)
         for save in meta.saves:
             parts = []
+            per = BLOCK // self.page
             for b in range(len(save.chain)):
-                pages = self._pages(save.block_ids, b)
+                pages = save.block_ids[b * per : (b + 1) * per]
                 for cache in self._kv:
                     for kv in (0, 1):
                         parts.append(torch.cat([self._halves(cache, p)[kv] for p in pages], dim=1))
             payload = torch.stack(parts).contiguous().view(torch.uint8).reshape(-1)
-            try:
-                self._publish(save.chain, payload)
-            except KvxError as exc:  # a sale missed, nothing worse
-                log.warning("kvx: could not publish a prompt's KV: %s", exc)
+            # The copy above must happen now, before vLLM reuses the pages; the sale
+            # itself (hashing, the node's store) need not hold up the next step.
+            self._selling.submit(self._publish, save.chain, payload.numpy().tobytes())
 
-    def _publish(self, chain: list[bytes], payload: torch.Tensor) -> None:
-        self.client.publish(
-            fp=self.fp.digest(),
-            layout=self.fp.layout,
-            blocks=chain,
-            payload=payload.numpy().tobytes(),
-            params=self.params,
-        )
+    def _publish(self, chain: list[bytes], payload: bytes) -> None:
+        """On the selling thread, with a client of its own (a client is one thread's)."""
+        if self._seller is None:
+            self._seller = SyncPeerClient(self.settings.data_dir, timeout_s=self.settings.timeout_s)
+        try:
+            self._seller.publish(
+                fp=self.fp.digest(),
+                layout=self.fp.layout,
+                blocks=chain,
+                payload=payload,
+                params=self.params,
+            )
+        except KvxError as exc:  # a sale missed, nothing worse
+            log.warning("kvx: could not publish a prompt's KV: %s", exc)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         failed, self._failed = self._failed, set()
         return failed
 
     def shutdown(self) -> None:
+        self._selling.submit(lambda: self._seller and self._seller.close())
+        self._selling.shutdown(wait=True)
         self.client.close()
