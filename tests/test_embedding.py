@@ -160,6 +160,16 @@ def test_the_weights_hash_is_kept_by_the_model_files(tmp_path, model_dir, cache_
     assert hf.load_model(copy, "tiny").fp.weights_hash == first.fp.weights_hash
 
 
+def test_the_same_model_files_elsewhere_have_the_same_fingerprint(tmp_path, model_dir, cache_home):
+    """Hosts keep their models where they like; where must not stop them trading."""
+    for where in ("srv/models", "home/me"):
+        (tmp_path / where).mkdir(parents=True)
+        subprocess.run(["cp", "-r", str(model_dir), str(tmp_path / where / "tiny")], check=True)
+    a = hf.load_model(tmp_path / "srv/models/tiny").fp
+    b = hf.load_model(tmp_path / "home/me/tiny").fp
+    assert a.model_id == b.model_id == "tiny" and a.digest() == b.digest()
+
+
 def test_a_missing_model_is_one_clear_error(tmp_path):
     with pytest.raises(Exception, match="no model at"):
         hf.load_model(tmp_path / "nowhere")

@@ -51,7 +51,11 @@ ASKED = [*ONE_BLOCK, 7, 8, 9]
 TAMPERED = words(7, 300)
 BY_HF, BY_VLLM = words(8, 300), words(9, 300)
 KILLED = words(10, 700)  # two blocks, 1 MiB of KV: seconds over the throttled link
-COMPARED = [WANTED, UNRELATED, SHORT, LONG, ASKED, [*TAMPERED, 5], [*BY_HF, 5], [*KILLED, 5]]
+PRIVATE = words(11, 300)
+COMPARED = [
+    *(WANTED, UNRELATED, SHORT, LONG, ASKED),
+    *([*p, 5] for p in (TAMPERED, BY_HF, KILLED, PRIVATE)),
+]
 
 
 @pytest.fixture(scope="module")
@@ -123,10 +127,10 @@ def events(node: NodeProcess, name: str) -> list[dict]:
     return [e for e in map(json.loads, lines) if e.get("event") == name]  # JSON lines
 
 
-def pair(tmp_path: Path, **buyer) -> tuple[NodeProcess, NodeProcess]:
-    a = NodeProcess(tmp_path / "a").start()
+def pair(tmp_path: Path, tables: str = "", **buyer) -> tuple[NodeProcess, NodeProcess]:
+    a = NodeProcess(tmp_path / "a", tables=tables).start()
     a.wait_ready()
-    b = NodeProcess(tmp_path / "b", [a.dir / "node.json"], **buyer).start()
+    b = NodeProcess(tmp_path / "b", [a.dir / "node.json"], tables=tables, **buyer).start()
     b.wait_ready()
     return a, b
 
@@ -289,12 +293,52 @@ def test_a_seller_killed_mid_fetch_costs_a_recompute_not_a_token(model, own, tmp
         ({"data_dir": "n", "namespcae": "x"}, "unknown"),
         ({"data_dir": "n", "timeout_s": 0}, "timeout_s"),
         ({"data_dir": "n", "timeout_s": "5"}, "timeout_s"),
+        ({"data_dir": "n", "namespace": 3}, "namespace is the path"),
+        ({"data_dir": "n", "namespace": "/nowhere/team.ns"}, "cannot read secret file"),
     ],
 )
 def test_each_bad_setting_is_refused_with_one_line(extra, says):
     with pytest.raises(ConfigError, match=says) as refused:
         Settings.parse(extra)
     assert "\n" not in str(refused.value)
+
+
+def test_a_secret_file_that_holds_no_secret_is_refused(tmp_path):
+    from kvx.trust import write_private
+
+    write_private(tmp_path / "team.ns", "not hex", "namespace secret")
+    with pytest.raises(ConfigError, match="does not hold a 32-byte hex secret"):
+        Settings.parse({"data_dir": "n", "namespace": str(tmp_path / "team.ns")})
+
+
+def test_a_private_namespace_trades_only_among_its_members(model, own, tmp_path):
+    """Both nodes and both engines hold the namespace's secret: the seller's chain is
+    keyed with it, so an engine that names no namespace matches nothing, and one that
+    names it buys."""
+    import secrets
+
+    from kvx.trust import write_private
+
+    write_private(tmp_path / "team.ns", secrets.token_hex(32), "namespace secret")
+    member = f'\n[[namespace]]\nname = "team"\nsecret_file = "{tmp_path / "team.ns"}"\n'
+    a, b = pair(tmp_path, tables=member)
+    settings = {"kv_connector_extra_config": {"namespace": str(tmp_path / "team.ns")}}
+    try:
+        engine(model, a, [PRIVATE], kv=with_dir(settings, a))
+        eventually(lambda: len(b.call("ads")["ads"]) == 1)
+        engine(model, b, [[*PRIVATE, 5]])
+        assert not events(b, "bought")  # the public chain of the same tokens: no match
+        run = engine(model, b, [[*PRIVATE, 5]], kv=with_dir(settings, b))
+        assert [e["tokens"] for e in events(b, "bought")] == [256]
+    finally:
+        a.stop()
+        b.stop()
+    assert run.out == [own[(*PRIVATE, 5)]]
+
+
+def with_dir(kv: dict, node: NodeProcess) -> dict:
+    extra = {"data_dir": str(node.dir), **kv["kv_connector_extra_config"]}
+    return {**kv, "kv_connector_extra_config": extra}
 
 
 def test_an_engine_whose_failed_loads_would_fail_requests_does_not_start(model, tmp_path):

@@ -6,11 +6,12 @@ With a DATA_DIR the kvx connector buys and sells through the node serving it; wi
 the engine runs without a connector. The prompts run one after another, each alone (so
 that a prompt's output does not depend on what it was batched with). Prints `OUT:` and
 the greedy output token ids of each prompt as JSON, and with `"ttft": true` first times
-each prompt's first token alone (`TTFT:`, seconds). vLLM spawns its engine core, hence
+each prompt's first token alone (`TTFT:`, seconds), after a request that warms the
+engine up. vLLM spawns its engine core, hence
 the __main__ guard.
 
 OPTIONS: `kv` (more kv_transfer_config), `max_tokens` (12), `max_model_len` (2048),
-`prefix_caching` (true), `ttft` (false).
+`prefix_caching` (true), `ttft` (false), `memory` (0.1, vLLM's share of the host's).
 """
 
 import json
@@ -38,7 +39,7 @@ def main() -> None:
         skip_tokenizer_init=True,
         dtype="float32",
         max_model_len=options.get("max_model_len", 2048),
-        gpu_memory_utilization=0.1,  # of the host's memory, on the CPU build
+        gpu_memory_utilization=options.get("memory", 0.1),  # of the host's, on the CPU build
         enforce_eager=True,  # compiling costs 16 s a start and changes nothing kvx does
         enable_prefix_caching=options.get("prefix_caching", True),
         **kwargs,
@@ -46,6 +47,8 @@ def main() -> None:
     greedy = SamplingParams(max_tokens=options.get("max_tokens", 12), temperature=0)
     first = SamplingParams(max_tokens=1, temperature=0)
     outs, ttft = [], []
+    if options.get("ttft"):  # the engine's first request pays for its own warming up
+        llm.generate([{"prompt_token_ids": [1, 2, 3]}], first, use_tqdm=False)
     for prompt in prompts:
         request = {"prompt_token_ids": prompt}
         if options.get("ttft"):

@@ -97,7 +97,8 @@ def load_model(
     to `dtype`) or a Hugging Face model directory — with its fingerprint.
 
     Unless a `revision` names the weights, their hash is cached by the model files, so a
-    restart does not rehash them. `model_id` defaults to the model's own name.
+    restart does not rehash them. `model_id` defaults to the file's or directory's name,
+    never to where it lies, so that hosts keeping the same files elsewhere trade KV.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -125,7 +126,7 @@ def load_model(
         model,
         tokenizer_hash(tokenizer),
         block=block,
-        model_id=model_id,
+        model_id=model_id or (path.stem if path.is_file() else path.name),
         revision=revision,
         files=files,
     )

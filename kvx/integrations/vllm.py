@@ -33,11 +33,15 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from kvx.p2p import SyncPeerClient
 from kvx.protocol import (
     DEFAULT_BLOCK_TOKENS,
+    PUBLIC,
     ConfigError,
     KvxError,
-    ModelFingerprint,
+    Namespace,
     prefix_chain,
 )
+from kvx.trust import read_secret
+
+from .hf import load_model
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -59,10 +63,11 @@ class Settings:
     data_dir: Path
     max_price: int | None = None
     timeout_s: float = 10.0
+    namespace: Namespace = PUBLIC
 
     @classmethod
     def parse(cls, extra: dict[str, Any]) -> Settings:
-        unknown = set(extra) - {"data_dir", "max_price", "timeout_s"}
+        unknown = set(extra) - {"data_dir", "max_price", "timeout_s", "namespace"}
         if unknown:
             raise ConfigError(f"kvx: unknown kv_connector_extra_config keys {sorted(unknown)}")
         if not isinstance(extra.get("data_dir"), str) or not extra["data_dir"]:
@@ -73,21 +78,15 @@ class Settings:
         timeout = extra.get("timeout_s", cls.timeout_s)
         if type(timeout) not in (int, float) or not 0 < timeout <= 600:
             raise ConfigError(f"kvx: timeout_s is seconds in (0, 600], not {timeout!r}")
-        return cls(Path(extra["data_dir"]), price, float(timeout))
-
-
-def model_fingerprint(model_dir: str, dtype: torch.dtype) -> tuple[ModelFingerprint, int]:
-    """The Hugging Face integration's fingerprint of these model files, and the model's
-    parameter count (its own prefill's price): the same weights, the same fingerprint."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .hf import fingerprint, tokenizer_hash
-
-    files = tuple(sorted(Path(model_dir).glob("*.safetensors")))
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    fp = fingerprint(model, tokenizer_hash(tokenizer), files=files, model_id=model_dir)
-    return fp, sum(p.numel() for p in model.parameters())
+        namespace = PUBLIC
+        if "namespace" in extra:
+            where = extra["namespace"]
+            if not isinstance(where, str) or not where:
+                raise ConfigError(
+                    f"kvx: namespace is the path of a namespace secret file, not {where!r}"
+                )
+            namespace = Namespace(read_secret(Path(where)))  # its own one-line errors
+        return cls(Path(extra["data_dir"]), price, float(timeout), namespace)
 
 
 @dataclass
@@ -122,6 +121,7 @@ class KvxConnector(KVConnectorBase_V1):
         super().__init__(vllm_config, role, kv_cache_config)
         config = self._kv_transfer_config
         self.settings = Settings.parse(config.kv_connector_extra_config or {})
+        self.ns = self.settings.namespace
         if config.kv_load_failure_policy != "recompute":
             raise ConfigError(
                 'kvx: set "kv_load_failure_policy": "recompute", so that a purchase that '
@@ -130,9 +130,12 @@ class KvxConnector(KVConnectorBase_V1):
         self.page = vllm_config.cache_config.block_size
         if BLOCK % self.page:
             raise ConfigError(f"kvx: vLLM's block size {self.page} does not divide {BLOCK}")
-        self.fp, self.params = model_fingerprint(
-            vllm_config.model_config.model, vllm_config.model_config.dtype
-        )
+        # The Hugging Face integration's fingerprint of the same files: the same weights
+        # trade whichever engine computed them.
+        loaded = load_model(vllm_config.model_config.model, dtype=vllm_config.model_config.dtype)
+        self.fp = loaded.fp
+        self.params = sum(p.numel() for p in loaded.model.parameters())  # prices its prefill
+        del loaded
         self.client = SyncPeerClient(self.settings.data_dir, timeout_s=self.settings.timeout_s)
         # req -> (kvx blocks the swarm holds, their chain, tokens vLLM holds itself)
         self._matched: dict[str, tuple[int, list[bytes], int]] = {}
@@ -148,7 +151,7 @@ class KvxConnector(KVConnectorBase_V1):
 
     def _chain(self, tokens: list[int]) -> list[bytes]:
         usable = (len(tokens) - 1) // BLOCK  # the last prompt token is always computed
-        return prefix_chain(self.fp.digest(), tokens[: usable * BLOCK], BLOCK)
+        return prefix_chain(self.fp.digest(), tokens[: usable * BLOCK], BLOCK, self.ns)
 
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
@@ -168,7 +171,7 @@ class KvxConnector(KVConnectorBase_V1):
         if not chain:
             return 0
         try:
-            return self.client.lookup(self.fp.digest(), chain)[0]
+            return self.client.lookup(self.fp.digest(), chain, ns=self.ns.id)[0]
         except KvxError as exc:
             log.warning("kvx: lookup failed, computing instead: %s", exc)
             return 0
@@ -215,7 +218,7 @@ class KvxConnector(KVConnectorBase_V1):
             whole = len(tokens) // BLOCK
             held = self._matched.get(req_id, (0,))[0]
             if whole > held:  # only what the swarm does not advertise yet is worth a sale
-                chain = prefix_chain(self.fp.digest(), tokens[: whole * BLOCK], BLOCK)
+                chain = prefix_chain(self.fp.digest(), tokens[: whole * BLOCK], BLOCK, self.ns)
                 meta.saves.append(Save(chain, block_ids))
         for req_id in scheduler_output.finished_req_ids:
             self._matched.pop(req_id, None)
@@ -232,13 +235,15 @@ class KvxConnector(KVConnectorBase_V1):
 
         self._kv = [kv_caches[name] for name in sorted(kv_caches, key=layer)]
         layout = self.fp.layout
-        shape = self._kv[0].shape
-        if (len(self._kv), shape[1], shape[3]) != (
-            layout.layers,
-            layout.kv_heads,
-            2 * layout.head_dim,
-        ):
-            raise ConfigError(f"kvx: a paged cache of shape {tuple(shape)} is not {layout}")
+        first = self._kv[0]
+        if first.device.type != "cpu" or first.dim() != 4:  # GPU backends: not yet placed
+            raise ConfigError(
+                f"kvx: the connector places KV in vLLM's CPU cache layout only, not in a "
+                f"{tuple(first.shape)} cache on {first.device}"
+            )
+        expected = (layout.layers, layout.kv_heads, self.page, 2 * layout.head_dim)
+        if (len(self._kv), *first.shape[1:]) != expected:
+            raise ConfigError(f"kvx: a paged cache of shape {tuple(first.shape)} is not {layout}")
 
     def _halves(self, cache: torch.Tensor, page: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views of the keys and the values of one page, each [kv_heads, page, head_dim].
@@ -263,6 +268,7 @@ class KvxConnector(KVConnectorBase_V1):
                     load.chain,
                     params=self.params,
                     max_price=self.settings.max_price,
+                    namespace=self.ns,
                 )
             except KvxError as exc:  # Miss, or the node gone: vLLM computes those pages
                 faults = "; ".join(f"{f.code.name}: {f.detail}" for f in getattr(exc, "faults", ()))
@@ -329,6 +335,7 @@ class KvxConnector(KVConnectorBase_V1):
                 blocks=chain,
                 payload=payload,
                 params=self.params,
+                ns=self.ns.id,
             )
         except KvxError as exc:  # a sale missed, nothing worse
             log.warning("kvx: could not publish a prompt's KV: %s", exc)
