@@ -278,11 +278,12 @@ class KvxConnector(KVConnectorBase_V1):
                 got = max(load.first_page, min(end, bought.blocks * per))
                 self._scatter(bought.tensor, bought.blocks, load.block_ids, load.first_page, got)
                 log.info(
-                    "kvx: loaded %d tokens of %s into its paged cache (%d bought, %d its own)",
+                    "kvx: loaded %d tokens of %s into its paged cache (%d bought, %d its own; %s)",
                     (got - load.first_page) * self.page,
                     load.req_id,
                     bought.tokens,
                     load.first_page * self.page,
+                    ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in bought.timings.items()),
                 )
             self._failed.update(load.block_ids[got:end])
 
