@@ -7,8 +7,10 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
+from swarm import NodeProcess
 
 
 def ip(*args: str, ns: str | None = None) -> None:
@@ -63,6 +65,17 @@ class Network:
 
     def prefix(self, i: int) -> tuple[str, ...]:
         return ("ip", "netns", "exec", self.hosts[i - 1])
+
+    def node(self, i: int, data_dir: Path, bootstrap: list[Path], **config: object) -> NodeProcess:
+        """A node process on host i, listening on that host's address."""
+        return NodeProcess(
+            data_dir,
+            bootstrap,
+            prefix=self.prefix(i),
+            listen=f"tcp://{self.address(i)}:0",
+            data_host=self.address(i),
+            **config,
+        )
 
     def cut(self) -> None:
         ip("link", "set", "la", "down", ns=self.switch)

@@ -1,5 +1,6 @@
 """Sellers for transport tests: an honest TcpDataServer, and a hostile one that speaks the
-frame format over a real socket but lies in a chosen way."""
+frame format over a real socket but lies in a chosen way; and an embedded node made to
+serve bytes that do not match the root it signed."""
 
 import contextlib
 import socket
@@ -198,3 +199,15 @@ def scattered(size: int, piece: int = 1000):
         return b"".join(bytes(p) for p in place(0, size))
 
     return place, payload_of, memory
+
+
+def tamper_stored(seller, root: bytes) -> None:
+    """Flip one bit of a payload an embedded node (`PeerClient.embedded`) holds, keeping
+    the chunk hashes and root it advertised: what a lying seller serves."""
+    from kvx.p2p import Payload
+
+    node, _task = seller._embedded
+    honest = node.core.store.get(root)
+    tampered = bytearray(honest.data)
+    tampered[len(tampered) // 2] ^= 0x01
+    node.core.store._memory[root] = Payload(honest.entry, bytes(tampered), honest.hashes)

@@ -6,6 +6,7 @@ import time
 
 import pytest
 import torch
+from sellers import tamper_stored
 from swarm import NodeProcess, TestPeer, eventually
 
 pytest.importorskip("transformers", reason="the hf extra is not installed")
@@ -13,7 +14,6 @@ from tiny import tiny_llama
 
 from kvx.integrations import hf
 from kvx.p2p import NodeConfig, PeerClient
-from kvx.p2p._store import Payload
 from kvx.protocol import Error, ErrorCode, QuoteRequest, prefix_chain
 from kvx.trust import Identity, Signer
 
@@ -132,11 +132,7 @@ async def test_a_tampered_payload_never_reaches_the_model(tmp_path, model, fp):
         buyer.wait_ready()
         ids = prompt(7, 4 * BLOCK + 1)
         root, _ = await hf.publish_prompt(seller, model, fp, ids)
-        node, _task = seller._embedded
-        honest = node.core.store.get(root)
-        tampered = bytearray(honest.data)
-        tampered[len(tampered) // 2] ^= 0x01
-        node.core.store._memory[root] = Payload(honest.entry, bytes(tampered), honest.hashes)
+        tamper_stored(seller, root)
         await asyncio.to_thread(eventually, lambda: len(buyer.call("ads")["ads"]) == 1)
         client = PeerClient(buyer.dir)
         out = await hf.generate(client, model, fp, ids, max_new_tokens=12, do_sample=False)

@@ -40,14 +40,7 @@ def swarm(network, tmp_path):
     nodes = []
     for i in range(1, 5):
         boot = [tmp_path / "h1" / "node.json"] if i > 1 else []
-        node = NodeProcess(
-            tmp_path / f"h{i}",
-            boot,
-            prefix=network.prefix(i),
-            listen=f"tcp://{network.address(i)}:0",
-            data_host=network.address(i),
-            **TIMERS,
-        )
+        node = network.node(i, tmp_path / f"h{i}", boot, **TIMERS)
         nodes.append(node.start())
         node.wait_ready()
     for node in nodes:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from netns import Network, require_netns
+from sellers import tamper_stored
 from swarm import NodeProcess, eventually
 
 from kvx.protocol import ConfigError
@@ -225,14 +226,8 @@ def test_a_seller_killed_mid_fetch_costs_a_recompute_not_a_token(model, own, tmp
     try:
         for i in (1, 2):
             boot = [tmp_path / "h1" / "node.json"] if i == 2 else []
-            host = NodeProcess(
-                tmp_path / f"h{i}",
-                boot,
-                prefix=network.prefix(i),
-                listen=f"tcp://{network.address(i)}:0",
-                data_host=network.address(i),
-                suspect_after_s=60.0,
-                dead_after_s=120.0,
+            host = network.node(
+                i, tmp_path / f"h{i}", boot, suspect_after_s=60.0, dead_after_s=120.0
             )
             hosts.append(host.start())
             host.wait_ready()
@@ -401,7 +396,7 @@ async def test_a_tampered_payload_never_reaches_the_paged_cache(model, own, tmp_
     import torch
 
     from kvx.integrations.hf import load_model, publish_prompt
-    from kvx.p2p import NodeConfig, Payload, PeerClient
+    from kvx.p2p import NodeConfig, PeerClient
 
     hf = load_model(model)
     seller = await PeerClient.embedded(
@@ -411,17 +406,13 @@ async def test_a_tampered_payload_never_reaches_the_paged_cache(model, own, tmp_
     try:
         await asyncio.to_thread(b.wait_ready)  # the seller answers on this loop meanwhile
         root, _ = await publish_prompt(seller, hf.model, hf.fp, torch.tensor([TAMPERED]))
-        node, _task = seller._embedded
-        honest = node.core.store.get(root)
-        tampered = bytearray(honest.data)
-        tampered[len(tampered) // 2] ^= 0x01
-        node.core.store._memory[root] = Payload(honest.entry, bytes(tampered), honest.hashes)
+        tamper_stored(seller, root)
         await asyncio.to_thread(eventually, lambda: len(b.call("ads")["ads"]) == 1)
         run = await asyncio.to_thread(engine, model, b, [[*TAMPERED, 5]])
         missed = events(b, "missed")
         assert not events(b, "bought") and missed and "kvx: loaded" not in run.log
         assert "CHUNK_HASH_MISMATCH" in run.log
-        seller_id = node.core.id.hex()
+        seller_id = seller._embedded[0].core.id.hex()
         assert next(p for p in b.call("peers")["peers"] if p["node_id"] == seller_id)["score"] < 0
     finally:
         b.stop()
