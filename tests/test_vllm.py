@@ -29,7 +29,7 @@ if importlib.util.find_spec("vllm") is None:
     pytest.skip("the vllm extra is not installed (./setup.sh test,vllm)", allow_module_level=True)
 with warnings.catch_warnings():  # vLLM's own imports warn of torch APIs it still uses
     warnings.simplefilter("ignore", DeprecationWarning)
-    from kvx.integrations.vllm import Settings
+    from kvx.integrations.vllm import Settings, gpu_page
 
 
 ENGINE = Path(__file__).with_name("vllm_engine.py")
@@ -296,6 +296,36 @@ def test_each_bad_setting_is_refused_with_one_line(extra, says):
     with pytest.raises(ConfigError, match=says) as refused:
         Settings.parse(extra)
     assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("physical", [(0, 1, 2, 3), (0, 2, 1, 3)], ids=["HND", "NHD"])
+def test_gpu_pages_are_the_halves_vllm_s_gpu_backends_split(physical):
+    """No GPU here: a CPU tensor stands in for a CUDA cache, in vLLM's logical view
+    [blocks, heads, page, 2 * head_dim] over either physical order, and the views the
+    connector writes must be the keys and values FlashAttention's forward reads."""
+    import torch
+
+    blocks, heads, page, dim = 4, 2, 16, 8
+    logical = (blocks, heads, page, 2 * dim)
+    stored = torch.randn([logical[i] for i in physical])
+    cache = stored.permute(*[physical.index(i) for i in range(4)])  # the logical view
+    key_cache, value_cache = cache.transpose(1, 2).split(dim, dim=-1)  # as flash_attn.py
+    for p in range(blocks):
+        keys, values = gpu_page(cache, p)
+        assert torch.equal(keys, key_cache[p].transpose(0, 1))
+        assert torch.equal(values, value_cache[p].transpose(0, 1))
+        keys.fill_(p)  # and writing through them writes the cache itself
+        assert bool((key_cache[p] == p).all()) and not bool((value_cache[p] == p).all())
+
+
+def test_an_engine_whose_cache_holds_another_dtype_does_not_start(model, tmp_path):
+    node = NodeProcess(tmp_path / "n").start()
+    node.wait_ready()
+    try:
+        with pytest.raises(AssertionError, match="leave kv_cache_dtype at auto"):
+            engine(model, node, [[1, 2, 3]], kv_cache_dtype="bfloat16")
+    finally:
+        node.stop()
 
 
 def test_a_secret_file_that_holds_no_secret_is_refused(tmp_path):

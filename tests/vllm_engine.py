@@ -11,7 +11,8 @@ engine up. vLLM spawns its engine core, hence
 the __main__ guard.
 
 OPTIONS: `kv` (more kv_transfer_config), `max_tokens` (12), `max_model_len` (2048),
-`prefix_caching` (true), `ttft` (false), `memory` (0.1, vLLM's share of the host's).
+`prefix_caching` (true), `ttft` (false), `memory` (0.1, vLLM's share of the host's),
+`kv_cache_dtype` ("auto").
 """
 
 import json
@@ -42,6 +43,7 @@ def main() -> None:
         gpu_memory_utilization=options.get("memory", 0.1),  # of the host's, on the CPU build
         enforce_eager=True,  # compiling costs 16 s a start and changes nothing kvx does
         enable_prefix_caching=options.get("prefix_caching", True),
+        kv_cache_dtype=options.get("kv_cache_dtype", "auto"),
         **kwargs,
     )
     greedy = SamplingParams(max_tokens=options.get("max_tokens", 12), temperature=0)

@@ -114,6 +114,26 @@ class KvxMetadata(KVConnectorMetadata):
     saves: list[Save] = field(default_factory=list)
 
 
+def cpu_page(cache: torch.Tensor, page: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of the keys and the values of one page, each [kv_heads, page, head_dim], in
+    vLLM's CPU backend: per page and head the keys and then the values; the values
+    token by token, the keys transposed ([head_dim, page], for its dot products).
+    tests/test_vllm.py checks both against Hugging Face's own KV."""
+    heads, tokens, width = cache.shape[1:]
+    halves = cache[page].view(heads, 2, tokens * (width // 2))
+    keys = halves[:, 0].view(heads, width // 2, tokens).transpose(1, 2)
+    return keys, halves[:, 1].view(heads, tokens, width // 2)
+
+
+def gpu_page(cache: torch.Tensor, page: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same for vLLM's GPU backends (FlashAttention, Triton, FlexAttention): each
+    token's row holds its keys, then its values, which they split in halves
+    (`kv_cache.transpose(1, 2).split(head_size, dim=-1)`). No GPU reaches this
+    project's machines: a test checks these views against that expression on CPU."""
+    half = cache.shape[-1] // 2
+    return cache[page, :, :, :half], cache[page, :, :, half:]
+
+
 class KvxConnector(KVConnectorBase_V1):
     def __init__(
         self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig
@@ -228,7 +248,8 @@ class KvxConnector(KVConnectorBase_V1):
     # ---- worker side -------------------------------------------------------------------
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        """Per layer [blocks, kv_heads, page, 2 * head_dim] on CPU (see _halves)."""
+        """Per layer [blocks, kv_heads, page, 2 * head_dim], on CPU or CUDA: vLLM's logical
+        view of every layout (its strides give the physical order)."""
 
         def layer(name: str) -> int:
             return int(re.search(r"layers\.(\d+)\.", name).group(1))
@@ -236,25 +257,21 @@ class KvxConnector(KVConnectorBase_V1):
         self._kv = [kv_caches[name] for name in sorted(kv_caches, key=layer)]
         layout = self.fp.layout
         first = self._kv[0]
-        if first.device.type != "cpu" or first.dim() != 4:  # GPU backends: not yet placed
+        places = {"cpu": cpu_page, "cuda": gpu_page}.get(first.device.type)
+        if places is None or first.dim() != 4:
             raise ConfigError(
-                f"kvx: the connector places KV in vLLM's CPU cache layout only, not in a "
-                f"{tuple(first.shape)} cache on {first.device}"
+                f"kvx: the connector places KV in vLLM's CPU and CUDA cache layouts, not in "
+                f"a {tuple(first.shape)} cache on {first.device}"
+            )
+        self._views = places
+        if str(first.dtype).removeprefix("torch.") != layout.dtype:
+            raise ConfigError(
+                f"kvx: the paged cache holds {first.dtype}, the model's KV is {layout.dtype} "
+                "(kvx trades KV in the model's own dtype: leave kv_cache_dtype at auto)"
             )
         expected = (layout.layers, layout.kv_heads, self.page, 2 * layout.head_dim)
         if (len(self._kv), *first.shape[1:]) != expected:
             raise ConfigError(f"kvx: a paged cache of shape {tuple(first.shape)} is not {layout}")
-
-    def _halves(self, cache: torch.Tensor, page: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views of the keys and the values of one page, each [kv_heads, page, head_dim].
-
-        vLLM's CPU backend keeps, per page and head, the keys and then the values; the
-        values token by token, the keys transposed ([head_dim, page], for its dot
-        products). tests/test_vllm.py checks both against Hugging Face's own KV."""
-        heads, tokens, width = cache.shape[1:]
-        halves = cache[page].view(heads, 2, tokens * (width // 2))
-        keys = halves[:, 0].view(heads, width // 2, tokens).transpose(1, 2)
-        return keys, halves[:, 1].view(heads, tokens, width // 2)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
@@ -299,7 +316,7 @@ class KvxConnector(KVConnectorBase_V1):
             b, j = divmod(p * self.page, BLOCK)
             span = slice(j, j + self.page)
             for layer, cache in enumerate(self._kv):
-                keys, values = self._halves(cache, block_ids[p])
+                keys, values = self._views(cache, block_ids[p])
                 keys.copy_(kv[b, layer, 0, :, span])
                 values.copy_(kv[b, layer, 1, :, span])
 
@@ -319,8 +336,8 @@ class KvxConnector(KVConnectorBase_V1):
                 pages = save.block_ids[b * per : (b + 1) * per]
                 for cache in self._kv:
                     for kv in (0, 1):
-                        parts.append(torch.cat([self._halves(cache, p)[kv] for p in pages], dim=1))
-            payload = torch.stack(parts).contiguous().view(torch.uint8).reshape(-1)
+                        parts.append(torch.cat([self._views(cache, p)[kv] for p in pages], dim=1))
+            payload = torch.stack(parts).to("cpu").contiguous().view(torch.uint8).reshape(-1)
             # The copy above must happen now, before vLLM reuses the pages; the sale
             # itself (hashing, the node's store) need not hold up the next step.
             self._selling.submit(self._publish, save.chain, payload.numpy().tobytes())
