@@ -126,8 +126,8 @@ def cpu_page(cache: torch.Tensor, page: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def gpu_page(cache: torch.Tensor, page: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same for vLLM's GPU backends (FlashAttention, Triton, FlexAttention): each
-    token's row holds its keys, then its values, which they split in halves
+    """The same for vLLM's GPU backends (FlashAttention, FlashInfer, Triton,
+    FlexAttention): each token's row holds its keys, then its values, split in halves
     (`kv_cache.transpose(1, 2).split(head_size, dim=-1)`). No GPU reaches this
     project's machines: a test checks these views against that expression on CPU."""
     half = cache.shape[-1] // 2
