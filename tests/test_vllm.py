@@ -119,6 +119,8 @@ def engine(
         env=env,
     )
     assert run.returncode == 0, run.stderr[-3000:]
+    # vLLM prints some tracebacks of its own; none may pass through the connector
+    assert 'integrations/vllm.py", line' not in run.stdout + run.stderr, run.stderr[-3000:]
     out = next(x for x in run.stdout.splitlines() if x.startswith("OUT:"))[4:]
     return Run(json.loads(out), run.stdout + run.stderr)
 
@@ -172,7 +174,7 @@ def test_a_partial_prefix_fills_only_the_pages_vllm_does_not_hold(model, own, tm
         engine(model, a, [DOC[:600]])
         eventually(lambda: len(b.call("ads")["ads"]) == 1)
         run = engine(model, b, [SHORT, LONG])
-        assert "kvx: loaded 384 tokens" in run.log and "(512 bought, 128 its own)" in run.log
+        assert "kvx: loaded 384 tokens" in run.log and "(512 bought, 128 its own;" in run.log
         assert [e["tokens"] for e in events(b, "bought")] == [512]
     finally:
         a.stop()

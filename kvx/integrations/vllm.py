@@ -166,6 +166,7 @@ class KvxConnector(KVConnectorBase_V1):
         self._failed: set[int] = set()
         self._selling = ThreadPoolExecutor(1, thread_name_prefix="kvx-sell")
         self._seller: SyncPeerClient | None = None
+        self._closed = False
 
     # ---- scheduler side ----------------------------------------------------------------
 
@@ -363,6 +364,12 @@ class KvxConnector(KVConnectorBase_V1):
         return failed
 
     def shutdown(self) -> None:
-        self._selling.submit(lambda: self._seller and self._seller.close())
+        """Finish the sales under way, then close (vLLM may call this at interpreter
+        exit, when the selling thread takes no more work, and more than once)."""
+        if self._closed:
+            return
+        self._closed = True
         self._selling.shutdown(wait=True)
+        if self._seller is not None:  # its thread is done: this one may close it
+            self._seller.close()
         self.client.close()
