@@ -87,11 +87,6 @@ def engine(model: Path, data_dir: Path | None, prompts: list, **options) -> dict
     return found
 
 
-def bought(node) -> list[dict]:
-    lines = (node.dir / "node.log").read_text().splitlines()
-    return [e for e in map(json.loads, lines) if e.get("event") == "bought"]
-
-
 def measure(lengths: list[int], root: Path) -> list[dict]:
     from kvx.p2p import NodeProcess, wait_for
 
@@ -106,7 +101,7 @@ def measure(lengths: list[int], root: Path) -> list[dict]:
         wait_for(lambda: len(b.call("ads")["ads"]) == len(lengths), 60)
         own = engine(model, None, asked, ttft=True)
         with_kvx = engine(model, b.dir, asked, ttft=True)
-        purchases = bought(b)
+        purchases = b.events("bought")
     finally:
         a.stop()
         b.stop()

@@ -82,6 +82,11 @@ class NodeProcess:
     def call(self, op: str, **args: Any) -> dict:
         return admin_call(self.dir, op, **args)
 
+    def events(self, name: str) -> list[dict]:
+        """The records of one event in the node's log (JSON lines), oldest first."""
+        lines = (self.dir / "node.log").read_text().splitlines()
+        return [e for e in map(json.loads, lines) if e.get("event") == name]
+
     def kill(self) -> None:
         assert self.proc is not None
         self.proc.kill()

@@ -87,8 +87,7 @@ def test_the_example_agent_prefills_and_sells_then_another_buys(tmp_path, pair, 
     assert second[0].startswith("bought 512 tokens of KV from " + seller.info["node_id"][:16])
     assert second[-1] == first[-1]  # the same answer, token for token
     # The buyer's node logged the purchase and measured it.
-    log = [json.loads(line) for line in (buyer.dir / "node.log").read_text().splitlines()]
-    bought = [e for e in log if e["event"] == "bought"]
+    bought = buyer.events("bought")
     assert len(bought) == 1 and bought[0]["level"] == "info"
     assert bought[0]["seller"] == seller.info["node_id"][:12]
     assert bought[0]["tokens"] == 512 and bought[0]["bytes"] > 0 and bought[0]["price"] > 0

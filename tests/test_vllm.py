@@ -125,11 +125,6 @@ def engine(
     return Run(json.loads(out), run.stdout + run.stderr)
 
 
-def events(node: NodeProcess, name: str) -> list[dict]:
-    lines = (node.dir / "node.log").read_text().splitlines()
-    return [e for e in map(json.loads, lines) if e.get("event") == name]  # JSON lines
-
-
 def pair(tmp_path: Path, tables: str = "", **buyer) -> tuple[NodeProcess, NodeProcess]:
     a = NodeProcess(tmp_path / "a", tables=tables).start()
     a.wait_ready()
@@ -156,9 +151,9 @@ def test_a_prefix_one_engine_computed_is_bought_by_another_token_for_token(model
         engine(model, a, [SOLD], processes=True)  # computes the prompt, sells two blocks
         eventually(lambda: len(b.call("ads")["ads"]) == 1)
         bought = engine(model, b, [WANTED, UNRELATED], processes=True)
-        assert [e["tokens"] for e in events(b, "bought")] == [512]  # the shared prefix only
+        assert [e["tokens"] for e in b.events("bought")] == [512]  # the shared prefix only
         assert "kvx: loaded 512 tokens" in bought.log
-        assert events(a, "sold")
+        assert a.events("sold")
     finally:
         a.stop()
         b.stop()
@@ -175,7 +170,7 @@ def test_a_partial_prefix_fills_only_the_pages_vllm_does_not_hold(model, own, tm
         eventually(lambda: len(b.call("ads")["ads"]) == 1)
         run = engine(model, b, [SHORT, LONG])
         assert "kvx: loaded 384 tokens" in run.log and "(512 bought, 128 its own;" in run.log
-        assert [e["tokens"] for e in events(b, "bought")] == [512]
+        assert [e["tokens"] for e in b.events("bought")] == [512]
     finally:
         a.stop()
         b.stop()
@@ -191,8 +186,8 @@ def test_kv_of_other_weights_is_never_bought(model, tmp_path):
         hf_publish(model, a, ONE_BLOCK)
         eventually(lambda: len(b.call("ads")["ads"]) == 1)
         run = engine(other, b, [ASKED])
-        assert not events(b, "bought") and not events(b, "missed")
-        assert not events(a, "sold") and "kvx: loaded" not in run.log
+        assert not b.events("bought") and not b.events("missed")
+        assert not a.events("sold") and "kvx: loaded" not in run.log
     finally:
         a.stop()
         b.stop()
@@ -209,7 +204,7 @@ def test_a_seller_gone_before_the_fetch_costs_a_recompute_not_a_token(model, own
         a.kill()
         settings = {"data_dir": str(b.dir), "timeout_s": 1}
         run = engine(model, b, [ASKED], kv={"kv_connector_extra_config": settings})
-        assert not events(b, "bought") and events(b, "missed")
+        assert not b.events("bought") and b.events("missed")
         assert "kvx: nothing bought" in run.log
     finally:
         a.stop()
@@ -269,8 +264,8 @@ def test_a_seller_killed_mid_fetch_costs_a_recompute_not_a_token(model, own, tmp
         seller.kill()  # SIGKILL, the stream under way
         out, err = running.communicate(timeout=300)
         assert running.returncode == 0, err[-3000:]
-        missed = events(buyer, "missed")
-        assert not events(buyer, "bought") and missed, err[-2000:]
+        missed = buyer.events("missed")
+        assert not buyer.events("bought") and missed, err[-2000:]
         assert "kvx: nothing bought" in out and "STREAM_TRUNCATED" in out, out[-2000:]
     finally:
         for host in hosts:
@@ -354,9 +349,9 @@ def test_a_private_namespace_trades_only_among_its_members(model, own, tmp_path)
         engine(model, a, [PRIVATE], kv=with_dir(settings, a))
         eventually(lambda: len(b.call("ads")["ads"]) == 1)
         engine(model, b, [[*PRIVATE, 5]])
-        assert not events(b, "bought")  # the public chain of the same tokens: no match
+        assert not b.events("bought")  # the public chain of the same tokens: no match
         run = engine(model, b, [[*PRIVATE, 5]], kv=with_dir(settings, b))
-        assert [e["tokens"] for e in events(b, "bought")] == [256]
+        assert [e["tokens"] for e in b.events("bought")] == [256]
     finally:
         a.stop()
         b.stop()
@@ -396,7 +391,7 @@ def test_kv_trades_between_vllm_and_hugging_face_both_ways(model, own, tmp_path)
         engine(model, a, [BY_VLLM])  # sells this one
         eventually(lambda: len(b.call("ads")["ads"]) == 2)
         vllm_bought = engine(model, b, [[*BY_HF, 5]]).out[0]  # buys what HF computed
-        assert [e["tokens"] for e in events(b, "bought")] == [256]
+        assert [e["tokens"] for e in b.events("bought")] == [256]
         with SyncPeerClient(b.dir) as buyer:  # and HF buys what vLLM computed
             cache, bought = fetch_prefix_sync(buyer, hf.model, hf.fp, ids, max_new_tokens=12)
         assert bought.tokens == 256
@@ -441,8 +436,8 @@ async def test_a_tampered_payload_never_reaches_the_paged_cache(model, own, tmp_
         tamper_stored(seller, root)
         await asyncio.to_thread(eventually, lambda: len(b.call("ads")["ads"]) == 1)
         run = await asyncio.to_thread(engine, model, b, [[*TAMPERED, 5]])
-        missed = events(b, "missed")
-        assert not events(b, "bought") and missed and "kvx: loaded" not in run.log
+        missed = b.events("missed")
+        assert not b.events("bought") and missed and "kvx: loaded" not in run.log
         assert "CHUNK_HASH_MISMATCH" in run.log
         seller_id = seller._embedded[0].core.id.hex()
         assert next(p for p in b.call("peers")["peers"] if p["node_id"] == seller_id)["score"] < 0

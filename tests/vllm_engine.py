@@ -7,8 +7,7 @@ the engine runs without a connector. The prompts run one after another, each alo
 that a prompt's output does not depend on what it was batched with). Prints `OUT:` and
 the greedy output token ids of each prompt as JSON, and with `"ttft": true` first times
 each prompt's first token alone (`TTFT:`, seconds), after a request that warms the
-engine up. vLLM spawns its engine core, hence
-the __main__ guard.
+engine up. vLLM spawns its engine core, hence the __main__ guard.
 
 OPTIONS: `kv` (more kv_transfer_config), `max_tokens` (12), `max_model_len` (2048),
 `prefix_caching` (true), `ttft` (false), `memory` (0.1, vLLM's share of the host's),
