@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -294,7 +295,8 @@ class KvxConnector(KVConnectorBase_V1):
                 got = load.first_page
             else:
                 got = max(load.first_page, min(end, bought.blocks * per))
-                self._scatter(bought.tensor, bought.blocks, load.block_ids, load.first_page, got)
+                for piece, view in self._pairs(bought.tensor, load.block_ids, load.first_page, got):
+                    view.copy_(piece)
                 log.info(
                     "kvx: loaded %d tokens of %s into its paged cache (%d bought, %d its own; %s)",
                     (got - load.first_page) * self.page,
@@ -305,21 +307,22 @@ class KvxConnector(KVConnectorBase_V1):
                 )
             self._failed.update(load.block_ids[got:end])
 
-    def _scatter(
-        self, payload: torch.Tensor, blocks: int, block_ids: list[int], first: int, end: int
-    ) -> None:
-        """Copy pages `first` to `end` of every layer from the payload (block-major,
-        spec §7.5) into the paged cache, each at its vLLM block."""
+    def _pairs(
+        self, payload: torch.Tensor, block_ids: list[int], first: int, end: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(payload piece, paged-cache view) of the keys and of the values of every layer
+        for pages `first` to `end`: the payload is block-major (spec §7.5), each page
+        lives at its vLLM block. Loading copies one way, selling the other."""
         layout = self.fp.layout
         H, D, L = layout.kv_heads, layout.head_dim, layout.layers
-        kv = payload.view(self._kv[0].dtype).view(blocks, L, 2, H, BLOCK, D)
+        kv = payload.view(self._kv[0].dtype).view(-1, L, 2, H, BLOCK, D)
         for p in range(first, end):
             b, j = divmod(p * self.page, BLOCK)
             span = slice(j, j + self.page)
             for layer, cache in enumerate(self._kv):
                 keys, values = self._views(cache, block_ids[p])
-                keys.copy_(kv[b, layer, 0, :, span])
-                values.copy_(kv[b, layer, 1, :, span])
+                yield kv[b, layer, 0, :, span], keys
+                yield kv[b, layer, 1, :, span], values
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return
@@ -330,20 +333,16 @@ class KvxConnector(KVConnectorBase_V1):
     def wait_for_save(self) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, KvxMetadata)
+        layout, per = self.fp.layout, BLOCK // self.page
         for save in meta.saves:
-            parts = []
-            per = BLOCK // self.page
-            for b in range(len(save.chain)):
-                pages = save.block_ids[b * per : (b + 1) * per]
-                for cache in self._kv:
-                    for kv in (0, 1):
-                        parts.append(torch.cat([self._views(cache, p)[kv] for p in pages], dim=1))
-            payload = torch.stack(parts).to("cpu").contiguous().view(torch.uint8).reshape(-1)
+            payload = torch.empty(layout.payload_bytes(len(save.chain)), dtype=torch.uint8)
+            for piece, view in self._pairs(payload, save.block_ids, 0, len(save.chain) * per):
+                piece.copy_(view)
             # The copy above must happen now, before vLLM reuses the pages; the sale
             # itself (hashing, the node's store) need not hold up the next step.
-            self._selling.submit(self._publish, save.chain, payload.numpy().tobytes())
+            self._selling.submit(self._publish, save.chain, payload)
 
-    def _publish(self, chain: list[bytes], payload: bytes) -> None:
+    def _publish(self, chain: list[bytes], payload: torch.Tensor) -> None:
         """On the selling thread, with a client of its own (a client is one thread's)."""
         if self._seller is None:
             self._seller = SyncPeerClient(self.settings.data_dir, timeout_s=self.settings.timeout_s)
@@ -352,7 +351,7 @@ class KvxConnector(KVConnectorBase_V1):
                 fp=self.fp.digest(),
                 layout=self.fp.layout,
                 blocks=chain,
-                payload=payload,
+                payload=payload.numpy().tobytes(),
                 params=self.params,
                 ns=self.ns.id,
             )
