@@ -2,7 +2,7 @@
 the advertisement index, the local KV store, and the local admin API."""
 
 from ._admin import AdminError, admin_call
-from ._client import Bought, Miss, PeerClient, SyncPeerClient
+from ._client import Bought, Check, Miss, PeerClient, Refusal, SyncPeerClient
 from ._config import Bootstrap, NodeConfig, load_node_config
 from ._index import AdIndex, Advert
 from ._launch import NodeProcess, wait_for
@@ -17,6 +17,7 @@ __all__ = [
     "Advert",
     "Bootstrap",
     "Bought",
+    "Check",
     "Entry",
     "LocalStore",
     "Miss",
@@ -28,6 +29,7 @@ __all__ = [
     "PeerClient",
     "PeerTable",
     "PricePolicy",
+    "Refusal",
     "State",
     "SyncPeerClient",
     "admin_call",

@@ -7,6 +7,7 @@ part of the peer protocol, and the data dir's 0700 mode is what guards it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -193,6 +194,16 @@ def answer(node: Node, req: dict) -> dict:
     if op == "missed":  # a local client found nothing it could buy
         core.metrics.purchases.labels("missed").inc()
         core.event("missed", reason=str(req["reason"])[:200])
+        return {}
+    if op == "refused":  # a local client's model refuted KV that matched its root
+        core.metrics.verify_failures.labels(str(req["check"])[:16]).inc()
+        core.event(
+            "refused",
+            logging.WARNING,
+            seller=req["seller"].hex()[:12],
+            check=str(req["check"])[:16],
+            detail=str(req["detail"])[:200],
+        )
         return {}
     if op == "first_token":
         core.metrics.time_to_first_token.labels(req["source"]).observe(req["seconds"])

@@ -16,6 +16,7 @@ from typing import Generic, TypeVar
 from kvx.protocol import (
     Advertise,
     ErrorCode,
+    KVLayout,
     LocalProtocolError,
     MessageType,
     Quote,
@@ -91,11 +92,32 @@ class Walk(Generic[T]):
         return fresh
 
 
-def check_quote(ad: Statement, quote: Quote, matched: int, dtype: str | None) -> None:
-    """Refuse a quote that is not for what its seller advertised, before anything is
-    allocated for it. Both are signed by the seller, so a mismatch is its fault alone."""
+def check_layout(ad: Statement, dtype: str | None, mine: KVLayout | None) -> None:
+    """Refuse an advertisement whose layout is not the one the buyer's own model implies
+    for the fingerprint it names (`mine`, in the dtype the buyer asks for): the seller
+    signed a fingerprint and a shape that contradict each other, which is a lie."""
     a = ad.message
     assert isinstance(a, Advertise)
+    layout = a.layout if dtype is None else dataclasses.replace(a.layout, dtype=dtype)
+    if mine is not None and layout != mine:
+        raise RemoteProtocolError(
+            ErrorCode.KV_MISMATCH, f"the advertised layout {a.layout} is not this model's {mine}"
+        )
+
+
+def check_quote(
+    ad: Statement, quote: Quote, matched: int, dtype: str | None, mine: KVLayout | None = None
+) -> None:
+    """Refuse a quote that is not for what its seller advertised, or not in the layout
+    the buyer's own model implies (`mine`), before anything is allocated for it. Each is
+    signed by the seller, so a mismatch is its fault alone."""
+    a = ad.message
+    assert isinstance(a, Advertise)
+    check_layout(ad, dtype, mine)
+    if mine is not None and quote.layout != mine:
+        raise RemoteProtocolError(
+            ErrorCode.KV_MISMATCH, f"the quoted layout {quote.layout} is not this model's {mine}"
+        )
     layout = a.layout if dtype is None else dataclasses.replace(a.layout, dtype=dtype)
     problems = [
         name
@@ -130,6 +152,7 @@ def blame(code: ErrorCode) -> Event | None:
         ErrorCode.TIMEOUT,
         ErrorCode.UNAVAILABLE,
         ErrorCode.BAD_SIGNATURE,
+        ErrorCode.KV_MISMATCH,
     ):
         return Event.for_code(code) or Event.TIMEOUT
     return None

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -53,18 +53,20 @@ from kvx.transport import (
     fetch,
 )
 from kvx.trust import (
+    DEFAULT_VERIFY,
     Identity,
     Inbox,
     Ledger,
     Signer,
     Statement,
+    VerifyPolicy,
     curve_public_key,
     make_curve_client,
     open_envelope,
 )
 
 from ._admin import AdminError, admin_socket, request, result
-from ._buying import Deal, Step, Walk, blame, check_quote
+from ._buying import Deal, Step, Walk, blame, check_layout, check_quote
 from ._config import ADMIN_SOCKET, INFO_FILE, KEY_FILE, LEDGER_FILE, NodeConfig
 from ._pricing import PricePolicy, prefill_flops
 
@@ -74,6 +76,22 @@ if TYPE_CHECKING:
     from ._node import Node
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why the buyer's own check refused a delivery that matched its signed root."""
+
+    check: str  # the check that failed, e.g. "layer0" or "deep"
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.check}: {self.detail}"
+
+
+Check = Callable[["torch.Tensor | None", Quote], Awaitable[Refusal | None]]
+"""Looks at a verified delivery (the payload tensor, or None when fetched `into` the
+caller's own memory) under its quote, before the buyer pays for it."""
 
 
 class Miss(KvxError):
@@ -123,8 +141,10 @@ class PeerClient:
         pricing: PricePolicy | None = None,
         timeout_s: float = 30.0,
         max_bytes: int = MAX_FETCH_BYTES,
+        verify: VerifyPolicy | str | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
+        self._verify = VerifyPolicy.parse(verify) if isinstance(verify, str) else verify
         self.max_bytes = max_bytes
         self.identity = Identity.load(self.data_dir / KEY_FILE)
         self.signer = Signer(self.identity)
@@ -181,6 +201,18 @@ class PeerClient:
             return result(await sock.recv())
         finally:
             sock.close()
+
+    @property
+    def verify(self) -> VerifyPolicy:
+        """What this client checks of bought KV (spec §12.2): as it was made with, else its
+        node's `[policy] verify`, else the default."""
+        if self._verify is None:
+            try:
+                text = json.loads((self.data_dir / INFO_FILE).read_text()).get("verify")
+            except (OSError, ValueError):
+                text = None
+            self._verify = VerifyPolicy.parse(text) if text else DEFAULT_VERIFY
+        return self._verify
 
     @property
     def ledger(self) -> Ledger:
@@ -288,6 +320,8 @@ class PeerClient:
         max_price: int | None = None,
         timeout_s: float | None = None,
         into: Callable[[Expected], Destination] | None = None,
+        layout: KVLayout | None = None,
+        check: Check | None = None,
     ) -> Bought:
         """Buy the longest advertised prefix of `chain` into a tensor on `device`, or
         `into` the destination that function makes for a quote (one copy from the socket
@@ -295,7 +329,13 @@ class PeerClient:
 
         `params` is the buyer's own model size, from which it prices its own prefill and so
         its highest bid (unless `max_price` is given); `timeout_s` bounds each answer and each
-        stalled stream (default: the client's). Raises Miss when nothing can be bought.
+        stalled stream (default: the client's). `layout` is what the buyer's own model
+        implies for this fingerprint (in the dtype asked for): an advertisement or quote
+        of another shape is refused before anything is allocated. `check` looks at a
+        delivery that verified against its root before the final RECEIPT is sent (spec
+        §12.2): a Refusal moves the purchase to a provider of another root, unpaid beyond
+        the window receipts already sent, and the providers of the refused root are
+        scored as liars. Raises Miss when nothing can be bought.
         """
         import torch
 
@@ -310,6 +350,7 @@ class PeerClient:
             return ad.message.layout.payload_bytes(matched) <= self.max_bytes
 
         ads = [ad for ad in found if fits(ad)]
+        refused: set[bytes] = set()  # roots whose KV the buyer's own check refuted
         if not matched or not ads:
             await self._tell("missed", reason="nothing advertised")
             raise Miss("no provider advertises any block of this prefix within the size bound")
@@ -332,9 +373,18 @@ class PeerClient:
 
         async def sources() -> AsyncIterator[Source]:
             async for ad in providers():
-                layout = ad.message.layout
-                tokens = matched * layout.block
-                bid = self.pricing.bid(params, layout, tokens) if max_price is None else max_price
+                if ad.message.root in refused and dtype is None:
+                    continue  # it signed KV already refuted: no second chance in a purchase
+                try:
+                    check_layout(ad, dtype, layout)
+                except RemoteProtocolError as exc:
+                    faults.append(Fault(ad.signer_id, exc.code, exc.detail))
+                    continue
+                ad_layout = ad.message.layout
+                tokens = matched * ad_layout.block
+                bid = (
+                    self.pricing.bid(params, ad_layout, tokens) if max_price is None else max_price
+                )
                 request = QuoteRequest(
                     fp=fp,
                     blocks=tuple(chain[:matched]),
@@ -353,7 +403,9 @@ class PeerClient:
                     deal.advance(MessageType.QUOTE)
                     q = quote.message
                     assert isinstance(q, Quote)
-                    check_quote(ad, q, matched, dtype)
+                    check_quote(ad, q, matched, dtype, layout)
+                    if q.root in refused:
+                        raise RemoteProtocolError(ErrorCode.KV_MISMATCH, "a refuted root")
                     if q.price > bid:
                         deal.advance(MessageType.REJECT)
                         reason = int(ErrorCode.PRICE_TOO_HIGH)
@@ -397,15 +449,32 @@ class PeerClient:
             allocated[:] = [torch.empty(expected.deliver, dtype=torch.uint8, device=device)]
             return allocated[0]
 
+        offers = sources()
+        timings["check"] = 0.0
         try:
             streaming = time.monotonic()
-            fetched = await fetch(sources(), allocate, timeout_s=timeout, faults=faults)
-            timings["transfer"] = time.monotonic() - streaming - timings["negotiation"]
+            while True:
+                fetched = await fetch(offers, allocate, timeout_s=timeout, faults=faults)
+                seller = fetched.providers[-1]
+                quote, sock, deal = deals[seller]
+                q = quote.message
+                assert isinstance(q, Quote)
+                if check is None:
+                    break
+                checking = time.monotonic()
+                refusal = await check(allocated[0], q)
+                timings["check"] += time.monotonic() - checking
+                if refusal is None:
+                    break
+                refused.add(q.root)
+                # Every provider of this root signed it: each is a liar, none is paid more.
+                for provider in fetched.providers:
+                    faults.append(Fault(provider, ErrorCode.KV_MISMATCH, str(refusal)))
+                await self._tell("refused", seller=seller, check=refusal.check, detail=str(refusal))
+            timings["transfer"] = (
+                time.monotonic() - streaming - timings["negotiation"] - timings["check"]
+            )
             receipting = time.monotonic()
-            seller = fetched.providers[-1]
-            quote, sock, deal = deals[seller]
-            q = quote.message
-            assert isinstance(q, Quote)
             receipt = self.signer.seal(
                 Receipt(quote=q.quote, seller=seller, root=q.root, bytes=q.deliver, price=q.price),
                 now_ms=_now(),

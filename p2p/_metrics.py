@@ -55,6 +55,14 @@ class Metrics:
         self.purchased_bytes = Counter(
             "kvx_purchased_bytes", "KV bytes bought by this node's clients", registry=r
         )
+        self.verify_failures = Counter(
+            "kvx_verify_failures",
+            "Deliveries this node's clients refused: KV their own model refuted, by check",
+            ["check"],
+            registry=r,
+        )
+        for check in ("layer0", "deep"):
+            self.verify_failures.labels(check)
         self.stage = {
             stage: Histogram(
                 f"kvx_{stage}_seconds",

@@ -171,6 +171,7 @@ class Node:
             "metrics": metrics_url,
             "pid": os.getpid(),
             "incarnation": core.incarnation,
+            "verify": str(cfg.policy.verify),  # what its clients check of bought KV
         }
         tmp = cfg.data_dir / (INFO_FILE + ".tmp")
         tmp.write_text(json.dumps(info, indent=1))

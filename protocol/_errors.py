@@ -48,6 +48,7 @@ class ErrorCode(IntEnum):
     ROOT_MISMATCH = 52
     SIZE_MISMATCH = 53
     STREAM_TRUNCATED = 54
+    KV_MISMATCH = 55
     # the node itself
     INTERNAL = 60
     UNAVAILABLE = 61

@@ -102,13 +102,19 @@ async def _stream(source: Source, verifier: StreamVerifier, dest: Destination, t
         raise RemoteProtocolError(ErrorCode.NO_COMMON_TRANSPORT, f"unknown {source.transport}")
 
 
-async def _each(sources: Iterable[Source] | AsyncIterable[Source]) -> AsyncIterator[Source]:
+def _each(sources: Iterable[Source] | AsyncIterable[Source]) -> AsyncIterator[Source]:
+    """The sources as one async iterator; an iterator passed in is taken as it is, so that
+    a caller can fetch again from the providers one fetch did not reach."""
+    if isinstance(sources, AsyncIterator):
+        return sources
     if isinstance(sources, AsyncIterable):
-        async for source in sources:
-            yield source
-    else:
+        return aiter(sources)
+
+    async def each() -> AsyncIterator[Source]:
         for source in sources:
             yield source
+
+    return each()
 
 
 async def fetch(

@@ -18,11 +18,12 @@ from ._freshness import ReplayGuard
 from ._identity import KEY_FILE_TAG, Identity, curve_public_key
 from ._ledger import AuditEntry, Ledger
 from ._membership import Memberships
-from ._policy import NamespaceRule, Policy, ScoreRules, load_policy
+from ._policy import DEFAULT_VERIFY, NamespaceRule, Policy, ScoreRules, VerifyPolicy, load_policy
 from ._scores import Event, PeerScores
 
 __all__ = [
     "DEFAULT_TTL_MS",
+    "DEFAULT_VERIFY",
     "KEY_FILE_TAG",
     "AtRestCipher",
     "AuditEntry",
@@ -39,6 +40,7 @@ __all__ = [
     "ScoreRules",
     "Signer",
     "Statement",
+    "VerifyPolicy",
     "curve_public_key",
     "load_policy",
     "make_curve_client",

@@ -24,6 +24,7 @@ class Event(Enum):
     REPLAY = -10.0
     FLOOD = -10.0
     BAD_CHUNK = -30.0
+    LIED = -100.0  # KV or a layout that the buyer's own model refutes (§12.2)
     UNSERVABLE_AD = -15.0
     TIMEOUT = -5.0
     GOOD_DELIVERY = 5.0
@@ -50,6 +51,7 @@ _BY_CODE = {
     ErrorCode.ROOT_MISMATCH: Event.BAD_CHUNK,
     ErrorCode.SIZE_MISMATCH: Event.BAD_CHUNK,
     ErrorCode.STREAM_TRUNCATED: Event.TIMEOUT,
+    ErrorCode.KV_MISMATCH: Event.LIED,
     ErrorCode.TIMEOUT: Event.TIMEOUT,
 }
 

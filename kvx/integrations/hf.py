@@ -11,10 +11,12 @@ full prefill would.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import json
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -27,17 +29,21 @@ from typing import TYPE_CHECKING, Any
 import blake3
 import torch
 
-from kvx.p2p import Bought, Miss, PeerClient, SyncPeerClient
+from kvx.p2p import Bought, Miss, PeerClient, Refusal, SyncPeerClient
 from kvx.protocol import (
     DEFAULT_BLOCK_TOKENS,
     ConfigError,
     KVLayout,
     ModelFingerprint,
     Namespace,
+    Quote,
     byte_view,
     prefix_chain,
 )
 from kvx.transport import ScatterDestination
+from kvx.trust import VerifyPolicy
+
+from .verify import check_cache, install, layer0_kv, room_for
 
 if TYPE_CHECKING:
     from transformers import Cache, DynamicCache, PreTrainedModel
@@ -283,12 +289,7 @@ class BoughtCache:
         for layer, (k, v) in zip(self.cache.layers, self.kv, strict=True):
             k[:, :, tokens:].zero_()  # attention masks them, but NaN * 0 would still be NaN
             v[:, :, tokens:].zero_()
-            layer.keys, layer.values = k, v
-            layer.dtype, layer.device = k.dtype, k.device
-            layer.batch_size, layer.num_heads = 1, k.shape[1]
-            layer.k_head_dim = layer.v_head_dim = k.shape[-1]
-            layer.cumulative_length = torch.tensor(tokens, dtype=torch.int64, device=k.device)
-            layer.is_initialized = True
+            install(layer, k, v, tokens)
         return self.cache
 
 
@@ -337,29 +338,71 @@ async def fetch_prefix(
     namespace: Namespace | None = None,
     max_new_tokens: int = 256,
     dtype: str | None = None,
+    verify: VerifyPolicy | str | None = None,
+    rng: random.Random | None = None,
 ) -> tuple[Cache, Bought]:
     """Buy the longest prefix of the prompt, leaving at least its last token to compute,
     into a cache with room for the prompt and `max_new_tokens` more.
 
     `fp` names the KV as sellers store it; `dtype` (a §7.4 name such as "bfloat16") asks
-    them to convert it to the dtype of this model. Raises Miss when nothing can be
-    bought; the caller then prefills itself.
+    them to convert it to the dtype of this model. Every shape a seller states is checked
+    against this model's before anything is allocated, and the KV itself against this
+    model (`verify`, default the client's: spec §12.2) before the seller is paid in full
+    and before the cache is handed back; KV that fails goes unused, and the next provider
+    is tried. `rng` seeds the spot checks' draw (tests); otherwise it is secret. Raises
+    Miss when nothing can be bought; the caller then prefills itself.
     """
     ns = namespace or Namespace()
     chain = _chain(fp, input_ids[..., :-1], ns)  # the last token is never bought
     if not chain:
         raise Miss("the prompt is shorter than one block plus a token")
+    policy = client.verify if verify is None else _policy(verify)
     layout = fp.layout if dtype is None else replace(fp.layout, dtype=dtype)
-    target = BoughtCache(model, layout, input_ids.shape[-1] + max_new_tokens)
-    bought = await client.fetch(
-        fp.digest(),
-        chain,
-        params=model.num_parameters(),
-        namespace=ns,
-        dtype=dtype,
-        into=lambda expected: ScatterDestination(expected, target.place),
+    room = max(max_new_tokens, room_for(policy))
+    target = BoughtCache(model, layout, input_ids.shape[-1] + room)
+    # Layer 0 depends on the tokens alone: compute it while the lookup and transfer run.
+    ahead = len(chain) * layout.block
+    mine = (
+        asyncio.ensure_future(asyncio.to_thread(layer0_kv, model, input_ids[:, :ahead]))
+        if policy.enabled
+        else None
     )
+
+    async def check(_payload: torch.Tensor | None, quote: Quote) -> Refusal | None:
+        tokens = quote.blocks * layout.block
+        own = await mine if mine is not None else None
+        finding = await asyncio.to_thread(
+            check_cache,
+            model,
+            input_ids,
+            target.ready(tokens),
+            tokens,
+            policy,
+            computed=getattr(torch, fp.layout.dtype),
+            mine=own,
+            rng=rng,
+        )
+        return None if finding is None else Refusal(finding.check, str(finding))
+
+    try:
+        bought = await client.fetch(
+            fp.digest(),
+            chain,
+            params=model.num_parameters(),
+            namespace=ns,
+            dtype=dtype,
+            into=lambda expected: ScatterDestination(expected, target.place),
+            layout=layout,
+            check=check if policy.enabled else None,
+        )
+    finally:
+        if mine is not None and not mine.cancel() and not mine.cancelled():
+            mine.exception()  # done: whatever it raised is the purchase's outcome now
     return target.ready(bought.tokens), bought
+
+
+def _policy(verify: VerifyPolicy | str) -> VerifyPolicy:
+    return VerifyPolicy.parse(verify) if isinstance(verify, str) else verify
 
 
 @dataclass(frozen=True)
@@ -395,10 +438,12 @@ async def generate(
     input_ids: torch.Tensor,
     *,
     namespace: Namespace | None = None,
+    verify: VerifyPolicy | str | None = None,
     **generate_kwargs: Any,
 ) -> Outcome:
-    """`model.generate` with the longest bought prefix, or a plain prefill on a miss; the
-    time to the first token is reported to the node (kvx_time_to_first_token_seconds)."""
+    """`model.generate` with the longest bought prefix that passes `verify` (fetch_prefix),
+    or a plain prefill on a miss; the time to the first token is reported to the node
+    (kvx_time_to_first_token_seconds)."""
     start = time.monotonic()
     room = generate_kwargs.get("max_new_tokens", model.generation_config.max_new_tokens or 256)
     first = _FirstToken()
@@ -406,7 +451,7 @@ async def generate(
     miss: str | None = None
     try:
         cache, bought = await fetch_prefix(
-            client, model, fp, input_ids, namespace=namespace, max_new_tokens=room
+            client, model, fp, input_ids, namespace=namespace, max_new_tokens=room, verify=verify
         )
         generate_kwargs["past_key_values"] = cache
     except Miss as exc:
