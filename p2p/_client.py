@@ -627,6 +627,10 @@ class SyncPeerClient:
     def fetch(self, fp: bytes, chain: list[bytes], **kwargs: Any) -> Bought:
         return self._run(self._client.fetch(fp, chain, **kwargs))
 
+    @property
+    def verify(self) -> VerifyPolicy:
+        return self._client.verify
+
     def close(self) -> None:
         self._run(self._client.close())
         self._loop.close()

@@ -53,9 +53,10 @@ TAMPERED = words(7, 300)
 BY_HF, BY_VLLM = words(8, 300), words(9, 300)
 KILLED = words(10, 700)  # two blocks, 1 MiB of KV: seconds over the throttled link
 PRIVATE = words(11, 300)
+LIED, HALVED = words(12, 300), words(13, 300)
 COMPARED = [
     *(WANTED, UNRELATED, SHORT, LONG, ASKED),
-    *([*p, 5] for p in (TAMPERED, BY_HF, KILLED, PRIVATE)),
+    *([*p, 5] for p in (TAMPERED, BY_HF, KILLED, PRIVATE, LIED, HALVED)),
 ]
 
 
@@ -287,6 +288,8 @@ def test_a_seller_killed_mid_fetch_costs_a_recompute_not_a_token(model, own, tmp
         ({"data_dir": "n", "timeout_s": "5"}, "timeout_s"),
         ({"data_dir": "n", "namespace": 3}, "namespace is the path"),
         ({"data_dir": "n", "namespace": "/nowhere/team.ns"}, "cannot read secret file"),
+        ({"data_dir": "n", "verify": "sometimes"}, "verify is off, layer0, spot:K"),
+        ({"data_dir": "n", "verify": 16}, "verify is a policy name"),
     ],
 )
 def test_each_bad_setting_is_refused_with_one_line(extra, says):
@@ -445,3 +448,53 @@ async def test_a_tampered_payload_never_reaches_the_paged_cache(model, own, tmp_
         b.stop()
         await seller.close()
     assert run.out == [own[(*TAMPERED, 5)]]
+
+
+def test_kv_its_own_weights_refute_is_recomputed_and_a_lying_layout_never_raises(
+    model, own, tmp_path
+):
+    """One seller signs the right fingerprint over KV computed with other weights (its
+    root is right), another a float16 layout under the same fingerprint: the connector
+    checks both against the engine's own model, pages in neither, and vLLM computes."""
+    from dataclasses import replace
+
+    import liars
+    import torch
+
+    from kvx.integrations.hf import load_model, pack, publish_prompt_sync
+    from kvx.p2p import SyncPeerClient
+    from kvx.protocol import prefix_chain
+
+    hf = load_model(model)
+    a, b = pair(tmp_path)
+    c = NodeProcess(tmp_path / "c", [a.dir / "node.json"]).start()
+    try:
+        c.wait_ready()
+        lied = torch.tensor([LIED[:256]])
+        half = replace(hf.fp.layout, dtype="float16")
+        halved = liars.prefill(hf.model, torch.tensor([HALVED[:256]]))
+        with SyncPeerClient(a.dir) as seller:
+            publish_prompt_sync(
+                seller, hf.model, hf.fp, lied, cache=liars.other_weights(hf.model, lied)
+            )
+        with SyncPeerClient(c.dir) as seller:
+            seller.publish(
+                fp=hf.fp.digest(),
+                layout=half,
+                blocks=prefix_chain(hf.fp.digest(), HALVED[:256], 256),
+                payload=pack(halved, half, 1).view(torch.float32).half().numpy().tobytes(),
+                params=hf.model.num_parameters(),
+            )
+        eventually(lambda: len(b.call("ads")["ads"]) == 2)
+        run = engine(model, b, [[*LIED, 5], [*HALVED, 5]])
+        assert not b.events("bought") and "kvx: loaded" not in run.log
+        assert [e["check"] for e in b.events("refused")] == ["layer0"]
+        assert "KV_MISMATCH: layer0" in run.log and "not this model's" in run.log
+        liars_ids = {a.info["node_id"], c.info["node_id"]}
+        banned = {p["node_id"] for p in b.call("peers")["peers"] if p["banned"]}
+        assert liars_ids <= banned
+    finally:
+        c.stop()
+        a.stop()
+        b.stop()
+    assert run.out == [own[(*LIED, 5)], own[(*HALVED, 5)]]

@@ -31,18 +31,20 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
-from kvx.p2p import SyncPeerClient
+from kvx.p2p import Check, Refusal, SyncPeerClient
 from kvx.protocol import (
     DEFAULT_BLOCK_TOKENS,
     PUBLIC,
     ConfigError,
     KvxError,
     Namespace,
+    Quote,
     prefix_chain,
 )
-from kvx.trust import read_secret
+from kvx.trust import VerifyPolicy, read_secret
 
 from .hf import load_model
+from .verify import check_cache, room_for, static_cache
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -65,10 +67,11 @@ class Settings:
     max_price: int | None = None
     timeout_s: float = 10.0
     namespace: Namespace = PUBLIC
+    verify: VerifyPolicy | None = None  # None: the node's [policy] verify
 
     @classmethod
     def parse(cls, extra: dict[str, Any]) -> Settings:
-        unknown = set(extra) - {"data_dir", "max_price", "timeout_s", "namespace"}
+        unknown = set(extra) - {"data_dir", "max_price", "timeout_s", "namespace", "verify"}
         if unknown:
             raise ConfigError(f"kvx: unknown kv_connector_extra_config keys {sorted(unknown)}")
         if not isinstance(extra.get("data_dir"), str) or not extra["data_dir"]:
@@ -87,7 +90,15 @@ class Settings:
                     f"kvx: namespace is the path of a namespace secret file, not {where!r}"
                 )
             namespace = Namespace(read_secret(Path(where)))  # its own one-line errors
-        return cls(Path(extra["data_dir"]), price, float(timeout), namespace)
+        verify = extra.get("verify")
+        if verify is not None:
+            if not isinstance(verify, str):
+                raise ConfigError(f"kvx: verify is a policy name such as spot:16, not {verify!r}")
+            try:
+                verify = VerifyPolicy.parse(verify)
+            except ConfigError as exc:
+                raise ConfigError(f"kvx: {exc}") from None
+        return cls(Path(extra["data_dir"]), price, float(timeout), namespace, verify)
 
 
 @dataclass
@@ -99,6 +110,7 @@ class Load:
     chain: list[bytes]
     block_ids: list[int]
     first_page: int
+    tokens: list[int]  # the prompt's tokens the chain names, which the check recomputes
 
 
 @dataclass
@@ -156,8 +168,13 @@ class KvxConnector(KVConnectorBase_V1):
         loaded = load_model(vllm_config.model_config.model, dtype=vllm_config.model_config.dtype)
         self.fp = loaded.fp
         self.params = sum(p.numel() for p in loaded.model.parameters())  # prices its prefill
+        self.client = SyncPeerClient(
+            self.settings.data_dir, timeout_s=self.settings.timeout_s, verify=self.settings.verify
+        )
+        # Bought KV is checked against these weights before vLLM sees it (spec §12.2): the
+        # worker keeps a copy of the model on the CPU for that, unless checks are off.
+        self.checker = loaded.model if self.client.verify.enabled else None
         del loaded
-        self.client = SyncPeerClient(self.settings.data_dir, timeout_s=self.settings.timeout_s)
         # req -> (kvx blocks the swarm holds, their chain, tokens vLLM holds itself)
         self._matched: dict[str, tuple[int, list[bytes], int]] = {}
         # req -> (prompt, vLLM blocks so far) while its prompt is being computed
@@ -205,8 +222,9 @@ class KvxConnector(KVConnectorBase_V1):
             return
         matched, chain, computed = self._matched[request.request_id]
         block_ids = list(blocks.get_block_ids()[0])  # all of the request's, local hits first
+        tokens = list(request.prompt_token_ids or ())[: matched * BLOCK]
         self._loads.append(
-            Load(request.request_id, chain[:matched], block_ids, computed // self.page)
+            Load(request.request_id, chain[:matched], block_ids, computed // self.page, tokens)
         )
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KvxMetadata:
@@ -282,30 +300,58 @@ class KvxConnector(KVConnectorBase_V1):
         for load in meta.loads:
             end = len(load.chain) * per
             try:
-                bought = self.client.fetch(
-                    self.fp.digest(),
-                    load.chain,
-                    params=self.params,
-                    max_price=self.settings.max_price,
-                    namespace=self.ns,
-                )
+                got = self._load(load, per, end)
             except KvxError as exc:  # Miss, or the node gone: vLLM computes those pages
                 faults = "; ".join(f"{f.code.name}: {f.detail}" for f in getattr(exc, "faults", ()))
                 log.warning("kvx: nothing bought for %s: %s (%s)", load.req_id, exc, faults)
                 got = load.first_page
-            else:
-                got = max(load.first_page, min(end, bought.blocks * per))
-                for piece, view in self._pairs(bought.tensor, load.block_ids, load.first_page, got):
-                    view.copy_(piece)
-                log.info(
-                    "kvx: loaded %d tokens of %s into its paged cache (%d bought, %d its own; %s)",
-                    (got - load.first_page) * self.page,
-                    load.req_id,
-                    bought.tokens,
-                    load.first_page * self.page,
-                    ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in bought.timings.items()),
-                )
+            except Exception:  # whatever a peer sent, the engine computes instead of failing
+                log.exception("kvx: loading %s failed, vLLM computes it", load.req_id)
+                got = load.first_page
             self._failed.update(load.block_ids[got:end])
+
+    def _load(self, load: Load, per: int, end: int) -> int:
+        """Buy, check and page in one request's prefix; the pages now loaded."""
+        bought = self.client.fetch(
+            self.fp.digest(),
+            load.chain,
+            params=self.params,
+            max_price=self.settings.max_price,
+            namespace=self.ns,
+            layout=self.fp.layout,
+            check=self._checker(load) if self.checker is not None else None,
+        )
+        got = max(load.first_page, min(end, bought.blocks * per))
+        for piece, view in self._pairs(bought.tensor, load.block_ids, load.first_page, got):
+            view.copy_(piece)
+        log.info(
+            "kvx: loaded %d tokens of %s into its paged cache (%d bought, %d its own; %s)",
+            (got - load.first_page) * self.page,
+            load.req_id,
+            bought.tokens,
+            load.first_page * self.page,
+            ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in bought.timings.items()),
+        )
+        return got
+
+    def _checker(self, load: Load) -> Check:
+        """The check of a delivery against this engine's own weights (spec §12.2), before
+        the seller is paid in full and before any of it is paged in."""
+        model, policy, layout = self.checker, self.client.verify, self.fp.layout
+
+        async def check(payload: torch.Tensor | None, quote: Quote) -> Refusal | None:
+            assert payload is not None and model is not None
+            tokens = quote.blocks * layout.block
+            ids = torch.tensor([load.tokens[:tokens]])
+            cache = static_cache(
+                model, layout, payload[: layout.payload_bytes(quote.blocks)], room_for(policy)
+            )
+            finding = check_cache(
+                model, ids, cache, tokens, policy, computed=getattr(torch, layout.dtype)
+            )
+            return None if finding is None else Refusal(finding.check, str(finding))
+
+        return check
 
     def _pairs(
         self, payload: torch.Tensor, block_ids: list[int], first: int, end: int
