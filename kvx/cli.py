@@ -158,7 +158,23 @@ def _node(args: argparse.Namespace, out: Console) -> None:
                     "why": f"{found.value}; the node keeps trying",
                 }
             )
-    run_node(config)
+    run_node(config, _judges(config))
+
+
+def _judges(config: NodeConfig) -> dict:
+    """The models a node judges fraud proofs with, by fingerprint (`judge_models`)."""
+    if not config.judge_models:
+        return {}
+    try:
+        from kvx.integrations import hf
+        from kvx.integrations.verify import judge
+    except ImportError:
+        raise ConfigError("judge_models needs the hf extra (pip install 'kvx[hf]')") from None
+    judges = {}
+    for path in config.judge_models:
+        loaded = hf.load_model(path, block=config.judge_block)
+        judges[loaded.fp.digest()] = lambda bound, model=loaded.model: judge(model, bound)
+    return judges
 
 
 def _cut(args: argparse.Namespace):
@@ -206,7 +222,10 @@ def _peers(args: argparse.Namespace, out: Console) -> None:
     cut = _cut(args)
     for row in rows:
         row["node_id"] = cut(row["node_id"])
-    _table("peers", rows, ["node_id", "ctl", "state", "inc", "score"], out)
+    for row in rows:
+        kind, _, proof = row["verdict"].rpartition(" ")
+        row["verdict"] = f"{kind} {cut(proof)}" if proof else ""
+    _table("peers", rows, ["node_id", "ctl", "state", "inc", "score", "verdict"], out)
 
 
 def _ads(args: argparse.Namespace, out: Console) -> None:

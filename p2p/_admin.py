@@ -98,6 +98,16 @@ def admin_call(data_dir: str | Path, op: str, timeout_s: float = 10.0, **args: A
     return result(data)
 
 
+def _verdict(core: Any, peer: bytes) -> str:
+    """What this node holds against a peer, with the proof's id (spec §8.19)."""
+    conviction = core.scores.conviction(peer)
+    if conviction is not None:
+        kind, proof = conviction
+        return f"{'convicted' if kind == 'lied' else 'false accuser'} {proof.hex()}"
+    accused = core.unchecked.get(peer)
+    return f"accused, unchecked {accused[1].hex()}" if accused else ""
+
+
 def answer(node: Node, req: dict) -> dict:
     """The node's answer to one local admin request (the ops the CLI and clients use)."""
     op = req.get("op")
@@ -130,20 +140,30 @@ def answer(node: Node, req: dict) -> dict:
             "pid": os.getpid(),
         }
     if op == "peers":
-        return {
-            "peers": [
-                {
-                    "node_id": node_id(p.key).hex(),
-                    "key": p.key.hex(),
-                    "ctl": p.ctl,
-                    "state": p.state.name.lower(),
-                    "inc": p.inc,
-                    "score": round(core.scores.score(node_id(p.key), now), 2),
-                    "banned": core.scores.is_banned(node_id(p.key), now),
-                }
-                for p in core.peers.all()
-            ]
-        }
+        rows = [
+            {
+                "node_id": node_id(p.key).hex(),
+                "key": p.key.hex(),
+                "ctl": p.ctl,
+                "state": p.state.name.lower(),
+                "inc": p.inc,
+            }
+            for p in core.peers.all()
+        ]
+        listed = {bytes.fromhex(r["node_id"]) for r in rows}
+        # Verdicts outlive the peer table: a convicted seller is listed even when gone.
+        for peer in [*core.scores.convicted(), *core.unchecked]:
+            if peer not in listed:
+                listed.add(peer)
+                rows.append({"node_id": peer.hex(), "key": "", "ctl": "", "state": "-", "inc": 0})
+        for row in rows:
+            peer = bytes.fromhex(row["node_id"])
+            row["score"] = round(core.scores.score(peer, now), 2)
+            row["banned"] = core.scores.is_banned(peer, now)
+            row["verdict"] = _verdict(core, peer)
+        return {"peers": rows}
+    if op == "accuse":  # a local client's evidence that a seller's KV is not its model's
+        return {"proof": core.accuse(req["evidence"])}
     if op == "ads":
         return {
             "ads": [

@@ -47,6 +47,7 @@ from kvx.transport import (
     Destination,
     Expected,
     Fault,
+    Fetched,
     FetchMiss,
     Source,
     available_transports,
@@ -54,12 +55,14 @@ from kvx.transport import (
 )
 from kvx.trust import (
     DEFAULT_VERIFY,
+    Evidence,
     Identity,
     Inbox,
     Ledger,
     Signer,
     Statement,
     VerifyPolicy,
+    covering_chunks,
     curve_public_key,
     make_curve_client,
     open_envelope,
@@ -84,6 +87,8 @@ class Refusal:
 
     check: str  # the check that failed, e.g. "layer0" or "deep"
     detail: str
+    position: int | None = None  # a layer-0 lie's token index: evidence can prove it
+    tokens: tuple[int, ...] = ()  # the buyer's token ids of the bought prefix
 
     def __str__(self) -> str:
         return f"{self.check}: {self.detail}"
@@ -357,6 +362,7 @@ class PeerClient:
         faults: list[Fault] = []
         reported = [0]  # faults the node has been told of
         deals: dict[bytes, tuple[Statement, zmq.asyncio.Socket, Deal]] = {}
+        claims: dict[bytes, Statement] = {}  # seller -> the ADVERTISE it was bought by
         paid: dict[bytes, bytes] = {}  # seller -> the last window receipt it was sent
 
         async def providers() -> AsyncIterator[Statement]:
@@ -432,6 +438,7 @@ class PeerClient:
                 finally:
                     timings["negotiation"] += time.monotonic() - negotiating
                 deals[ad.signer_id] = (quote, sock, deal)
+                claims[ad.signer_id] = ad
                 yield Source(
                     ad.signer_id,
                     q.transport,
@@ -471,6 +478,9 @@ class PeerClient:
                 for provider in fetched.providers:
                     faults.append(Fault(provider, ErrorCode.KV_MISMATCH, str(refusal)))
                 await self._tell("refused", seller=seller, check=refusal.check, detail=str(refusal))
+                evidence = _evidence(claims[seller], q, fetched, refusal)
+                if evidence is not None:
+                    await self._tell("accuse", evidence=evidence.encode())
             timings["transfer"] = (
                 time.monotonic() - streaming - timings["negotiation"] - timings["check"]
             )
@@ -591,6 +601,30 @@ class PeerClient:
         """Inform the node; a purchase already made stands even if the node is gone."""
         with contextlib.suppress(AdminError):
             await self._admin(op, **args)
+
+
+def _evidence(claim: Statement, quote: Quote, fetched: Fetched, refusal: Refusal):
+    """The proof of a layer-0 lie that anyone with the weights can check (§8.19), when
+    the buyer holds all it needs: a public advertisement that signed this very root, and
+    every byte of the chunks holding the lying block's layer 0."""
+    ad = claim.message
+    assert isinstance(ad, Advertise)
+    if refusal.position is None or ad.ns is not None or ad.root != quote.root:
+        return None
+    layout, chunk = ad.layout, ad.chunk
+    covering = covering_chunks(layout, chunk, refusal.position)
+    if min((covering.stop) * chunk, ad.size) > fetched.bytes:
+        return None  # part of a chunk lies past what was delivered: not ours to show
+    return Evidence(
+        claim=claim.frame,
+        tokens=refusal.tokens[: (refusal.position // layout.block + 1) * layout.block],
+        position=refusal.position,
+        hashes=fetched.hashes,
+        chunks=tuple(
+            (i, fetched.destination.read(i * chunk, min((i + 1) * chunk, ad.size)))
+            for i in covering
+        ),
+    )
 
 
 def _now() -> int:

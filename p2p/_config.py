@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from kvx.protocol import ConfigError, RemoteProtocolError, split_ctl
+from kvx.protocol import DEFAULT_BLOCK_TOKENS, ConfigError, RemoteProtocolError, split_ctl
 from kvx.transport import DataLimits
 from kvx.trust import ConfigFile, Policy, load_policy
 from kvx.trust._config import Section
@@ -95,6 +95,10 @@ class NodeConfig:
     data_stall_s: float = DataLimits.stall_s
     data_min_rate: int = DataLimits.min_rate
     payment_window_bytes: int = 64 << 20
+    # Models whose weights this node judges fraud proofs with (spec §8.19), and the block
+    # size their fingerprints are taken at: a GGUF file or a model directory each.
+    judge_models: tuple[Path, ...] = ()
+    judge_block: int = DEFAULT_BLOCK_TOKENS
     policy: Policy = field(default_factory=Policy)
 
     @property
@@ -192,6 +196,11 @@ def load_node_config(path: str | os.PathLike[str]) -> NodeConfig:
         advert_ttl_s=sec.take("advert_ttl_s", float, d.advert_ttl_s, positive),
         memory_bytes=sec.take("memory_bytes", int, d.memory_bytes, positive),
         disk_bytes=sec.take("disk_bytes", int, d.disk_bytes, positive),
+        judge_models=tuple(
+            config.path.parent / Path(str(m)).expanduser()
+            for m in sec.take("judge_models", list, [])
+        ),
+        judge_block=sec.take("judge_block", int, d.judge_block, positive),
         **{
             name: sec.take(name, type(getattr(d, name)), getattr(d, name), positive)
             for name in BUDGETS

@@ -50,6 +50,7 @@ from kvx.trust import (
 
 from ._clock import Clock
 from ._config import NodeConfig
+from ._fraud import Fraud, Judge
 from ._gossip import RECENT_MAX, Gossip
 from ._index import AdId, AdIndex
 from ._liveness import Liveness
@@ -93,7 +94,7 @@ class Disconnect:
     key: bytes
 
 
-Output = Send | Reply | Disconnect
+Output = Send | Reply | Disconnect | Judge
 
 
 def _seq_of(body: bytes) -> int | None:
@@ -105,7 +106,7 @@ def _seq_of(body: bytes) -> int | None:
     return None
 
 
-class NodeCore(Liveness, Gossip, Trading):
+class NodeCore(Liveness, Gossip, Trading, Fraud):
     """One node's protocol logic. This module admits each frame (rate limits, the
     receive checks of spec §6.4, bans, policy), dispatches it, runs the timer rounds
     and keeps the outputs; what each statement does is in the parts it is made of:
@@ -124,6 +125,7 @@ class NodeCore(Liveness, Gossip, Trading):
         rng: random.Random | None = None,
         pricing: PricePolicy | None = None,
         metrics: Metrics | None = None,
+        judges: frozenset[bytes] = frozenset(),
     ) -> None:
         self.config = config
         self.clock = clock or Clock()
@@ -163,6 +165,7 @@ class NodeCore(Liveness, Gossip, Trading):
         self._rates = RateLimits(config.rate_per_s, config.burst)
         self._curve_to_key: dict[bytes, bytes] = {}
         self._ledger_failed_at = float("-inf")
+        self._fraud_init(judges)
         self._out: list[Output] = []
         self._due: dict[str, float] = {}
         self._rounds: dict[str, Callable[[], None]] = {
@@ -185,6 +188,9 @@ class NodeCore(Liveness, Gossip, Trading):
             MessageType.RECEIPT: self._on_receipt,
             MessageType.PROBE: self._on_probe,
             MessageType.PROBE_ACK: self._on_probe_ack,
+            MessageType.ACCUSE: self._on_accuse,
+            MessageType.EVIDENCE_REQUEST: self._on_evidence_request,
+            MessageType.EVIDENCE: self._on_evidence,
         }
 
     # ---- what the driver calls ---------------------------------------------------------
@@ -272,6 +278,8 @@ class NodeCore(Liveness, Gossip, Trading):
             "ad_bytes": self.index.bytes,
             "ad_signers": self.index.signers(),
             **self.probes.held(),
+            "evidence_pulls": len(self._pulls),
+            "accusations_unchecked": len(self.unchecked),
         }
 
     # ---- outputs ---------------------------------------------------------------------
@@ -425,6 +433,7 @@ class NodeCore(Liveness, Gossip, Trading):
         self._forget_strangers()
         self.index.expire(self.clock.now_ms())
         self.market.expire(self.clock.now_ms())
+        self._expire_pulls()
         self.metrics.degraded.labels("scores").set(int(self.scores.write_failed))
         self.metrics.degraded.labels("ledger").set(int(not self.selling()))
         self.metrics.ads.set(len(self.index))

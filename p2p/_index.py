@@ -148,6 +148,13 @@ class AdIndex:
         self._withdrawals.add(withdraw_id)
         return True, ns
 
+    def drop_signer(self, signer: bytes) -> int:
+        """Forget every advertisement `signer` signed (a convicted liar's); how many."""
+        gone = [a.id for a in self._ads.values() if a.signer == signer]
+        for ad_id in gone:
+            self._remove(ad_id)
+        return len(gone)
+
     def _remove(self, ad_id: AdId) -> Advert | None:
         advert = self._ads.pop(ad_id, None)
         if advert is not None:

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import signal
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable, Mapping
 
 import zmq
 import zmq.asyncio
@@ -32,9 +32,12 @@ from kvx.protocol import (
 from kvx.transport import TcpDataServer
 from kvx.trust import (
     AtRestCipher,
+    Bound,
+    Evidence,
     Identity,
     Ledger,
     PeerScores,
+    bind,
     curve_public_key,
     make_curve_client,
     make_curve_server,
@@ -47,13 +50,25 @@ from ._clock import Clock
 from ._config import ADMIN_SOCKET, INFO_FILE, LEDGER_FILE, SCORES_FILE, STORE_DIR, NodeConfig
 from ._core import Disconnect, NodeCore, Reply, Send
 from ._datadir import DataDirLock
+from ._fraud import Judge
 from ._pricing import PricePolicy
 from ._store import LocalStore
 
+Judgement = Callable[[Bound], object | None]
+"""A holder of one fingerprint's weights: judges bound evidence, returning what refutes
+the seller (kvx.integrations.verify.judge) or None when the weights compute its bytes."""
+
 
 class Node:
-    def __init__(self, config: NodeConfig, *, pricing: PricePolicy | None = None):
+    def __init__(
+        self,
+        config: NodeConfig,
+        *,
+        pricing: PricePolicy | None = None,
+        judges: Mapping[bytes, Judgement] | None = None,
+    ):
         self.config = config
+        self.judges = dict(judges or {})
         data = config.data_dir
         _check_listen(config)
         self._lock = DataDirLock(data).acquire()  # before anything in the dir is touched
@@ -76,6 +91,7 @@ class Node:
             ),
             clock=self.clock,
             pricing=pricing,
+            judges=frozenset(self.judges),
         )
         self.identity = identity
         self.id = identity.node_id
@@ -234,6 +250,28 @@ class Node:
                 self._sent(out.mtype.name, len(out.frame))
             elif isinstance(out, Disconnect):
                 self._drop_dealer(out.key)
+            elif isinstance(out, Judge):
+                self._spawn(self._judge(out))
+
+    async def _judge(self, out: Judge) -> None:
+        """Judge evidence with the weights, off the loop (a forward of the model)."""
+        try:
+            verdict, detail = await asyncio.to_thread(self._verdict, out)
+        except Exception:
+            self.core.internal_error("judge")
+            return
+        self.core.judged(out.evidence, verdict, detail)
+        await self._flush()
+
+    def _verdict(self, out: Judge) -> tuple[str, str]:
+        try:
+            bound = bind(Evidence.decode(out.data))
+        except RemoteProtocolError as exc:
+            return "invalid", exc.detail
+        if bound.fp != out.fp:
+            return "invalid", "the evidence names another fingerprint than its ACCUSE"
+        finding = self.judges[out.fp](bound)
+        return ("lie", str(finding)) if finding is not None else ("honest", "the weights agree")
 
     def _sent(self, mtype: str, size: int) -> None:
         self.core.metrics.sent.labels(mtype).inc()
@@ -386,6 +424,6 @@ def _check_listen(config: NodeConfig) -> None:
         ) from None
 
 
-def run_node(config: NodeConfig) -> None:
+def run_node(config: NodeConfig, judges: Mapping[bytes, Judgement] | None = None) -> None:
     """Run a node in the foreground until SIGTERM or SIGINT."""
-    asyncio.run(Node(config).run())
+    asyncio.run(Node(config, judges=judges).run())

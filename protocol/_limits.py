@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 MAX_FRAME_BYTES = 1 << 20
 """Largest control frame (one envelope) a node accepts; larger ones are never decoded."""
@@ -39,3 +39,9 @@ MAX_TOKEN_ID = (1 << 32) - 1
 MAX_UINT64 = (1 << 64) - 1
 MAX_PROOF_BYTES = 65_536
 """The largest frame a PROBE_ACK carries as its target's proof of life (spec §8.18)."""
+
+MAX_EVIDENCE_BYTES = 2 * MAX_CHUNK_BYTES + (8 << 20)
+"""The largest evidence an ACCUSE names (spec §8.19): the layer-0 part of one block may
+straddle two chunks; the claim, the chunk list and the token ids fit in the rest."""
+MAX_EVIDENCE_PART = 512 << 10
+"""Evidence bytes one EVIDENCE frame carries: the asker pulls the rest part by part."""

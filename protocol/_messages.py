@@ -12,6 +12,8 @@ from ._errors import ErrorCode
 from ._limits import (
     MAX_ADVERT_LIFETIME_MS,
     MAX_CHAIN_BLOCKS,
+    MAX_EVIDENCE_BYTES,
+    MAX_EVIDENCE_PART,
     MAX_FRAME_BYTES,
     MAX_LIFETIME_MS,
     MAX_PROOF_BYTES,
@@ -40,6 +42,9 @@ class MessageType(IntEnum):
     MEMBERSHIP = 15
     PROBE = 16
     PROBE_ACK = 17
+    ACCUSE = 18
+    EVIDENCE_REQUEST = 19
+    EVIDENCE = 20
 
     @property
     def purpose(self) -> bytes:
@@ -295,6 +300,41 @@ class Error:
     re: int | None = wire(UInt(), default=None)
 
 
+@dataclass(frozen=True)
+class Accuse:
+    """A buyer's signed word that `seller` signed KV its own fingerprint refutes; the
+    evidence it names is served on request, and checked by whoever holds the weights."""
+
+    TYPE: ClassVar = MessageType.ACCUSE
+    seller: bytes = wire(HASH)
+    fp: bytes = wire(HASH)
+    root: bytes = wire(HASH)
+    evidence: bytes = wire(HASH)
+    size: int = wire(UInt(1, MAX_EVIDENCE_BYTES))
+    kind: str = wire(OneOf(("layer0",)))
+
+
+@dataclass(frozen=True)
+class EvidenceRequest:
+    TYPE: ClassVar = MessageType.EVIDENCE_REQUEST
+    evidence: bytes = wire(HASH)
+    offset: int = wire(UInt(0, MAX_EVIDENCE_BYTES - 1))
+
+
+@dataclass(frozen=True)
+class EvidencePart:
+    TYPE: ClassVar = MessageType.EVIDENCE
+    re: int = wire(UInt())
+    evidence: bytes = wire(HASH)
+    offset: int = wire(UInt(0, MAX_EVIDENCE_BYTES - 1))
+    total: int = wire(UInt(1, MAX_EVIDENCE_BYTES))
+    part: bytes = wire(Bin(1, MAX_EVIDENCE_PART))
+
+    def check(self) -> None:
+        if self.offset + len(self.part) > self.total:
+            raise Invalid("part", "runs past the evidence's total size")
+
+
 Message = (
     Hello
     | Peers
@@ -313,6 +353,9 @@ Message = (
     | Membership
     | Probe
     | ProbeAck
+    | Accuse
+    | EvidenceRequest
+    | EvidencePart
 )
 
 MESSAGE_CLASSES: dict[MessageType, type] = {
@@ -335,10 +378,13 @@ MESSAGE_CLASSES: dict[MessageType, type] = {
         Membership,
         Probe,
         ProbeAck,
+        Accuse,
+        EvidenceRequest,
+        EvidencePart,
     )
 }
 
-RELAYABLE = frozenset({MessageType.ADVERTISE, MessageType.WITHDRAW})
+RELAYABLE = frozenset({MessageType.ADVERTISE, MessageType.WITHDRAW, MessageType.ACCUSE})
 """Statements that travel through third parties; they carry no recipient (spec §6.3)."""
 
 

@@ -91,6 +91,11 @@ class Destination:
 
             torch.cuda.current_stream().synchronize()
 
+    def read(self, start: int, stop: int) -> bytes:
+        """Delivered payload bytes [start, stop), as they landed (for evidence)."""
+        self.finish()
+        return self._flat[start:stop].cpu().numpy().tobytes()
+
     def scrub(self, first_unverified: int) -> None:
         """Zero everything from chunk `first_unverified` on: no unchecked byte stays."""
         self.finish()
@@ -139,6 +144,9 @@ class ScatterDestination(Destination):
 
     def finish(self) -> None:
         pass
+
+    def read(self, start: int, stop: int) -> bytes:
+        return b"".join(bytes(piece) for piece in self._place(start, stop))
 
     def scrub(self, first_unverified: int) -> None:
         start = first_unverified * self.expected.chunk

@@ -74,6 +74,8 @@ class Fetched:
     bytes: int
     providers: tuple[bytes, ...]  # those that delivered verified chunks, in order
     faults: tuple[Fault, ...]  # those that failed, for the caller to score
+    hashes: bytes  # the payload's chunk list, verified against the root
+    destination: Destination  # where it landed (Destination.read gives it back)
 
 
 class FetchMiss(KvxError):
@@ -159,7 +161,9 @@ async def fetch(
         if verifier.verified > before:
             served.append(source.provider)
         if verifier.complete:
-            return Fetched(expected.deliver, tuple(served), tuple(faults))
+            return Fetched(
+                expected.deliver, tuple(served), tuple(faults), verifier.chunk_list_bytes, dest
+            )
     if dest is not None:
         dest.scrub(0)  # a miss hands back nothing, not even the verified part
     raise FetchMiss(faults)

@@ -124,6 +124,11 @@ class StreamVerifier:
         verify_chunk_list(self.expected.root, self.expected.size, self.expected.chunk, hashes)
         self._hashes = hashes
 
+    @property
+    def chunk_list_bytes(self) -> bytes:
+        """The stream's chunk list, verified against the root (what evidence quotes)."""
+        return b"".join(self._hashes or ())
+
     def begin_chunk(self, index: int, length: int) -> None:
         """Admit the header of the next chunk; its bytes may then be read."""
         if self._hashes is None:

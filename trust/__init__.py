@@ -14,6 +14,7 @@ from ._envelope import (
     seal,
     verify_envelope,
 )
+from ._evidence import Bound, Evidence, bind, covering_chunks, evidence_id
 from ._freshness import ReplayGuard
 from ._identity import KEY_FILE_TAG, Identity, curve_public_key
 from ._ledger import AuditEntry, Ledger
@@ -27,8 +28,10 @@ __all__ = [
     "KEY_FILE_TAG",
     "AtRestCipher",
     "AuditEntry",
+    "Bound",
     "ConfigFile",
     "Event",
+    "Evidence",
     "Identity",
     "Inbox",
     "Ledger",
@@ -41,7 +44,10 @@ __all__ = [
     "Signer",
     "Statement",
     "VerifyPolicy",
+    "bind",
+    "covering_chunks",
     "curve_public_key",
+    "evidence_id",
     "load_policy",
     "make_curve_client",
     "make_curve_server",

@@ -25,6 +25,7 @@ class Event(Enum):
     FLOOD = -10.0
     BAD_CHUNK = -30.0
     LIED = -100.0  # KV or a layout that the buyer's own model refutes (§12.2)
+    FALSE_ACCUSATION = -100.0  # an ACCUSE whose evidence the weights show false (§8.19)
     UNSERVABLE_AD = -15.0
     TIMEOUT = -5.0
     GOOD_DELIVERY = 5.0
@@ -65,6 +66,17 @@ class PeerScores:
             "CREATE TABLE IF NOT EXISTS scores (peer BLOB PRIMARY KEY, score REAL NOT NULL,"
             " updated REAL NOT NULL, banned_until REAL NOT NULL)"
         )
+        # Verdicts that never decay (§8.19): a seller convicted of lying, or an accuser
+        # of accusing falsely, with the signed ACCUSE and the evidence that show it.
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS convictions (peer BLOB NOT NULL, kind TEXT NOT NULL,"
+            " proof BLOB NOT NULL, accuse BLOB NOT NULL, evidence BLOB NOT NULL,"
+            " at REAL NOT NULL, PRIMARY KEY (peer, kind))"
+        )
+        self._convicted: dict[bytes, tuple[str, bytes]] = {
+            peer: (kind, proof)
+            for peer, kind, proof in self._db.execute("SELECT peer, kind, proof FROM convictions")
+        }
         self.write_failed = False  # the last write to disk failed (full disk): a metric
         self._rows: dict[bytes, tuple[float, float, float]] = {
             peer: (score, updated, banned)
@@ -82,9 +94,6 @@ class PeerScores:
     def score(self, peer: bytes, now: float) -> float:
         return self._decayed(peer, now)[0]
 
-    def is_banned(self, peer: bytes, now: float) -> bool:
-        return self._decayed(peer, now)[1] > now
-
     def record(self, peer: bytes, event: Event, now: float) -> float:
         """Apply one event; a score falling below the threshold starts a cooling period."""
         score, banned = self._decayed(peer, now)
@@ -101,6 +110,39 @@ class PeerScores:
             # Scores keep working in memory; what a full disk costs is their persistence.
             self.write_failed = True
         return score
+
+    def convict(
+        self, peer: bytes, kind: str, proof: bytes, accuse: bytes, evidence: bytes, now: float
+    ) -> None:
+        """Keep, for good, that `peer` lied (kind "lied") or accused falsely ("false
+        accusation"), with what proves it; the peer is also scored and banned."""
+        self._convicted[peer] = (kind, proof)
+        self.record(peer, Event.LIED if kind == "lied" else Event.FALSE_ACCUSATION, now)
+        try:
+            self._db.execute(
+                "INSERT OR IGNORE INTO convictions VALUES (?, ?, ?, ?, ?, ?)",
+                (peer, kind, proof, accuse, evidence, now),
+            )
+        except sqlite3.Error:
+            self.write_failed = True
+
+    def convicted(self) -> dict[bytes, tuple[str, bytes]]:
+        """Every peer convicted, with (kind, proof id)."""
+        return dict(self._convicted)
+
+    def conviction(self, peer: bytes) -> tuple[str, bytes] | None:
+        """(kind, proof id) when `peer` stands convicted."""
+        return self._convicted.get(peer)
+
+    def evidence(self, proof: bytes) -> tuple[bytes, bytes] | None:
+        """(ACCUSE frame, evidence bytes) of a conviction this node holds, by proof id."""
+        row = self._db.execute(
+            "SELECT accuse, evidence FROM convictions WHERE proof = ? AND kind = 'lied'", (proof,)
+        ).fetchone()
+        return None if row is None else (row[0], row[1])
+
+    def is_banned(self, peer: bytes, now: float) -> bool:
+        return peer in self._convicted or self._decayed(peer, now)[1] > now
 
     def table(self, now: float) -> list[tuple[bytes, float, bool]]:
         """(peer, score, banned) for every peer, lowest score first."""

@@ -43,7 +43,7 @@ from kvx.protocol import (
 from kvx.transport import ScatterDestination
 from kvx.trust import VerifyPolicy
 
-from .verify import check_cache, install, layer0_kv, room_for
+from .verify import check_cache, install, layer0_kv, refusal, room_for
 
 if TYPE_CHECKING:
     from transformers import Cache, DynamicCache, PreTrainedModel
@@ -382,7 +382,7 @@ async def fetch_prefix(
             mine=own,
             rng=rng,
         )
-        return None if finding is None else Refusal(finding.check, str(finding))
+        return refusal(finding, input_ids[:, :tokens])
 
     try:
         bought = await client.fetch(

@@ -29,8 +29,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from kvx.p2p import Refusal
 from kvx.protocol import KVLayout
-from kvx.trust import VerifyPolicy
+from kvx.trust import Bound, VerifyPolicy
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -144,16 +145,15 @@ def draw_positions(n: int, k: int, rng: random.Random | None = None) -> list[int
     return sorted(rng.sample(range(n), min(k, n)))
 
 
-def check_spots(
+def spot_errors(
     model: PreTrainedModel,
     ids: torch.Tensor,
     cache: Any,
     bought: int,
     positions: Sequence[int],
-    tolerance: float = DEEP_TOLERANCE,
-) -> Finding | None:
+) -> list[dict[str, torch.Tensor]]:
     """Recompute the KV of `positions` at every layer from the bought cache before each,
-    in one forward, and compare with what the cache holds there.
+    in one forward; per layer, the relative errors of what the cache holds there.
 
     `cache` is a StaticCache holding the bought KV at slots [0, bought) with room for
     len(positions) more; the spots are written at [bought, bought + K) and wiped again.
@@ -181,22 +181,37 @@ def check_spots(
                 past_key_values=cache,
                 use_cache=True,
             )
-        for layer, held in enumerate(cache.layers):
-            errs = {
+        return [
+            {
                 "k": relative_errors(held.keys[0, :, pos], held.keys[0, :, bought : bought + k]),
                 "v": relative_errors(
                     held.values[0, :, pos], held.values[0, :, bought : bought + k]
                 ),
             }
-            found = _worst("deep", layer, positions, errs, tolerance)
-            if found is not None:
-                return found
-        return None
+            for held in cache.layers
+        ]
     finally:
         for held in cache.layers:
             held.keys[:, :, bought : bought + k].zero_()
             held.values[:, :, bought : bought + k].zero_()
             held.cumulative_length.fill_(bought)
+
+
+def check_spots(
+    model: PreTrainedModel,
+    ids: torch.Tensor,
+    cache: Any,
+    bought: int,
+    positions: Sequence[int],
+    tolerance: float = DEEP_TOLERANCE,
+) -> Finding | None:
+    """The first layer and spot whose recomputed KV differs from the cache's (spot_errors)
+    by more than `tolerance`, or None."""
+    for layer, errs in enumerate(spot_errors(model, ids, cache, bought, positions)):
+        found = _worst("deep", layer, positions, errs, tolerance)
+        if found is not None:
+            return found
+    return None
 
 
 def check_cache(
@@ -269,3 +284,31 @@ def install(layer: Any, keys: torch.Tensor, values: torch.Tensor, tokens: int) -
     layer.k_head_dim = layer.v_head_dim = keys.shape[-1]
     layer.cumulative_length = torch.tensor(tokens, dtype=torch.int64, device=keys.device)
     layer.is_initialized = True
+
+
+def refusal(finding: Finding | None, ids: torch.Tensor) -> Refusal | None:
+    """What the client is told of a finding: a layer-0 lie carries its position and the
+    token ids, from which the client builds evidence (trust.Evidence)."""
+    if finding is None:
+        return None
+    position = finding.position if finding.check == "layer0" else None
+    return Refusal(finding.check, str(finding), position, tuple(ids.reshape(-1).tolist()))
+
+
+def judge(model: PreTrainedModel, bound: Bound) -> Finding | None:
+    """A holder of the weights' verdict on evidence that bound (trust.bind): the layer-0
+    keys and values the seller's root commits it to at one position, against the model's
+    own. A Finding convicts the seller; None shows the accusation false."""
+    layout, p = bound.layout, bound.position
+    mine_k, mine_v = layer0_kv(model, torch.tensor([bound.tokens[: p + 1]]))
+    dtype = getattr(torch, layout.dtype)
+    shape = (layout.kv_heads, 1, layout.head_dim)
+    errs = {
+        name: relative_errors(
+            torch.frombuffer(bytearray(raw), dtype=dtype).view(shape).to(mine.device),
+            mine[0, :, p : p + 1].to(dtype),
+        )
+        for name, raw, mine in (("k", bound.keys, mine_k), ("v", bound.values, mine_v))
+    }
+    shallow, _ = tolerances(dtype, model.dtype)
+    return _worst("layer0", 0, [p], errs, shallow)

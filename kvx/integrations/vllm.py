@@ -44,7 +44,7 @@ from kvx.protocol import (
 from kvx.trust import VerifyPolicy, read_secret
 
 from .hf import load_model
-from .verify import check_cache, room_for, static_cache
+from .verify import check_cache, refusal, room_for, static_cache
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -349,7 +349,7 @@ class KvxConnector(KVConnectorBase_V1):
             finding = check_cache(
                 model, ids, cache, tokens, policy, computed=getattr(torch, layout.dtype)
             )
-            return None if finding is None else Refusal(finding.check, str(finding))
+            return refusal(finding, ids)
 
         return check
 

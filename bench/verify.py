@@ -1,0 +1,380 @@
+"""What checking bought KV against the buyer's own model costs and catches (spec §12.2),
+on SmolLM2-135M in float32 (CPU).
+
+    python bench/verify.py [--repeats 5] [--purchases 100] [--no-vllm] [--json OUT]
+
+1. Time to first token of a bought 1K and 4K prefix (three node processes on loopback)
+   with each policy — off, layer0, spot:4/16/64, full — interleaved round by round,
+   medians; the default (spot:16/8) as the mean of many purchases, since its deep part
+   runs on one purchase in eight.
+2. Detection per purchase: a span of m tokens whose deeper layers come from another text
+   (layer 0 honest, so only spots can see it) at a random place in a 1K prefix, checked
+   with K spots, over seeded purchases, beside 1-(1-m/n)^K; and a spliced instruction of
+   m tokens, which layer 0 sees wherever it is.
+3. Honest differences: the worst relative error of every honest purchase, layer 0 and
+   spot:64, KV computed with 1 or 2 threads and checked with 2 (Hugging Face both
+   sides), and KV computed by vLLM bought by Hugging Face and the other way round
+   through real engines and nodes; beside them the errors of each attack class. The
+   thresholds must sit between the two; `honest_pass_rate` counts refusals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))  # the attack classes
+import liars
+
+from kvx.demo import DOCUMENT, Swarm, document_ids
+from kvx.integrations import hf
+from kvx.integrations.verify import (
+    DEEP_TOLERANCE,
+    LAYER0_TOLERANCE,
+    check_cache,
+    check_spots,
+    draw_positions,
+    layer0_kv,
+    relative_errors,
+    spot_errors,
+)
+from kvx.p2p import PeerClient, wait_for
+from kvx.trust import DEFAULT_VERIFY, VerifyPolicy
+
+# bench/vllm.py, by path: as a module named `vllm` it would hide vLLM itself.
+_spec = importlib.util.spec_from_file_location("bench_vllm", Path(__file__).with_name("vllm.py"))
+BENCH_VLLM = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(BENCH_VLLM)
+
+POLICIES = ("off", "layer0", "spot:4", "spot:16", "spot:64")
+SPANS, SPOTS = (1, 8, 64), (4, 16, 64)
+
+
+def cache_of(model, fp, cache, tokens: int, room: int = 64):
+    """A BoughtCache holding `cache`'s first `tokens` (whole blocks), as a buyer has it."""
+    payload = hf.pack(cache, fp.layout, tokens // fp.layout.block).numpy()
+    target = hf.BoughtCache(model, fp.layout, tokens + room)
+    at = 0
+    for piece in target.place(0, payload.size):
+        piece[:] = memoryview(payload)[at : at + len(piece)]
+        at += len(piece)
+    return target.ready(tokens)
+
+
+async def ttft(model, fp, tokenizer, root: Path, lengths, repeats: int) -> list[dict]:
+    swarm = Swarm(root)
+    rows = []
+    try:
+        seller, agent = PeerClient(swarm.a.dir), PeerClient(swarm.c.dir)
+        for length in lengths:
+            ids = document_ids(tokenizer, length)
+            root_hex = (await hf.publish_prompt(seller, model, fp, ids))[0].hex()
+            await asyncio.to_thread(
+                wait_for, lambda r=root_hex: r in {a["root"] for a in swarm.c.call("ads")["ads"]}
+            )
+
+            async def first_token(policy, rng=None, ids=ids) -> float:
+                start = time.perf_counter()
+                cache, _ = await hf.fetch_prefix(
+                    agent, model, fp, ids, max_new_tokens=1, verify=policy, rng=rng
+                )
+                with torch.no_grad():
+                    model.generate(ids, past_key_values=cache, max_new_tokens=1, do_sample=False)
+                return time.perf_counter() - start
+
+            await first_token("off")  # warm
+            times: dict[str, list[float]] = {p: [] for p in POLICIES}
+            for _ in range(repeats):  # interleaved, so a slow moment hits every policy
+                for policy in POLICIES:
+                    times[policy].append(await first_token(policy))
+            rng = random.Random(length)
+            default = [await first_token(DEFAULT_VERIFY, rng) for _ in range(8 * repeats)]
+            full = await first_token("full")
+            row = {
+                "tokens": length,
+                **{f"{p}_s": statistics.median(t) for p, t in times.items()},
+                "full_s": full,
+                "default_mean_s": statistics.fmean(default),
+                "default_purchases": len(default),
+            }
+            rows.append(row)
+            print(
+                f"{length} tokens: "
+                + ", ".join(f"{p} {row[f'{p}_s'] * 1000:.0f} ms" for p in POLICIES)
+                + f", default {row['default_mean_s'] * 1000:.0f} ms",
+                flush=True,
+            )
+        await seller.close()
+        await agent.close()
+    finally:
+        swarm.stop()
+    return rows
+
+
+def detection(model, fp, tokenizer, purchases: int) -> list[dict]:
+    ids = document_ids(tokenizer, 1024)
+    n = 1024
+    text = DOCUMENT.read_text()
+    other = tokenizer(text, return_tensors="pt").input_ids[:, 5000 : 5000 + n]
+    honest = liars.prefill(model, ids[:, :n])
+    elsewhere = liars.prefill(model, other)
+    cache = cache_of(model, fp, honest, n)
+    rows = []
+    for m in SPANS:
+        for k in SPOTS:
+            rng = random.Random(m * 1000 + k)
+            caught = 0
+            for _ in range(purchases):
+                start = rng.randrange(n - m + 1)
+                span = slice(start, start + m)
+                saved = []
+                for layer in range(1, len(cache.layers)):  # deep layers from another text
+                    held, src = cache.layers[layer], elsewhere.layers[layer]
+                    saved.append((held.keys[:, :, span].clone(), held.values[:, :, span].clone()))
+                    held.keys[:, :, span] = src.keys[:, :, span]
+                    held.values[:, :, span] = src.values[:, :, span]
+                found = check_spots(model, ids, cache, n, draw_positions(n, k, rng))
+                caught += found is not None
+                for layer, (k_, v_) in zip(range(1, len(cache.layers)), saved, strict=True):
+                    cache.layers[layer].keys[:, :, span] = k_
+                    cache.layers[layer].values[:, :, span] = v_
+            rows.append(
+                {
+                    "attack": "deep span",
+                    "span": m,
+                    "spots": k,
+                    "purchases": purchases,
+                    "caught": caught / purchases,
+                    "expected": 1 - (1 - m / n) ** k,
+                }
+            )
+            print(f"deep span {m:>2} tokens, spot:{k:<2}: caught {caught}/{purchases}", flush=True)
+    mine = layer0_kv(model, ids[:, :n])
+    for m in SPANS:
+        rng = random.Random(m)
+        caught = 0
+        for _ in range(purchases):
+            at = rng.randrange(n - m + 1)
+            poisoned = ids[:, :n].clone()
+            poisoned[:, at : at + m] = torch.randint(0, 49152, (1, m), generator=_gen(rng))
+            theirs = layer0_kv(model, poisoned)
+            err = relative_errors(theirs[0][0], mine[0][0]).max()
+            caught += float(err) > LAYER0_TOLERANCE
+        rows.append(
+            {
+                "attack": "spliced",
+                "span": m,
+                "spots": 0,
+                "purchases": purchases,
+                "caught": caught / purchases,
+                "expected": 1.0,
+            }
+        )
+    return rows
+
+
+def _gen(rng: random.Random) -> torch.Generator:
+    return torch.Generator().manual_seed(rng.randrange(2**31))
+
+
+def worst_errors(model, ids, cache, n: int, spots: list[int]) -> tuple[float, float]:
+    """The largest layer-0 error over every position and the largest deep error over
+    `spots`, of a cache against the model: what the thresholds are compared with."""
+    first = cache.layers[0]
+    mine_k, mine_v = layer0_kv(model, ids[:, :n])
+    shallow = max(
+        float(relative_errors(first.keys[0, :, :n], mine_k[0]).max()),
+        float(relative_errors(first.values[0, :, :n], mine_v[0]).max()),
+    )
+    deep = max(
+        float(e.max()) for errs in spot_errors(model, ids, cache, n, spots) for e in errs.values()
+    )
+    return shallow, deep
+
+
+def honest_hf(model, fp, tokenizer, purchases: int) -> dict:
+    """HF seller (1 or 2 threads) to HF buyer (2 threads), over documents of the corpus."""
+    text = tokenizer(DOCUMENT.read_text(), return_tensors="pt").input_ids
+    n, docs = 1024, 10
+    errors, refused = [], 0
+    rng = random.Random(7)
+    threads = torch.get_num_threads()
+    for d in range(docs):
+        ids = text[:, d * 1500 : d * 1500 + n + 1]
+        for seller_threads in (1, threads):
+            torch.set_num_threads(seller_threads)
+            sold = liars.prefill(model, ids[:, :n])
+            torch.set_num_threads(threads)
+            cache = cache_of(model, fp, sold, n)
+            for _ in range(purchases // (2 * docs)):
+                errors.append(worst_errors(model, ids, cache, n, draw_positions(n, 64, rng)))
+                refused += check_cache(model, ids, cache, n, VerifyPolicy(spots=64)) is not None
+    return {"pair": "hf-hf", "purchases": len(errors), "refused": refused, "errors": errors}
+
+
+def dishonest(model, fp, tokenizer) -> list[dict]:
+    """The worst errors of each attack class, on one 1K document."""
+    ids = document_ids(tokenizer, 1024)
+    n = 1024
+    text = tokenizer(DOCUMENT.read_text(), return_tensors="pt").input_ids
+    other = text[:, 6000 : 6000 + n]
+    doc = ids[:, :n]
+    attacks = {
+        "another document": liars.another_document(model, doc, other),
+        "spliced 1 token": liars.spliced(model, doc, other[:, :1], at=500),
+        "spliced 64 tokens": liars.spliced(model, doc, other[:, :64], at=300),
+        "deep from another text": liars.deep_from(model, doc, other),
+        "noise 5% in layer 15": liars.noisy_layer(model, doc, layer=15),
+        "other weights (+2% noise)": liars.other_weights(model, doc),
+        "bfloat16 as float32": liars.in_bfloat16(model, doc),
+    }
+    rng = random.Random(3)
+    rows = []
+    for name, sold in attacks.items():
+        spots = draw_positions(n, 64, rng)
+        shallow, deep = worst_errors(model, ids, cache_of(model, fp, sold, n), n, spots)
+        rows.append({"attack": name, "layer0": shallow, "deep": deep})
+    return rows
+
+
+def honest_vllm(model_path: Path, root: Path, docs: int, rounds: int) -> dict:
+    """vLLM sells, Hugging Face buys with spot:64 (`rounds` purchases a document), and
+    vLLM buys what Hugging Face sold with spot:64 in its connector."""
+    from kvx.p2p import Miss, NodeProcess, SyncPeerClient
+
+    engine, prompts = BENCH_VLLM.engine, BENCH_VLLM.prompts
+
+    loaded = hf.load_model(model_path)
+    lengths = [1024] * (2 * docs)
+    sold_by_vllm, _ = prompts(model_path, lengths[:docs])
+    texts, _ = prompts(model_path, lengths)
+    sold_by_hf = texts[docs:]
+    a = NodeProcess(root / "va").start()
+    a.wait_ready()
+    b = NodeProcess(root / "vb", [a.dir / "node.json"], tables='[policy]\nverify = "spot:64"\n')
+    b.start().wait_ready()
+    refused = purchases = 0
+    try:
+        engine(model_path, a.dir, sold_by_vllm, max_tokens=1)
+        with SyncPeerClient(a.dir) as seller:
+            for doc in sold_by_hf:
+                hf.publish_prompt_sync(seller, loaded.model, loaded.fp, torch.tensor([doc]))
+        wait_for(lambda: len(b.call("ads")["ads"]) >= 2 * docs, 60)
+        with SyncPeerClient(b.dir, verify="spot:64") as buyer:
+            for _ in range(rounds):
+                for doc in sold_by_vllm:
+                    ids = torch.tensor([[*doc, 13]])
+                    try:
+                        hf.fetch_prefix_sync(buyer, loaded.model, loaded.fp, ids, max_new_tokens=1)
+                    except Miss:
+                        refused += 1
+                    purchases += 1
+        before = len(b.events("bought")), len(b.events("refused"))
+        engine(model_path, b.dir, [[*doc, 13] for doc in sold_by_hf], max_tokens=1)
+        by_vllm = len(b.events("bought")) - before[0]
+        refused_by_vllm = len(b.events("refused")) - before[1]
+    finally:
+        b.stop()
+        a.stop()
+    return {
+        "pair": "vllm-hf",
+        "purchases": purchases + docs,
+        "refused": refused + refused_by_vllm,
+        "hf_bought_from_vllm": purchases - refused,
+        "vllm_bought_from_hf": by_vllm,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--purchases", type=int, default=100)
+    parser.add_argument("--no-vllm", action="store_true", help="skip the vLLM engines")
+    parser.add_argument("--json", metavar="OUT")
+    args = parser.parse_args()
+    loaded = hf.load_smollm2()
+    model, fp, tokenizer = loaded.model, loaded.fp, loaded.tokenizer
+    root = Path(tempfile.mkdtemp(prefix="kvx-verify-"))
+    try:
+        times = asyncio.run(ttft(model, fp, tokenizer, root, args.lengths, args.repeats))
+        detect = detection(model, fp, tokenizer, args.purchases)
+        honest = [honest_hf(model, fp, tokenizer, 2 * args.purchases)]
+        lies = dishonest(model, fp, tokenizer)
+        if not args.no_vllm and importlib.util.find_spec("vllm") is not None:
+            honest.append(honest_vllm(BENCH_VLLM.smollm2_dir(), root, docs=9, rounds=11))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+    print(f"\nSmolLM2-135M (float32, CPU, {torch.get_num_threads()} threads): time to first token")
+    print(f"{'tokens':>7} " + " ".join(f"{p:>9}" for p in (*POLICIES, "full", "default")))
+    for r in times:
+        cells = [r[f"{p}_s"] for p in POLICIES] + [r["full_s"], r["default_mean_s"]]
+        print(f"{r['tokens']:>7} " + " ".join(f"{c * 1000:>7.0f}ms" for c in cells))
+    print("\ndetection per purchase (1,024 bought tokens)")
+    print(f"{'attack':>10} {'span':>5} {'spots':>6} {'caught':>7} {'1-(1-m/n)^K':>12}")
+    for r in detect:
+        print(
+            f"{r['attack']:>10} {r['span']:>5} {r['spots']:>6} {r['caught']:>7.2f} "
+            f"{r['expected']:>12.3f}"
+        )
+    hf_errors = honest[0]["errors"]
+    print(
+        f"\nhonest purchases, worst relative error (thresholds: layer 0 {LAYER0_TOLERANCE:g},"
+        f" deep {DEEP_TOLERANCE:g})"
+    )
+    print(
+        f"  HF↔HF, {len(hf_errors)} purchases: layer 0 max {max(e[0] for e in hf_errors):.2e},"
+        f" deep max {max(e[1] for e in hf_errors):.2e}; refused {honest[0]['refused']}"
+    )
+    for h in honest[1:]:
+        print(f"  {h['pair']}: {h['purchases']} purchases, refused {h['refused']}")
+    print("attack classes, worst relative error")
+    for r in lies:
+        print(f"  {r['attack']:<28} layer 0 {r['layer0']:>9.3g}   deep {r['deep']:>9.3g}")
+    at_4k = next((r for r in times if r["tokens"] == 4096), None)
+    purchases = sum(h["purchases"] for h in honest)
+    ratios = {"honest_pass_rate": 1 - sum(h["refused"] for h in honest) / purchases}
+    if at_4k:
+        ratios["verified_vs_unverified_ttft_4096"] = at_4k["off_s"] / at_4k["default_mean_s"]
+    print("\nratios: " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
+    if args.json:
+        for h in honest:
+            if "errors" in h:
+                h["layer0_max"] = max(e[0] for e in h["errors"])
+                h["deep_max"] = max(e[1] for e in h["errors"])
+                h["layer0_p99"] = sorted(e[0] for e in h["errors"])[int(0.99 * len(h["errors"]))]
+                h["deep_p99"] = sorted(e[1] for e in h["errors"])[int(0.99 * len(h["errors"]))]
+                del h["errors"]
+        with open(args.json, "w") as f:
+            json.dump(
+                {
+                    "bench": "verify",
+                    "model": hf.SMOLLM2_ID,
+                    "default": str(DEFAULT_VERIFY),
+                    "thresholds": {"layer0": LAYER0_TOLERANCE, "deep": DEEP_TOLERANCE},
+                    "ttft": times,
+                    "detection": detect,
+                    "honest": honest,
+                    "attacks": lies,
+                    "ratios": ratios,
+                },
+                f,
+                indent=2,
+            )
+            f.write("\n")
+
+
+if __name__ == "__main__":
+    main()
