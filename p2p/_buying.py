@@ -53,7 +53,8 @@ TRANSITIONS: dict[tuple[Step, MessageType], Step] = {
 }
 """(step, message received or sent) -> next step, as spec §10.4's buyer's table. ERROR
 stands for every failure: an ERROR received, no answer in time, a quote unlike its
-advertisement, a stream that breaks or does not verify. A step the table does not list
+advertisement or the buyer's model, a stream that breaks or does not verify, KV that the
+buyer's model refutes. A step the table does not list
 is a fault of the client itself (LocalProtocolError)."""
 
 

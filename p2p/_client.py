@@ -474,11 +474,12 @@ class PeerClient:
                 if refusal is None:
                     break
                 refused.add(q.root)
+                evidence = _evidence(claims[seller], q, fetched, refusal)
+                fetched.destination.scrub(0)  # none of it may be read by anyone now
                 # Every provider of this root signed it: each is a liar, none is paid more.
                 for provider in fetched.providers:
                     faults.append(Fault(provider, ErrorCode.KV_MISMATCH, str(refusal)))
                 await self._tell("refused", seller=seller, check=refusal.check, detail=str(refusal))
-                evidence = _evidence(claims[seller], q, fetched, refusal)
                 if evidence is not None:
                     await self._tell("accuse", evidence=evidence.encode())
             timings["transfer"] = (
@@ -499,6 +500,7 @@ class PeerClient:
             await self._tell("missed", reason="every provider failed")
             raise Miss("every provider failed", miss.faults) from None
         finally:
+            await offers.aclose()  # the providers not reached: no deal is opened with them
             for _, sock, deal in deals.values():
                 if deal.step in (Step.ACCEPTED, Step.STREAMING):  # it failed mid-way
                     deal.advance(MessageType.ERROR)

@@ -57,19 +57,21 @@ def _(s: Session) -> None:
     s.hello()
 
 
-@case("4.6/1", "MUST", "an envelope of an unknown version (3) is not acted on, nor answered")
+@case("4.6/1", "MUST", "an envelope of an unknown version (4) is not acted on, nor answered")
 def _(s: Session) -> None:
     env = msgpack.unpackb(hello(s))
-    env[0] = 3
+    env[0] = 4
     silent(s, msgpack.packb(env, use_bin_type=True))
 
 
-@case("4.6/2", "MUST", "a kvx 0.1 peer's HELLO (version 1, purpose kvx/hello/1) is refused")
+@case("4.6/2", "MUST", "a kvx 0.1 or 0.2 peer's HELLO (versions 1, 2, purposes kvx/hello/1, /2)")
 def _(s: Session) -> None:
     body = msgpack.unpackb(hello(s))[2]
-    purpose = b"kvx/hello/1"
-    sig = s.identity.sign(len(purpose).to_bytes(4, "little") + purpose + body)
-    silent(s, msgpack.packb([1, 1, body, s.identity.public_key, sig], use_bin_type=True))
+    for version in (1, 2):
+        purpose = f"kvx/hello/{version}".encode()
+        sig = s.identity.sign(len(purpose).to_bytes(4, "little") + purpose + body)
+        frame = [version, 1, body, s.identity.public_key, sig]
+        silent(s, msgpack.packb(frame, use_bin_type=True))
 
 
 @case("5.1/1", "MUST", "an unknown message type is not acted on")

@@ -134,6 +134,24 @@ MUSTS: dict[str, str | tuple[str, ...]] = {
         "untestable: budgets are the target's own settings; tests/test_attacks.py fills each "
         "one on the reference node"
     ),
+    "§8.19: SHOULD send ACCUSE to its peers, and MUST": (
+        "untestable: a rule for buyers; tests/test_fraud.py has the reference buyer's node "
+        "serve its evidence to a node that convicts from it"
+    ),
+    "§8.19: If it convicts, it MUST drop every advertisement": (
+        "untestable: a target holding weights for the suite's fingerprint cannot be asked of "
+        "a stranger's implementation; tests/test_fraud.py convicts at a third node that never "
+        "bought, and checks its ads and peers"
+    ),
+    "§8.19: If the evidence binds nobody or the weights": (
+        "untestable: as above, it needs the weights; tests/test_fraud.py has a false accuser "
+        "convicted and its accusation not relayed"
+    ),
+    "§8.19: that holds no such weights MUST NOT act": ("8.19/1",),
+    "§12.2: - Layout. Every field of an ADVERTISE or": (
+        "untestable: a rule for buyers; tests/test_verify.py and tests/test_vllm.py sell a "
+        "float16 layout under a float32 fingerprint to the reference buyer and engine"
+    ),
     '§14: messages.json — frames a receiver MUST accept ("expected":': (
         "vectors: every case of messages.json"
     ),

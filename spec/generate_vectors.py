@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,13 +26,17 @@ from kvx.protocol import (
     MAX_FRAME_BYTES,
     MAX_LIFETIME_MS,
     PROTOCOL_VERSION,
+    RELAYABLE,
     Accept,
+    Accuse,
     Advertise,
     DataAddress,
     Digest,
     DigestEntry,
     Error,
     ErrorCode,
+    EvidencePart,
+    EvidenceRequest,
     Header,
     Hello,
     KVLayout,
@@ -61,7 +66,7 @@ from kvx.protocol import (
     prefix_chain,
     signing_input,
 )
-from kvx.trust import Identity, curve_public_key, seal
+from kvx.trust import Evidence, Identity, bind, curve_public_key, seal
 
 VECTORS = Path(__file__).with_name("vectors")
 NOW = 1_767_225_600_000  # 2026-01-01T00:00:00Z, in ms
@@ -168,7 +173,101 @@ MESSAGES: list[Message] = [
         target=MALLORY.public_key,
         proof=seal(MALLORY, Peers(peers=(), re=3), header(90, to=ALICE.node_id)),
     ),
+    Accuse(
+        seller=MALLORY.node_id,
+        fp=FP,
+        root=seed("root"),
+        evidence=seed("evidence"),
+        size=4_500_000,
+        kind="layer0",
+    ),
+    EvidenceRequest(evidence=seed("evidence"), offset=524_288),
+    EvidencePart(re=118, evidence=seed("evidence"), offset=0, total=4096, part=b"\x85\xa5claim"),
 ]
+
+# The evidence vectors (§8.19): a payload small enough to read by hand. Layer 0 of block
+# j is its first 2 * kv_heads * block * head_dim elements: keys, then values.
+EV_LAYOUT = KVLayout(dtype="float32", layers=2, kv_heads=1, head_dim=2, block=2)
+EV_FP = ModelFingerprint(
+    model_id="kvx-test/evidence",
+    revision="1",
+    weights_hash=b"",
+    tokenizer_hash=seed("tokenizer"),
+    positional="rope;rope_theta=10000;rope_type=default",
+    layout=EV_LAYOUT,
+).digest()
+EV_TOKENS = [7, 8, 9, 10, 11, 12]
+EV_PAYLOAD = b"".join(  # element e of the payload holds the float e
+    struct.pack("<f", float(e)) for e in range(3 * EV_LAYOUT.block_bytes // 4)
+)
+
+
+def ev_claim() -> bytes:
+    hashes = chunk_hashes(EV_PAYLOAD, 1 << 16)
+    ad = Advertise(
+        fp=EV_FP,
+        layout=EV_LAYOUT,
+        blocks=tuple(prefix_chain(EV_FP, EV_TOKENS, EV_LAYOUT.block)),
+        root=content_root(len(EV_PAYLOAD), 1 << 16, hashes),
+        chunk=1 << 16,
+        price=10,
+        ctl="tcp://127.0.0.1:7000",
+        data=DATA,
+    )
+    return seal(MALLORY, ad, header(300, to=None, ttl=3_600_000))
+
+
+def ev(position: int, **changes: Any) -> Evidence:
+    tokens = EV_TOKENS[: (position // EV_LAYOUT.block + 1) * EV_LAYOUT.block]
+    good = Evidence(
+        claim=ev_claim(),
+        tokens=tuple(tokens),
+        position=position,
+        hashes=b"".join(chunk_hashes(EV_PAYLOAD, 1 << 16)),
+        chunks=((0, EV_PAYLOAD),),
+    )
+    return dataclasses.replace(good, **changes)
+
+
+def evidence() -> dict[str, Any]:
+    valid = []
+    for position in (0, 3, 5):
+        bound = bind(ev(position))
+        valid.append(
+            {
+                "id": f"evidence/position-{position}",
+                "expected": "valid",
+                "evidence": ev(position).encode().hex(),
+                "evidence_id": ev(position).id.hex(),
+                "seller": bound.seller.hex(),
+                "position": position,
+                "keys": bound.keys.hex(),
+                "values": bound.values.hex(),
+            }
+        )
+    wrong = {
+        "evidence/tokens-of-another-text": ev(3, tokens=(7, 8, 9, 99)),
+        "evidence/tokens-short-of-the-block": ev(3, tokens=(7, 8, 9)),
+        "evidence/chunk-list-of-another-root": ev(3, hashes=bytes(32)),
+        "evidence/chunk-not-its-hash": ev(3, chunks=((0, bytes(len(EV_PAYLOAD))),)),
+        "evidence/position-past-the-claim": dataclasses.replace(ev(5), position=6),
+    }
+    invalid = [
+        {
+            "id": case_id,
+            "expected": "reject",
+            "evidence": e.encode().hex(),
+            "code": int(ErrorCode.INVALID_FIELD),
+            "reason": ErrorCode.INVALID_FIELD.name,
+        }
+        for case_id, e in wrong.items()
+    ]
+    return {
+        "description": "Fraud-proof evidence (spec §8.19): a claim signed by mallory over a "
+        "payload whose float32 element e holds the value e; `keys` and `values` are the "
+        "layer-0 elements bind() extracts at `position`, [kv_heads][head_dim], little-endian",
+        "cases": valid + invalid,
+    }
 
 
 def keys() -> dict[str, Any]:
@@ -212,7 +311,7 @@ def valid_case(case_id: str, description: str, frame: bytes, ctx: dict) -> dict[
 def messages() -> dict[str, Any]:
     cases = []
     for i, msg in enumerate(MESSAGES):
-        relay = msg.TYPE in (MessageType.ADVERTISE, MessageType.WITHDRAW)
+        relay = msg.TYPE in RELAYABLE
         frame = seal(ALICE, msg, header(100 + i, to=None if relay else BOB.node_id))
         cases.append(
             valid_case(
@@ -355,10 +454,16 @@ def invalid() -> dict[str, Any]:
         pack([1, mtype, body, signer, ALICE.sign(b"\x0b\x00\x00\x00kvx/hello/1" + body)]),
     )
     case(
-        "codec/version-3",
-        "protocol version 3",
+        "codec/version-2",
+        "a kvx 0.2 peer's HELLO: protocol version 2, signed for purpose kvx/hello/2",
         ErrorCode.UNSUPPORTED_VERSION,
-        pack([3, mtype, body, signer, sig]),
+        pack([2, mtype, body, signer, ALICE.sign(b"\x0b\x00\x00\x00kvx/hello/2" + body)]),
+    )
+    case(
+        "codec/version-4",
+        "protocol version 4",
+        ErrorCode.UNSUPPORTED_VERSION,
+        pack([4, mtype, body, signer, sig]),
     )
     case(
         "codec/version-0",
@@ -762,6 +867,7 @@ FILES: dict[str, Callable[[], dict[str, Any]]] = {
     "invalid.json": invalid,
     "naming.json": naming,
     "content.json": content,
+    "evidence.json": evidence,
 }
 
 

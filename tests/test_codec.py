@@ -88,7 +88,7 @@ def test_encoder_refuses_a_frame_over_the_limit():
 
 def test_unknown_version_is_reported_before_the_layout_is_checked():
     # Another version may have another envelope shape; only its first item is read.
-    for version in (1, 3):  # kvx 0.1, and a future one
+    for version in (1, 2, 4):  # kvx 0.1 and 0.2, and a future one
         with pytest.raises(RemoteProtocolError) as err:
             parse_envelope(msgpack.packb([version, "anything"]))
         assert err.value.code == ErrorCode.UNSUPPORTED_VERSION
@@ -99,10 +99,10 @@ def test_unknown_version_is_reported_before_the_layout_is_checked():
     [
         ([], ErrorCode.MALFORMED),
         (["1", 1, b"", b"\x00" * 32, b"\x00" * 64], ErrorCode.MALFORMED),
-        ([2, "1", b"", b"\x00" * 32, b"\x00" * 64], ErrorCode.MALFORMED),
-        ([2, 0, b"", b"\x00" * 32, b"\x00" * 64], ErrorCode.UNKNOWN_TYPE),
-        ([2, 1, b"", b"\x00" * 32, b"\x00" * 63], ErrorCode.MALFORMED),
-        ([2, 1, b"", "k" * 32, b"\x00" * 64], ErrorCode.MALFORMED),
+        ([3, "1", b"", b"\x00" * 32, b"\x00" * 64], ErrorCode.MALFORMED),
+        ([3, 0, b"", b"\x00" * 32, b"\x00" * 64], ErrorCode.UNKNOWN_TYPE),
+        ([3, 1, b"", b"\x00" * 32, b"\x00" * 63], ErrorCode.MALFORMED),
+        ([3, 1, b"", "k" * 32, b"\x00" * 64], ErrorCode.MALFORMED),
         ([True, 1, b"", b"\x00" * 32, b"\x00" * 64], ErrorCode.MALFORMED),
     ],
 )
@@ -114,7 +114,7 @@ def test_bad_envelope_items(envelope, code):
 
 def test_signing_input_is_length_prefixed_purpose_then_body():
     assert signing_input(MessageType.QUOTE_REQUEST, b"BODY") == (
-        b"\x13\x00\x00\x00kvx/quote-request/2BODY"
+        b"\x13\x00\x00\x00kvx/quote-request/3BODY"
     )
 
 
@@ -187,5 +187,5 @@ def test_encoder_refuses_out_of_bounds_values():
 def test_item_shapes_are_checked_before_the_type_is_looked_up():
     # Spec §6.4: step 5 (items 2-4) comes before step 6 (known type).
     with pytest.raises(RemoteProtocolError) as err:
-        parse_envelope(msgpack.packb([2, 99, "not bin", b"\x00" * 32, b"\x00" * 64]))
+        parse_envelope(msgpack.packb([3, 99, "not bin", b"\x00" * 32, b"\x00" * 64]))
     assert err.value.code == ErrorCode.MALFORMED

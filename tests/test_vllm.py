@@ -54,9 +54,15 @@ BY_HF, BY_VLLM = words(8, 300), words(9, 300)
 KILLED = words(10, 700)  # two blocks, 1 MiB of KV: seconds over the throttled link
 PRIVATE = words(11, 300)
 LIED, HALVED = words(12, 300), words(13, 300)
+CLASSES = {  # one document per attack class of tests/liars.py
+    name: words(20 + i, 300)
+    for i, name in enumerate(
+        ("another-document", "spliced", "deep", "noise", "other-weights", "bfloat16")
+    )
+}
 COMPARED = [
     *(WANTED, UNRELATED, SHORT, LONG, ASKED),
-    *([*p, 5] for p in (TAMPERED, BY_HF, KILLED, PRIVATE, LIED, HALVED)),
+    *([*p, 5] for p in (TAMPERED, BY_HF, KILLED, PRIVATE, LIED, HALVED, *CLASSES.values())),
 ]
 
 
@@ -498,3 +504,61 @@ def test_kv_its_own_weights_refute_is_recomputed_and_a_lying_layout_never_raises
         a.stop()
         b.stop()
     assert run.out == [own[(*LIED, 5)], own[(*HALVED, 5)]]
+
+
+def _lies():
+    import liars
+
+    return {
+        "another-document": liars.another_document,
+        "spliced": lambda m, ids, other: liars.spliced(m, ids, other[:, :8], at=100),
+        "deep": liars.deep_from,
+        "noise": lambda m, ids, other: liars.noisy_layer(m, ids, layer=1),
+        "other-weights": lambda m, ids, other: liars.other_weights(m, ids),
+        "bfloat16": lambda m, ids, other: liars.in_bfloat16(m, ids),
+    }
+
+
+def test_every_attack_class_is_refused_by_the_engine_and_computed_instead(model, own, tmp_path):
+    """Each attack class of tests/liars.py, sold by a seller of its own (a refusal bans
+    its seller), bought by one engine checking with spot:16: nothing is paged in, every
+    seller is refused with the check that saw it, and the outputs are the engine's own."""
+    import torch
+
+    from kvx.integrations.hf import load_model, publish_prompt_sync
+    from kvx.p2p import SyncPeerClient
+
+    lies = _lies()
+    hf = load_model(model)
+    m = hf.model
+    b = NodeProcess(tmp_path / "b").start()
+    b.wait_ready()
+    sellers = []
+    try:
+        for name, doc in CLASSES.items():
+            ids = torch.tensor([doc[:256]])
+            other = torch.tensor([words(99, 256)])
+            cache = lies[name](m, ids, other)
+            seller = NodeProcess(tmp_path / name, [b.dir / "node.json"]).start()
+            sellers.append(seller)
+            seller.wait_ready()
+            with SyncPeerClient(seller.dir) as client:
+                publish_prompt_sync(client, m, hf.fp, ids, cache=cache)
+        eventually(lambda: len(b.call("ads")["ads"]) == len(CLASSES), 30)
+        prompts = [[*doc, 5] for doc in CLASSES.values()]
+        run = engine(
+            model,
+            b,
+            prompts,
+            kv={"kv_connector_extra_config": {"data_dir": str(b.dir), "verify": "spot:16"}},
+        )
+        assert not b.events("bought") and "kvx: loaded" not in run.log
+        checks = sorted(e["check"] for e in b.events("refused"))
+        assert checks == ["deep", "deep", "layer0", "layer0", "layer0", "layer0"]
+        banned = {p["node_id"] for p in b.call("peers")["peers"] if p["banned"]}
+        assert {s.info["node_id"] for s in sellers} <= banned
+    finally:
+        for seller in sellers:
+            seller.stop()
+        b.stop()
+    assert run.out == [own[tuple(p)] for p in prompts]
