@@ -12,6 +12,20 @@ def prefill(model, ids: torch.Tensor):
         return model(ids, use_cache=True).past_key_values
 
 
+def bought(model, layout, cache, tokens: int, room: int = 64):
+    """The StaticCache a buyer holds after receiving the payload of `cache`'s first
+    `tokens` (whole blocks) into a BoughtCache with `room` slots to spare."""
+    from kvx.integrations import hf
+
+    payload = hf.pack(cache, layout, tokens // layout.block).numpy()
+    target = hf.BoughtCache(model, layout, tokens + room)
+    at = 0
+    for piece in target.place(0, payload.size):
+        piece[:] = memoryview(payload)[at : at + len(piece)]
+        at += len(piece)
+    return target.ready(tokens)
+
+
 def layers(keys: list[torch.Tensor], values: list[torch.Tensor]):
     """Something `hf.pack` and `hf.publish_prompt` take as a cache."""
     return SimpleNamespace(

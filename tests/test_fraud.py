@@ -234,17 +234,21 @@ def verdict(node: NodeProcess, peer: str) -> str:
     return row["verdict"] if row else ""
 
 
-async def test_a_third_node_convicts_a_liar_from_the_proof_alone(swarm, loaded):
+LAYER0_LIES = {  # the attack classes a layer-0 proof convicts (deep lies have none, §8.19)
+    "another-document": lambda m, ids: liars.another_document(m, ids, prompt(98)[:, :TOKENS]),
+    "spliced-8": lambda m, ids: liars.spliced(m, ids, prompt(97, 8), at=33),
+    "other-weights": liars.other_weights,
+    "bfloat16-as-float32": liars.in_bfloat16,
+}
+
+
+@pytest.mark.parametrize("attack", sorted(LAYER0_LIES))
+async def test_a_third_node_convicts_a_liar_from_the_proof_alone(swarm, loaded, attack):
     s, b, c, d = swarm
     ids = prompt(4)
+    lie = LAYER0_LIES[attack](loaded.model, ids[:, :TOKENS])
     async with PeerClient(s.dir) as seller:
-        await hf.publish_prompt(
-            seller,
-            loaded.model,
-            loaded.fp,
-            ids[:, :TOKENS],
-            cache=liars.other_weights(loaded.model, ids[:, :TOKENS]),
-        )
+        await hf.publish_prompt(seller, loaded.model, loaded.fp, ids[:, :TOKENS], cache=lie)
     for node in (b, c, d):
         eventually(lambda n=node: len(n.call("ads")["ads"]) == 1, 30)
     async with PeerClient(b.dir) as buyer:

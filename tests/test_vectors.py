@@ -22,7 +22,7 @@ from kvx.protocol import (
     node_id,
     prefix_chain,
 )
-from kvx.trust import Identity, Inbox, ReplayGuard, curve_public_key
+from kvx.trust import Evidence, Identity, Inbox, ReplayGuard, bind, curve_public_key, evidence_id
 
 VECTORS = Path(gen.__file__).with_name("vectors")
 
@@ -150,6 +150,24 @@ def test_content_roots():
         hashes = chunk_hashes(payload, case["chunk"])
         assert [h.hex() for h in hashes] == case["chunk_hashes"]
         assert content_root(len(payload), case["chunk"], hashes).hex() == case["root"]
+
+
+def test_evidence_binds_or_is_refused_as_the_vectors_say():
+    """§8.19: what binding extracts from valid evidence, and the code of evidence that
+    binds nobody."""
+    cases = load("evidence.json")["cases"]
+    assert {c["expected"] for c in cases} == {"valid", "reject"}
+    for case in cases:
+        data = bytes.fromhex(case["evidence"])
+        if case["expected"] == "valid":
+            bound = bind(Evidence.decode(data))
+            assert evidence_id(data).hex() == case["evidence_id"]
+            assert bound.seller.hex() == case["seller"] and bound.position == case["position"]
+            assert (bound.keys.hex(), bound.values.hex()) == (case["keys"], case["values"])
+        else:
+            with pytest.raises(RemoteProtocolError) as refused:
+                bind(Evidence.decode(data))
+            assert refused.value.code == case["code"], case["id"]
 
 
 def test_every_integer_in_the_vectors_is_exact_in_json():

@@ -3,6 +3,7 @@ memory, then every attack class against a seller and a buyer that are node proce
 the buyer generating with a real (tiny, from_config) model."""
 
 import random
+import urllib.request
 from dataclasses import replace
 
 import liars
@@ -48,15 +49,8 @@ def reference(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 def bought_cache(model, fp, ids, cache, room: int = 64):
-    """The BoughtCache a buyer would hold after receiving `cache`'s payload for `ids`."""
-    blocks = TOKENS // BLOCK
-    payload = hf.pack(cache, fp.layout, blocks).numpy()
-    target = hf.BoughtCache(model, fp.layout, ids.shape[-1] + room)
-    at = 0
-    for piece in target.place(0, payload.size):
-        piece[:] = memoryview(payload)[at : at + len(piece)]
-        at += len(piece)
-    return target.ready(TOKENS)
+    """The cache a buyer would hold after receiving `cache`'s payload for `ids`."""
+    return liars.bought(model, fp.layout, cache, TOKENS, ids.shape[-1] - TOKENS + room)
 
 
 # ---- the policy --------------------------------------------------------------------------
@@ -158,7 +152,7 @@ def test_the_deep_part_runs_on_one_purchase_in_n(model, fp):
 def pair(tmp_path):
     seller = NodeProcess(tmp_path / "seller").start()
     seller.wait_ready()
-    buyer = NodeProcess(tmp_path / "buyer", [seller.dir / "node.json"]).start()
+    buyer = NodeProcess(tmp_path / "buyer", [seller.dir / "node.json"], metrics_port=0).start()
     buyer.wait_ready()
     yield seller, buyer
     buyer.stop()
@@ -191,6 +185,8 @@ def assert_refused(out, model, ids, seller, buyer, check: str) -> None:
     assert peer["banned"] and peer["score"] < -90
     refused = eventually(lambda: buyer.events("refused"))
     assert refused[0]["check"] == check and refused[0]["seller"] == seller_id[:12]
+    metrics = urllib.request.urlopen(buyer.info["metrics"], timeout=5).read().decode()
+    assert f'kvx_verify_failures_total{{check="{check}"}} 1.0' in metrics
 
 
 ATTACKS = {
@@ -221,9 +217,9 @@ async def test_lying_kv_is_refused_by_layer0_under_the_default_policy(pair, mode
     ids=["deeper-layers-from-another-text", "noise-in-one-layer"],
 )
 async def test_a_deep_lie_is_refused_by_spot_checks(pair, model, fp, attack):
-    # Layer 0 is honest, so only the deep spots can see these. The default (spot:16/8)
-    # runs them on one purchase in 8: a seller lying over the whole document is caught
-    # with probability 1/8 per purchase, so 8 purchases on average until it is banned.
+    # Layer 0 is honest, so only the deep spots can see these. The default (spot:16/32)
+    # runs them on one purchase in 32: a seller lying over the whole document is caught
+    # with probability 1/32 per purchase, so 32 purchases on average until it is banned.
     seller, buyer = pair
     ids = prompt(11)
     await sell_kv(seller, buyer, model, fp, ids, attack(model, ids[:, :TOKENS]))
