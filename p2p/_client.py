@@ -149,7 +149,7 @@ class PeerClient:
         verify: VerifyPolicy | str | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
-        self._verify = VerifyPolicy.parse(verify) if isinstance(verify, str) else verify
+        self._verify = None if verify is None else VerifyPolicy.of(verify)
         self.max_bytes = max_bytes
         self.identity = Identity.load(self.data_dir / KEY_FILE)
         self.signer = Signer(self.identity)
@@ -605,7 +605,9 @@ class PeerClient:
             await self._admin(op, **args)
 
 
-def _evidence(claim: Statement, quote: Quote, fetched: Fetched, refusal: Refusal):
+def _evidence(
+    claim: Statement, quote: Quote, fetched: Fetched, refusal: Refusal
+) -> Evidence | None:
     """The proof of a layer-0 lie that anyone with the weights can check (§8.19), when
     the buyer holds all it needs: a public advertisement that signed this very root, and
     every byte of the chunks holding the lying block's layer 0."""
@@ -615,7 +617,7 @@ def _evidence(claim: Statement, quote: Quote, fetched: Fetched, refusal: Refusal
         return None
     layout, chunk = ad.layout, ad.chunk
     covering = covering_chunks(layout, chunk, refusal.position)
-    if min((covering.stop) * chunk, ad.size) > fetched.bytes:
+    if min(covering.stop * chunk, ad.size) > fetched.bytes:
         return None  # part of a chunk lies past what was delivered: not ours to show
     return Evidence(
         claim=claim.frame,

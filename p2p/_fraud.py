@@ -134,13 +134,12 @@ class Fraud(CoreState):
     def _on_evidence_request(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
         req = st.message
         assert isinstance(req, EvidenceRequest)
-        held = self.scores.evidence(req.evidence)
+        held = self.scores.evidence(req.evidence, req.offset, MAX_EVIDENCE_PART)
         if held is None:
             raise RemoteProtocolError(ErrorCode.NOT_FOUND, "no evidence of that id here")
-        data = held[1]
-        if req.offset >= len(data):
+        part, total = held
+        if req.offset >= total:
             raise RemoteProtocolError(ErrorCode.INVALID_FIELD, "offset past the evidence")
-        part = data[req.offset : req.offset + MAX_EVIDENCE_PART]
         now = self.clock.monotonic()
         start, sent = self._served.get(st.signer_id, (now, 0))
         if now - start > 60.0:
@@ -149,7 +148,7 @@ class Fraud(CoreState):
             raise RemoteProtocolError(ErrorCode.OVER_BUDGET, "evidence served this minute")
         self._served[st.signer_id] = (start, sent + len(part))
         answer = EvidencePart(
-            re=st.header.seq, evidence=req.evidence, offset=req.offset, total=len(data), part=part
+            re=st.header.seq, evidence=req.evidence, offset=req.offset, total=total, part=part
         )
         if routing is not None:
             self._reply(routing, st, answer)

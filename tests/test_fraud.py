@@ -262,6 +262,22 @@ async def test_a_third_node_convicts_a_liar_from_the_proof_alone(swarm, loaded, 
     assert eventually(lambda: verdict(c, seller_id), 60) == f"convicted {proof}"
     assert eventually(lambda: c.call("ads")["ads"] == [])
     assert not c.events("bought") and c.events("convicted")[0]["ads_dropped"] == 1
+    # C now serves the evidence it judged, part by part, to anyone who asks.
+    asker = Identity.generate()
+    peer, signer = TestPeer(c, asker), Signer(asker)
+    try:
+        ask = signer.seal(
+            EvidenceRequest(evidence=bytes.fromhex(proof), offset=0), now_ms=now(), to=peer.node_id
+        )
+        peer.send(ask)
+        part = peer.recv().message
+        assert isinstance(part, EvidencePart) and part.offset == 0
+        assert evidence_id(part.part) == bytes.fromhex(proof)  # one part: it is small here
+        past = EvidenceRequest(evidence=bytes.fromhex(proof), offset=part.total)
+        peer.send(signer.seal(past, now_ms=now(), to=peer.node_id))
+        assert peer.recv().message.code == ErrorCode.INVALID_FIELD
+    finally:
+        peer.close()
     # D has no weights for this fingerprint: it keeps the accusation and does nothing.
     assert eventually(lambda: verdict(d, seller_id)) == f"accused, unchecked {proof}"
     assert len(d.call("ads")["ads"]) == 1

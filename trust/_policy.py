@@ -101,6 +101,11 @@ class VerifyPolicy:
             f"verify is off, layer0, spot:K, spot:K/N (K in 1…4096, N ≥ 1) or full, not {text!r}"
         )
 
+    @classmethod
+    def of(cls, policy: VerifyPolicy | str) -> VerifyPolicy:
+        """A policy, or its name parsed."""
+        return cls.parse(policy) if isinstance(policy, str) else policy
+
     def __str__(self) -> str:
         if self.full:
             return "full"

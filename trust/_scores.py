@@ -134,10 +134,14 @@ class PeerScores:
         """(kind, proof id) when `peer` stands convicted."""
         return self._convicted.get(peer)
 
-    def evidence(self, proof: bytes) -> tuple[bytes, bytes] | None:
-        """(ACCUSE frame, evidence bytes) of a conviction this node holds, by proof id."""
+    def evidence(self, proof: bytes, offset: int, size: int) -> tuple[bytes, int] | None:
+        """Bytes [offset, offset + size) of the evidence of a conviction this node holds,
+        by proof id, and the evidence's whole length (read a part at a time: up to
+        MAX_EVIDENCE_BYTES each)."""
         row = self._db.execute(
-            "SELECT accuse, evidence FROM convictions WHERE proof = ? AND kind = 'lied'", (proof,)
+            "SELECT substr(evidence, ?, ?), length(evidence) FROM convictions"
+            " WHERE proof = ? AND kind = 'lied'",
+            (offset + 1, size, proof),
         ).fetchone()
         return None if row is None else (row[0], row[1])
 

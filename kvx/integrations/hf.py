@@ -356,7 +356,7 @@ async def fetch_prefix(
     chain = _chain(fp, input_ids[..., :-1], ns)  # the last token is never bought
     if not chain:
         raise Miss("the prompt is shorter than one block plus a token")
-    policy = client.verify if verify is None else _policy(verify)
+    policy = client.verify if verify is None else VerifyPolicy.of(verify)
     layout = fp.layout if dtype is None else replace(fp.layout, dtype=dtype)
     room = max(max_new_tokens, room_for(policy))
     target = BoughtCache(model, layout, input_ids.shape[-1] + room)
@@ -399,10 +399,6 @@ async def fetch_prefix(
         if mine is not None and not mine.cancel() and not mine.cancelled():
             mine.exception()  # done: whatever it raised is the purchase's outcome now
     return target.ready(bought.tokens), bought
-
-
-def _policy(verify: VerifyPolicy | str) -> VerifyPolicy:
-    return VerifyPolicy.parse(verify) if isinstance(verify, str) else verify
 
 
 @dataclass(frozen=True)
