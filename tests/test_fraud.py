@@ -334,6 +334,65 @@ async def test_a_false_accusation_convicts_the_accuser(swarm, loaded):
         peer.close()
 
 
+@pytest.mark.parametrize("lie", ["offset", "total", "bytes"])
+async def test_a_peer_serving_bad_evidence_is_dropped_and_the_node_serves_on(swarm, loaded, lie):
+    """Mallory accuses and then serves the evidence wrongly: a part at another offset, a
+    total that is not the ACCUSE's size, or bytes of another hash. C drops the pull,
+    scores the peer that served it, convicts nobody, and still answers a HELLO."""
+    s, _, c, _ = swarm
+    ids = prompt(6)
+    async with PeerClient(s.dir) as seller:
+        await hf.publish_prompt(seller, loaded.model, loaded.fp, ids[:, :TOKENS])
+    eventually(lambda: len(c.call("ads")["ads"]) == 1, 30)
+    claim = c.call("lookup", fp=loaded.fp.digest(), blocks=_chain(loaded, ids), limit=1)["ads"][0]
+    data = _evidence_from(loaded, ids, claim, position=20).encode()
+    mallory = Identity.generate()
+    peer, signer = TestPeer(c, mallory), Signer(mallory)
+    try:
+        hello = Hello(ctl="tcp://127.0.0.1:9", data=(), inc=1)
+        peer.send(signer.seal(hello, now_ms=now(), to=peer.node_id))
+        accuse = Accuse(
+            seller=bytes.fromhex(s.info["node_id"]),
+            fp=loaded.fp.digest(),
+            root=bind(Evidence.decode(data)).root,
+            evidence=evidence_id(data),
+            size=len(data),
+            kind="layer0",
+        )
+        peer.send(signer.seal(accuse, now_ms=now()))
+        ask = None
+        while ask is None or not isinstance(ask.message, EvidenceRequest):
+            ask = peer.recv(10)
+            assert ask is not None, "C never asked for the evidence"
+        served = {
+            "offset": (1, len(data), data[1:]),
+            "total": (0, len(data) + 1, data),
+            "bytes": (0, len(data), bytes(len(data))),
+        }[lie]
+        offset, total, part = served
+        reply = EvidencePart(
+            re=ask.header.seq, evidence=evidence_id(data), offset=offset, total=total, part=part
+        )
+        peer.send(signer.seal(reply, now_ms=now(), to=peer.node_id))
+        assert (
+            eventually(lambda: c.events("evidence_abandoned"))[0]["source"]
+            == (mallory.node_id.hex()[:12])
+        )
+        mallory_row = next(
+            p for p in c.call("peers")["peers"] if p["node_id"] == mallory.node_id.hex()
+        )
+        assert mallory_row["score"] < 0 and mallory_row["verdict"] == ""
+        assert verdict(c, s.info["node_id"]) == "" and len(c.call("ads")["ads"]) == 1
+        honest = TestPeer(c, Identity.generate())
+        try:
+            honest.send(Signer(honest.identity).seal(hello, now_ms=now(), to=honest.node_id))
+            assert honest.recv().type.name == "PEERS"
+        finally:
+            honest.close()
+    finally:
+        peer.close()
+
+
 async def test_evidence_nobody_holds_is_not_found_and_unasked_parts_are_refused(swarm):
     _, _, c, _ = swarm
     stranger = Identity.generate()
