@@ -15,6 +15,7 @@ from swarm import NodeProcess, eventually
 from tiny import tiny_llama
 
 from kvx.integrations import hf
+from kvx.integrations import verify as verify_module
 from kvx.integrations.verify import (
     LAYER0_TOLERANCE,
     check_cache,
@@ -97,11 +98,37 @@ def test_honest_kv_passes_every_check(model, fp):
         assert check_cache(model, ids, cache, TOKENS, VerifyPolicy.parse(policy)) is None
 
 
-def test_layer0_is_the_model_s_own_cache_write(model):
+def _tiny(name: str):
+    from transformers import GPT2Config, GPT2LMHeadModel, Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    if name == "llama":
+        return tiny_llama(256)
+    if name == "qwen3":  # a key norm before the rotary embedding
+        config = Qwen3Config(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+        )
+        return Qwen3ForCausalLM(config).eval()
+    config = GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4)  # none of the parts
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3", "gpt2"])
+def test_layer0_is_the_model_s_own_cache_write(name):
+    # Llama-family parts are used directly when they give the forward's own bytes (no
+    # query projection); any other model runs its forward to the first cache write.
+    model = _tiny(name)
     ids = prompt(2)
     k, v = layer0_kv(model, ids)
     cache = liars.prefill(model, ids)
     assert torch.equal(k, cache.layers[0].keys) and torch.equal(v, cache.layers[0].values)
+    assert verify_module._DIRECT[model] is (name != "gpt2")
 
 
 def test_one_wrong_token_fails_layer0_at_its_position(model, fp):
