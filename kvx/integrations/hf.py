@@ -43,7 +43,7 @@ from kvx.protocol import (
 from kvx.transport import ScatterDestination
 from kvx.trust import VerifyPolicy
 
-from .verify import check_cache, install, layer0_kv, refusal, room_for
+from .verify import check_cache, install, refusal, room_for
 
 if TYPE_CHECKING:
     from transformers import Cache, DynamicCache, PreTrainedModel
@@ -360,17 +360,11 @@ async def fetch_prefix(
     layout = fp.layout if dtype is None else replace(fp.layout, dtype=dtype)
     room = max(max_new_tokens, room_for(policy))
     target = BoughtCache(model, layout, input_ids.shape[-1] + room)
-    # Layer 0 depends on the tokens alone: compute it while the lookup and transfer run.
-    ahead = len(chain) * layout.block
-    mine = (
-        asyncio.ensure_future(asyncio.to_thread(layer0_kv, model, input_ids[:, :ahead]))
-        if policy.enabled
-        else None
-    )
 
     async def check(_payload: torch.Tensor | None, quote: Quote) -> Refusal | None:
+        # After the transfer, not beside it: on a busy host the two compete, and the
+        # layer-0 forward (without its query projection) is a few percent of a purchase.
         tokens = quote.blocks * layout.block
-        own = await mine if mine is not None else None
         finding = await asyncio.to_thread(
             check_cache,
             model,
@@ -379,25 +373,20 @@ async def fetch_prefix(
             tokens,
             policy,
             computed=getattr(torch, fp.layout.dtype),
-            mine=own,
             rng=rng,
         )
         return refusal(finding, input_ids[:, :tokens])
 
-    try:
-        bought = await client.fetch(
-            fp.digest(),
-            chain,
-            params=model.num_parameters(),
-            namespace=ns,
-            dtype=dtype,
-            into=lambda expected: ScatterDestination(expected, target.place),
-            layout=layout,
-            check=check if policy.enabled else None,
-        )
-    finally:
-        if mine is not None and not mine.cancel() and not mine.cancelled():
-            mine.exception()  # done: whatever it raised is the purchase's outcome now
+    bought = await client.fetch(
+        fp.digest(),
+        chain,
+        params=model.num_parameters(),
+        namespace=ns,
+        dtype=dtype,
+        into=lambda expected: ScatterDestination(expected, target.place),
+        layout=layout,
+        check=check if policy.enabled else None,
+    )
     return target.ready(bought.tokens), bought
 
 

@@ -4,10 +4,10 @@ A signature and a content root prove whose bytes these are, not that they are th
 the buyer's tokens. Two checks close that gap, both computed with the buyer's weights:
 
 - **layer 0, every position.** Layer-0 keys and values depend only on a token and its
-  position, so the buyer recomputes them from its own token ids and compares. It runs
-  the model up to the first layer's cache write and stops there: embedding, input norm,
-  projections, any key norm and the rotary embedding are the model's own code, whatever
-  the architecture.
+  position, so the buyer recomputes them from its own token ids and compares, with the
+  model's own code: its parts directly where they give the forward's bytes exactly
+  (Llama-family models, without the query projection), else its forward stopped at the
+  first layer's cache write, whatever the architecture.
 - **deep spot checks.** K positions drawn from the buyer's secret randomness are run as
   one extra batch of query tokens over the bought cache, each with its own position id
   and a mask that lets it see only the bought positions before it and itself. Honest KV
@@ -171,17 +171,15 @@ def check_layer0(
     ids: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
-    mine: tuple[torch.Tensor, torch.Tensor] | None = None,
     tolerance: float = LAYER0_TOLERANCE,
 ) -> Finding | None:
     """Compare bought layer-0 keys and values ([1, heads, ≥n, dim]) at every position of
-    `ids` ([1, n]) with the model's own: `mine`, when computed ahead (layer0_kv of these
-    ids or a longer prompt), or computed now."""
+    `ids` ([1, n]) with the model's own."""
     n = ids.shape[-1]
-    mine_k, mine_v = mine if mine is not None else layer0_kv(model, ids)
+    mine_k, mine_v = layer0_kv(model, ids)
     errs = {
-        "k": relative_errors(keys[0, :, :n], mine_k[0, :, :n].to(keys.dtype)),
-        "v": relative_errors(values[0, :, :n], mine_v[0, :, :n].to(values.dtype)),
+        "k": relative_errors(keys[0, :, :n], mine_k[0].to(keys.dtype)),
+        "v": relative_errors(values[0, :, :n], mine_v[0].to(values.dtype)),
     }
     return _worst("layer0", 0, range(n), errs, tolerance)
 
@@ -270,19 +268,17 @@ def check_cache(
     policy: VerifyPolicy,
     *,
     computed: torch.dtype = torch.float32,
-    mine: tuple[torch.Tensor, torch.Tensor] | None = None,
     rng: random.Random | None = None,
 ) -> Finding | None:
     """Run the checks `policy` names on a StaticCache holding `bought` positions of `ids`
-    (KV `computed` in the dtype its fingerprint names; `mine`, the model's own layer-0
-    KV, if computed ahead); the first disagreement found, or None when the KV is the
-    model's own."""
+    (KV `computed` in the dtype its fingerprint names); the first disagreement found, or
+    None when the KV is the model's own."""
     if not policy.enabled:
         return None
     rng = rng or secrets.SystemRandom()
     first = cache.layers[0]
     shallow, deep = tolerances(computed, first.keys.dtype, model.dtype)
-    found = check_layer0(model, ids[:, :bought], first.keys, first.values, mine, shallow)
+    found = check_layer0(model, ids[:, :bought], first.keys, first.values, shallow)
     if found is not None or not (policy.full or policy.spots):
         return found
     if policy.full:
