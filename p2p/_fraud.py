@@ -44,11 +44,13 @@ SERVE_BYTES_PER_MIN = 256 << 20
 
 @dataclass(frozen=True)
 class Judge:
-    """Judge evidence with the weights of `fp`, off the loop, then call
-    NodeCore.judged(evidence, verdict, detail)."""
+    """Judge evidence against what its ACCUSE said (seller, fingerprint, root) with the
+    weights of `fp`, off the loop, then call NodeCore.judged."""
 
     evidence: bytes  # its id
+    seller: bytes  # node id the ACCUSE names
     fp: bytes
+    root: bytes
     data: bytes
 
 
@@ -174,13 +176,15 @@ class Fraud(CoreState):
         if evidence_id(data) != a.evidence:  # the peer served other bytes than were signed
             self._abandon(pull, blame=Event.MALFORMED, why="evidence of another hash")
             return
-        self._out.append(Judge(a.evidence, a.fp, data))
+        self._out.append(Judge(a.evidence, a.seller, a.fp, a.root, data))
 
     # ---- the driver's verdict --------------------------------------------------------
 
-    def judged(self, proof: bytes, verdict: str, detail: str) -> None:
-        """The driver judged evidence: "lie" convicts the seller, "honest" (the weights
-        compute these bytes) or "invalid" (it binds nobody) the accuser."""
+    def judged(self, proof: bytes, verdict: str, detail: str, seller_key: bytes) -> None:
+        """The driver judged evidence: "lie" convicts the seller it bound (its public key
+        `seller_key`, the one the ACCUSE named), "honest" (the weights compute these bytes)
+        or "invalid" (it binds nobody, or not the seller and root the ACCUSE named) the
+        accuser."""
         pull = self._pulls.pop(proof, None)
         if pull is None:
             return
@@ -188,7 +192,6 @@ class Fraud(CoreState):
         assert isinstance(a, Accuse)
         data = bytes(pull.data)
         if verdict == "lie":
-            seller_key = bind(Evidence.decode(data)).signer
             self._convict(a.seller, seller_key, proof, st.frame, data)
             self._push(st.frame, MessageType.ACCUSE, {pull.source, st.signer}, None)
         else:
@@ -222,9 +225,13 @@ class Fraud(CoreState):
                 self._pull(st, source, routing)
 
     def _expire_pulls(self) -> None:
+        """Housekeeping: pulls that took too long go, and so do serving budgets whose
+        minute is over (one entry per asker would otherwise outlive every stranger)."""
         now = self.clock.monotonic()
         for pull in [p for p in self._pulls.values() if now - p.started > PULL_S]:
             self._abandon(pull, blame=None, why="too slow")
+        for peer in [p for p, (start, _) in self._served.items() if now - start > 60.0]:
+            del self._served[peer]
 
     def _convict(
         self, seller: bytes, seller_key: bytes, proof: bytes, accuse: bytes, data: bytes

@@ -256,22 +256,26 @@ class Node:
     async def _judge(self, out: Judge) -> None:
         """Judge evidence with the weights, off the loop (a forward of the model)."""
         try:
-            verdict, detail = await asyncio.to_thread(self._verdict, out)
+            verdict, detail, seller_key = await asyncio.to_thread(self._verdict, out)
         except Exception:
             self.core.internal_error("judge")
             return
-        self.core.judged(out.evidence, verdict, detail)
+        self.core.judged(out.evidence, verdict, detail, seller_key)
         await self._flush()
 
-    def _verdict(self, out: Judge) -> tuple[str, str]:
+    def _verdict(self, out: Judge) -> tuple[str, str, bytes]:
+        """(verdict, why, the bound seller's public key): evidence that binds another
+        seller, root or fingerprint than its ACCUSE names accuses nobody it names."""
         try:
             bound = bind(Evidence.decode(out.data))
         except RemoteProtocolError as exc:
-            return "invalid", exc.detail
-        if bound.fp != out.fp:
-            return "invalid", "the evidence names another fingerprint than its ACCUSE"
+            return "invalid", exc.detail, b""
+        if (bound.seller, bound.root, bound.fp) != (out.seller, out.root, out.fp):
+            return "invalid", "the evidence binds another seller, root or fingerprint", b""
         finding = self.judges[out.fp](bound)
-        return ("lie", str(finding)) if finding is not None else ("honest", "the weights agree")
+        if finding is None:
+            return "honest", "the weights agree", b""
+        return "lie", str(finding), bound.signer
 
     def _sent(self, mtype: str, size: int) -> None:
         self.core.metrics.sent.labels(mtype).inc()

@@ -284,14 +284,23 @@ async def test_a_third_node_convicts_a_liar_from_the_proof_alone(swarm, loaded, 
     assert not d.events("convicted")
 
 
-async def test_a_false_accusation_convicts_the_accuser(swarm, loaded):
+@pytest.mark.parametrize("kind", ["its-honest-kv", "another-sellers-lie"])
+async def test_a_false_accusation_convicts_the_accuser(swarm, loaded, kind):
+    """Mallory accuses an honest seller with the seller's own honest KV as "evidence", or
+    with true evidence of a lie that another identity signed (framing: the ACCUSE names
+    the honest seller): both are false accusations, and the honest seller stands."""
     s, _, c, _ = swarm
     ids = prompt(5)
     async with PeerClient(s.dir) as seller:  # an honest seller
         await hf.publish_prompt(seller, loaded.model, loaded.fp, ids[:, :TOKENS])
     eventually(lambda: len(c.call("ads")["ads"]) == 1, 30)
     claim = c.call("lookup", fp=loaded.fp.digest(), blocks=_chain(loaded, ids), limit=1)["ads"][0]
-    evidence = _evidence_from(loaded, ids, claim, position=40)
+    if kind == "its-honest-kv":
+        evidence = _evidence_from(loaded, ids, claim, position=40)
+    else:
+        lie = liars.other_weights(loaded.model, ids[:, :TOKENS])
+        evidence = evidence_of(loaded, ids, lie, position=40)
+        assert judge(loaded.model, bind(evidence)) is not None  # a true lie, of someone else
     data = evidence.encode()
     mallory = Identity.generate()
     peer = TestPeer(c, mallory)
