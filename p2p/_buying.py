@@ -110,11 +110,11 @@ def check_quote(
     ad: Statement, quote: Quote, matched: int, dtype: str | None, mine: KVLayout | None = None
 ) -> None:
     """Refuse a quote that is not for what its seller advertised, or not in the layout
-    the buyer's own model implies (`mine`), before anything is allocated for it. Each is
-    signed by the seller, so a mismatch is its fault alone."""
+    the buyer's own model implies (`mine`; the advertisement passed check_layout before
+    the quote was asked for), before anything is allocated for it. Each is signed by the
+    seller, so a mismatch is its fault alone."""
     a = ad.message
     assert isinstance(a, Advertise)
-    check_layout(ad, dtype, mine)
     if mine is not None and quote.layout != mine:
         raise RemoteProtocolError(
             ErrorCode.KV_MISMATCH, f"the quoted layout {quote.layout} is not this model's {mine}"
