@@ -127,6 +127,21 @@ def answer(node: Node, req: dict) -> dict:
                 t.name: core.metrics.value("kvx_messages_sent_total", type=t.name)
                 for t in MessageType
             },
+            "received": {
+                t.name: core.metrics.value("kvx_messages_received_total", type=t.name)
+                for t in MessageType
+            },
+            "rejected": {
+                c.name: core.metrics.value("kvx_rejections_total", code=c.name)
+                for c in ErrorCode
+                if core.metrics.value("kvx_rejections_total", code=c.name)
+            },
+            "shed": {
+                s.labels["what"]: s.value
+                for metric in core.metrics.shed.collect()
+                for s in metric.samples
+                if s.name.endswith("_total")
+            },
             "internal_errors": sum(
                 s.value
                 for metric in core.metrics.internal_errors.collect()

@@ -51,7 +51,7 @@ from kvx.trust import (
 from ._clock import Clock
 from ._config import NodeConfig
 from ._fraud import Fraud, Judge
-from ._gossip import RECENT_MAX, Gossip
+from ._gossip import RECENT_MAX, SEND_BURST, SEND_RATE_PER_S, Gossip
 from ._index import AdId, AdIndex
 from ._liveness import Liveness
 from ._market import Market
@@ -161,6 +161,8 @@ class NodeCore(Liveness, Gossip, Trading, Fraud):
         self._own: dict[bytes, Statement] = {}  # content root -> our ADVERTISE
         self._recent: deque[tuple[float, AdId, bytes | None]] = deque(maxlen=RECENT_MAX)
         self._pulled: dict[bytes, float] = {}  # peer -> when its news was last pulled
+        self._pull_later: set[bytes] = set()
+        self._sending = RateLimits(SEND_RATE_PER_S, SEND_BURST)
         self.probes = IndirectProbes()
         self._rates = RateLimits(config.rate_per_s, config.burst)
         self._curve_to_key: dict[bytes, bytes] = {}
@@ -269,7 +271,7 @@ class NodeCore(Liveness, Gossip, Trading, Fraud):
             "replay_entries": len(self.inbox.guard),
             "replay_signers": self.inbox.guard.signers(),
             "replay_forgotten": self.inbox.guard.forgotten,
-            "rate_buckets": len(self._rates),
+            "rate_buckets": len(self._rates) + len(self._sending),
             "curve_keys": len(self._curve_to_key),
             "sessions": len(self.memberships),
             "peers": len(self.peers.all()),
@@ -314,10 +316,9 @@ class NodeCore(Liveness, Gossip, Trading, Fraud):
         go back by `routing`), or on this node's own connection to `server_key`."""
         self.metrics.bytes_in.inc(len(frame))
         if not self._rates.take(curve, self.clock.monotonic()):
+            # Flow control, not blame: an honest relay or a DIGEST answer may run over
+            # too, so the excess is dropped and nobody is scored for volume (§12.6).
             self.metrics.rejections.labels(ErrorCode.RATE_LIMITED.name).inc()
-            key = self._curve_to_key.get(curve)
-            if key is not None and self._rates.should_score(curve, self.clock.monotonic()):
-                self.scores.record(node_id(key), Event.FLOOD, self.clock.time())
             return
         try:
             st = self.inbox.receive(frame, now_ms=self.clock.now_ms(), peer_curve_key=curve)
@@ -341,7 +342,7 @@ class NodeCore(Liveness, Gossip, Trading, Fraud):
             # Only a statement the peer itself sent proves it lives (a relayed ad does not).
             self.event("peer_back", peer=signer_id.hex()[:12])
             self._disconnect(st.signer)
-            self._send(st.signer, self._digest_for(st.signer))
+            self._pull(st.signer)
         if st.type not in RELAYABLE:
             self._vouch(st)
         relayer = server_key if server_key is not None else self._curve_to_key.get(curve, b"")
@@ -434,6 +435,7 @@ class NodeCore(Liveness, Gossip, Trading, Fraud):
         self.index.expire(self.clock.now_ms())
         self.market.expire(self.clock.now_ms())
         self._expire_pulls()
+        self._pull_due()
         self.metrics.degraded.labels("scores").set(int(self.scores.write_failed))
         self.metrics.degraded.labels("ledger").set(int(not self.selling()))
         self.metrics.ads.set(len(self.index))
@@ -446,6 +448,7 @@ class NodeCore(Liveness, Gossip, Trading, Fraud):
         table go."""
         now = self.clock.monotonic()
         self._rates.prune(now)
+        self._sending.prune(now)
         known = {p.key for p in self.peers.all()} | {b.key for b in self.config.bootstrap}
         for curve in [c for c, k in self._curve_to_key.items() if k not in known]:
             del self._curve_to_key[curve]

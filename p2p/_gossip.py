@@ -32,6 +32,15 @@ from ._store import Entry
 RECENT_S = 10.0
 """How long a relayable statement a node took counts as news it tells each prober of."""
 RECENT_MAX = 64
+SEND_RATE_PER_S = 100.0
+SEND_BURST = 200
+"""Relayable statements a node sends one peer, pushed and in DIGEST answers together
+(spec §8.7): half of what a node accepts from a connection by default, so that honest
+gossip never runs into a receiver's rate limit."""
+DIGEST_PAGE = 200
+"""Statements at most in one answer to a DIGEST; the asker pulls the rest in pages."""
+PULL_EVERY_S = 1.0
+"""The least time between two DIGESTs a node sends one peer."""
 
 
 class Gossip(CoreState):
@@ -42,8 +51,12 @@ class Gossip(CoreState):
         targets = [
             p.key for p in self.peers.alive() if p.key not in exclude and self._may_see(p.key, ns)
         ]
+        now = self.clock.monotonic()
         for key in self.random.sample(targets, min(self.config.fanout, len(targets))):
-            self._send_frame(key, frame, mtype)
+            if self._sending.take(key, now):
+                self._send_frame(key, frame, mtype)
+            else:  # that peer's pull (anti-entropy) brings it instead
+                self.metrics.shed.labels("push").inc()
 
     def _may_see(self, key: bytes, ns: bytes | None) -> bool:
         """Private advertisements go only to peers that proved the namespace (spec §7.6)."""
@@ -110,19 +123,44 @@ class Gossip(CoreState):
             self._push(st.frame, MessageType.WITHDRAW, {relayer, st.signer}, ns)
 
     def _on_digest(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
+        """Answer with one page of what the asker lacks, within our pace for it; when more
+        is left, our own DIGEST tells it so and it pulls the next page (§8.7)."""
         digest = st.message
         assert isinstance(digest, Digest)
-        # Answer on the connection the DIGEST came on: the asker may not listen itself.
-        for frame in self.index.missing_from(digest.have, lambda ns: self._may_see(st.signer, ns)):
+        missing = self.index.missing_from(digest.have, lambda ns: self._may_see(st.signer, ns))
+        page = self._sending.take(st.signer, self.clock.monotonic(), min(len(missing), DIGEST_PAGE))
+        for frame in missing[:page]:
+            # Answer on the connection the DIGEST came on: the asker may not listen itself.
             if routing is not None:
                 self._reply_frame(routing, frame, MessageType.ADVERTISE)
             else:
                 self._send_frame(st.signer, frame, MessageType.ADVERTISE)
-        if self.index.lacks_any(digest.have):
-            if routing is not None:
-                self._reply(routing, st, self._digest_for(st.signer))
+        if page < len(missing) or self.index.lacks_any(digest.have):
+            self._pull(st.signer, routing, st)
+
+    def _pull(
+        self, key: bytes, routing: bytes | None = None, asked: Statement | None = None
+    ) -> None:
+        """Send `key` our DIGEST (which asks for what we lack and shows what we hold), at
+        most once each PULL_EVERY_S; a pull that comes sooner waits for its time."""
+        now = self.clock.monotonic()
+        if now - self._pulled.get(key, float("-inf")) < PULL_EVERY_S:
+            self._pull_later.add(key)
+            return
+        self._pulled[key] = now
+        self._pull_later.discard(key)
+        if routing is not None and asked is not None:
+            self._reply(routing, asked, self._digest_for(key))
+        else:
+            self._send(key, self._digest_for(key))
+
+    def _pull_due(self) -> None:
+        """Pulls that waited for their time (each second, from housekeeping)."""
+        for key in list(self._pull_later):
+            if key in self.peers:
+                self._pull(key)
             else:
-                self._send(st.signer, self._digest_for(st.signer))
+                self._pull_later.discard(key)
 
     def _advertise(self, entry: Entry) -> None:
         ad = Advertise(
@@ -204,5 +242,4 @@ class Gossip(CoreState):
     def _anti_entropy_round(self) -> None:
         alive = self.peers.alive()
         if alive:
-            key = self.random.choice(alive).key
-            self._send(key, self._digest_for(key))
+            self._pull(self.random.choice(alive).key)

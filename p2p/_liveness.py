@@ -29,9 +29,6 @@ from ._peers import State
 from ._probing import Waiting
 from ._state import CoreState
 
-PULL_EVERY_S = 1.0
-"""The least time between two DIGESTs a node sends one peer for its `recent` news."""
-
 
 class Liveness(CoreState):
     def _keeps(self, key: bytes) -> bool:
@@ -59,7 +56,7 @@ class Liveness(CoreState):
         if self.peers.heard_from(st.signer, hello.ctl, hello.inc, now):
             self._disconnect(st.signer)  # it may have restarted on a new address
             self.event("peer_joined", peer=st.signer_id.hex()[:12], ctl=hello.ctl)
-            self._send(st.signer, self._digest_for(st.signer))
+            self._pull(st.signer)
         if routing is not None:
             challenge = self.memberships.challenge(st.signer_id, self.clock.time())
             recent = self._recent_for(st.signer)
@@ -90,13 +87,8 @@ class Liveness(CoreState):
             self._send(st.signer, self.memberships.prove(st.signer_id, peers.challenge))
         if peers.recent and not all(self.index.holds((e.key, e.seq)) for e in peers.recent):
             # News this node missed: pull it now (§8.3) rather than at the next
-            # anti-entropy round, which push gossip's misses would otherwise wait for;
-            # at most once a second per peer, since a DIGEST may be 4,096 entries long
-            # and a PEERS naming made-up news costs its sender a kilobyte.
-            now = self.clock.monotonic()
-            if now - self._pulled.get(st.signer, float("-inf")) >= PULL_EVERY_S:
-                self._pulled[st.signer] = now
-                self._send(st.signer, self._digest_for(st.signer))
+            # anti-entropy round, which push gossip's misses would otherwise wait for.
+            self._pull(st.signer)
 
     def _on_membership(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
         assert isinstance(st.message, Membership)
@@ -110,19 +102,26 @@ class Liveness(CoreState):
         peer = self.peers.get(target)
         if peer is None or not peer.proven or peer.state == State.DEAD or target == st.signer:
             raise RemoteProtocolError(ErrorCode.NOT_FOUND, "this node knows no live peer so keyed")
-        until = self.clock.monotonic() + self.config.suspect_after_s / 2
-        if self.probes.help(Waiting(st.signer, routing, st.header.seq, until), target):
+        now = self.clock.monotonic()
+        waiting = Waiting(st.signer, routing, st.header.seq, now + self.config.suspect_after_s / 2)
+        proof = self.probes.fresh(target, now)
+        if proof is not None:
+            self._ack(waiting, proof)
+        elif self.probes.help(waiting, target, now):
             self._send(target, self._hello())
 
     def _vouch(self, st: Statement) -> None:
         """A peer spoke: send its statement to whoever asked us to probe it."""
-        for waiting in self.probes.vouch(st):
-            ack = ProbeAck(re=waiting.seq, target=st.signer, proof=st.frame)
-            frame = self.signer.seal(ack, now_ms=self.clock.now_ms(), to=node_id(waiting.asker))
-            if waiting.routing is not None:
-                self._reply_frame(waiting.routing, frame, MessageType.PROBE_ACK)
-            else:
-                self._send_frame(waiting.asker, frame, MessageType.PROBE_ACK)
+        for waiting in self.probes.vouch(st, self.clock.monotonic()):
+            self._ack(waiting, st)
+
+    def _ack(self, waiting: Waiting, proof: Statement) -> None:
+        ack = ProbeAck(re=waiting.seq, target=proof.signer, proof=proof.frame)
+        frame = self.signer.seal(ack, now_ms=self.clock.now_ms(), to=node_id(waiting.asker))
+        if waiting.routing is not None:
+            self._reply_frame(waiting.routing, frame, MessageType.PROBE_ACK)
+        else:
+            self._send_frame(waiting.asker, frame, MessageType.PROBE_ACK)
 
     def _on_probe_ack(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
         target = self.probes.take_ack(st)

@@ -27,6 +27,12 @@ class Metrics:
         self.received = Counter(
             "kvx_messages_received", "Statements accepted, by type", ["type"], registry=r
         )
+        self.shed = Counter(
+            "kvx_shed",
+            "Work this node left undone to pace itself or its peers, by what",
+            ["what"],
+            registry=r,
+        )
         self.internal_errors = Counter(
             "kvx_internal_errors",
             "Frames and timer rounds lost to a fault of kvx itself, by where",

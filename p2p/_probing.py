@@ -30,6 +30,9 @@ HELP_MAX = 256
 """Askers held for, over all targets."""
 USED_PROOFS = 8
 """Proofs remembered per target, so that a helper cannot show one twice."""
+HELP_EVERY_S = 1.0
+"""A helper probes one target at most this often, however many ask: askers within it
+wait for that probe's answer, or take the answer it already brought (spec §8.17)."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,8 @@ class IndirectProbes:
         self._asked: dict[tuple[bytes, int], Asked] = {}  # (helper, PROBE seq) -> ...
         self._waiting: dict[bytes, list[Waiting]] = {}  # target -> askers
         self._used: dict[bytes, deque[int]] = {}  # target -> seqs of proofs taken
+        self._probed: dict[bytes, float] = {}  # target -> when we last probed it for askers
+        self._fresh: dict[bytes, tuple[float, Statement]] = {}  # target -> its last answer
 
     def held(self) -> dict[str, int]:
         return {
@@ -90,20 +95,31 @@ class IndirectProbes:
 
     # ---- the helper ------------------------------------------------------------------
 
-    def help(self, waiting: Waiting, target: bytes) -> bool:
-        """Hold an asker until the target speaks; True when the target needs a probe
-        (nobody was waiting on it yet), so that many askers cost the target one HELLO."""
+    def fresh(self, target: bytes, now: float) -> Statement | None:
+        """The target's answer to our probe of it within HELP_EVERY_S: proof enough for
+        an asker now, without probing it again."""
+        heard = self._fresh.get(target)
+        return heard[1] if heard is not None and now - heard[0] < HELP_EVERY_S else None
+
+    def help(self, waiting: Waiting, target: bytes, now: float) -> bool:
+        """Hold an asker until the target speaks; True when the target needs a probe,
+        at most once each HELP_EVERY_S, so that askers cost the target one HELLO a second
+        however many they are and however fast they ask."""
         held = self._waiting.setdefault(target, [])
         if len(held) >= HELP_PER_TARGET or sum(map(len, self._waiting.values())) >= HELP_MAX:
             raise RemoteProtocolError(ErrorCode.OVER_BUDGET, "too many probes waiting")
         held.append(waiting)
-        return len(held) == 1
+        if now - self._probed.get(target, float("-inf")) < HELP_EVERY_S:
+            return False
+        self._probed[target] = now
+        return True
 
-    def vouch(self, st: Statement) -> list[Waiting]:
+    def vouch(self, st: Statement, now: float) -> list[Waiting]:
         """The askers a direct statement from their target answers (if it fits in a
         PROBE_ACK; a larger one leaves them waiting for the next)."""
         if st.signer not in self._waiting or len(st.frame) > MAX_PROOF_BYTES:
             return []
+        self._fresh[st.signer] = (now, st)
         return self._waiting.pop(st.signer)
 
     # ---- both ------------------------------------------------------------------------
@@ -119,3 +135,5 @@ class IndirectProbes:
                 del self._waiting[target]
         for target in [t for t in self._used if t not in known]:
             del self._used[target]
+        self._probed = {t: at for t, at in self._probed.items() if now - at < HELP_EVERY_S}
+        self._fresh = {t: h for t, h in self._fresh.items() if now - h[0] < HELP_EVERY_S}

@@ -1,4 +1,8 @@
-"""Per-connection rate limits: a token bucket for each CURVE key that sends us frames.
+"""Token buckets per key: what each connection may send us, and what we send each peer.
+
+Both are flow control, never blame (spec §12.6): a frame over a receive bucket is dropped
+and counted, a relayable statement over a send bucket is not sent (anti-entropy carries
+it later), and nobody is scored for volume.
 
 Identities cost nothing, so the buckets must not outlive their use: a bucket that has
 refilled to its burst is the same as a new one, and `prune` drops it. What stays is
@@ -9,14 +13,14 @@ from __future__ import annotations
 
 
 class _Bucket:
-    __slots__ = ("at", "last_scored", "tokens")
+    __slots__ = ("at", "tokens")
 
     def __init__(self, tokens: float, at: float) -> None:
-        self.tokens, self.at, self.last_scored = tokens, at, float("-inf")
+        self.tokens, self.at = tokens, at
 
 
 class RateLimits:
-    """`rate` messages a second per key, up to `burst` at once; times are passed in."""
+    """`rate` statements a second per key, up to `burst` at once; times are passed in."""
 
     def __init__(self, rate: float, burst: int) -> None:
         self.rate, self.burst = rate, burst
@@ -25,24 +29,16 @@ class RateLimits:
     def __len__(self) -> int:
         return len(self._buckets)
 
-    def take(self, key: bytes, now: float) -> bool:
+    def take(self, key: bytes, now: float, wanted: int = 1) -> int:
+        """Take up to `wanted` tokens; how many there were (0 when the bucket is empty)."""
         bucket = self._buckets.get(key)
         if bucket is None:
             bucket = self._buckets[key] = _Bucket(float(self.burst), now)
         bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.at) * self.rate)
         bucket.at = now
-        if bucket.tokens < 1:
-            return False
-        bucket.tokens -= 1
-        return True
-
-    def should_score(self, key: bytes, now: float) -> bool:
-        """At most once a second a flooding key is scored down, not for every frame."""
-        bucket = self._buckets.get(key)
-        if bucket is None or now - bucket.last_scored < 1.0:
-            return False
-        bucket.last_scored = now
-        return True
+        granted = min(wanted, int(bucket.tokens))
+        bucket.tokens -= granted
+        return granted
 
     def prune(self, now: float) -> None:
         """Forget every bucket that has refilled: it holds nothing a new one would not."""

@@ -17,6 +17,7 @@ from ._metrics import Metrics
 from ._peers import PeerTable
 from ._pricing import PricePolicy
 from ._probing import IndirectProbes
+from ._rates import RateLimits
 from ._store import LocalStore
 
 
@@ -42,3 +43,5 @@ class CoreState:
     _own: dict[bytes, Statement]  # content root -> our ADVERTISE
     _recent: deque[tuple[float, AdId, bytes | None]]  # news we took, for PEERS `recent`
     _pulled: dict[bytes, float]  # peer -> when its news was last pulled
+    _pull_later: set[bytes]  # peers whose pull waits for PULL_EVERY_S
+    _sending: RateLimits  # our pace of relayable statements to each peer

@@ -158,6 +158,16 @@ def _(s: Session) -> None:
         raise Failed(f"all {sent} flooded requests were answered: no rate limit")
 
 
+@case("12.6/2", "MUST", "a peer is not banned for the volume of valid statements it sends")
+def _(s: Session) -> None:
+    s.hello()
+    end = time.monotonic() + 6.0  # as fast as the suite signs: over any limit, for long
+    while time.monotonic() < end:
+        s.send(hello(s))
+    s.receive(1.5)
+    s.hello()  # answered: dropped statements cost the sender nothing else
+
+
 @case("4.2/1", "MUST", "a ZeroMQ message of two frames is not acted on")
 def _(s: Session) -> None:
     s.sock.send_multipart([hello(s), hello(s)])

@@ -77,6 +77,22 @@ def _(s: Session) -> None:
         raise Failed("the advertisement did not come back, byte for byte, after DIGEST")
 
 
+@case("8.6/2", "MUST", "a DIGEST is answered with one page: at most 200 statements")
+def _(s: Session) -> None:
+    s.hello()
+    for i in range(300):  # 150 a second: within every limit the spec names (§13.1)
+        chain = [blake3.blake3(s.identity.public_key + i.to_bytes(2, "big")).digest()]
+        s.send(_advert(s, chain))
+        time.sleep(1 / 150)
+    s.receive(1.0)
+    s.send(s.frame(Digest(have=())))
+    sent = [st for st in s.receive(2.0) if st.type.name in ("ADVERTISE", "WITHDRAW")]
+    if not sent:
+        raise Failed("the DIGEST was not answered")
+    if len(sent) > 200:
+        raise Failed(f"one DIGEST brought back {len(sent)} statements at once")
+
+
 @case("8.7/1", "MUST", "LOOKUP returns the longest prefix held, with the signed ADVERTISE")
 def _(s: Session) -> None:
     s.hello()

@@ -87,6 +87,8 @@ MUSTS: dict[str, str | tuple[str, ...]] = {
     ),
     "§8.11: — quote (quote-id), price (uint, MUST equal the": ("10.4/2",),
     "§8.15: — code (uint 1–65535, §11; unknown codes MUST": ("6.5/5",),  # noqa: RUF001
+    "§8.6: - A node MUST NOT answer one DIGEST": ("8.6/2",),
+    "§8.6: A node MUST NOT send one peer relayable": ("8.6/2",),
     "§8.17: A recipient MUST probe target only if it": ("8.17/1",),
     "§8.18: A helper that took a PROBE MUST send": ("8.17/2",),
     # Black-box, only an unasked PROBE_ACK: the target asks only when its own probes
@@ -130,6 +132,7 @@ MUSTS: dict[str, str | tuple[str, ...]] = {
         "untestable: its MUST (a destination no larger than the buyer's bound) is a rule for "
         "buyers; the rate limit is case 12.6/1"
     ),
+    "§12.6: Rate limits are flow control, not blame: a": ("12.6/2",),
     "§12.6: Every resource a peer can make a node": (
         "untestable: budgets are the target's own settings; tests/test_attacks.py fills each "
         "one on the reference node"

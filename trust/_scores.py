@@ -22,7 +22,6 @@ class Event(Enum):
     BAD_SIGNATURE = -20.0
     MALFORMED = -10.0
     REPLAY = -10.0
-    FLOOD = -10.0
     BAD_CHUNK = -30.0
     LIED = -100.0  # KV or a layout that the buyer's own model refutes (§12.2)
     FALSE_ACCUSATION = -100.0  # an ACCUSE whose evidence the weights show false (§8.19)
@@ -47,7 +46,6 @@ _BY_CODE = {
     ErrorCode.REPLAYED: Event.REPLAY,
     ErrorCode.EXPIRED: Event.REPLAY,
     ErrorCode.NOT_YET_VALID: Event.REPLAY,
-    ErrorCode.RATE_LIMITED: Event.FLOOD,
     ErrorCode.CHUNK_HASH_MISMATCH: Event.BAD_CHUNK,
     ErrorCode.ROOT_MISMATCH: Event.BAD_CHUNK,
     ErrorCode.SIZE_MISMATCH: Event.BAD_CHUNK,

@@ -1,0 +1,164 @@
+"""Honest peers never punish each other for volume (spec §8.7, §12.6): live node
+processes under the honest traffic that used to look like a flood.
+
+Each test is one break of issue #24 as it was seen against live nodes: anti-entropy
+that answers thousands of frames at once, a relay that pushes thousands onward, and
+probes that turn a helper into a suspect.
+"""
+
+import time
+
+import blake3
+import pytest
+from swarm import NodeProcess, TestPeer, eventually
+
+from kvx.protocol import Advertise, DataAddress, Header, Hello, KVLayout, Peers, Probe
+from kvx.trust import Identity, Signer, seal
+
+LAYOUT = KVLayout(dtype="float16", layers=2, kv_heads=2, head_dim=8, block=16)
+BUSY = {"rate_per_s": 1e6, "burst": 10**6}  # a node that takes a test's ads at once
+
+
+def now() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def ads(count: int, signers: int = 2) -> list[bytes]:
+    """`count` valid relayable ADVERTISEs from `signers` strangers, each of its own chain."""
+    keys = [Identity.generate() for _ in range(signers)]
+    frames = []
+    for i in range(count):
+        block = blake3.blake3(f"flood/{i}".encode()).digest()
+        ad = Advertise(
+            fp=b"\x0f" * 32,
+            layout=LAYOUT,
+            blocks=(block,),
+            root=block,
+            chunk=1 << 16,
+            price=1,
+            ctl="tcp://127.0.0.1:1",
+            data=(DataAddress("tcp", "127.0.0.1:2"),),
+        )
+        t = now()
+        frames.append(seal(keys[i % signers], ad, Header(iat=t, exp=t + 600_000, seq=t + i)))
+    return frames
+
+
+def inject(node: NodeProcess, frames: list[bytes]) -> None:
+    """Hand a node statements as a peer that said HELLO first, and wait until indexed."""
+    peer = TestPeer(node, Identity.generate())
+    try:
+        peer.send(
+            Signer(peer.identity).seal(
+                Hello(ctl="tcp://127.0.0.1:9", data=(), inc=1), now_ms=now(), to=peer.node_id
+            )
+        )
+        assert isinstance(peer.recv().message, Peers)
+        held = node.call("status")["ads"]
+        for frame in frames:
+            peer.send(frame)
+        eventually(lambda: node.call("status")["ads"] >= held + len(frames), timeout=60)
+    finally:
+        peer.close()
+
+
+def standing(node: NodeProcess, other: NodeProcess) -> dict:
+    rows = node.call("peers")["peers"]
+    return next(
+        (p for p in rows if p["node_id"] == other.info["node_id"]),
+        {"score": 0.0, "banned": False},
+    )
+
+
+@pytest.fixture
+def started(tmp_path):
+    made = []
+
+    def start(name: str, bootstrap=(), **config) -> NodeProcess:
+        n = NodeProcess(tmp_path / name, [b.dir / "node.json" for b in bootstrap], **config)
+        n.start().wait_ready()
+        made.append(n)
+        return n
+
+    yield start
+    for n in made:
+        n.stop()
+
+
+def test_a_node_joining_a_peer_with_thousands_of_ads_gets_them_all_and_bans_nobody(started):
+    """Break 1: the joiner's first DIGEST used to bring back every ad at once; its rate
+    limit scored the honest peer as a flooder and banned it within seconds."""
+    holder = started("holder", **BUSY)
+    inject(holder, ads(2500))
+    joiner = started("joiner", [holder])  # default limits: 200 a second, bursts of 400
+    low = []
+
+    def all_there() -> bool:
+        low.append(standing(joiner, holder)["score"])
+        return joiner.call("status")["ads"] == 2500
+
+    eventually(all_there, timeout=90, every=0.5)
+    assert min(low) >= 0 and not standing(joiner, holder)["banned"]
+    # Paced: the holder answered in pages, so the joiner's limit dropped (almost) nothing.
+    assert joiner.call("status")["rejected"].get("RATE_LIMITED", 0) < 100
+    assert holder.call("status")["sent"]["DIGEST"] >= 2500 // 200  # pulled page by page
+
+
+def test_a_relay_pushing_thousands_of_strangers_ads_is_never_banned(started):
+    """Break 1, relayed: a node that takes thousands of valid ads at once pushes them on
+    at the pace its neighbour accepts; the neighbour pulls the rest and bans nobody."""
+    relay = started("relay", **BUSY)
+    neighbour = started("neighbour", [relay])
+    eventually(lambda: standing(relay, neighbour).get("state") == "alive")
+    low = []
+    inject(relay, ads(3000, signers=3))
+
+    def all_there() -> bool:
+        low.append(standing(neighbour, relay)["score"])
+        return neighbour.call("status")["ads"] == 3000
+
+    eventually(all_there, timeout=90, every=0.5)
+    assert min(low) >= 0 and not standing(neighbour, relay)["banned"]
+    assert relay.call("status")["shed"].get("push", 0) > 0  # paced, not sent at once
+
+
+def test_strangers_probing_through_a_helper_cost_the_target_one_hello_a_second(started):
+    """Break 2: four strangers asking helper H to probe T made H send T hundreds of
+    HELLOs a second, and T banned H. Now H probes T at most once a second for all askers,
+    answers askers within that second with T's last answer, and T bans nobody."""
+    target = started("target")
+    helper = started("helper", [target])
+    eventually(lambda: standing(helper, target).get("state") == "alive")
+    key = bytes.fromhex(target.info["public_key"])
+    askers = [TestPeer(helper, Identity.generate()) for _ in range(4)]
+    try:
+        for asker in askers:
+            asker.send(
+                Signer(asker.identity).seal(
+                    Hello(ctl="tcp://127.0.0.1:9", data=(), inc=1), now_ms=now(), to=asker.node_id
+                )
+            )
+            assert asker.recv() is not None
+        before = target.call("status")["received"]["HELLO"]
+        start, sent = time.monotonic(), 0
+        while time.monotonic() - start < 8:
+            for asker in askers:  # 4 x 50 a second: within the helper's limits
+                t = now()
+                header = Header(iat=t, exp=t + 60_000, seq=time.time_ns(), to=asker.node_id)
+                asker.send(seal(asker.identity, Probe(target=key), header))
+                sent += 1
+            time.sleep(0.02)
+        seconds = time.monotonic() - start
+        hellos = target.call("status")["received"]["HELLO"] - before
+        acks = 0
+        for asker in askers:
+            while (answer := asker.recv(timeout=0.5)) is not None:
+                acks += type(answer.message).__name__ == "ProbeAck"
+    finally:
+        for asker in askers:
+            asker.close()
+    # The heartbeat probes T a few times a second anyway (0.3 s in tests); help adds at
+    # most one a second, where it added one for nearly every PROBE.
+    assert hellos <= seconds / 0.3 + seconds + 4, (hellos, sent)
+    assert acks > sent // 2  # askers are still answered, from the probe's answer
+    assert standing(target, helper)["score"] >= 0 and not standing(target, helper)["banned"]
