@@ -383,6 +383,12 @@ class NodeCore(Liveness, Gossip, Trading, Fraud):
         except sqlite3.Error as exc:
             self._ledger_failed(exc)
 
+    def slow_reader(self, buyer: bytes, why: str) -> None:
+        """A buyer read a stream below the minimum rate (§9.5) and was cut: it broke a
+        rule of the spec and held a thread others needed, so it is scored for it."""
+        self.scores.record(node_id(buyer), Event.TIMEOUT, self.clock.time())
+        self.event("reader_cut", logging.WARNING, buyer=node_id(buyer).hex()[:12], why=why)
+
     def _rejected(
         self, frame: bytes, curve: bytes, routing: bytes | None, exc: RemoteProtocolError
     ) -> None:

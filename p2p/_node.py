@@ -144,6 +144,7 @@ class Node:
             core.signer,
             on_delivered=lambda offer: core.market.delivered(offer),
             on_receipt=lambda st: loop.call_soon_threadsafe(core.window_receipt, st),
+            on_slow=lambda buyer, why: loop.call_soon_threadsafe(core.slow_reader, buyer, why),
             limits=cfg.data_limits,
         )
         try:
@@ -160,6 +161,7 @@ class Node:
                 core.signer,
                 on_delivered=lambda offer: core.market.delivered(offer),
                 on_receipt=core.window_receipt,
+                limits=cfg.data_limits,
             )
             await self.ucx.start(cfg.data_host)
             data = (DataAddress(t="ucx", addr=self.ucx.address), *data)

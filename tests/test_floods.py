@@ -6,13 +6,32 @@ that answers thousands of frames at once, a relay that pushes thousands onward, 
 probes that turn a helper into a suspect.
 """
 
+import asyncio
+import contextlib
+import socket
+import threading
 import time
 
 import blake3
 import pytest
 from swarm import NodeProcess, TestPeer, eventually
 
-from kvx.protocol import Advertise, DataAddress, Header, Hello, KVLayout, Peers, Probe
+from kvx.p2p import PeerClient
+from kvx.protocol import (
+    Accept,
+    Advertise,
+    DataAddress,
+    Header,
+    Hello,
+    KVLayout,
+    Peers,
+    Probe,
+    Quote,
+    QuoteRequest,
+    Transfer,
+    frame_header,
+)
+from kvx.protocol._datachannel import FrameTag
 from kvx.trust import Identity, Signer, seal
 
 LAYOUT = KVLayout(dtype="float16", layers=2, kv_heads=2, head_dim=8, block=16)
@@ -162,3 +181,104 @@ def test_strangers_probing_through_a_helper_cost_the_target_one_hello_a_second(s
     assert hellos <= seconds / 0.3 + seconds + 4, (hellos, sent)
     assert acks > sent // 2  # askers are still answered, from the probe's answer
     assert standing(target, helper)["score"] >= 0 and not standing(target, helper)["banned"]
+
+
+# ---- 5. slow readers ------------------------------------------------------------------
+
+BIG = KVLayout(dtype="float16", layers=8, kv_heads=8, head_dim=128, block=256)  # 8 MiB a block
+BIG_CHAIN = [blake3.blake3(f"slow/{i}".encode()).digest() for i in range(3)]
+BIG_PAYLOAD = blake3.blake3(b"slow doc").digest(length=BIG.payload_bytes(3))
+
+
+def _slow_stream(seller: NodeProcess, identity: Identity) -> socket.socket:
+    """Quote, accept and open a stream as `identity`, on a socket that takes 4 KiB at a
+    time; the caller reads it as slowly as it likes."""
+    peer = TestPeer(seller, identity)
+    signer = Signer(identity)
+    try:
+        peer.send(
+            signer.seal(
+                Hello(ctl="tcp://127.0.0.1:9", data=(), inc=1), now_ms=now(), to=peer.node_id
+            )
+        )
+        assert peer.recv() is not None
+        request = QuoteRequest(
+            fp=b"\x0f" * 32, blocks=tuple(BIG_CHAIN), transports=("tcp",), max_price=10**12
+        )
+        peer.send(signer.seal(request, now_ms=now(), to=peer.node_id))
+        quote = peer.recv().message
+        assert isinstance(quote, Quote), quote
+        accept = Accept(quote=quote.quote, price=quote.price, root=quote.root)
+        peer.send(signer.seal(accept, now_ms=now(), to=peer.node_id))
+        host, port = quote.data.rsplit(":", 1)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect((host, int(port)))
+        transfer = signer.seal(
+            Transfer(quote=quote.quote, token=quote.token, first=0), now_ms=now(), to=peer.node_id
+        )
+        sock.sendall(frame_header(FrameTag.CONTROL, len(transfer)) + transfer)
+        return sock
+    finally:
+        peer.close()
+
+
+def test_slow_readers_holding_every_stream_are_cut_and_an_honest_purchase_is_served(started):
+    """Break 5: four identities with two streams each (their budget) read a large payload
+    a few KiB at a time. The send timeout restarted on every partial send and the deadline
+    was checked between 1 MiB slices, so they held every thread past the deadline and an
+    honest purchase failed. Now the pace is checked at every send: while a stream waits,
+    readers below the minimum rate are cut at once, and the rest when their grace (5 s
+    here) is over; each is scored."""
+    seller = started("seller", data_stall_s=5.0)
+    buyer = started("buyer", [seller])
+    seller.call(
+        "publish",
+        fp=b"\x0f" * 32,
+        layout=BIG.__dict__,
+        blocks=BIG_CHAIN,
+        payload=BIG_PAYLOAD,
+        chunk=1 << 22,
+        params=10**9,
+    )
+    eventually(lambda: buyer.call("status")["ads"] == 1)
+    attackers = [Identity.generate() for _ in range(4)]
+    socks = [_slow_stream(seller, a) for a in attackers for _ in range(2)]
+    stop = threading.Event()
+
+    def trickle() -> None:  # 4 KiB a second on each stream, as long as the seller sends
+        while not stop.wait(1.0):
+            for sock in socks:
+                with contextlib.suppress(OSError):
+                    sock.setblocking(False)
+                    sock.recv(4096)
+
+    reader = threading.Thread(target=trickle)
+    reader.start()
+    try:
+        time.sleep(2.0)  # every stream thread of the seller is now held
+        assert _buy(buyer) == BIG_PAYLOAD
+
+        def all_cut() -> bool:
+            scores = {p["node_id"]: p["score"] for p in seller.call("peers")["peers"]}
+            return all(scores.get(a.node_id.hex(), 0) < 0 for a in attackers)
+
+        eventually(all_cut, timeout=15)
+    finally:
+        stop.set()
+        reader.join()
+        for sock in socks:
+            sock.close()
+    assert len(seller.events("reader_cut")) == len(socks)
+
+
+def _buy(buyer: NodeProcess) -> bytes:
+    async def go() -> bytes:
+        client = PeerClient(buyer.dir, timeout_s=15)
+        try:
+            bought = await client.fetch(b"\x0f" * 32, BIG_CHAIN, params=10**9)
+            return bytes(bought.tensor.numpy())
+        finally:
+            await client.close()
+
+    return asyncio.run(go())

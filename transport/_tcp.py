@@ -34,6 +34,7 @@ from kvx.protocol import (
 from kvx.trust import Inbox, Signer, Statement, open_envelope
 
 from ._destination import Destination
+from ._pace import Pace
 from ._sessions import Offer, Payments, Sessions, admit
 from ._verify import StreamVerifier
 
@@ -216,7 +217,8 @@ class DataLimits:
     stall_s: float = 30.0
     """No progress for this long ends a stream."""
     min_rate: int = 1 << 20
-    """Bytes a second a stream must average, after `stall_s` of grace."""
+    """Bytes a second a stream must average: after `stall_s` of grace, and at once (after
+    its first second) while other streams wait for a thread."""
 
 
 def serve_stream(
@@ -225,33 +227,32 @@ def serve_stream(
     first: int,
     payments: Payments,
     now_ms: Callable[[], int],
-    limits: DataLimits,
+    pace: Pace,
     on_receipt: Callable[[Statement], None] | None = None,
 ) -> bool:
     """Stream an admitted offer from chunk `first`; True if it was sent whole.
 
-    The whole stream has one deadline from its size and `limits.min_rate`, so a buyer that
-    reads a byte now and then cannot hold the thread; within the payment window the seller
-    sends on, past it it waits for the buyer's receipt (§9.4).
+    `pace` holds the stream to its deadline and minimum rate at every send, so a buyer
+    that reads a byte now and then cannot hold the thread; within the payment window the
+    seller sends on, past it it waits for the buyer's receipt (§9.4).
     """
-    expected = offer.expected
-    deadline = time.monotonic() + limits.stall_s + expected.deliver / limits.min_rate
     hashes = b"".join(offer.hashes)
     try:
-        _send_all(sock, frame_header(FrameTag.CHUNK_LIST, len(hashes)) + hashes, deadline)
-        for index in range(first, expected.needed):
+        _send_all(sock, frame_header(FrameTag.CHUNK_LIST, len(hashes)) + hashes, pace)
+        for index in range(first, offer.expected.needed):
             if payments.blocked(index):
-                tag, length = _read_header(sock, deadline)
+                tag, length = _read_header(sock, pace.deadline)
                 if tag != FrameTag.CONTROL:
                     return False
-                receipt = payments.receipt(_recv_bytes(sock, length, deadline), index, now_ms())
+                frame = _recv_bytes(sock, length, pace.deadline)
+                receipt = payments.receipt(frame, index, now_ms())
                 if on_receipt is not None:
                     on_receipt(receipt)
             data = offer.chunk(index)
             head = frame_header(FrameTag.CHUNK, CHUNK_INDEX.size + len(data))
-            _send_all(sock, head + CHUNK_INDEX.pack(index), deadline)
-            _send_all(sock, data, deadline)
-        _send_all(sock, frame_header(FrameTag.END, 0), deadline)
+            _send_all(sock, head + CHUNK_INDEX.pack(index), pace)
+            _send_all(sock, data, pace)
+        _send_all(sock, frame_header(FrameTag.END, 0), pace)
     except (OSError, RemoteProtocolError):
         return False  # the buyer went away, stalled, or did not pay: it gets no more
     return True
@@ -260,11 +261,18 @@ def serve_stream(
 _SLICE = 1 << 20
 
 
-def _send_all(sock: socket.socket, data: bytes | memoryview, deadline: float) -> None:
+def _send_all(sock: socket.socket, data: bytes | memoryview, pace: Pace) -> None:
+    """Send everything, each send blocking at most until the pace is due a check: the
+    kernel's send timeout restarts on every partial send, so it alone bounds nothing."""
     view = memoryview(data)
-    for start in range(0, len(view), _SLICE):
-        _wait_at_most(sock, socket.SO_SNDTIMEO, deadline)
-        sock.sendall(view[start : start + _SLICE])
+    while view:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(pace.check()))
+        try:
+            n = sock.send(view[:_SLICE])
+        except BlockingIOError:  # the timeout passed with nothing sent
+            n = 0
+        pace.sent(n)
+        view = view[n:]
 
 
 async def _read_opening(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> bytes:
@@ -302,6 +310,7 @@ class TcpDataServer:
         *,
         on_delivered: Callable[[Offer], None] | None = None,
         on_receipt: Callable[[Statement], None] | None = None,
+        on_slow: Callable[[bytes, str], None] | None = None,
         now_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
         limits: DataLimits | None = None,
     ) -> None:
@@ -310,6 +319,7 @@ class TcpDataServer:
         self.signer = signer
         self.on_delivered = on_delivered
         self.on_receipt = on_receipt
+        self.on_slow = on_slow  # (buyer key, why): a reader cut for its pace
         self.now_ms = now_ms
         self.limits = limits if limits is not None else DataLimits()
         self.accept_errors = 0  # a metric: accept() failures survived
@@ -318,6 +328,7 @@ class TcpDataServer:
         self._opening: dict[socket.socket, asyncio.Task[None]] = {}  # oldest first
         self._streaming: set[socket.socket] = set()
         self._per_buyer: dict[bytes, int] = {}
+        self._queued = 0  # streams waiting for a thread of the pool
         self._tasks: set[asyncio.Task[None]] = set()
         self._lock = threading.Lock()  # _per_buyer is counted from the pool's threads
         self._pool = ThreadPoolExecutor(self.limits.streams, thread_name_prefix="kvx-data")
@@ -383,6 +394,8 @@ class TcpDataServer:
             finally:
                 self._opening.pop(conn, None)
             self._streaming.add(conn)
+            with self._lock:
+                self._queued += 1
             try:
                 offer = await loop.run_in_executor(self._pool, self._stream, conn, frame)
             finally:
@@ -392,6 +405,8 @@ class TcpDataServer:
 
     def _stream(self, conn: socket.socket, frame: bytes) -> Offer | None:
         """On a pool thread: admit the TRANSFER (it may wait for its ACCEPT), then stream."""
+        with self._lock:
+            self._queued -= 1
         set_stall_timeout(conn, self.limits.stall_s)
         admission = admit(frame, self.sessions, self.inbox, self.signer, self.now_ms())
         offer = admission.offer
@@ -416,17 +431,26 @@ class TcpDataServer:
             with contextlib.suppress(OSError):
                 _send_control(conn, reply)
             return None
+        pace = Pace(
+            offer.expected.deliver, self.limits.stall_s, self.limits.min_rate, self._pressed
+        )
         try:
             payments = Payments(offer, admission.first, self.inbox, self.signer.identity.node_id)
             done = serve_stream(
-                conn, offer, admission.first, payments, self.now_ms, self.limits, self.on_receipt
+                conn, offer, admission.first, payments, self.now_ms, pace, self.on_receipt
             )
+            if pace.cut is not None and self.on_slow is not None:
+                self.on_slow(buyer, pace.cut)
         finally:
             with self._lock:
                 self._per_buyer[buyer] -= 1
                 if not self._per_buyer[buyer]:
                     del self._per_buyer[buyer]
         return offer if done else None
+
+    def _pressed(self) -> bool:
+        """Whether streams wait for a thread: then none may hold one below the rate."""
+        return self._queued > 0
 
     async def close(self) -> None:
         if self._accepting is not None:

@@ -32,7 +32,7 @@ from kvx.trust import Inbox, Signer, Statement
 
 from ._destination import Destination
 from ._sessions import Offer, Payments, Sessions, admit
-from ._tcp import remote_error, split_address
+from ._tcp import DataLimits, remote_error, split_address
 from ._verify import StreamVerifier
 
 
@@ -169,7 +169,9 @@ class UcxDataServer:
         on_delivered: Callable[[Offer], None] | None = None,
         on_receipt: Callable[[Statement], None] | None = None,
         now_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+        limits: DataLimits | None = None,
     ) -> None:
+        self.limits = limits if limits is not None else DataLimits()
         self.sessions = sessions
         self.inbox = inbox
         self.signer = signer
@@ -196,8 +198,8 @@ class UcxDataServer:
         task.add_done_callback(self._active.discard)
         try:
             offer = await self._stream(ep)
-        except ucxx.exceptions.UCXError:
-            offer = None  # the buyer went away
+        except (ucxx.exceptions.UCXError, TimeoutError):
+            offer = None  # the buyer went away, or read slower than the minimum rate
         finally:
             await ep.close()
         if offer is not None and self.on_delivered is not None:
@@ -217,10 +219,17 @@ class UcxDataServer:
             if admission.reply is not None:
                 await _send(ep, FrameTag.CONTROL, admission.reply)
             return None
+        # No thread is held here, but a task and its buffers are: the same deadline as
+        # TCP's for the whole stream, from its size and the minimum rate (§9.5).
+        size = offer.expected.deliver
+        async with asyncio.timeout(self.limits.stall_s + size / self.limits.min_rate):
+            return await self._send_stream(ep, offer, admission.first)
+
+    async def _send_stream(self, ep: ucxx.Endpoint, offer: Offer, first: int) -> Offer | None:
         await _send(ep, FrameTag.CHUNK_LIST, b"".join(offer.hashes))
-        payments = Payments(offer, admission.first, self.inbox, self.signer.identity.node_id)
+        payments = Payments(offer, first, self.inbox, self.signer.identity.node_id)
         inflight: list[asyncio.Future] = []
-        for index in range(admission.first, offer.expected.needed):
+        for index in range(first, offer.expected.needed):
             if payments.blocked(index):  # the window is used up: wait for the receipt
                 await asyncio.gather(*inflight)
                 inflight.clear()
