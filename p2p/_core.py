@@ -149,7 +149,7 @@ class NodeCore(Liveness, Gossip, Trading, Fraud):
             keep=self._keeps,
             rng=self.random,  # a seeded run evicts the same peers
         )
-        self.index = AdIndex(config.index_budget)
+        self.index = AdIndex(config.index_budget, standing=self._standing)
         self.memberships = Memberships(self.id, self.policy)
         self.metrics = metrics or Metrics()
         self.pricing = pricing or PricePolicy()
@@ -279,6 +279,8 @@ class NodeCore(Liveness, Gossip, Trading, Fraud):
             "ads": len(self.index),
             "ad_bytes": self.index.bytes,
             "ad_signers": self.index.signers(),
+            "ads_forgotten": self.index.forgotten,
+            "withdrawals": self.index.withdrawals(),
             **self.probes.held(),
             "evidence_pulls": len(self._pulls),
             "accusations_unchecked": len(self.unchecked),
@@ -342,7 +344,7 @@ class NodeCore(Liveness, Gossip, Trading, Fraud):
             # Only a statement the peer itself sent proves it lives (a relayed ad does not).
             self.event("peer_back", peer=signer_id.hex()[:12])
             self._disconnect(st.signer)
-            self._pull(st.signer)
+            self._pull_news(st.signer)
         if st.type not in RELAYABLE:
             self._vouch(st)
         relayer = server_key if server_key is not None else self._curve_to_key.get(curve, b"")
@@ -441,7 +443,7 @@ class NodeCore(Liveness, Gossip, Trading, Fraud):
         self.index.expire(self.clock.now_ms())
         self.market.expire(self.clock.now_ms())
         self._expire_pulls()
-        self._pull_due()
+        self._pull_news_due()
         self.metrics.degraded.labels("scores").set(int(self.scores.write_failed))
         self.metrics.degraded.labels("ledger").set(int(not self.selling()))
         self.metrics.ads.set(len(self.index))

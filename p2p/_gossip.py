@@ -136,9 +136,9 @@ class Gossip(CoreState):
             else:
                 self._send_frame(st.signer, frame, MessageType.ADVERTISE)
         if page < len(missing) or self.index.lacks_any(digest.have):
-            self._pull(st.signer, routing, st)
+            self._pull_news(st.signer, routing, st)
 
-    def _pull(
+    def _pull_news(
         self, key: bytes, routing: bytes | None = None, asked: Statement | None = None
     ) -> None:
         """Send `key` our DIGEST (which asks for what we lack and shows what we hold), at
@@ -154,11 +154,11 @@ class Gossip(CoreState):
         else:
             self._send(key, self._digest_for(key))
 
-    def _pull_due(self) -> None:
+    def _pull_news_due(self) -> None:
         """Pulls that waited for their time (each second, from housekeeping)."""
         for key in list(self._pull_later):
             if key in self.peers:
-                self._pull(key)
+                self._pull_news(key)
             else:
                 self._pull_later.discard(key)
 
@@ -242,4 +242,4 @@ class Gossip(CoreState):
     def _anti_entropy_round(self) -> None:
         alive = self.peers.alive()
         if alive:
-            self._pull(self.random.choice(alive).key)
+            self._pull_news(self.random.choice(alive).key)

@@ -4,17 +4,33 @@ each prefix-chain block hash to the advertisements that hold it.
 A block hash names a whole prefix under one fingerprint and namespace (spec §7.3), so
 the longest match of a buyer's chain is the last of its hashes that any usable
 advertisement holds.
+
+Signing keys cost nothing, so budgets per signer do not bound the whole: the index and
+its withdrawals each have a total, and a full one makes room from its least proven,
+heaviest holders (the standing the node gives each signer: strangers, then peers of its
+table, never sellers it has bought from). Forgetting never resurrects: a signer that
+lost statements to room-making gets a floor, and nothing it signed at or below the
+floor is taken again (spec §13.2).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from enum import IntEnum
 
 from kvx.protocol import Advertise, DigestEntry, ErrorCode, RemoteProtocolError, Withdraw
 from kvx.trust import Statement
 
 AdId = tuple[bytes, int]  # (signer public key, seq)
+
+
+class Standing(IntEnum):
+    """How proven a signer is to this node; a full index makes room from the lowest."""
+
+    STRANGER = 0
+    PEER = 1  # a live peer of the table, heard from itself
+    PROVEN = 2  # a seller this node's clients bought good KV from, or the node itself
 
 
 @dataclass(frozen=True)
@@ -24,6 +40,7 @@ class Advert:
     message: Advertise
     frame: bytes
     exp_ms: int
+    iat_ms: int
 
     @property
     def id(self) -> AdId:
@@ -36,6 +53,11 @@ class _Tombstone:
     withdraw_id: AdId
     until_ms: int
     ns: bytes | None  # that of the withdrawn advertisement, when it was known
+    iat_ms: int
+
+
+ROOM = 16
+"""A full index frees a sixteenth of its budget at once, so making room is rare."""
 
 
 @dataclass(frozen=True)
@@ -48,12 +70,24 @@ class IndexBudget:
     ads_per_signer: int = 4096
     bytes_per_signer: int = 16 << 20
 
+    @property
+    def floors(self) -> int:
+        """Signers' floors kept at most; past it the oldest become the index's horizon."""
+        return self.ads
+
 
 class AdIndex:
-    def __init__(self, budget: IndexBudget | None = None) -> None:
+    def __init__(
+        self,
+        budget: IndexBudget | None = None,
+        standing: Callable[[bytes], Standing] = lambda signer: Standing.STRANGER,
+    ) -> None:
         self.budget = budget if budget is not None else IndexBudget()
+        self.standing = standing
         self.full = 0  # advertisements dropped because the whole index was full (a metric)
+        self.forgotten = 0  # statements forgotten to make room (a metric)
         self._ads: dict[AdId, Advert] = {}
+        self._by_signer: dict[bytes, dict[AdId, None]] = {}  # oldest first
         self._by_block: dict[bytes, set[AdId]] = {}
         self._by_root: dict[tuple[bytes, bytes], AdId] = {}  # (signer, root) -> newest ad
         self._held: dict[bytes, list[int]] = {}  # signer -> [ads, bytes] it holds here
@@ -61,6 +95,8 @@ class AdIndex:
         self._tombstones: dict[AdId, _Tombstone] = {}
         self._tombs_by: dict[bytes, int] = {}  # signer -> tombstones it holds here
         self._withdrawals: set[AdId] = set()
+        self._floors: dict[bytes, tuple[int, int]] = {}  # signer -> (seq, iat) forgotten
+        self._horizon_ms = -1  # statements issued at or before it: floors forgotten too
 
     def __len__(self) -> int:
         return len(self._ads)
@@ -75,9 +111,18 @@ class AdIndex:
         """Whether this statement (an advertisement or a withdrawal) is already known."""
         return ad_id in self._ads or ad_id in self._tombstones or ad_id in self._withdrawals
 
+    def floor(self, signer: bytes, seq: int, iat_ms: int) -> bool:
+        """Whether a statement is at or below what was forgotten of its signer: it may
+        have been superseded or withdrawn, so it is never taken again."""
+        if iat_ms <= self._horizon_ms:
+            return True
+        floor = self._floors.get(signer)
+        return floor is not None and seq <= floor[0]
+
     def add(self, statement: Statement) -> bool:
-        """Index a verified ADVERTISE; False for a duplicate, a withdrawn or superseded one,
-        or a full index (the node's problem, blamed on nobody).
+        """Index a verified ADVERTISE; False for a duplicate, a withdrawn, superseded or
+        forgotten one, or a full index with nobody less proven to make room from (the
+        node's problem, blamed on nobody).
 
         A newer advertisement of the same content by the same signer replaces the older
         (a refresh). Raises OVER_BUDGET when the signer holds its share already.
@@ -87,6 +132,8 @@ class AdIndex:
         signer, seq = statement.signer, statement.header.seq
         ad_id = (signer, seq)
         if ad_id in self._ads or ad_id in self._tombstones:
+            return False
+        if self.floor(signer, seq, statement.header.iat):
             return False
         older = self._by_root.get((signer, ad.root))
         if older is not None and older[1] > seq:
@@ -103,13 +150,18 @@ class AdIndex:
             )
         total = len(self._ads) - (freed is not None)
         total_bytes = self._bytes - (len(freed.frame) if freed is not None else 0) + size
-        if total >= self.budget.ads or total_bytes > self.budget.bytes:
+        if (total >= self.budget.ads or total_bytes > self.budget.bytes) and not self._make_room(
+            self.standing(signer), size
+        ):
             self.full += 1
             return False
         if older is not None:
-            self._remove(older)
-        advert = Advert(signer, seq, ad, statement.frame, statement.header.exp)
+            self._remove(older)  # (unless making room took it already)
+        advert = Advert(
+            signer, seq, ad, statement.frame, statement.header.exp, statement.header.iat
+        )
         self._ads[ad_id] = advert
+        self._by_signer.setdefault(signer, {})[ad_id] = None
         self._by_root[(signer, ad.root)] = ad_id
         held = self._held.setdefault(signer, [0, 0])
         held[0] += 1
@@ -121,6 +173,9 @@ class AdIndex:
 
     def signers(self) -> int:
         return len(self._held)
+
+    def withdrawals(self) -> int:
+        return len(self._tombstones)
 
     @property
     def bytes(self) -> int:
@@ -138,22 +193,75 @@ class AdIndex:
         if target in self._tombstones:
             return False, self._tombstones[target].ns
         signer = statement.signer
+        if self.floor(signer, statement.header.seq, statement.header.iat):
+            return False, None
         if self._tombs_by.get(signer, 0) >= self.budget.ads_per_signer:
             raise RemoteProtocolError(ErrorCode.OVER_BUDGET, "the signer holds its withdrawals")
+        if len(self._tombstones) >= self.budget.ads:
+            self._forget_tombstones(self.standing(signer))
+        if len(self._tombstones) >= self.budget.ads:
+            self.full += 1
+            return False, None
         self._tombs_by[signer] = self._tombs_by.get(signer, 0) + 1
         removed = self._remove(target)
         until = max(statement.header.exp, removed.exp_ms if removed else 0)
         ns = removed.message.ns if removed else None
-        self._tombstones[target] = _Tombstone(statement.frame, withdraw_id, until, ns)
+        tomb = _Tombstone(statement.frame, withdraw_id, until, ns, statement.header.iat)
+        self._tombstones[target] = tomb
         self._withdrawals.add(withdraw_id)
         return True, ns
 
     def drop_signer(self, signer: bytes) -> int:
         """Forget every advertisement `signer` signed (a convicted liar's); how many."""
-        gone = [a.id for a in self._ads.values() if a.signer == signer]
+        gone = list(self._by_signer.get(signer, ()))
         for ad_id in gone:
             self._remove(ad_id)
         return len(gone)
+
+    # ---- making room --------------------------------------------------------------------
+
+    def _make_room(self, newcomer: Standing, size: int) -> bool:
+        """Free a sixteenth of the budget from holders less proven than, or as proven as,
+        the newcomer (never from proven sellers), heaviest first; whether it now fits."""
+        for tier in range(min(newcomer, Standing.PEER) + 1):
+            held = {s: len(ids) for s, ids in self._by_signer.items() if self.standing(s) == tier}
+            need = len(self._ads) - (self.budget.ads - max(1, self.budget.ads // ROOM))
+            need = max(need, 1 if self._bytes + size > self.budget.bytes else 0)
+            for signer, cut in _water_fill(held, need).items():
+                for ad_id in list(self._by_signer[signer])[:cut]:
+                    advert = self._remove(ad_id)
+                    assert advert is not None
+                    self._forget(signer, advert.seq, advert.iat_ms)
+            if len(self._ads) < self.budget.ads and self._bytes + size <= self.budget.bytes:
+                return True
+        return False
+
+    def _forget_tombstones(self, newcomer: Standing) -> None:
+        """Free a sixteenth of the withdrawals' budget, as `_make_room` does for ads; the
+        floor keeps each forgotten withdrawal's advertisement out."""
+        need = len(self._tombstones) - (self.budget.ads - max(1, self.budget.ads // ROOM))
+        for tier in range(min(newcomer, Standing.PEER) + 1):
+            held = {s: n for s, n in self._tombs_by.items() if self.standing(s) == tier}
+            cuts = _water_fill(held, need)
+            for target in [t for t in self._tombstones if cuts.get(t[0], 0) > 0]:
+                if cuts[target[0]] > 0:
+                    cuts[target[0]] -= 1
+                    need -= 1
+                    tomb = self._drop_tombstone(target)
+                    self._forget(target[0], tomb.withdraw_id[1], tomb.iat_ms)
+            if need <= 0:
+                return
+
+    def _forget(self, signer: bytes, seq: int, iat_ms: int) -> None:
+        """Raise the signer's floor over a statement forgotten to make room."""
+        self.forgotten += 1
+        floor = self._floors.pop(signer, (-1, -1))
+        self._floors[signer] = (max(floor[0], seq), max(floor[1], iat_ms))  # newest last
+        if len(self._floors) > self.budget.floors:
+            # Too many floors to keep: the oldest half become the horizon, before which
+            # nothing is taken from anyone (an honest signer's refreshes come after it).
+            for old in list(self._floors)[: len(self._floors) // 2]:
+                self._horizon_ms = max(self._horizon_ms, self._floors.pop(old)[1])
 
     def _remove(self, ad_id: AdId) -> Advert | None:
         advert = self._ads.pop(ad_id, None)
@@ -161,6 +269,10 @@ class AdIndex:
             key = (advert.signer, advert.message.root)
             if self._by_root.get(key) == ad_id:
                 del self._by_root[key]
+            ids = self._by_signer[advert.signer]
+            del ids[ad_id]
+            if not ids:
+                del self._by_signer[advert.signer]
             held = self._held[advert.signer]
             held[0] -= 1
             held[1] -= len(advert.frame)
@@ -180,13 +292,18 @@ class AdIndex:
         for advert in gone:
             self._remove(advert.id)
         for target in [t for t, s in self._tombstones.items() if s.until_ms < now_ms]:
-            self._withdrawals.discard(self._tombstones.pop(target).withdraw_id)
-            left = self._tombs_by[target[0]] - 1
-            if left:
-                self._tombs_by[target[0]] = left
-            else:
-                del self._tombs_by[target[0]]
+            self._drop_tombstone(target)
         return gone
+
+    def _drop_tombstone(self, target: AdId) -> _Tombstone:
+        tomb = self._tombstones.pop(target)
+        self._withdrawals.discard(tomb.withdraw_id)
+        left = self._tombs_by[target[0]] - 1
+        if left:
+            self._tombs_by[target[0]] = left
+        else:
+            del self._tombs_by[target[0]]
+        return tomb
 
     def lookup(
         self,
@@ -241,3 +358,23 @@ class AdIndex:
     def lacks_any(self, have: Iterable[DigestEntry]) -> bool:
         """Whether a peer's digest lists something we do not hold."""
         return any(not self.holds((e.key, e.seq)) for e in have)
+
+
+def _water_fill(sizes: dict[bytes, int], need: int) -> dict[bytes, int]:
+    """How many to cut from each holder to free `need` (or all they hold): every holder
+    above some level is cut to it, so the smallest holders are the last to lose."""
+    if need <= 0 or not sizes:
+        return {}
+    lo, hi = 0, max(sizes.values())  # the highest level that frees enough
+    while lo < hi:
+        level = (lo + hi + 1) // 2
+        if sum(max(0, n - level) for n in sizes.values()) >= need:
+            lo = level
+        else:
+            hi = level - 1
+    cuts: dict[bytes, int] = {}
+    for signer, n in sorted(sizes.items(), key=lambda item: -item[1]):
+        if n > lo and need > 0:
+            cuts[signer] = min(n - lo, need)
+            need -= cuts[signer]
+    return cuts

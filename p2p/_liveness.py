@@ -25,6 +25,7 @@ from kvx.protocol import (
 )
 from kvx.trust import Statement, open_envelope
 
+from ._index import Standing
 from ._peers import State
 from ._probing import Waiting
 from ._state import CoreState
@@ -36,6 +37,17 @@ class Liveness(CoreState):
         return any(b.key == key for b in self.config.bootstrap) or (
             self.scores.score(node_id(key), self.clock.time()) > 0
         )
+
+    def _standing(self, key: bytes) -> Standing:
+        """How proven a signer is, for what a full budget keeps (spec §13.2)."""
+        if (
+            key == self.identity.public_key
+            or self.scores.score(node_id(key), self.clock.time()) > 0
+        ):
+            return Standing.PROVEN
+        peer = self.peers.get(key)
+        alive = peer is not None and peer.proven and peer.state == State.ALIVE
+        return Standing.PEER if alive else Standing.STRANGER
 
     def _allowed(self, ctl: str) -> bool:
         """Whether this node's policy lets it dial a (decoded, so well-formed) address."""
@@ -56,7 +68,7 @@ class Liveness(CoreState):
         if self.peers.heard_from(st.signer, hello.ctl, hello.inc, now):
             self._disconnect(st.signer)  # it may have restarted on a new address
             self.event("peer_joined", peer=st.signer_id.hex()[:12], ctl=hello.ctl)
-            self._pull(st.signer)
+            self._pull_news(st.signer)
         if routing is not None:
             challenge = self.memberships.challenge(st.signer_id, self.clock.time())
             recent = self._recent_for(st.signer)
@@ -88,7 +100,7 @@ class Liveness(CoreState):
         if peers.recent and not all(self.index.holds((e.key, e.seq)) for e in peers.recent):
             # News this node missed: pull it now (§8.3) rather than at the next
             # anti-entropy round, which push gossip's misses would otherwise wait for.
-            self._pull(st.signer)
+            self._pull_news(st.signer)
 
     def _on_membership(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
         assert isinstance(st.message, Membership)

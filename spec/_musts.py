@@ -133,6 +133,11 @@ MUSTS: dict[str, str | tuple[str, ...]] = {
         "buyers; the rate limit is case 12.6/1"
     ),
     "§12.6: Rate limits are flow control, not blame: a": ("12.6/2",),
+    "§13.2: Forgetting MUST NOT resurrect: a node that forgets": (
+        "untestable: forcing a target to forget needs a flood past its configured totals, "
+        "which a black-box suite cannot size; tests/test_index.py and tests/test_floods.py "
+        "force it on the reference node"
+    ),
     "§12.6: Every resource a peer can make a node": (
         "untestable: budgets are the target's own settings; tests/test_attacks.py fills each "
         "one on the reference node"

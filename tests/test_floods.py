@@ -29,10 +29,11 @@ from kvx.protocol import (
     Quote,
     QuoteRequest,
     Transfer,
+    Withdraw,
     frame_header,
 )
 from kvx.protocol._datachannel import FrameTag
-from kvx.trust import Identity, Signer, seal
+from kvx.trust import Identity, Signer, open_envelope, seal
 
 LAYOUT = KVLayout(dtype="float16", layers=2, kv_heads=2, head_dim=8, block=16)
 BUSY = {"rate_per_s": 1e6, "burst": 10**6}  # a node that takes a test's ads at once
@@ -42,9 +43,12 @@ def now() -> int:
     return time.time_ns() // 1_000_000
 
 
-def ads(count: int, signers: int = 2) -> list[bytes]:
-    """`count` valid relayable ADVERTISEs from `signers` strangers, each of its own chain."""
-    keys = [Identity.generate() for _ in range(signers)]
+def strangers(n: int) -> list[Identity]:
+    return [Identity.generate() for _ in range(n)]
+
+
+def ads(count: int, keys: list[Identity]) -> list[bytes]:
+    """`count` valid relayable ADVERTISEs signed in turn by `keys`, each of its own chain."""
     frames = []
     for i in range(count):
         block = blake3.blake3(f"flood/{i}".encode()).digest()
@@ -59,7 +63,7 @@ def ads(count: int, signers: int = 2) -> list[bytes]:
             data=(DataAddress("tcp", "127.0.0.1:2"),),
         )
         t = now()
-        frames.append(seal(keys[i % signers], ad, Header(iat=t, exp=t + 600_000, seq=t + i)))
+        frames.append(seal(keys[i % len(keys)], ad, Header(iat=t, exp=t + 600_000, seq=t + i)))
     return frames
 
 
@@ -108,7 +112,7 @@ def test_a_node_joining_a_peer_with_thousands_of_ads_gets_them_all_and_bans_nobo
     """Break 1: the joiner's first DIGEST used to bring back every ad at once; its rate
     limit scored the honest peer as a flooder and banned it within seconds."""
     holder = started("holder", **BUSY)
-    inject(holder, ads(2500))
+    inject(holder, ads(2500, strangers(2)))
     joiner = started("joiner", [holder])  # default limits: 200 a second, bursts of 400
     low = []
 
@@ -130,7 +134,7 @@ def test_a_relay_pushing_thousands_of_strangers_ads_is_never_banned(started):
     neighbour = started("neighbour", [relay])
     eventually(lambda: standing(relay, neighbour).get("state") == "alive")
     low = []
-    inject(relay, ads(3000, signers=3))
+    inject(relay, ads(3000, strangers(3)))
 
     def all_there() -> bool:
         low.append(standing(neighbour, relay)["score"])
@@ -282,3 +286,48 @@ def _buy(buyer: NodeProcess) -> bytes:
             await client.close()
 
     return asyncio.run(go())
+
+
+# ---- 4. totals that prefer the proven ----------------------------------------------------
+
+
+def test_sybils_filling_the_index_never_keep_an_honest_ad_out(started):
+    """Break 4: signers each within their budget filled the whole index, and a new honest
+    ad was never indexed; withdrawals had no total at all. Now a full index makes room
+    from its least proven, heaviest holders, and withdrawals have a total too."""
+    node = started("node", max_ads=1000, max_ads_per_signer=400, **BUSY)
+    seller = started("seller", [node])
+    eventually(lambda: standing(node, seller).get("state") == "alive")
+    sybils = strangers(5)
+    flood = ads(2000, sybils)  # 5 sybils x 400: twice the index
+    inject(node, flood[:1000])
+    peer = TestPeer(node, Identity.generate())
+    for frame in flood[1000:]:
+        peer.send(frame)
+    eventually(lambda: node.call("status")["held"]["ads_forgotten"] > 0)
+    assert node.call("status")["ads"] <= 1000
+    # An honest peer's new ad and a stranger's single ad are both indexed.
+    seller.call(
+        "publish",
+        fp=b"\x0f" * 32,
+        layout=LAYOUT.__dict__,
+        blocks=[b"\x01" * 32],
+        payload=b"\x02" * LAYOUT.payload_bytes(1),
+        chunk=1 << 16,
+        params=10**9,
+    )
+    (stranger,) = ads(1, strangers(1))
+    peer.send(stranger)
+    signers = lambda: {a["signer"] for a in node.call("ads")["ads"]}  # noqa: E731
+    eventually(lambda: seller.info["node_id"] in signers(), timeout=10)
+    eventually(lambda: open_envelope(stranger).signer_id.hex() in signers(), timeout=10)
+    # Withdrawals have a total as well: sybils withdrawing 2,000 ads hold at most 1,000.
+    for sybil in sybils:  # each withdraws 400 made-up ads of its own
+        t = now()
+        for k in range(400):
+            header = Header(iat=t, exp=t + 600_000, seq=t + 10**6 + k)
+            peer.send(seal(sybil, Withdraw(ad=k + 1), header))
+    time.sleep(2.0)
+    peer.close()
+    assert node.call("status")["held"]["withdrawals"] <= 1000
+    assert node.proc.poll() is None

@@ -82,3 +82,96 @@ def test_digests_tell_what_each_side_lacks():
     assert ours.missing_from(theirs.digest(lambda ns: True), lambda ns: False) == []
     assert ours.lacks_any(theirs.digest(lambda ns: True))
     assert not ours.lacks_any([DigestEntry(P.public_key, 1)])
+
+
+# ---- totals that prefer the proven, and forgetting that never resurrects (§13.2) ------
+
+from kvx.p2p._index import IndexBudget, Standing  # noqa: E402
+
+
+def big(ident: Identity, seq: int, root: int | None = None, iat: int = 0):
+    """An ad of its own root (or of `root`, to refresh one), 10 s to live."""
+    msg = Advertise(
+        fp=FP,
+        layout=LAYOUT,
+        blocks=CHAIN[:1],
+        root=(seq if root is None else root).to_bytes(32, "big"),
+        chunk=1 << 16,
+        price=1,
+        ctl="tcp://127.0.0.1:1",
+        data=(DataAddress("tcp", "127.0.0.1:2"),),
+    )
+    return open_envelope(seal(ident, msg, Header(iat=iat, exp=10_000, seq=seq)))
+
+
+def withdraw(ident: Identity, ad_seq: int, seq: int):
+    return open_envelope(seal(ident, Withdraw(ad=ad_seq), Header(iat=0, exp=10_000, seq=seq)))
+
+
+SYBILS = [Identity.generate() for _ in range(4)]
+HONEST, FRIEND, SELLER = Identity.generate(), Identity.generate(), Identity.generate()
+RANK = {FRIEND.public_key: Standing.PEER, SELLER.public_key: Standing.PROVEN}
+
+
+def filled(per_sybil: int = 25) -> AdIndex:
+    index = AdIndex(
+        IndexBudget(ads=100, ads_per_signer=50), lambda k: RANK.get(k, Standing.STRANGER)
+    )
+    for i, sybil in enumerate(SYBILS):
+        for seq in range(1, per_sybil + 1):
+            assert index.add(big(sybil, 1000 * i + seq))
+    assert len(index) == 100
+    return index
+
+
+def held_by(index: AdIndex, ident: Identity) -> int:
+    return sum(a.signer == ident.public_key for a in index.ads())
+
+
+def test_a_full_index_makes_room_from_the_heaviest_strangers_for_a_newcomer():
+    index = filled()
+    assert index.add(big(HONEST, 1))  # a stranger of one ad: a sybil's oldest goes
+    assert len(index) <= 100 and held_by(index, HONEST) == 1
+    assert index.forgotten >= 1 and all(held_by(index, s) < 25 for s in SYBILS[:1])
+    for seq in range(2, 200):  # a flood of the sybils' own: the honest ad stays
+        index.add(big(SYBILS[0], 5000 + seq))
+    assert held_by(index, HONEST) == 1 and len(index) <= 100
+
+
+def test_peers_evict_strangers_and_nobody_evicts_a_proven_seller():
+    index = AdIndex(
+        IndexBudget(ads=10, ads_per_signer=10), lambda k: RANK.get(k, Standing.STRANGER)
+    )
+    for seq in range(1, 6):
+        assert index.add(big(SELLER, seq))
+        assert index.add(big(FRIEND, 100 + seq))
+    assert not index.add(big(HONEST, 1))  # a stranger cannot push out a peer or a seller
+    for seq in range(6, 9):
+        index.add(big(FRIEND, 100 + seq))  # a peer makes room among peers, heaviest first
+    assert held_by(index, SELLER) == 5 and len(index) <= 10
+    assert index.full >= 1
+
+
+def test_a_forgotten_superseded_ad_is_never_taken_again():
+    index = AdIndex(IndexBudget(ads=10, ads_per_signer=20))
+    first, refresh = big(HONEST, 1, root=10**6), big(HONEST, 2, root=10**6)
+    assert index.add(first) and index.add(refresh)  # the refresh replaces the first
+    for seq in range(3, 14):  # the index fills with the same signer: its oldest go
+        index.add(big(HONEST, seq))
+    assert (HONEST.public_key, 2) not in index  # the refresh was forgotten...
+    assert not index.add(first)  # ...and what it superseded does not come back
+
+
+def test_a_forgotten_withdrawal_never_lets_its_advertisement_back():
+    index = AdIndex(IndexBudget(ads=10, ads_per_signer=10))
+    target = big(HONEST, 1)
+    assert index.add(target)
+    assert index.withdraw(withdraw(HONEST, 1, 2))[0]
+    for i, sybil in enumerate(SYBILS):  # withdrawals in total past the budget
+        for seq in range(1, 5):
+            index.withdraw(withdraw(sybil, 10_000 + seq, 100 * i + seq))
+    assert index.withdrawals() <= 10
+    for seq in range(3, 20):  # the honest signer's own, to force its tombstone out too
+        index.withdraw(withdraw(HONEST, 50_000 + seq, seq))
+    assert not index.holds((HONEST.public_key, 1)) and not index.holds((HONEST.public_key, 2))
+    assert not index.add(target)  # withdrawn, the withdrawal forgotten, and still refused
