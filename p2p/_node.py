@@ -337,37 +337,56 @@ class Node:
             sock.close(linger=0)
 
     async def _receive(self, sock: zmq.asyncio.Socket, server_key: bytes | None) -> None:
-        """Read one socket forever: the ROUTER (server_key None) or a DEALER to a peer.
+        """Serve one socket: the ROUTER (server_key None) or this node's DEALER to a peer.
 
-        Parts are read one at a time and those past the expected count dropped as they
-        come, so a many-part message never sits in a list here (spec §4.2).
+        One message at a time, yielding to the loop after each: a pyzmq receive that
+        finds data queued completes at once, so without the yield a busy socket would keep
+        timers, the admin API and every other socket waiting. Between connections the
+        ROUTER is fair itself (libzmq queues each connection's messages apart and takes
+        them in turn), so a newcomer's HELLO is read within one round of the peers with
+        messages waiting, and a connection whose queue is full is pushed back by TCP, not
+        served ahead of others (spec §12.6).
         """
         expected_curve = None if server_key is None else curve_public_key(server_key)
         wanted = 2 if server_key is None else 1  # the ROUTER prepends the routing id
+        shadow = zmq.Socket.shadow(sock.underlying)  # non-blocking reads of whole messages
         while not sock.closed:  # a dropped dealer's reader ends here, even from within
             try:
-                parts = [await sock.recv(copy=False)]
-                while sock.rcvmore:
-                    part = await sock.recv(copy=False)
-                    if len(parts) <= wanted:
-                        parts.append(part)
+                await sock.poll(None, zmq.POLLIN)
             except zmq.ZMQError:
                 if sock.closed:
                     return
                 raise
-            if len(parts) != wanted:
-                self.core.multipart_refused()
-                continue
-            if server_key is None:
-                routing, frame = parts[0].bytes, parts[1]
-                curve = peer_curve_key(frame)
-            else:
-                routing, frame, curve = None, parts[0], expected_curve
-            try:
-                self.core.receive(frame.bytes, curve, routing, server_key)
-            except Exception:
-                self.core.internal_error("receive")
-            await self._flush()
+            while not sock.closed and (parts := self._read(shadow, wanted)) is not None:
+                if parts:
+                    if server_key is None:
+                        routing, frame = parts[0].bytes, parts[1]
+                        curve = peer_curve_key(frame)
+                    else:
+                        routing, frame, curve = None, parts[0], expected_curve
+                    try:
+                        self.core.receive(frame.bytes, curve, routing, server_key)
+                    except Exception:
+                        self.core.internal_error("receive")
+                    await self._flush()
+                await asyncio.sleep(0)
+
+    def _read(self, sock: zmq.Socket, wanted: int) -> list[zmq.Frame] | None:
+        """One whole message if one is ready (None if not), as its parts — or [] for one
+        of another number of parts, refused (spec §4.2). Parts past the expected count
+        are dropped as they are read, so a many-part message never sits in a list here."""
+        try:
+            parts = [sock.recv(zmq.NOBLOCK, copy=False)]
+            while sock.rcvmore:
+                part = sock.recv(copy=False)
+                if len(parts) <= wanted:
+                    parts.append(part)
+        except zmq.Again:
+            return None
+        if len(parts) != wanted:
+            self.core.multipart_refused()
+            return []
+        return parts
 
     async def _timers(self) -> None:
         while True:

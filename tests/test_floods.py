@@ -331,3 +331,69 @@ def test_sybils_filling_the_index_never_keep_an_honest_ad_out(started):
     peer.close()
     assert node.call("status")["held"]["withdrawals"] <= 1000
     assert node.proc.poll() is None
+
+
+# ---- 3. the event loop serves everyone ---------------------------------------------------
+
+
+def test_identities_within_their_limits_do_not_starve_a_newcomer_or_the_admin_api(started):
+    """Break 3: twenty identities at 180 statements a second each (within each one's limit,
+    above the node's capacity) kept the receive loop busy, since a receive that finds data
+    queued never yields: new peers' HELLOs and the admin API got no answer in 10 s."""
+    node = started("node")
+    flooders = [TestPeer(node, Identity.generate()) for _ in range(20)]
+    seconds = 12
+    frames = [  # signed beforehand, so that the test's own core sends at full speed
+        [
+            Signer(f.identity).seal(
+                Hello(ctl="tcp://127.0.0.1:9", data=(), inc=1), now_ms=now(), to=f.node_id
+            )
+            for _ in range(180 * seconds)
+        ]
+        for f in flooders
+    ]
+    stop = threading.Event()
+
+    def flood() -> None:
+        start = time.monotonic()
+        for tick in range(180 * seconds):
+            for flooder, own in zip(flooders, frames, strict=True):
+                flooder.send(own[tick])
+            if stop.is_set():
+                return
+            time.sleep(max(0.0, start + (tick + 1) / 180 - time.monotonic()))
+
+    def drain() -> None:  # the flooders read their answers, as peers do
+        while not stop.is_set():
+            for flooder in flooders:
+                with contextlib.suppress(Exception):
+                    while flooder.sock.poll(0):
+                        flooder.sock.recv()
+            time.sleep(0.01)
+
+    threads = [threading.Thread(target=flood), threading.Thread(target=drain)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(3.0)  # the node is over its capacity now
+        assert node.call("status")["ads"] == 0  # the admin API answers
+        newcomer = TestPeer(node, Identity.generate())
+        try:
+            newcomer.send(
+                Signer(newcomer.identity).seal(
+                    Hello(ctl="tcp://127.0.0.1:9", data=(), inc=1),
+                    now_ms=now(),
+                    to=newcomer.node_id,
+                )
+            )
+            answer = newcomer.recv(timeout=10)
+            assert answer is not None and isinstance(answer.message, Peers)
+        finally:
+            newcomer.close()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        for f in flooders:
+            f.close()
+    assert node.proc.poll() is None
