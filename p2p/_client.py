@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import zmq
 import zmq.asyncio
@@ -126,6 +126,10 @@ class Bought:
 
 MAX_FETCH_BYTES = 16 << 30
 """The largest payload a client allocates unless told otherwise (spec §12.6)."""
+HEDGE_S = 0.25
+"""How long a buyer waits for a provider's quote before it asks the next one as well."""
+HEDGE_MAX = 16
+"""Providers asked for a quote at once, at most: as many as HEDGE_S apart fill 4 s."""
 
 
 class PeerClient:
@@ -333,14 +337,16 @@ class PeerClient:
         into the caller's own memory; Bought.tensor is then None).
 
         `params` is the buyer's own model size, from which it prices its own prefill and so
-        its highest bid (unless `max_price` is given); `timeout_s` bounds each answer and each
-        stalled stream (default: the client's). `layout` is what the buyer's own model
-        implies for this fingerprint (in the dtype asked for): an advertisement or quote
-        of another shape is refused before anything is allocated. `check` looks at a
-        delivery that verified against its root before the final RECEIPT is sent (spec
-        §12.2): a Refusal moves the purchase to a provider of another root, unpaid beyond
-        the window receipts already sent, and the providers of the refused root are
-        scored as liars. Raises Miss when nothing can be bought.
+        its highest bid (unless `max_price` is given); `timeout_s` bounds each wait for a
+        seller, over all providers together, and each stalled stream (default: the
+        client's): providers are asked in turn, the next one after HEDGE_S without an
+        answer, so silent ones cost a moment each, not a timeout each. `layout` is what
+        the buyer's own model implies for this fingerprint (in the dtype asked for): an
+        advertisement or quote of another shape is refused before anything is allocated.
+        `check` looks at a delivery that verified against its root before the final
+        RECEIPT is sent (spec §12.2): a Refusal moves the purchase to a provider of another
+        root, unpaid beyond the window receipts already sent, and the providers of the
+        refused root are scored as liars. Raises Miss when nothing can be bought.
         """
         import torch
 
@@ -365,6 +371,13 @@ class PeerClient:
         claims: dict[bytes, Statement] = {}  # seller -> the ADVERTISE it was bought by
         paid: dict[bytes, bytes] = {}  # seller -> the last window receipt it was sent
 
+        # The timeout bounds each wait for a seller, over all providers together: a
+        # provider that never answers costs a hedge's delay, not the buyer's whole wait.
+        deadline = [time.monotonic() + timeout]
+
+        def left() -> float:
+            return max(0.0, deadline[0] - time.monotonic())
+
         async def providers() -> AsyncIterator[Statement]:
             walk, listed = Walk(lambda ad: ad.signer_id), ads
             while batch := walk.take(listed):
@@ -372,81 +385,117 @@ class PeerClient:
                     yield ad
                 await self._report(faults[reported[0] :])  # so that the node ranks them last
                 reported[0] = len(faults)
-                if time.monotonic() - started > timeout:  # silent liars cost time: stop
+                if not left():
                     return
                 again, found = await self.lookup(fp, chain, ns=ns)
                 listed = [ad for ad in found if fits(ad)] if again == matched else []
 
+        async def quote_from(ad: Statement) -> Quoted | None:
+            """One provider's quote we could take, or None (its fault recorded)."""
+            if ad.message.root in refused and dtype is None:
+                return None  # it signed KV already refuted: no second chance in a purchase
+            try:
+                check_layout(ad, dtype, layout)
+            except RemoteProtocolError as exc:
+                faults.append(Fault(ad.signer_id, exc.code, exc.detail))
+                return None
+            ad_layout = ad.message.layout
+            tokens = matched * ad_layout.block
+            bid = self.pricing.bid(params, ad_layout, tokens) if max_price is None else max_price
+            request = QuoteRequest(
+                fp=fp,
+                blocks=tuple(chain[:matched]),
+                transports=available_transports(),
+                max_price=bid,
+                ns=ns,
+                dtype=dtype,
+            )
+            sock = self._dealer(ad)
+            deal = Deal()
+            try:
+                if namespace is not None and namespace.secret is not None:
+                    await self._prove(sock, ad, namespace, left())
+                quote = await self._ask(sock, ad, request, Quote, left())
+                deal.advance(MessageType.QUOTE)
+                q = quote.message
+                assert isinstance(q, Quote)
+                check_quote(ad, q, matched, dtype, layout)
+                if q.root in refused:
+                    raise RemoteProtocolError(ErrorCode.KV_MISMATCH, "a refuted root")
+                if q.price > bid:
+                    deal.advance(MessageType.REJECT)
+                    reject = Reject(quote=q.quote, reason=int(ErrorCode.PRICE_TOO_HIGH))
+                    await sock.send(self.signer.seal(reject, now_ms=_now(), to=ad.signer_id))
+                    raise RemoteProtocolError(ErrorCode.PRICE_TOO_HIGH, f"{q.price} > {bid}")
+            except RemoteProtocolError as exc:
+                if deal.step is not Step.FAILED:
+                    deal.advance(MessageType.ERROR)
+                faults.append(Fault(ad.signer_id, exc.code, exc.detail))
+                sock.close()
+                return None
+            except asyncio.CancelledError:  # another provider answered first
+                sock.close()
+                raise
+            return Quoted(ad, quote, sock, deal)
+
+        async def take(quoted: Quoted) -> Source:
+            ad, quote, sock, deal = quoted
+            q = quote.message
+            assert isinstance(q, Quote)
+            accept = self.signer.seal(
+                Accept(quote=q.quote, price=q.price, root=q.root), now_ms=_now(), to=ad.signer_id
+            )
+            await sock.send(accept)
+            deal.advance(MessageType.ACCEPT)
+            self.ledger.record_accept(quote, open_envelope(accept), _now(), limit=0)
+            deals[ad.signer_id] = (quote, sock, deal)
+            claims[ad.signer_id] = ad
+            return Source(
+                ad.signer_id,
+                q.transport,
+                q.data,
+                Expected.from_quote(q),
+                self._transfer(q, ad.signer_id, deal),
+                self._payer(q, ad.signer_id, paid),
+            )
+
         async def sources() -> AsyncIterator[Source]:
-            async for ad in providers():
-                if ad.message.root in refused and dtype is None:
-                    continue  # it signed KV already refuted: no second chance in a purchase
-                try:
-                    check_layout(ad, dtype, layout)
-                except RemoteProtocolError as exc:
-                    faults.append(Fault(ad.signer_id, exc.code, exc.detail))
-                    continue
-                ad_layout = ad.message.layout
-                tokens = matched * ad_layout.block
-                bid = (
-                    self.pricing.bid(params, ad_layout, tokens) if max_price is None else max_price
-                )
-                request = QuoteRequest(
-                    fp=fp,
-                    blocks=tuple(chain[:matched]),
-                    transports=available_transports(),
-                    max_price=bid,
-                    ns=ns,
-                    dtype=dtype,
-                )
-                sock = self._dealer(ad)
-                negotiating = time.monotonic()
-                deal = Deal()
-                try:
-                    if namespace is not None and namespace.secret is not None:
-                        await self._prove(sock, ad, namespace, timeout)
-                    quote = await self._ask(sock, ad, request, Quote, timeout)
-                    deal.advance(MessageType.QUOTE)
-                    q = quote.message
-                    assert isinstance(q, Quote)
-                    check_quote(ad, q, matched, dtype, layout)
-                    if q.root in refused:
-                        raise RemoteProtocolError(ErrorCode.KV_MISMATCH, "a refuted root")
-                    if q.price > bid:
-                        deal.advance(MessageType.REJECT)
-                        reason = int(ErrorCode.PRICE_TOO_HIGH)
-                        await sock.send(
-                            self.signer.seal(
-                                Reject(quote=q.quote, reason=reason), now_ms=_now(), to=ad.signer_id
-                            )
+            """Sellers in turn, each found by hedged quotes: the best provider is asked
+            first, and while no answer has come, one more every HEDGE_S (at most HEDGE_MAX
+            at once); the first quote we could take is taken."""
+            asking: set[asyncio.Task[Quoted | None]] = set()
+            ready: list[Quoted] = []  # quotes that came while another was being used
+            listed = providers()
+            more = True
+            try:
+                while True:
+                    negotiating = time.monotonic()
+                    while not ready and left() and (asking or more):
+                        if more and len(asking) < HEDGE_MAX:
+                            ad = await anext(listed, None)
+                            if ad is None:
+                                more = False
+                            else:
+                                asking.add(asyncio.ensure_future(quote_from(ad)))
+                        if not asking:
+                            continue
+                        wait = min(HEDGE_S, left()) if more and len(asking) < HEDGE_MAX else left()
+                        done, asking = await asyncio.wait(
+                            asking, timeout=wait, return_when=asyncio.FIRST_COMPLETED
                         )
-                        raise RemoteProtocolError(ErrorCode.PRICE_TOO_HIGH, f"{q.price} > {bid}")
-                    accept = self.signer.seal(
-                        Accept(quote=q.quote, price=q.price, root=q.root),
-                        now_ms=_now(),
-                        to=ad.signer_id,
-                    )
-                    await sock.send(accept)
-                    deal.advance(MessageType.ACCEPT)
-                    self.ledger.record_accept(quote, open_envelope(accept), _now(), limit=0)
-                except RemoteProtocolError as exc:
-                    if deal.step is not Step.FAILED:
-                        deal.advance(MessageType.ERROR)
-                    faults.append(Fault(ad.signer_id, exc.code, exc.detail))
-                    sock.close()
-                    continue
-                finally:
+                        ready += [quoted for task in done if (quoted := task.result())]
                     timings["negotiation"] += time.monotonic() - negotiating
-                deals[ad.signer_id] = (quote, sock, deal)
-                claims[ad.signer_id] = ad
-                yield Source(
-                    ad.signer_id,
-                    q.transport,
-                    q.data,
-                    Expected.from_quote(q),
-                    self._transfer(q, ad.signer_id, deal),
-                    self._payer(q, ad.signer_id, paid),
-                )
+                    if not ready:
+                        return  # every provider failed, or none answered in time
+                    yield await take(ready.pop(0))
+                    deadline[0] = time.monotonic() + timeout  # a new wait for a seller
+            finally:
+                for task in asking:
+                    task.cancel()
+                await asyncio.gather(*asking, return_exceptions=True)
+                for quoted in ready:
+                    quoted.sock.close()
+                await listed.aclose()
 
         allocated: list[torch.Tensor | None] = [None]
 
@@ -603,6 +652,15 @@ class PeerClient:
         """Inform the node; a purchase already made stands even if the node is gone."""
         with contextlib.suppress(AdminError):
             await self._admin(op, **args)
+
+
+class Quoted(NamedTuple):
+    """A quote a provider gave that the buyer could take, with its connection."""
+
+    ad: Statement
+    quote: Statement
+    sock: zmq.asyncio.Socket
+    deal: Deal
 
 
 def _evidence(

@@ -57,7 +57,8 @@ class Trading(CoreState):
         self, fp: bytes, ns: bytes | None, chain: tuple[bytes, ...], limit: int, *, asker: bytes
     ) -> tuple[int, list[Advert]]:
         """Longest prefix held by a usable provider, best first: those that delivered
-        to this node, then strangers, then those that failed it; the cheapest first in each.
+        to this node, then live peers, then strangers, then those that failed it; the
+        cheapest first in each.
 
         A peer that has not proved membership of a private namespace gets the answer of
         a namespace with nothing in it, whether or not this node is in it (§7.6).
@@ -79,10 +80,13 @@ class Trading(CoreState):
             )
 
         def rank(advert: Advert) -> tuple:
-            # Standing before price: a provider that delivered to us comes first and one
-            # that failed us last, since a price is the one thing a liar sets for free.
+            # Standing before price, since a price is the one thing a liar sets for free:
+            # a provider that delivered to us first, then live peers that speak for
+            # themselves, then strangers, and one that failed us last.
             score = self.scores.score(node_id(advert.signer), now)
-            return (0 if score > 0 else 1 if score == 0 else 2, advert.message.price, -score)
+            if score < 0:
+                return (3, advert.message.price, -score)
+            return (2 - self._standing(advert.signer), advert.message.price, -score)
 
         matched, ads = self.index.lookup(fp, ns, chain, limit, usable=usable, rank=rank)
         (self.metrics.hits if matched else self.metrics.misses).inc()

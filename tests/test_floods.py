@@ -16,7 +16,7 @@ import blake3
 import pytest
 from swarm import NodeProcess, TestPeer, eventually
 
-from kvx.p2p import PeerClient
+from kvx.p2p import Miss, PeerClient
 from kvx.protocol import (
     Accept,
     Advertise,
@@ -397,3 +397,83 @@ def test_identities_within_their_limits_do_not_starve_a_newcomer_or_the_admin_ap
         for f in flooders:
             f.close()
     assert node.proc.poll() is None
+
+
+# ---- 6. a buyer that does not wait on liars ----------------------------------------------
+
+
+def _silent_liars(buyer: NodeProcess, count: int) -> list[TestPeer]:
+    """Peers that say HELLO to the buyer's node (live peers of its table, for now) and
+    advertise the test's chain at price 0 from an address where nobody answers."""
+    liars = []
+    for _ in range(count):
+        liar = TestPeer(buyer, Identity.generate())
+        signer = Signer(liar.identity)
+        hello = Hello(ctl="tcp://127.0.0.1:9", data=(), inc=1)
+        liar.send(signer.seal(hello, now_ms=now(), to=liar.node_id))
+        assert liar.recv() is not None
+        ad = Advertise(
+            fp=b"\x0f" * 32,
+            layout=LAYOUT,
+            blocks=tuple(CHAIN),
+            root=b"\x07" * 32,
+            chunk=1 << 16,
+            price=0,
+            ctl="tcp://127.0.0.1:9",
+            data=(DataAddress("tcp", "127.0.0.1:9"),),
+        )
+        liar.send(signer.seal(ad, now_ms=now(), ttl_ms=600_000))
+        liars.append(liar)
+    return liars
+
+
+CHAIN = [blake3.blake3(f"liars/{i}".encode()).digest() for i in range(3)]
+PAYLOAD = blake3.blake3(b"liars doc").digest(length=LAYOUT.payload_bytes(3))
+
+
+async def test_silent_liars_cost_a_buyer_a_moment_each_not_its_timeout(started):
+    """Break 6: eight price-0 adverts whose signers never answer made a first-time buyer
+    with a 5 s timeout miss after 41 s. Now providers are asked hedged (the next one
+    after a quarter second without an answer), the timeout bounds the wait over all of
+    them, and the honest seller's quote is taken while the liars are still silent."""
+    seller = started("seller")
+    buyer = started("buyer", [seller])
+    seller.call(
+        "publish",
+        fp=b"\x0f" * 32,
+        layout=LAYOUT.__dict__,
+        blocks=CHAIN,
+        payload=PAYLOAD,
+        chunk=1 << 16,
+        params=10**9,
+    )
+    eventually(lambda: buyer.call("status")["ads"] == 1)
+    liars = _silent_liars(buyer, 8)
+    try:
+        eventually(lambda: buyer.call("status")["ads"] == 9)
+        async with PeerClient(buyer.dir, timeout_s=5) as client:
+            _, listed = await client.lookup(b"\x0f" * 32, CHAIN)
+            assert [ad.message.price for ad in listed][:1] == [0]  # a liar is asked first
+            bought = await client.fetch(b"\x0f" * 32, CHAIN, params=10**9)
+        assert bytes(bought.tensor.numpy()) == PAYLOAD
+        assert bought.seller == bytes.fromhex(seller.info["node_id"])
+        assert not [f for f in bought.faults if f.code.name == "TIMEOUT"]  # nobody waited out
+    finally:
+        for liar in liars:
+            liar.close()
+
+
+async def test_a_buyer_facing_only_silent_providers_gives_up_at_its_timeout(started):
+    buyer = started("buyer")
+    liars = _silent_liars(buyer, 8)
+    try:
+        eventually(lambda: buyer.call("status")["ads"] == 8)
+        async with PeerClient(buyer.dir, timeout_s=2) as client:
+            start = time.monotonic()
+            with pytest.raises(Miss):
+                await client.fetch(b"\x0f" * 32, CHAIN, params=10**9)
+            waited = time.monotonic() - start
+        assert waited < 2 * 2  # one timeout over all eight (it was one timeout each)
+    finally:
+        for liar in liars:
+            liar.close()
