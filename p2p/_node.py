@@ -50,6 +50,7 @@ from ._clock import Clock
 from ._config import ADMIN_SOCKET, INFO_FILE, LEDGER_FILE, SCORES_FILE, STORE_DIR, NodeConfig
 from ._core import Disconnect, NodeCore, Reply, Send
 from ._datadir import DataDirLock
+from ._dials import Dials
 from ._fraud import Judge
 from ._pricing import PricePolicy
 from ._store import LocalStore
@@ -97,6 +98,8 @@ class Node:
         self.id = identity.node_id
         self._dealers: dict[bytes, zmq.asyncio.Socket] = {}
         self._dealer_ctl: dict[str, bytes] = {}  # address -> the key its dealer speaks to
+        self._trial: dict[bytes, str] = {}  # key -> address, of dealers to unproven keys
+        self._dials = Dials()
         self._readers: dict[bytes, asyncio.Future[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
@@ -288,31 +291,41 @@ class Node:
 
         One connection per address: a second key claiming an address that another key's
         connection uses gets none until it has spoken for itself, so a listing of many
-        keys at one victim's address costs the victim one connection, retried with
-        backoff, not one per key (spec §8.1a).
+        keys at one victim's address costs the victim one connection, not one per key.
+        An address no key has proven gets one attempt per connection (libzmq does not
+        reconnect it) and new connections with a backoff of its own (p2p/_dials.py),
+        however the far end answers (spec §8.1a).
         """
+        peer = self.core.peers.get(key)
+        boot = next((b.ctl for b in self.config.bootstrap if b.key == key), None)
+        proven = boot is not None or (peer is not None and peer.proven)
         sock = self._dealers.get(key)
+        if sock is not None and key in self._trial and proven:
+            # It spoke: from now on a connection that libzmq keeps, reconnecting.
+            self._dials.proven(self._trial[key])
+            self._drop_dealer(key)
+            sock = None
         if sock is None:
-            peer = self.core.peers.get(key)
-            ctl = (
-                peer.ctl
-                if peer
-                else next((b.ctl for b in self.config.bootstrap if b.key == key), None)
-            )
+            ctl = peer.ctl if peer else boot
             if ctl is None:
                 return None
             other = self._dealer_ctl.get(ctl)
             if other is not None and other != key:
-                if peer is None or not peer.proven:
+                if not proven:
                     return None
                 self._drop_dealer(other)
+            if not (proven or self._dials.allow(ctl, self.clock.monotonic())):
+                return None
             sock = self._ctx.socket(zmq.DEALER)
             make_curve_client(sock, self.identity, key)
             sock.maxmsgsize = MAX_FRAME_BYTES
             sock.linger = 0
             sock.sndhwm = 1000
-            sock.reconnect_ivl = int(self.config.reconnect_s * 1000)
-            sock.reconnect_ivl_max = int(self.config.reconnect_max_s * 1000)
+            if proven:
+                sock.reconnect_ivl = int(self.config.reconnect_s * 1000)
+                sock.reconnect_ivl_max = int(self.config.reconnect_max_s * 1000)
+            else:
+                sock.reconnect_ivl = -1  # one attempt: the next is ours to allow
             try:
                 sock.connect(ctl)
             except zmq.ZMQError as exc:  # decoded addresses connect; config ones may not
@@ -323,10 +336,13 @@ class Node:
                 return None
             self._dealers[key] = sock
             self._dealer_ctl[ctl] = key
+            if not proven:
+                self._trial[key] = ctl
             self._readers[key] = self._spawn(self._receive(sock, key))
         return sock
 
     def _drop_dealer(self, key: bytes) -> None:
+        self._trial.pop(key, None)
         for ctl in [c for c, k in self._dealer_ctl.items() if k == key]:
             del self._dealer_ctl[ctl]
         sock = self._dealers.pop(key, None)
@@ -394,6 +410,7 @@ class Node:
             self.core.handle_timer(self.clock.monotonic())
             for key in [k for k in self._dealers if not self.core.wants_connection(k)]:
                 self._drop_dealer(key)  # forgotten or evicted: its connection goes too
+            self._dials.prune(self.clock.monotonic())
             await self._flush()
 
     def held(self) -> dict[str, int]:
@@ -403,6 +420,7 @@ class Node:
             "data_connections": self.tcp.connections,
             "data_accept_errors": self.tcp.accept_errors,
             "dealers": len(self._dealers),
+            "dial_backoffs": len(self._dials),
         }
 
     # ---- local admin API -------------------------------------------------------------

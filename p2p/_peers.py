@@ -229,9 +229,11 @@ class PeerTable:
         return list(self._peers.values())
 
     def entries(self, limit: int = 64) -> tuple[PeerEntry, ...]:
-        """What to tell others in PEERS: the live and suspect peers, most recently heard first."""
+        """What to tell others in PEERS: the live and suspect peers that spoke for
+        themselves, most recently heard first. A name someone else gave and nobody has
+        heard at its address is never passed on (spec §8.1a): it may be a victim's."""
         known = sorted(
-            (p for p in self._peers.values() if p.state != State.DEAD),
+            (p for p in self._peers.values() if p.state != State.DEAD and p.proven),
             key=lambda p: -p.last_heard,
         )
         return tuple(

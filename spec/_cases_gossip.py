@@ -228,6 +228,18 @@ def _(s: Session) -> None:
     s.hello()
 
 
+@case("8.1a/6", "MUST", "a peer named in PEERS that never spoke is not listed onward")
+def _(s: Session) -> None:
+    s.hello()
+    named = Identity.generate().public_key
+    ctl = "tcp://127.0.0.1:7"  # nobody there: the name never speaks for itself
+    s.send(s.frame(Peers(peers=(PeerEntry(key=named, ctl=ctl, inc=1, state=0),))))
+    time.sleep(0.5)
+    listed = s.hello().message.peers  # type: ignore[union-attr]
+    if any(e.key == named for e in listed):
+        raise Failed("the target lists a name it was given and never heard at its address")
+
+
 @case("8.17/1", "MUST", "a PROBE for a key that is no live peer of the target is NOT_FOUND")
 def _(s: Session) -> None:
     s.hello()

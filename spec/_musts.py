@@ -78,6 +78,7 @@ MUSTS: dict[str, str | tuple[str, ...]] = {
     ),
     "§8.1a: Host names MUST be refused: a receiver must": ("8.1a/1", "8.1a/3", "8.1a/4"),
     "§8.1a: A node MUST NOT open more than one": ("8.1a/5",),
+    "§8.1a: A node MUST NOT list in PEERS a": ("8.1a/6",),
     "§8.8: The buyer MUST verify each listed envelope itself": (
         "untestable: a rule for buyers; the suite tests the target as a seller"
     ),

@@ -24,6 +24,7 @@ from kvx.protocol import (
     Header,
     Hello,
     KVLayout,
+    PeerEntry,
     Peers,
     Probe,
     Quote,
@@ -37,6 +38,7 @@ from kvx.trust import Identity, Signer, open_envelope, seal
 
 LAYOUT = KVLayout(dtype="float16", layers=2, kv_heads=2, head_dim=8, block=16)
 BUSY = {"rate_per_s": 1e6, "burst": 10**6}  # a node that takes a test's ads at once
+DEFAULT_TIMERS = {"heartbeat_s": 1.0, "suspect_after_s": 5.0, "dead_after_s": 12.0}
 
 
 def now() -> int:
@@ -477,3 +479,69 @@ async def test_a_buyer_facing_only_silent_providers_gives_up_at_its_timeout(star
     finally:
         for liar in liars:
             liar.close()
+
+
+# ---- 7. no reflection ------------------------------------------------------------------
+
+
+def test_statements_naming_a_victim_cost_it_a_few_connections_a_minute(started):
+    """Break 7: one ADVERTISE and one PEERS of 64 keys naming a victim's address brought
+    it a connection every second or so: libzmq's reconnect backoff does not grow when the
+    victim accepts and closes, and unproven candidates were shared onward. Now a node
+    dials an address nobody has proven with a backoff of its own (1 s doubling to 64 s),
+    and shares only peers that spoke for themselves."""
+    victim = socket.create_server(("127.0.0.1", 0))
+    victim.settimeout(0.2)
+    port = victim.getsockname()[1]
+    node = started("node", **DEFAULT_TIMERS)
+    peer = TestPeer(node, Identity.generate())
+    signer = Signer(peer.identity)
+    try:
+        hello = Hello(ctl="tcp://127.0.0.1:9", data=(), inc=1)
+        peer.send(signer.seal(hello, now_ms=now(), to=peer.node_id))
+        assert peer.recv() is not None
+        aimed = f"tcp://127.0.0.1:{port}"
+        entries = tuple(
+            PeerEntry(key=Identity.generate().public_key, ctl=aimed, inc=1, state=0)
+            for _ in range(64)
+        )
+        peer.send(signer.seal(Peers(peers=entries), now_ms=now(), to=peer.node_id))
+        ad = Advertise(
+            fp=b"\x0f" * 32,
+            layout=LAYOUT,
+            blocks=(b"\x01" * 32,),
+            root=b"\x01" * 32,
+            chunk=1 << 16,
+            price=1,
+            ctl=aimed,
+            data=(DataAddress("tcp", "127.0.0.1:2"),),
+        )
+        peer.send(seal(Identity.generate(), ad, Header(iat=now(), exp=now() + 600_000, seq=1)))
+        accepted, start = 0, time.monotonic()
+        told = False
+        while time.monotonic() < start + 30:
+            try:
+                conn, _ = victim.accept()
+                accepted += 1
+                conn.close()
+            except TimeoutError:
+                pass
+            if not told and time.monotonic() > start + 1:
+                assert aimed not in _peers_told(node)  # an unproven name is never passed on
+                told = True
+    finally:
+        peer.close()
+        victim.close()
+    # Attempts at 0, 1, 3, 7 and 15 s (it was 13 in these 30 s, every 1-2 s).
+    assert accepted <= 5, f"{accepted} connections to the victim in 30 s"
+
+
+def _peers_told(node: NodeProcess) -> set[str]:
+    """The addresses `node` lists to a newcomer that says HELLO."""
+    peer = TestPeer(node, Identity.generate())
+    try:
+        hello = Hello(ctl="tcp://127.0.0.1:9", data=(), inc=1)
+        peer.send(Signer(peer.identity).seal(hello, now_ms=now(), to=peer.node_id))
+        return {e.ctl for e in peer.recv().message.peers}
+    finally:
+        peer.close()
