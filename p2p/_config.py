@@ -76,6 +76,7 @@ class NodeConfig:
     anti_entropy_s: float = 5.0
     rate_per_s: float = 200.0
     burst: int = 400
+    handshakes_per_s: int = 50  # new CURVE connections admitted per source address, 4x burst
     advert_ttl_s: float = 3600.0
     memory_bytes: int = 1 << 30
     disk_bytes: int = 16 << 30
@@ -193,6 +194,7 @@ def load_node_config(path: str | os.PathLike[str]) -> NodeConfig:
         anti_entropy_s=sec.take("anti_entropy_s", float, d.anti_entropy_s, positive),
         rate_per_s=sec.take("rate_per_s", float, d.rate_per_s, positive),
         burst=sec.take("burst", int, d.burst, positive),
+        handshakes_per_s=sec.take("handshakes_per_s", int, d.handshakes_per_s, positive),
         advert_ttl_s=sec.take("advert_ttl_s", float, d.advert_ttl_s, positive),
         memory_bytes=sec.take("memory_bytes", int, d.memory_bytes, positive),
         disk_bytes=sec.take("disk_bytes", int, d.disk_bytes, positive),

@@ -53,6 +53,7 @@ from ._datadir import DataDirLock
 from ._dials import Dials
 from ._fraud import Judge
 from ._pricing import PricePolicy
+from ._rates import RateLimits
 from ._store import LocalStore
 
 Judgement = Callable[[Bound], object | None]
@@ -114,7 +115,9 @@ class Node:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self._stop.set)
         self._ctx = zmq.asyncio.Context()
-        self._auth = start_authenticator(self._ctx)
+        rate = self.config.handshakes_per_s
+        self._handshakes = RateLimits(rate, 4 * rate)  # per source address
+        self._auth = start_authenticator(self._ctx, self._admit)
         try:
             await self._start()
             await self._stop.wait()
@@ -225,6 +228,13 @@ class Node:
         self._lock.release()
         if self._served:  # a node that never started did not stop either: its error says why
             self.core.event("stopped")
+
+    def _admit(self, address: str) -> bool:
+        """Whether a new CURVE connection from `address` is admitted (spec §12.6)."""
+        if self._handshakes.take(address.encode(), self.clock.monotonic()):
+            return True
+        self.core.metrics.shed.labels("handshake").inc()
+        return False
 
     def _spawn(self, coro: Awaitable[None]) -> asyncio.Future[None]:
         task = asyncio.ensure_future(coro)
@@ -411,6 +421,7 @@ class Node:
             for key in [k for k in self._dealers if not self.core.wants_connection(k)]:
                 self._drop_dealer(key)  # forgotten or evicted: its connection goes too
             self._dials.prune(self.clock.monotonic())
+            self._handshakes.prune(self.clock.monotonic())
             await self._flush()
 
     def held(self) -> dict[str, int]:

@@ -545,3 +545,52 @@ def _peers_told(node: NodeProcess) -> set[str]:
         return {e.ctl for e in peer.recv().message.peers}
     finally:
         peer.close()
+
+
+def test_connections_churned_from_one_address_are_refused_at_the_handshake(started):
+    """Fair service, handshakes: a source that opens new CURVE connections faster than
+    `handshakes_per_s` (10 here, bursts of 40) is refused at the handshake, by a ZAP
+    handler that can say no; a peer at another address is served meanwhile."""
+    import zmq
+
+    from kvx.trust import make_curve_client
+
+    node = started("node", handshakes_per_s=10)
+    key = bytes.fromhex(node.info["public_key"])
+    ctx = zmq.Context()
+    socks, answered = [], 0
+    try:
+        for _ in range(400):  # at once, from 127.0.0.1
+            ident = Identity.generate()
+            sock = ctx.socket(zmq.DEALER)
+            sock.linger = 0
+            make_curve_client(sock, ident, key)
+            sock.connect(node.info["ctl"])
+            hello = Hello(ctl="tcp://127.0.0.1:9", data=(), inc=1)
+            sock.send(
+                Signer(ident).seal(hello, now_ms=now(), to=bytes.fromhex(node.info["node_id"]))
+            )
+            socks.append(sock)
+        deadline = time.monotonic() + 5
+        for sock in socks:
+            if sock.poll(max(0, int((deadline - time.monotonic()) * 1000))):
+                answered += 1
+        assert 40 <= answered <= 40 + 10 * 8, answered  # the burst and the rate, no more
+        assert node.call("status")["shed"].get("handshake", 0) > 0
+        honest = TestPeer(node, Identity.generate())  # another source address
+        honest.sock.close()
+        honest.sock = honest._ctx.socket(zmq.DEALER)
+        honest.sock.linger = 0
+        make_curve_client(honest.sock, honest.identity, key)
+        port = node.info["ctl"].rsplit(":", 1)[1]
+        honest.sock.connect(f"tcp://127.0.0.2:0;127.0.0.1:{port}")
+        try:
+            hello = Hello(ctl="tcp://127.0.0.1:9", data=(), inc=1)
+            honest.send(Signer(honest.identity).seal(hello, now_ms=now(), to=honest.node_id))
+            assert isinstance(honest.recv(timeout=10).message, Peers)
+        finally:
+            honest.close()
+    finally:
+        for sock in socks:
+            sock.close()
+        ctx.term()

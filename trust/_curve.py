@@ -6,6 +6,8 @@ signer of what it sends one identity, which Inbox checks per statement.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import zmq
 import zmq.asyncio
 import zmq.auth
@@ -34,14 +36,38 @@ def make_curve_client(sock: zmq.Socket, identity: Identity, server_public_key: b
     sock.curve_serverkey = z85.encode(curve_public_key(server_public_key))
 
 
-def start_authenticator(ctx: zmq.Context) -> ThreadAuthenticator | AsyncioAuthenticator:
-    """Let any CURVE client connect and tag its messages with its key as User-Id.
+class _Admitting(AsyncioAuthenticator):
+    """An authenticator that first asks whether a handshake from this source address is
+    admitted, and says no (ZAP 400) to one that is not: a client churning connections
+    then costs the node the handshake's crypto in libzmq's thread, and no session."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, admit: Callable[[str], bool]) -> None:
+        super().__init__(ctx)
+        self.admit = admit
+
+    async def handle_zap_message(self, msg: list[bytes]) -> None:
+        if len(msg) >= 6 and not self.admit(msg[3].decode("ascii", "replace")):
+            self._send_zap_reply(msg[1], b"400", b"too many new connections from this address")
+            return
+        await super().handle_zap_message(msg)
+
+
+def start_authenticator(
+    ctx: zmq.Context, admit: Callable[[str], bool] | None = None
+) -> ThreadAuthenticator | AsyncioAuthenticator:
+    """Let any CURVE client connect and tag its messages with its key as User-Id; with
+    `admit` (an asyncio context), only handshakes from source addresses it admits.
 
     Who may *do* anything is decided per statement (policy, scores), after the signer is
     known; the handshake only fixes which key is on the other end.
     """
-    auth_cls = AsyncioAuthenticator if isinstance(ctx, zmq.asyncio.Context) else ThreadAuthenticator
-    auth = auth_cls(ctx)
+    auth: ThreadAuthenticator | AsyncioAuthenticator
+    if not isinstance(ctx, zmq.asyncio.Context):
+        auth = ThreadAuthenticator(ctx)
+    elif admit is not None:
+        auth = _Admitting(ctx, admit)
+    else:
+        auth = AsyncioAuthenticator(ctx)
     auth.start()
     auth.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
     return auth
