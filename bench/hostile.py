@@ -9,11 +9,19 @@ where it is a frame: addresses no socket can take, LOOKUP chains overlapping ads
 other positions, advertisements with ballast and beyond a signer's budget, many-part
 messages, long-lived statements to fill the replay memory, a hundred-thousand-key body,
 a table full of strangers that keep talking, PEERS lists aimed at a victim socket, slow
-and idle data connections, and a free rider that never pays. Meanwhile a PeerClient on
-C buys the document again and again. The baseline is the same buyer on the same swarm
-with no attack, in the same run. It reports the honest success rate under attack and
-without, every node's peak RSS and open file descriptors, and whether every node is
-alive at the end.
+and idle data connections, and a free rider that never pays. Beside them, the floods
+of the flow-control issue, each within every per-peer limit: an honest node D holding
+3,000 ads joins through B (anti-entropy), strangers' ads pushed through B, PROBEs about
+A through B, twenty identities at 180 statements a second each at A, a CURVE connection
+churn at A from another address, signers filling B's index and withdrawals, readers
+of A's payload at 4 KiB a second, silent price-0 liars advertising A's chain at C, and
+once, a 1,000-part message at B. Meanwhile a PeerClient on C buys the document again
+and again, and a newcomer at yet another address says HELLO to A twice a second. The
+baseline is the same buyer and newcomer with no attack, in the same run. It reports
+the honest success rate under attack and without, the newcomer's HELLO p99 quiet and
+under attack, honest peers banned by honest peers, connections a minute at the
+reflection victim, every node's peak RSS and open file descriptors (B's under the
+many-part message), and whether every node is alive at the end.
 """
 
 from __future__ import annotations
@@ -23,13 +31,17 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import blake3
 import zmq
@@ -47,9 +59,11 @@ from kvx.protocol import (
     Lookup,
     PeerEntry,
     Peers,
+    Probe,
     Quote,
     QuoteRequest,
     Transfer,
+    Withdraw,
     frame_header,
 )
 from kvx.trust import Identity, Signer, make_curve_client, open_envelope, seal
@@ -66,6 +80,8 @@ DEFAULT_TIMERS = {  # the node's own defaults, not the fast timers of the tests
     "anti_entropy_s": 5.0,
 }
 SELLER = {**DEFAULT_TIMERS, "payment_window_bytes": CHUNK, "max_peers": 32, "data_header_s": 2.0}
+RELAY = {**DEFAULT_TIMERS, "max_ads": 5000, "max_ads_per_signer": 1000}
+CHURN_FROM, NEWCOMER_FROM = "127.0.0.3", "127.0.0.2"  # sources of their own (per-address limits)
 
 
 def now() -> int:
@@ -73,9 +89,14 @@ def now() -> int:
 
 
 class Attacker:
-    """One stranger (or many) with a CURVE connection to a node."""
+    """One stranger (or many) with a CURVE connection to a node, from `source`."""
 
-    def __init__(self, node: NodeProcess, identity: Identity | None = None) -> None:
+    def __init__(
+        self,
+        node: NodeProcess | SimpleNamespace,
+        identity: Identity | None = None,
+        source: str | None = None,
+    ) -> None:
         self.identity = identity or Identity.generate()
         self.signer = Signer(self.identity)
         self.node_id = bytes.fromhex(node.info["node_id"])
@@ -84,7 +105,8 @@ class Attacker:
         self.sock.linger = 0
         self.sock.sndhwm = 100
         make_curve_client(self.sock, self.identity, bytes.fromhex(node.info["public_key"]))
-        self.sock.connect(node.info["ctl"])
+        ctl = node.info["ctl"]
+        self.sock.connect(ctl if source is None else ctl.replace("tcp://", f"tcp://{source}:0;"))
 
     def send(self, frame: bytes | list[bytes]) -> None:
         with contextlib.suppress(zmq.Again):
@@ -222,6 +244,227 @@ def free_rider(node: NodeProcess) -> None:
     a.close()
 
 
+# ---- the floods of the flow-control issue, each within every per-peer limit -------------
+
+
+def adverts(count: int, keys: list[Identity], price: int = 1, blocks=None) -> list[bytes]:
+    """Valid relayable ADVERTISEs signed in turn by `keys`, each of its own chain."""
+    frames = []
+    for i in range(count):
+        block = os.urandom(32)
+        message = Advertise(
+            fp=FP,
+            layout=LAYOUT,
+            blocks=tuple(blocks) if blocks else (block,),
+            root=block,
+            chunk=CHUNK,
+            price=price,
+            ctl="tcp://127.0.0.1:1",
+            data=(DataAddress("tcp", "127.0.0.1:2"),),
+        )
+        t = now()
+        frames.append(seal(keys[i % len(keys)], message, Header(t, t + 600_000, time.time_ns())))
+    return frames
+
+
+def paced(a: Attacker, frames: list[bytes], per_s: float, stop: threading.Event) -> None:
+    start = time.monotonic()
+    for i, frame in enumerate(frames):
+        if stop.is_set():
+            return
+        a.send(frame)
+        time.sleep(max(0.0, start + (i + 1) / per_s - time.monotonic()))
+
+
+def relayed_ads(relay: NodeProcess, stop: threading.Event) -> None:
+    """Strangers' valid ads handed to the relay at 150 a second, which pushes them on."""
+    a = Attacker(relay)
+    a.send(a.direct(hello()))
+    paced(a, adverts(600, [Identity.generate() for _ in range(3)]), 150, stop)
+    a.drain()
+    a.close()
+
+
+def probes(helper: NodeProcess, target: NodeProcess, askers: list[Attacker]) -> None:
+    """Four strangers asking the helper to probe the target, 50 a second each."""
+    if not askers:
+        askers.extend(Attacker(helper) for _ in range(4))
+        for a in askers:
+            a.send(a.direct(hello()))
+    key = bytes.fromhex(target.info["public_key"])
+    for _ in range(50):
+        for a in askers:
+            a.send(a.direct(Probe(target=key)))
+        time.sleep(0.02)
+    for a in askers:
+        a.drain()
+
+
+def loop_flood(node: NodeProcess, crowd: list[Attacker]) -> None:
+    """Twenty identities at 180 statements a second each: within each one's limit,
+    above what the node can serve."""
+    if not crowd:
+        crowd.extend(Attacker(node) for _ in range(20))
+    frames = [[a.direct(hello()) for _ in range(18)] for a in crowd]
+    for tick in range(18):  # a tenth of a second
+        for a, own in zip(crowd, frames, strict=True):
+            a.send(own[tick])
+        time.sleep(1 / 180)
+    for a in crowd:
+        a.drain()
+
+
+def churn(node: NodeProcess) -> None:
+    """New CURVE connections from one address as fast as they can be made."""
+    for _ in range(50):
+        a = Attacker(node, source=CHURN_FROM)
+        a.send(a.direct(hello()))
+        a.close()
+    time.sleep(0.02)  # libzmq closes sockets in its own thread: let descriptors come back
+
+
+def index_fill(relay: NodeProcess, stop: threading.Event) -> None:
+    """Signers each within their budget filling the relay's index, then withdrawing."""
+    a = Attacker(relay)
+    keys = [Identity.generate() for _ in range(10)]
+    paced(a, adverts(1000, keys), 150, stop)
+    t = now()
+    withdrawals = [
+        seal(k, Withdraw(ad=i + 1), Header(t, t + 600_000, time.time_ns()))
+        for i in range(100)
+        for k in keys
+    ]
+    paced(a, withdrawals, 150, stop)
+    a.close()
+
+
+def slow_readers(node: NodeProcess, held: list[socket.socket]) -> None:
+    """Four identities with two streams each, reading 4 KiB a second."""
+    while len(held) < 8:
+        a = Attacker(node)
+        a.send(a.direct(hello()))
+        for _ in range(2):
+            request = QuoteRequest(
+                fp=FP, blocks=tuple(CHAIN), transports=("tcp",), max_price=10**12
+            )
+            a.send(a.direct(request))
+            if not a.sock.poll(3000):
+                break
+            q = open_envelope(a.sock.recv()).message
+            while not isinstance(q, Quote) and a.sock.poll(1000):
+                q = open_envelope(a.sock.recv()).message
+            if not isinstance(q, Quote):
+                break
+            a.send(a.direct(Accept(quote=q.quote, price=q.price, root=q.root)))
+            host, port = q.data.rsplit(":", 1)
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect((host, int(port)))
+            frame = a.direct(Transfer(quote=q.quote, token=q.token, first=0))
+            s.sendall(frame_header(FrameTag.CONTROL, len(frame)) + frame)
+            s.setblocking(False)
+            held.append(s)
+        a.close()
+    for s in list(held):
+        try:
+            if s.recv(4096) == b"":
+                held.remove(s)  # cut by the seller: the next round opens another
+                s.close()
+        except BlockingIOError:
+            pass
+        except OSError:
+            held.remove(s)
+            s.close()
+    time.sleep(1.0)
+
+
+def silent_liars(buyer_node: NodeProcess, liars: list[Attacker]) -> None:
+    """Eight price-0 ads for the seller's chain whose signers never answer a quote."""
+    if not liars:
+        liars.extend(Attacker(buyer_node) for _ in range(8))
+    for a in liars:
+        a.send(a.direct(hello()))
+        a.send(adverts(1, [a.identity], price=0, blocks=CHAIN)[0])
+        a.drain()
+    time.sleep(5.0)
+
+
+def many_parts(node: NodeProcess) -> None:
+    """Once: a message of 1,000 parts of (nearly) 1 MiB each."""
+    a = Attacker(node)
+    part = b"\0" * ((1 << 20) - 64)
+    a.sock.sndhwm = 0
+    for _ in range(999):
+        a.sock.send(part, zmq.SNDMORE)
+    a.sock.send(part)
+    time.sleep(5.0)
+    a.close()
+
+
+def honest_joiner(root: Path, relay: NodeProcess) -> NodeProcess:
+    """An honest node holding 3,000 ads, which will join through the relay."""
+    busy = {**DEFAULT_TIMERS, "rate_per_s": 1e6, "burst": 10**6}
+    d = NodeProcess(root / "d", [relay.dir / "node.json"], **busy)
+    d.start().wait_ready()
+    a = Attacker(d)
+    a.send(a.direct(hello()))
+    for frame in adverts(3000, [Identity.generate() for _ in range(3)]):
+        a.sock.send(frame)
+    wait_for(lambda: d.call("status")["ads"] >= 3000, 60)
+    a.close()
+    return d
+
+
+def newcomer_hello(node: NodeProcess | SimpleNamespace) -> float | None:
+    """Seconds until a newcomer's first HELLO is answered, from an address of its own."""
+    a = Attacker(node, source=NEWCOMER_FROM)
+    try:
+        start = time.perf_counter()
+        a.send(a.direct(hello()))
+        return time.perf_counter() - start if a.sock.poll(10_000) else None
+    finally:
+        a.close()
+
+
+def hellos_for(node: NodeProcess, seconds: float, out: list[float | None]) -> None:
+    """Newcomers' HELLO latencies, measured in a process of their own: the attackers'
+    threads in this one would hold the GIL, and the figure would be this process's."""
+    run = subprocess.run(
+        [sys.executable, __file__, "--newcomer", str(node.dir), str(seconds)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    out.extend(json.loads(run.stdout))
+
+
+def newcomers(data_dir: Path, seconds: float) -> list[float | None]:
+    """A newcomer says HELLO twice a second (the --newcomer mode of this script)."""
+    node = SimpleNamespace(info=json.loads((data_dir / "node.json").read_text()))
+    samples: list[float | None] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        samples.append(newcomer_hello(node))
+        time.sleep(0.5)
+    return samples
+
+
+def p99(samples: list[float | None]) -> float:
+    """The 99th percentile; an unanswered HELLO counts as 10 s."""
+    values = sorted(10.0 if s is None else s for s in samples)
+    return values[min(len(values) - 1, int(0.99 * len(values)))] if values else 0.0
+
+
+def honest_bans(nodes: dict[str, NodeProcess]) -> int:
+    """Honest nodes banned by honest nodes."""
+    ids = {n.info["node_id"] for n in nodes.values()}
+    banned = 0
+    for n in nodes.values():
+        with contextlib.suppress(Exception):
+            banned += sum(p["banned"] for p in n.call("peers")["peers"] if p["node_id"] in ids)
+    return banned
+
+
 def proc_figures(pid: int) -> tuple[int, int]:
     """(RSS in KiB, open file descriptors) of a process."""
     with open(f"/proc/{pid}/status") as f:
@@ -257,9 +500,10 @@ def run(seconds: float) -> dict:
     root = Path(tempfile.mkdtemp(prefix="kvx-hostile-"))
     a = NodeProcess(root / "a", **SELLER).start()
     a.wait_ready()
-    b = NodeProcess(root / "b", [a.dir / "node.json"], **DEFAULT_TIMERS).start()
+    b = NodeProcess(root / "b", [a.dir / "node.json"], **RELAY).start()
     c = NodeProcess(root / "c", [a.dir / "node.json"], **DEFAULT_TIMERS).start()
     nodes = {"A (seller)": a, "B (relay)": b, "C (buyer)": c}
+    joiner = NodeProcess(root / "e", **DEFAULT_TIMERS)
     victim = socket.create_server(("127.0.0.1", 0))
     victim.settimeout(0.1)
     reflected = [0]
@@ -277,12 +521,29 @@ def run(seconds: float) -> dict:
             params=10**9,
         )
         wait_for(lambda: len(c.call("ads")["ads"]) == 1)
+        nodes["D (holds 3,000 ads)"] = d = honest_joiner(root, b)
+        joiner = NodeProcess(root / "e", [d.dir / "node.json"], **DEFAULT_TIMERS)
         failures: list[str] = []
+        quiet: list[float | None] = []
+        hellos = threading.Thread(target=hellos_for, args=(a, min(10.0, seconds / 4), quiet))
+        hellos.start()
         base = asyncio.run(buy_for(c.dir, min(10.0, seconds / 4), failures))
+        hellos.join()
 
         crowd: list[Attacker] = []
         held: list[socket.socket] = []
+        askers: list[Attacker] = []
+        flooders: list[Attacker] = []
+        readers: list[socket.socket] = []
+        liars: list[Attacker] = []
         attacks: list[tuple[str, Callable[[], None]]] = [
+            ("relayed ads", lambda: relayed_ads(b, stop)),
+            ("probes", lambda: probes(b, a, askers)),
+            ("loop flood", lambda: loop_flood(a, flooders)),
+            ("churn", lambda: churn(a)),
+            ("index fill", lambda: index_fill(b, stop)),
+            ("slow readers", lambda: slow_readers(a, readers)),
+            ("silent liars", lambda: silent_liars(c, liars)),
             ("bad addresses", lambda: bad_addresses(a)),
             ("bad addresses (relay)", lambda: bad_addresses(b)),
             ("memory", lambda: memory(a)),
@@ -311,20 +572,28 @@ def run(seconds: float) -> dict:
                 for name, n in nodes.items():
                     with contextlib.suppress(OSError, StopIteration):
                         rss, fds = proc_figures(n.proc.pid)
-                        peaks[name] = [max(peaks[name][0], rss), max(peaks[name][1], fds)]
+                        peak = peaks.setdefault(name, [0, 0])
+                        peaks[name] = [max(peak[0], rss), max(peak[1], fds)]
 
         threads = [threading.Thread(target=loop, args=pair) for pair in attacks]
         threads.append(threading.Thread(target=watch))
+        threads.append(threading.Thread(target=many_parts, args=(b,)))
+        attacked: list[float | None] = []
+        threads.append(threading.Thread(target=hellos_for, args=(a, seconds, attacked)))
         for t in threads:
             t.start()
+        joiner.start().wait_ready()  # joins D, which answers its DIGEST with 3,000 ads
+        nodes["E (joins D)"] = joiner
         under = asyncio.run(buy_for(c.dir, seconds, failures))
         stop.set()
         for t in threads:
             t.join()
-        for s in held:
+        for s in held + readers:
             s.close()
-        for x in crowd:
+        for x in crowd + askers + flooders + liars:
             x.close()
+        banned = honest_bans(nodes)
+        joined = joiner.call("status")["ads"]
         alive = {name: n.proc.poll() is None for name, n in nodes.items()}
         errors = {
             name: n.call("status")["internal_errors"] if alive[name] else None
@@ -333,7 +602,7 @@ def run(seconds: float) -> dict:
     finally:
         stop.set()
         victim.close()
-        for n in (c, b, a):
+        for n in reversed(list(nodes.values())):
             n.stop()
         shutil.rmtree(root, ignore_errors=True)
 
@@ -354,6 +623,12 @@ def run(seconds: float) -> dict:
             "median_s": sorted(under[2])[len(under[2]) // 2] if under[2] else None,
         },
         "honest_success_rate": rate(under),
+        "newcomer_hello_p99_s": {"quiet": p99(quiet), "under_attack": p99(attacked)},
+        "newcomer_hello_samples_s": {"quiet": quiet, "under_attack": attacked},
+        "honest_peers_banned": banned,
+        "joiner_ads": joined,
+        "reflection_connections_per_min": reflected[0] / (seconds / 60),
+        "relay_peak_rss_mib_many_parts": peaks["B (relay)"][0] / 1024,
         "failures": failures,
         "attack_rounds": rounds,
         "reflected_connections": reflected[0],
@@ -367,7 +642,12 @@ def run(seconds: float) -> dict:
             for name in nodes
         },
         "all_alive": all(alive.values()),
-        "ratios": {"honest_success_under_attack": rate(under)},
+        "ratios": {
+            "honest_success_under_attack": rate(under),
+            "quiet_vs_attacked_newcomer_hello_p99": (
+                p99(quiet) / p99(attacked) if p99(attacked) else 1.0
+            ),
+        },
     }
 
 
@@ -375,10 +655,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--newcomer", nargs=2, metavar=("DATA_DIR", "SECONDS"), help="internal")
     args = parser.parse_args()
+    if args.newcomer:
+        print(json.dumps(newcomers(Path(args.newcomer[0]), float(args.newcomer[1]))))
+        return
     from rich.console import Console
     from rich.table import Table
 
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # the attackers' own sockets
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     figures = run(args.seconds)
     console = Console()
     table = Table(title=f"honest buyer, {figures['seconds']:.0f} s of attacks on a 3-node swarm")
@@ -415,7 +701,23 @@ def main() -> None:
     console.print(f"attack rounds: {figures['attack_rounds']}")
     for failure in figures["failures"]:
         console.print(f"failed purchase: {failure}")
-    console.print(f"connections reflected at the victim: {figures['reflected_connections']}")
+    console.print(
+        f"reflection victim: {figures['reflected_connections']} connections,"
+        f" {figures['reflection_connections_per_min']:.1f} a minute"
+    )
+    hello = figures["newcomer_hello_p99_s"]
+    samples = figures["newcomer_hello_samples_s"]
+    console.print(
+        f"newcomer HELLO p99: quiet {hello['quiet'] * 1000:.1f} ms ({len(samples['quiet'])}"
+        f" HELLOs), under attack {hello['under_attack'] * 1000:.1f} ms"
+        f" ({len(samples['under_attack'])})"
+    )
+    console.print(f"honest peers banned by honest peers: {figures['honest_peers_banned']}")
+    console.print(f"ads the joiner E took from D: {figures['joiner_ads']}")
+    console.print(
+        f"relay B peak RSS (a 1,000-part message among the attacks):"
+        f" {figures['relay_peak_rss_mib_many_parts']:.0f} MiB"
+    )
     console.print(f"ratios: {figures['ratios']}")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=1))

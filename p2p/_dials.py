@@ -42,5 +42,6 @@ class Dials:
         self._next.pop(address, None)
 
     def prune(self, now: float) -> None:
-        """Forget addresses whose backoff has run out twice over: dialed long ago."""
-        self._next = {a: (at, w) for a, (at, w) in self._next.items() if now < at + 2 * w}
+        """Forget addresses not dialed for longer than the longest backoff: a name that
+        comes back within it (a new listing of the same victim) keeps its backoff."""
+        self._next = {a: (at, w) for a, (at, w) in self._next.items() if now < at + self.max_s}

@@ -22,7 +22,8 @@ PRESSED_GRACE_S = 1.0
 
 
 class Pace:
-    """One stream's clock: `check` before each send, `sent` after it."""
+    """One stream's clock: `check` before each send (and each wait for a receipt),
+    `sent` after it."""
 
     def __init__(
         self, size: int, stall_s: float, min_rate: int, pressed: Callable[[], bool]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import select
 import socket
 import struct
 import threading
@@ -241,6 +242,7 @@ def serve_stream(
         _send_all(sock, frame_header(FrameTag.CHUNK_LIST, len(hashes)) + hashes, pace)
         for index in range(first, offer.expected.needed):
             if payments.blocked(index):
+                _await_receipt(sock, pace)
                 tag, length = _read_header(sock, pace.deadline)
                 if tag != FrameTag.CONTROL:
                     return False
@@ -259,6 +261,13 @@ def serve_stream(
 
 
 _SLICE = 1 << 20
+
+
+def _await_receipt(sock: socket.socket, pace: Pace) -> None:
+    """Wait for the buyer's window receipt under the stream's pace: a buyer that does not
+    pay holds the thread no longer than one that reads too slowly."""
+    while not select.select([sock], [], [], pace.check())[0]:
+        pass
 
 
 def _send_all(sock: socket.socket, data: bytes | memoryview, pace: Pace) -> None:
