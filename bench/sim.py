@@ -1,7 +1,7 @@
 """Gossip at scale: one advertisement spreading through 100, 1,000 and 10,000 simulated
 nodes, each running kvx's real node core (p2p/_core.py) over a simulated network.
 
-    python bench/sim.py [--sizes 100,1000,10000] [--seed 1] [--json OUT]
+    python bench/sim.py [--sizes 100,1000,10000] [--seed 1] [--parts ...] [--json OUT]
 
 For each size: the share of nodes that index the advertisement (reach), the seconds
 and the rounds (relay hops) until they do (p50, p99), the ADVERTISE frames and bytes
@@ -11,8 +11,11 @@ published and restarting 2 s later; a tenth hostile (withholding, eclipsing, mak
 news, advertising every chain at price 0), with honest reach and honest buyers'
 purchases. At 300 nodes, a partition into halves for 20 s. At 50 nodes: how often a
 node suspects a healthy peer with 1% loss (300 s), and how long one dead link between
-two healthy nodes makes them suspect each other, with and without indirect probes. The
-baseline in the same run is what push gossip predicts: log2(N) rounds."""
+two healthy nodes makes them suspect each other, with and without indirect probes. At
+1,000 nodes that each hold 2,000 ads: a tenth flooding within their limits and a tenth
+rejoining empty (floods: honest reach, rejoined holdings, honest-honest bans). The
+baseline in the same run is what push gossip predicts: log2(N) rounds. `--parts`
+runs some of these only."""
 
 from __future__ import annotations
 
@@ -34,7 +37,8 @@ from rich.table import Table
 from kvx.p2p import NodeConfig, State
 from kvx.p2p._buying import MAX_PROVIDERS
 from kvx.p2p._sim import Network, Simulation
-from kvx.protocol import MessageType, parse_envelope
+from kvx.protocol import Advertise, KVLayout, MessageType, node_id, parse_envelope
+from kvx.trust import open_envelope
 
 WARM_S = 2.0  # the swarm runs this long before the advertisement is published
 KNOWN = 64  # each node starts with a full peer table: a formed swarm, not one joining
@@ -228,6 +232,97 @@ def hostile(n: int, seed: int, share: float = 0.1, buyers: int = 200) -> dict:
     }
 
 
+def floods(n: int, seed: int, held: int = 2000, share: float = 0.1, seconds: float = 15.0) -> dict:
+    """Every node holds `held` advertisements. A tenth of the nodes flood within their
+    limits (each sends one of its peers 180 valid HELLOs a second for 3 s, which it must
+    answer; the flooders read nothing, to spare the simulation their side), a tenth
+    restart with nothing and pull every advertisement back from their peers (the
+    anti-entropy that used to ban honest peers), and an honest node publishes a new one.
+    Honest reach of the new advertisement and when, how much of what they held the
+    restarted nodes have back, and honest nodes banned by honest nodes."""
+    started = time.perf_counter()
+    rng = random.Random(seed)
+    sim = Simulation(n, seed=seed)
+    with sim, counting_suspicions():
+        sim.start(known=KNOWN)
+        layout = KVLayout(dtype="float16", layers=1, kv_heads=1, head_dim=8, block=16)
+        signers = range(1, 1 + held // 10)  # ten advertisements each
+        ads = []
+        for k in range(held):
+            i = signers[k % len(signers)]
+            block = rng.randbytes(32)
+            ad = Advertise(
+                fp=b"\x0f" * 32,
+                layout=layout,
+                blocks=(block,),
+                root=block,
+                chunk=1 << 16,
+                price=1,
+                ctl=sim.address(i),
+                data=sim._data(i),
+            )
+            now_ms = sim.clock.now_ms()
+            ads.append(open_envelope(sim.cores[i].signer.seal(ad, now_ms=now_ms, ttl_ms=3_600_000)))
+        for core in sim.cores:
+            for st in ads:
+                core.index.add(st)
+        sim.run_until(WARM_S)
+        flooders = rng.sample(range(1, n), int(share * n))
+        rejoining = rng.sample([i for i in range(1, n) if i not in flooders], int(share * n))
+        honest = [i for i in range(n) if i not in flooders]
+        for i in rejoining:
+            sim.crash(i)
+        sim.run_until(WARM_S + 0.5)
+        for i in rejoining:
+            sim.restart(i, known=16)
+        ad = sim.publish(0)
+        reached: dict[int, float] = {0: 0.0}
+
+        def seen(to: int, sender: int, frame: bytes) -> None:
+            if to not in reached and ad in sim.cores[to].index:
+                reached[to] = sim.clock.now - WARM_S - 0.5
+
+        sim.on_receive = seen
+        targets = {f: rng.sample([p.key for p in sim.cores[f].peers.alive()], 1) for f in flooders}
+        sim.down.update(flooders)  # they send; what they would read is not simulated
+        t = sim.clock.now
+        while t < WARM_S + 0.5 + seconds:
+            if t < WARM_S + 0.5 + 3.0:  # the flood: 18 each tenth of a second
+                for f in flooders:
+                    core = sim.cores[f]
+                    for key in targets[f]:
+                        for _ in range(18):
+                            core._send(key, core._hello())
+                    sim._drain(f)
+            t += 0.1
+            sim.run_until(t)
+        honest_reached = [s for i, s in reached.items() if i not in flooders]
+        back = [len(sim.cores[i].index) for i in rejoining]
+        keys = {sim.cores[i].identity.public_key for i in honest}
+        banned = sum(
+            sim.cores[i].scores.is_banned(node_id(k), sim.clock.time())
+            for i in honest
+            for k in keys
+        )
+        dropped = sum(
+            sim.cores[i].metrics.value("kvx_rejections_total", code="RATE_LIMITED") for i in honest
+        )
+    return {
+        "nodes": n,
+        "held": held,
+        "flooders": len(flooders),
+        "rejoining": len(rejoining),
+        "reach": round(len(honest_reached) / len(honest), 4),
+        "seconds_p50": round(percentile(honest_reached, 0.5), 3),
+        "seconds_p99": round(percentile(honest_reached, 0.99), 3),
+        "rejoined_hold_p50": percentile(back, 0.5) / held,
+        "rejoined_hold_min": min(back) / held,
+        "honest_honest_bans": banned,
+        "flood_frames_dropped_by_honest": int(dropped),
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
+
+
 def partition(n: int, seed: int, cut_s: float = 20.0) -> dict:
     """Half the swarm is cut off from the other half as an advertisement is published
     on one side, for `cut_s` (long enough for each side to think the other dead); then
@@ -300,32 +395,121 @@ def false_suspicions(seed: int) -> dict:
     }
 
 
+PARTS = ("spread", "churn", "suspicions", "links", "hostile", "partition", "floods")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="100,1000,10000")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"some of {','.join(PARTS)}")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    parts = args.parts.split(",")
+    if unknown := set(parts) - set(PARTS):
+        parser.error(f"unknown parts: {', '.join(sorted(unknown))}")
     # Each simulated node's store keeps an SQLite index open: 10,000 nodes need more
     # descriptors than the usual soft limit of 1,024.
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    runs = []
-    for n in [int(s) for s in args.sizes.split(",")]:
-        for loss in (0.0, 0.01) if n <= 1000 else (0.0,):
-            runs.append(spread(n, args.seed, loss))
-            print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
-    churned = churn(1000, args.seed)
-    print(json.dumps(churned), file=sys.stderr, flush=True)
-    suspected = false_suspicions(args.seed)
-    print(json.dumps(suspected), file=sys.stderr, flush=True)
-    links = [one_dead_link(args.seed, k) for k in (0, 3)]
-    print(json.dumps(links), file=sys.stderr, flush=True)
-    cheated = hostile(1000, args.seed)
-    print(json.dumps(cheated), file=sys.stderr, flush=True)
-    split = partition(300, args.seed)
-    print(json.dumps(split), file=sys.stderr, flush=True)
+    figures: dict = {}
+    console = Console(width=132)  # eleven columns: do not fold them into ellipses
+
+    def ran(name: str, result: object) -> None:
+        figures[name] = result
+        print(json.dumps(result), file=sys.stderr, flush=True)
+
+    if "spread" in parts:
+        runs = []
+        for n in [int(s) for s in args.sizes.split(",")]:
+            for loss in (0.0, 0.01) if n <= 1000 else (0.0,):
+                runs.append(spread(n, args.seed, loss))
+                print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
+        figures["runs"] = runs
+        print_spread(console, runs)
+        figures["ratios"] = {
+            f"rounds_vs_log2n_{r['nodes']}": round(r["log2n"] / max(r["rounds_p99"], 1), 3)
+            for r in runs
+            if r["loss"] == 0.0
+        }
+    if "churn" in parts:
+        ran("churn", churned := churn(1000, args.seed))
+        console.print(
+            f"10% churn at 1,000 nodes: {churned['churned']} crash as the ad is published and "
+            f"restart 2 s later; reach after 10 s {churned['reach']} "
+            f"({churned['advertise_frames_sent_per_node']} ADVERTISE sent per node), "
+            "restarted nodes holding it "
+            f"p50 {churned['restarted_seconds_p50']} s / p99 "
+            f"{churned['restarted_seconds_p99']} s after restarting"
+        )
+    if "suspicions" in parts:
+        ran("false_suspicions", suspected := false_suspicions(args.seed))
+        console.print(
+            f"false suspicions: {suspected['false_suspicions']} in {suspected['node_hours']} "
+            f"node-hours of {SUSPICION_NODES} healthy nodes with 1% loss "
+            f"({suspected['per_node_hour']} per node-hour; {suspected['wall_s']} s of wall time)"
+        )
+    if "links" in parts:
+        ran("one_dead_link", links := [one_dead_link(args.seed, k) for k in (0, 3)])
+        console.print(
+            f"one dead link between two healthy nodes for {LINK_S:.0f} s: held suspect or "
+            f"dead {links[0]['seconds_held_suspect_or_dead']} s without indirect probes, "
+            f"{links[1]['seconds_held_suspect_or_dead']} s with 3 (PROBE/PROBE_ACK)"
+        )
+    if "hostile" in parts:
+        ran("hostile", cheated := hostile(1000, args.seed))
+        console.print(
+            f"10% hostile at 1,000 nodes ({cheated['hostile']} withhold, eclipse, make up news "
+            f"and advertise every chain at price 0): honest reach {cheated['reach']}, "
+            f"p50 {cheated['seconds_p50']} s / p99 {cheated['seconds_p99']} s, "
+            f"{cheated['advertise_frames_per_node']} frames of the honest ad per node "
+            f"({cheated['all_advertise_frames_per_node']} ADVERTISE in all, lies included); "
+            f"{cheated['buyers']} honest buyers: a first lookup lists an honest provider for "
+            f"{cheated['first_lookup_lists_honest']}; bought in the first purchase (at most "
+            f"{MAX_PROVIDERS} providers tried) {cheated['bought_in_first_purchase']}, within "
+            f"two {cheated['bought_within_two_purchases']}, after p50 "
+            f"{cheated['attempts_until_bought_p50']} / p99 "
+            f"{cheated['attempts_until_bought_p99']} attempts; the purchase after that took "
+            f"at most {cheated['attempts_in_the_purchase_after_max']}"
+        )
+    if "partition" in parts:
+        ran("partition", split := partition(300, args.seed))
+        console.print(
+            f"a partition of 300 nodes into halves for {split['cut_s']:.0f} s: reach "
+            f"{split['reach_during']} while cut, {split['reach_after']} 20 s after healing; "
+            f"the other side holds it p50 {split['seconds_after_heal_p50']} s / p99 "
+            f"{split['seconds_after_heal_p99']} s after"
+        )
+    if "floods" in parts:
+        ran("floods", flooded := floods(1000, args.seed))
+        console.print(
+            f"floods at 1,000 nodes holding {flooded['held']:,} ads each: "
+            f"{flooded['flooders']} flood within their limits and {flooded['rejoining']} "
+            f"rejoin empty; an honest ad reaches {flooded['reach']} of honest nodes, p50 "
+            f"{flooded['seconds_p50']} s / p99 {flooded['seconds_p99']} s; rejoined nodes hold "
+            f"p50 {flooded['rejoined_hold_p50']:.3f} (min {flooded['rejoined_hold_min']:.3f}) "
+            f"of the ads again; honest-honest bans {flooded['honest_honest_bans']}; "
+            f"{flooded['wall_s']} s of wall time"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=1) + "\n")
+
+
+def print_spread(console: Console, runs: list[dict]) -> None:
     table = Table(title="one advertisement through a simulated swarm (10 ms + exp(5 ms) links)")
+    keys = (
+        "nodes",
+        "loss",
+        "reach",
+        "seconds_p50",
+        "seconds_p99",
+        "rounds_p50",
+        "rounds_p99",
+        "log2n",
+        "advertise_frames_per_node",
+        "advertise_bytes_per_node",
+        "wall_s",
+    )
     for column in (
         "nodes",
         "loss",
@@ -341,80 +525,8 @@ def main() -> None:
     ):
         table.add_column(column, justify="right")
     for r in runs:
-        table.add_row(
-            *(
-                str(r[k])
-                for k in (
-                    "nodes",
-                    "loss",
-                    "reach",
-                    "seconds_p50",
-                    "seconds_p99",
-                    "rounds_p50",
-                    "rounds_p99",
-                    "log2n",
-                    "advertise_frames_per_node",
-                    "advertise_bytes_per_node",
-                    "wall_s",
-                )
-            )
-        )
-    console = Console(width=132)  # eleven columns: do not fold them into ellipses
+        table.add_row(*(str(r[k]) for k in keys))
     console.print(table)
-    console.print(
-        f"10% churn at 1,000 nodes: {churned['churned']} crash as the ad is published and "
-        f"restart 2 s later; reach after 10 s {churned['reach']} "
-        f"({churned['advertise_frames_sent_per_node']} ADVERTISE sent per node), "
-        "restarted nodes holding it "
-        f"p50 {churned['restarted_seconds_p50']} s / p99 {churned['restarted_seconds_p99']} s "
-        "after restarting"
-    )
-    console.print(
-        f"false suspicions: {suspected['false_suspicions']} in {suspected['node_hours']} "
-        f"node-hours of {SUSPICION_NODES} healthy nodes with 1% loss "
-        f"({suspected['per_node_hour']} per node-hour; {suspected['wall_s']} s of wall time)"
-    )
-    console.print(
-        f"one dead link between two healthy nodes for {LINK_S:.0f} s: held suspect or dead "
-        f"{links[0]['seconds_held_suspect_or_dead']} s without indirect probes, "
-        f"{links[1]['seconds_held_suspect_or_dead']} s with 3 (PROBE/PROBE_ACK)"
-    )
-    console.print(
-        f"10% hostile at 1,000 nodes ({cheated['hostile']} withhold, eclipse, make up news "
-        f"and advertise every chain at price 0): honest reach {cheated['reach']}, "
-        f"p50 {cheated['seconds_p50']} s / p99 {cheated['seconds_p99']} s, "
-        f"{cheated['advertise_frames_per_node']} frames of the honest ad per node "
-        f"({cheated['all_advertise_frames_per_node']} ADVERTISE in all, lies included); "
-        f"{cheated['buyers']} honest buyers: a first lookup lists an honest provider for "
-        f"{cheated['first_lookup_lists_honest']}; bought in the first purchase (at most "
-        f"{MAX_PROVIDERS} providers tried) {cheated['bought_in_first_purchase']}, within two "
-        f"{cheated['bought_within_two_purchases']}, after p50 "
-        f"{cheated['attempts_until_bought_p50']} / p99 {cheated['attempts_until_bought_p99']} "
-        f"attempts; the purchase after that took at most "
-        f"{cheated['attempts_in_the_purchase_after_max']}"
-    )
-    console.print(
-        f"a partition of 300 nodes into halves for {split['cut_s']:.0f} s: reach "
-        f"{split['reach_during']} while cut, {split['reach_after']} 20 s after healing; the "
-        f"other side holds it p50 {split['seconds_after_heal_p50']} s / p99 "
-        f"{split['seconds_after_heal_p99']} s after"
-    )
-    ratios = {
-        f"rounds_vs_log2n_{r['nodes']}": round(r["log2n"] / max(r["rounds_p99"], 1), 3)
-        for r in runs
-        if r["loss"] == 0.0
-    }
-    if args.json:
-        figures = {
-            "runs": runs,
-            "churn": churned,
-            "false_suspicions": suspected,
-            "one_dead_link": links,
-            "hostile": cheated,
-            "partition": split,
-            "ratios": ratios,
-        }
-        args.json.write_text(json.dumps(figures, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ from kvx.trust import (
 )
 
 from ._admin import AdminError, admin_socket, request, result
-from ._buying import Deal, Step, Walk, blame, check_layout, check_quote
+from ._buying import MAX_PROVIDERS, Deal, Step, Walk, blame, check_layout, check_quote
 from ._config import ADMIN_SOCKET, INFO_FILE, KEY_FILE, LEDGER_FILE, NodeConfig
 from ._pricing import PricePolicy, prefill_flops
 
@@ -353,7 +353,9 @@ class PeerClient:
         started = time.monotonic()
         timeout = self.timeout_s if timeout_s is None else timeout_s
         ns = None if namespace is None else namespace.id
-        matched, found = await self.lookup(fp, chain, ns=ns)
+        # Every provider the node knows, best first: hedging walks through silent ones in
+        # a moment each, and must not miss the honest one behind a page of liars.
+        matched, found = await self.lookup(fp, chain, ns=ns, limit=MAX_PROVIDERS)
         timings = {"lookup": time.monotonic() - started, "negotiation": 0.0}
 
         # An advertisement whose delivery would pass our bound is skipped, not bought.
@@ -387,7 +389,7 @@ class PeerClient:
                 reported[0] = len(faults)
                 if not left():
                     return
-                again, found = await self.lookup(fp, chain, ns=ns)
+                again, found = await self.lookup(fp, chain, ns=ns, limit=MAX_PROVIDERS)
                 listed = [ad for ad in found if fits(ad)] if again == matched else []
 
         async def quote_from(ad: Statement) -> Quoted | None:

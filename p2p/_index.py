@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 from kvx.protocol import Advertise, DigestEntry, ErrorCode, RemoteProtocolError, Withdraw
-from kvx.trust import Statement
+from kvx.trust import Statement, water_fill
 
 AdId = tuple[bytes, int]  # (signer public key, seq)
 
@@ -227,7 +227,7 @@ class AdIndex:
             held = {s: len(ids) for s, ids in self._by_signer.items() if self.standing(s) == tier}
             need = len(self._ads) - (self.budget.ads - max(1, self.budget.ads // ROOM))
             need = max(need, 1 if self._bytes + size > self.budget.bytes else 0)
-            for signer, cut in _water_fill(held, need).items():
+            for signer, cut in water_fill(held, need).items():
                 for ad_id in list(self._by_signer[signer])[:cut]:
                     advert = self._remove(ad_id)
                     assert advert is not None
@@ -242,7 +242,7 @@ class AdIndex:
         need = len(self._tombstones) - (self.budget.ads - max(1, self.budget.ads // ROOM))
         for tier in range(min(newcomer, Standing.PEER) + 1):
             held = {s: n for s, n in self._tombs_by.items() if self.standing(s) == tier}
-            cuts = _water_fill(held, need)
+            cuts = water_fill(held, need)
             for target in [t for t in self._tombstones if cuts.get(t[0], 0) > 0]:
                 if cuts[target[0]] > 0:
                     cuts[target[0]] -= 1
@@ -358,23 +358,3 @@ class AdIndex:
     def lacks_any(self, have: Iterable[DigestEntry]) -> bool:
         """Whether a peer's digest lists something we do not hold."""
         return any(not self.holds((e.key, e.seq)) for e in have)
-
-
-def _water_fill(sizes: dict[bytes, int], need: int) -> dict[bytes, int]:
-    """How many to cut from each holder to free `need` (or all they hold): every holder
-    above some level is cut to it, so the smallest holders are the last to lose."""
-    if need <= 0 or not sizes:
-        return {}
-    lo, hi = 0, max(sizes.values())  # the highest level that frees enough
-    while lo < hi:
-        level = (lo + hi + 1) // 2
-        if sum(max(0, n - level) for n in sizes.values()) >= need:
-            lo = level
-        else:
-            hi = level - 1
-    cuts: dict[bytes, int] = {}
-    for signer, n in sorted(sizes.items(), key=lambda item: -item[1]):
-        if n > lo and need > 0:
-            cuts[signer] = min(n - lo, need)
-            need -= cuts[signer]
-    return cuts

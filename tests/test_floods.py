@@ -87,6 +87,18 @@ def inject(node: NodeProcess, frames: list[bytes]) -> None:
         peer.close()
 
 
+def publish(node: NodeProcess, layout: KVLayout, chain: list, payload: bytes, chunk: int) -> None:
+    node.call(
+        "publish",
+        fp=b"\x0f" * 32,
+        layout=layout.__dict__,
+        blocks=chain,
+        payload=payload,
+        chunk=chunk,
+        params=10**9,
+    )
+
+
 def standing(node: NodeProcess, other: NodeProcess) -> dict:
     rows = node.call("peers")["peers"]
     return next(
@@ -238,15 +250,7 @@ def test_slow_readers_holding_every_stream_are_cut_and_an_honest_purchase_is_ser
     here) is over; each is scored."""
     seller = started("seller", data_stall_s=5.0)
     buyer = started("buyer", [seller])
-    seller.call(
-        "publish",
-        fp=b"\x0f" * 32,
-        layout=BIG.__dict__,
-        blocks=BIG_CHAIN,
-        payload=BIG_PAYLOAD,
-        chunk=1 << 22,
-        params=10**9,
-    )
+    publish(seller, BIG, BIG_CHAIN, BIG_PAYLOAD, 1 << 22)
     eventually(lambda: buyer.call("status")["ads"] == 1)
     attackers = [Identity.generate() for _ in range(4)]
     socks = [_slow_stream(seller, a) for a in attackers for _ in range(2)]
@@ -309,15 +313,7 @@ def test_sybils_filling_the_index_never_keep_an_honest_ad_out(started):
     eventually(lambda: node.call("status")["held"]["ads_forgotten"] > 0)
     assert node.call("status")["ads"] <= 1000
     # An honest peer's new ad and a stranger's single ad are both indexed.
-    seller.call(
-        "publish",
-        fp=b"\x0f" * 32,
-        layout=LAYOUT.__dict__,
-        blocks=[b"\x01" * 32],
-        payload=b"\x02" * LAYOUT.payload_bytes(1),
-        chunk=1 << 16,
-        params=10**9,
-    )
+    publish(seller, LAYOUT, [b"\x01" * 32], b"\x02" * LAYOUT.payload_bytes(1), 1 << 16)
     (stranger,) = ads(1, strangers(1))
     peer.send(stranger)
     signers = lambda: {a["signer"] for a in node.call("ads")["ads"]}  # noqa: E731
@@ -439,16 +435,8 @@ async def test_silent_liars_cost_a_buyer_a_moment_each_not_its_timeout(started):
     after a quarter second without an answer), the timeout bounds the wait over all of
     them, and the honest seller's quote is taken while the liars are still silent."""
     seller = started("seller")
-    buyer = started("buyer", [seller])
-    seller.call(
-        "publish",
-        fp=b"\x0f" * 32,
-        layout=LAYOUT.__dict__,
-        blocks=CHAIN,
-        payload=PAYLOAD,
-        chunk=1 << 16,
-        params=10**9,
-    )
+    buyer = started("buyer", [seller], **DEFAULT_TIMERS)  # liars stay live peers for 5 s
+    publish(seller, LAYOUT, CHAIN, PAYLOAD, 1 << 16)
     eventually(lambda: buyer.call("status")["ads"] == 1)
     liars = _silent_liars(buyer, 8)
     try:

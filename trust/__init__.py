@@ -15,7 +15,7 @@ from ._envelope import (
     verify_envelope,
 )
 from ._evidence import Bound, Evidence, bind, covering_chunks, evidence_id
-from ._freshness import ReplayGuard
+from ._freshness import ReplayGuard, water_fill
 from ._identity import KEY_FILE_TAG, Identity, curve_public_key
 from ._ledger import AuditEntry, Ledger
 from ._membership import Memberships
@@ -57,5 +57,6 @@ __all__ = [
     "seal",
     "start_authenticator",
     "verify_envelope",
+    "water_fill",
     "write_private",
 ]

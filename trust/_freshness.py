@@ -106,16 +106,25 @@ class ReplayGuard:
         """Free a sixteenth of the memory from the largest holders (water-filling): every
         signer above some level is cut to it, so small honest signers are the last to lose."""
         need = self._count - (self.max_total - max(1, self.max_total // 16))
-        sizes = {s: len(q) for s, q in self._seen.items()}
-        lo, hi = 0, max(sizes.values())  # find the highest level that frees enough
-        while lo < hi:
-            level = (lo + hi + 1) // 2
-            if sum(max(0, n - level) for n in sizes.values()) >= need:
-                lo = level
-            else:
-                hi = level - 1
-        for signer, n in sizes.items():
-            if n > lo and need > 0:
-                cut = min(n - lo, need)
-                self._trim(signer, cut)
-                need -= cut
+        for signer, cut in water_fill({s: len(q) for s, q in self._seen.items()}, need).items():
+            self._trim(signer, cut)
+
+
+def water_fill(sizes: dict[bytes, int], need: int) -> dict[bytes, int]:
+    """How many to cut from each holder to free `need` (or all they hold): every holder
+    above some level is cut to it, so the smallest holders are the last to lose."""
+    if need <= 0 or not sizes:
+        return {}
+    lo, hi = 0, max(sizes.values())  # the highest level that frees enough
+    while lo < hi:
+        level = (lo + hi + 1) // 2
+        if sum(max(0, n - level) for n in sizes.values()) >= need:
+            lo = level
+        else:
+            hi = level - 1
+    cuts: dict[bytes, int] = {}
+    for holder, n in sorted(sizes.items(), key=lambda item: -item[1]):
+        if n > lo and need > 0:
+            cuts[holder] = min(n - lo, need)
+            need -= cuts[holder]
+    return cuts
