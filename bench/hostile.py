@@ -559,7 +559,7 @@ def run(seconds: float) -> dict:
             while not stop.is_set():
                 try:
                     attack()
-                except OSError:  # the attacker's own sockets: try again
+                except (OSError, zmq.ZMQError):  # the attacker's own sockets: try again
                     time.sleep(0.1)
                 rounds[name] += 1
 
