@@ -633,7 +633,7 @@ def invalid() -> dict[str, Any]:
         ErrorCode.MALFORMED,
         signed(
             MessageType.HELLO,
-            body_of(hello_msg(), header(411), **{f"x{i:02}": 0 for i in range(58)}),
+            body_of(hello_msg(), header(411), **{f"x{i:02}": 0 for i in range(57)}),
         ),
     )
     case(
