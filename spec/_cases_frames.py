@@ -15,6 +15,7 @@ from kvx.protocol import (
     Error,
     ErrorCode,
     Hello,
+    encode_body,
 )
 from kvx.trust import Identity
 
@@ -243,6 +244,14 @@ def _(s: Session) -> None:
 @case("6.5/4", "MUST", "a statement refused for SIGNER_MISMATCH is dropped without an answer")
 def _(s: Session) -> None:
     silent(s, s.frame(HELLO, signer=Identity.generate()))
+
+
+@case("6.5/6", "MUST", "a frame of another signer that fails step 8 is dropped without an answer")
+def _(s: Session) -> None:
+    other = Identity.generate()  # signs validly, but is not this connection's peer
+    body = msgpack.unpackb(encode_body(s.header(), HELLO))
+    body["inc"] = "one"  # INVALID_FIELD at step 8, before step 10 compares the signer
+    silent(s, seal_raw(other, HELLO.TYPE, msgpack.packb(body, use_bin_type=True)))
 
 
 @case("6.5/5", "MUST", "an ERROR is never answered with an ERROR, even an invalid one")

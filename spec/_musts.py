@@ -60,6 +60,7 @@ MUSTS: dict[str, str | tuple[str, ...]] = {
     "§6.4: A rejected frame MUST NOT be remembered for": ("6.4/6",),
     "§6.5: A frame refused at steps 1–7 or for": ("6.5/3", "6.5/4", "4.6/1"),  # noqa: RUF001
     "§6.5: A node MUST NOT answer an ERROR with": ("6.5/5",),
+    "§6.5: So MUST a frame refused at step 8": ("6.5/6",),
     "§7.2: weights_hash lp(bytes), 0 or 32 bytes BLAKE3 of": (
         "untestable: fingerprints are computed by buyers and sellers and never sent for a "
         "node to check; vectors: naming.json fixes them"
