@@ -440,6 +440,14 @@ class PeerClient:
                 raise
             return Quoted(ad, quote, sock, deal)
 
+        def refuted(quoted: Quoted) -> bool:
+            if quoted.quote.message.root not in refused:
+                return False
+            quoted.deal.advance(MessageType.ERROR)
+            faults.append(Fault(quoted.ad.signer_id, ErrorCode.KV_MISMATCH, "a refuted root"))
+            quoted.sock.close()
+            return True
+
         async def take(quoted: Quoted) -> Source:
             ad, quote, sock, deal = quoted
             q = quote.message
@@ -471,6 +479,9 @@ class PeerClient:
             more = True
             try:
                 while True:
+                    # A quote that waited while another was used may be of a root the
+                    # buyer's check has refuted since: no second chance for that root.
+                    ready = [quoted for quoted in ready if not refuted(quoted)]
                     negotiating = time.monotonic()
                     while not ready and left() and (asking or more):
                         if more and len(asking) < HEDGE_MAX:
