@@ -35,7 +35,7 @@ RECENT_MAX = 64
 SEND_RATE_PER_S = 100.0
 SEND_BURST = 200
 """Relayable statements a node sends one peer, pushed and in DIGEST answers together
-(spec §8.7): half of what a node accepts from a connection by default, so that honest
+(spec §8.6): half of what a node accepts from a connection by default, so that honest
 gossip never runs into a receiver's rate limit."""
 DIGEST_PAGE = 200
 """Statements at most in one answer to a DIGEST; the asker pulls the rest in pages."""
@@ -124,10 +124,12 @@ class Gossip(CoreState):
 
     def _on_digest(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
         """Answer with one page of what the asker lacks, within our pace for it; when more
-        is left, our own DIGEST tells it so and it pulls the next page (§8.7)."""
+        is left, our own DIGEST tells it so and it pulls the next page (§8.6)."""
         digest = st.message
         assert isinstance(digest, Digest)
-        missing = self.index.missing_from(digest.have, lambda ns: self._may_see(st.signer, ns))
+        missing = self.index.missing_from(
+            digest.have, lambda ns: self._may_see(st.signer, ns), DIGEST_PAGE + 1
+        )  # one more than a page: whether more is left
         page = self._sending.take(st.signer, self.clock.monotonic(), min(len(missing), DIGEST_PAGE))
         for frame in missing[:page]:
             # Answer on the connection the DIGEST came on: the asker may not listen itself.

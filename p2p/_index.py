@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import IntEnum
+from itertools import chain, islice
 
 from kvx.protocol import Advertise, DigestEntry, ErrorCode, RemoteProtocolError, Withdraw
 from kvx.trust import Statement, water_fill
@@ -90,7 +91,7 @@ class AdIndex:
         self._by_signer: dict[bytes, dict[AdId, None]] = {}  # oldest first
         self._by_block: dict[bytes, set[AdId]] = {}
         self._by_root: dict[tuple[bytes, bytes], AdId] = {}  # (signer, root) -> newest ad
-        self._held: dict[bytes, list[int]] = {}  # signer -> [ads, bytes] it holds here
+        self._held: dict[bytes, int] = {}  # signer -> bytes of the ads it holds here
         self._bytes = 0
         self._tombstones: dict[AdId, _Tombstone] = {}
         self._tombs_by: dict[bytes, int] = {}  # signer -> tombstones it holds here
@@ -139,10 +140,9 @@ class AdIndex:
         if older is not None and older[1] > seq:
             return False  # a refresh already replaced this one
         size = len(statement.frame)
-        held = self._held.get(signer, [0, 0])
         freed = self._ads[older] if older is not None else None
-        ads = held[0] - (freed is not None)
-        used = held[1] - (len(freed.frame) if freed is not None else 0)
+        ads = len(self._by_signer.get(signer, ())) - (freed is not None)
+        used = self._held.get(signer, 0) - (len(freed.frame) if freed is not None else 0)
         if ads >= self.budget.ads_per_signer or used + size > self.budget.bytes_per_signer:
             raise RemoteProtocolError(
                 ErrorCode.OVER_BUDGET,
@@ -163,16 +163,14 @@ class AdIndex:
         self._ads[ad_id] = advert
         self._by_signer.setdefault(signer, {})[ad_id] = None
         self._by_root[(signer, ad.root)] = ad_id
-        held = self._held.setdefault(signer, [0, 0])
-        held[0] += 1
-        held[1] += size
+        self._held[signer] = self._held.get(signer, 0) + size
         self._bytes += size
         for block in ad.blocks:
             self._by_block.setdefault(block, set()).add(ad_id)
         return True
 
     def signers(self) -> int:
-        return len(self._held)
+        return len(self._by_signer)
 
     def withdrawals(self) -> int:
         return len(self._tombstones)
@@ -223,8 +221,9 @@ class AdIndex:
     def _make_room(self, newcomer: Standing, size: int) -> bool:
         """Free a sixteenth of the budget from holders less proven than, or as proven as,
         the newcomer (never from proven sellers), heaviest first; whether it now fits."""
+        standing = {s: self.standing(s) for s in self._by_signer}  # once: it costs a lookup
         for tier in range(min(newcomer, Standing.PEER) + 1):
-            held = {s: len(ids) for s, ids in self._by_signer.items() if self.standing(s) == tier}
+            held = {s: len(ids) for s, ids in self._by_signer.items() if standing[s] == tier}
             need = len(self._ads) - (self.budget.ads - max(1, self.budget.ads // ROOM))
             need = max(need, 1 if self._bytes + size > self.budget.bytes else 0)
             for signer, cut in water_fill(held, need).items():
@@ -240,8 +239,9 @@ class AdIndex:
         """Free a sixteenth of the withdrawals' budget, as `_make_room` does for ads; the
         floor keeps each forgotten withdrawal's advertisement out."""
         need = len(self._tombstones) - (self.budget.ads - max(1, self.budget.ads // ROOM))
+        standing = {s: self.standing(s) for s in self._tombs_by}
         for tier in range(min(newcomer, Standing.PEER) + 1):
-            held = {s: n for s, n in self._tombs_by.items() if self.standing(s) == tier}
+            held = {s: n for s, n in self._tombs_by.items() if standing[s] == tier}
             cuts = water_fill(held, need)
             for target in [t for t in self._tombstones if cuts.get(t[0], 0) > 0]:
                 if cuts[target[0]] > 0:
@@ -271,14 +271,10 @@ class AdIndex:
                 del self._by_root[key]
             ids = self._by_signer[advert.signer]
             del ids[ad_id]
-            if not ids:
-                del self._by_signer[advert.signer]
-            held = self._held[advert.signer]
-            held[0] -= 1
-            held[1] -= len(advert.frame)
+            self._held[advert.signer] -= len(advert.frame)
             self._bytes -= len(advert.frame)
-            if not held[0]:
-                del self._held[advert.signer]
+            if not ids:
+                del self._by_signer[advert.signer], self._held[advert.signer]
             for block in advert.message.blocks:
                 ids = self._by_block.get(block)
                 if ids is not None:
@@ -340,20 +336,22 @@ class AdIndex:
         return tuple(DigestEntry(key=k, seq=s) for k, s in ids[:4096])
 
     def missing_from(
-        self, have: Iterable[DigestEntry], may_see: Callable[[bytes | None], bool]
+        self,
+        have: Iterable[DigestEntry],
+        may_see: Callable[[bytes | None], bool],
+        limit: int | None = None,
     ) -> list[bytes]:
         """Frames of what we hold that a peer's digest does not list and that it may see
-        (`may_see(ns)`: private namespaces go to proven members only)."""
+        (`may_see(ns)`: private namespaces go to proven members only), the first `limit`
+        of them: a DIGEST is answered a page at a time, so the rest is not gathered."""
         theirs = {(e.key, e.seq) for e in have}
-        frames = [
-            a.frame for a in self._ads.values() if a.id not in theirs and may_see(a.message.ns)
-        ]
-        frames += [
+        ads = (a.frame for a in self._ads.values() if a.id not in theirs and may_see(a.message.ns))
+        withdrawals = (
             t.frame
             for t in self._tombstones.values()
             if t.withdraw_id not in theirs and may_see(t.ns)
-        ]
-        return frames
+        )
+        return list(islice(chain(ads, withdrawals), limit))
 
     def lacks_any(self, have: Iterable[DigestEntry]) -> bool:
         """Whether a peer's digest lists something we do not hold."""
