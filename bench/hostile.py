@@ -9,7 +9,10 @@ where it is a frame: addresses no socket can take, LOOKUP chains overlapping ads
 other positions, advertisements with ballast and beyond a signer's budget, many-part
 messages, long-lived statements to fill the replay memory, a hundred-thousand-key body,
 a table full of strangers that keep talking, PEERS lists aimed at a victim socket, slow
-and idle data connections, and a free rider that never pays. Beside them, the floods
+and idle data connections. Those of the paid-in-full issue: a hundred fresh identities
+from one network that take what they can and never pay, a buyer that pays its first
+window with a receipt for the whole delivery, and, beside them, newcomers from another
+network buying with the reference stream code and paying. Beside them, the floods
 of the flow-control issue, each within every per-peer limit: an honest node D holding
 3,000 ads joins through B (anti-entropy), strangers' ads pushed through B, PROBEs about
 A through B, twenty identities at 180 statements a second each at A, a CURVE connection
@@ -19,8 +22,9 @@ once, a 1,000-part message at B. Meanwhile a PeerClient on C buys the document a
 and again, and a newcomer at yet another address says HELLO to A twice a second. The
 baseline is the same buyer and newcomer with no attack, in the same run. It reports
 the honest success rate under attack and without, the newcomer's HELLO p99 quiet and
-under attack, honest peers banned by honest peers, connections a minute at the
-reflection victim, every node's peak RSS and open file descriptors (B's under the
+under attack, honest peers banned by honest peers, the unpaid bytes a minute the
+hundred identities took and what the receipt trick got past its window, connections a
+minute at the reflection victim, every node's peak RSS and open file descriptors (B's under the
 many-part message), and whether every node is alive at the end.
 """
 
@@ -44,6 +48,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import blake3
+import torch
 import zmq
 
 from kvx.conformance.fuzz import signed_with
@@ -52,6 +57,7 @@ from kvx.protocol import (
     Accept,
     Advertise,
     DataAddress,
+    Error,
     FrameTag,
     Header,
     Hello,
@@ -62,10 +68,13 @@ from kvx.protocol import (
     Probe,
     Quote,
     QuoteRequest,
+    Receipt,
+    RemoteProtocolError,
     Transfer,
     Withdraw,
     frame_header,
 )
+from kvx.transport import Destination, Expected, StreamVerifier, fetch_tcp
 from kvx.trust import Identity, Signer, make_curve_client, open_envelope, seal
 
 LAYOUT = KVLayout(dtype="float16", layers=4, kv_heads=4, head_dim=64, block=32)
@@ -73,6 +82,7 @@ FP = b"\x0f" * 32
 CHAIN = [blake3.blake3(f"doc/{i}".encode()).digest() for i in range(3)]
 PAYLOAD = blake3.blake3(b"doc").digest(length=LAYOUT.payload_bytes(3))
 CHUNK = 1 << 16
+SYBILS = 100
 DEFAULT_TIMERS = {  # the node's own defaults, not the fast timers of the tests
     "heartbeat_s": 1.0,
     "suspect_after_s": 5.0,
@@ -220,27 +230,112 @@ def data_port(node: NodeProcess, held: list[socket.socket]) -> None:
     time.sleep(0.5)
 
 
-def free_rider(node: NodeProcess) -> None:
-    a = Attacker(node)
+def quoted(a: Attacker) -> Quote | None:
+    """Ask for the document; the QUOTE, or None when refused or unanswered."""
+    request = QuoteRequest(fp=FP, blocks=tuple(CHAIN), transports=("tcp",), max_price=10**12)
+    a.send(a.direct(request))
+    while a.sock.poll(3000):
+        q = open_envelope(a.sock.recv()).message
+        if isinstance(q, Quote):
+            return q
+        if isinstance(q, Error):
+            return None
+    return None
+
+
+def opened(a: Attacker, q: Quote) -> socket.socket:
+    """The deal accepted and its stream opened."""
+    a.send(a.direct(Accept(quote=q.quote, price=q.price, root=q.root)))
+    host, port = q.data.rsplit(":", 1)
+    s = socket.create_connection((host, int(port)), timeout=2)
+    frame = a.direct(Transfer(quote=q.quote, token=q.token, first=0))
+    s.sendall(frame_header(FrameTag.CONTROL, len(frame)) + frame)
+    return s
+
+
+def chunk_bytes(s: socket.socket, limit: int = 1 << 30) -> int:
+    """Bytes of chunks read off a stream until it stops, closes, or `limit` chunks."""
+    got = chunks = 0
+    with contextlib.suppress(OSError):
+        while chunks < limit:
+            head = s.recv(5, socket.MSG_WAITALL)
+            if len(head) < 5:
+                break
+            tag, length = head[0], int.from_bytes(head[1:], "little")
+            body = s.recv(length, socket.MSG_WAITALL) if length else b""
+            if tag == FrameTag.CHUNK:
+                got += len(body) - 4
+                chunks += 1
+    return got
+
+
+def sybil_free_riders(node: NodeProcess, swarm: list[Attacker], taken: list[int]) -> None:
+    """SYBILS fresh identities from one network, asking again and again: each quote they
+    get is accepted, its stream read as far as it goes, and never paid."""
+    if not swarm:
+        swarm.extend(Attacker(node) for _ in range(SYBILS))
+        for a in swarm:
+            a.send(a.direct(hello()))
+        time.sleep(0.3)
+        for a in swarm:
+            a.drain()
+    for a in swarm:
+        q = quoted(a)
+        if q is not None:
+            with opened(a, q) as s:
+                taken[0] += chunk_bytes(s)
+
+
+def receipt_trick(node: NodeProcess, beyond: list[int]) -> None:
+    """A fresh identity from a network of its own pays its first window with a receipt
+    for the whole delivery, and reads on: `beyond` counts chunk bytes it got past the
+    first window."""
+    a = Attacker(node, source="127.0.2.7")
     a.send(a.direct(hello()))
     time.sleep(0.1)
     a.drain()
-    request = QuoteRequest(fp=FP, blocks=tuple(CHAIN), transports=("tcp",), max_price=10**12)
-    a.send(a.direct(request))
-    if not a.sock.poll(3000):
-        a.close()
-        return
-    st = open_envelope(a.sock.recv())
-    q = st.message
-    if isinstance(q, Quote):
-        a.send(a.direct(Accept(quote=q.quote, price=q.price, root=q.root)))
-        host, port = q.data.rsplit(":", 1)
-        with socket.create_connection((host, int(port)), timeout=5) as s:
-            frame = a.direct(Transfer(quote=q.quote, token=q.token, first=0))
-            s.sendall(frame_header(FrameTag.CONTROL, len(frame)) + frame)
+    q = quoted(a)
+    if q is not None:
+        with opened(a, q) as s:
+            chunk_bytes(s, limit=q.window // q.chunk)
+            lie = Receipt(
+                quote=q.quote, seller=a.node_id, root=q.root, bytes=q.deliver, price=q.price
+            )
+            frame = a.direct(lie)
             with contextlib.suppress(OSError):
-                while s.recv(1 << 20):
-                    pass  # takes what it gets and never pays
+                s.sendall(frame_header(FrameTag.CONTROL, len(frame)) + frame)
+            beyond[0] += chunk_bytes(s)
+    a.close()
+    time.sleep(0.5)
+
+
+def honest_newcomer(node: NodeProcess, outcomes: list[bool]) -> None:
+    """A fresh identity from another network than the swarm's buys the document with the
+    reference client's own stream code, paying each window and then the whole."""
+    a = Attacker(node, source="127.0.1.9")
+    a.send(a.direct(hello()))
+    time.sleep(0.1)
+    a.drain()
+    q = quoted(a)
+    ok = False
+    if q is not None:
+        a.send(a.direct(Accept(quote=q.quote, price=q.price, root=q.root)))
+        expected = Expected.from_quote(q)
+        dest = Destination(torch.zeros(q.deliver, dtype=torch.uint8), expected)
+
+        def pay(paid: int) -> bytes:
+            share = expected.paid_price(paid)
+            return a.direct(
+                Receipt(quote=q.quote, seller=a.node_id, root=q.root, bytes=paid, price=share)
+            )
+
+        transfer = a.direct(Transfer(quote=q.quote, token=q.token, first=0))
+        with contextlib.suppress(RemoteProtocolError):
+            fetch_tcp(q.data, transfer, StreamVerifier(expected), dest, 10.0, pay)
+            a.send(pay(q.deliver))
+            ok = bytes(dest.tensor.numpy()) == PAYLOAD[: q.deliver]
+    outcomes.append(ok)
+    time.sleep(0.5)
     a.close()
 
 
@@ -341,19 +436,11 @@ def index_fill(relay: NodeProcess, stop: threading.Event) -> None:
 def slow_readers(node: NodeProcess, held: list[socket.socket]) -> None:
     """Four identities with two streams each, reading 4 KiB a second."""
     while len(held) < 8:
-        a = Attacker(node)
+        a = Attacker(node, source="127.0.3.1")  # a network whose allowance they have
         a.send(a.direct(hello()))
         for _ in range(2):
-            request = QuoteRequest(
-                fp=FP, blocks=tuple(CHAIN), transports=("tcp",), max_price=10**12
-            )
-            a.send(a.direct(request))
-            if not a.sock.poll(3000):
-                break
-            q = open_envelope(a.sock.recv()).message
-            while not isinstance(q, Quote) and a.sock.poll(1000):
-                q = open_envelope(a.sock.recv()).message
-            if not isinstance(q, Quote):
+            q = quoted(a)
+            if q is None:
                 break
             a.send(a.direct(Accept(quote=q.quote, price=q.price, root=q.root)))
             host, port = q.data.rsplit(":", 1)
@@ -536,6 +623,8 @@ def run(seconds: float) -> dict:
         flooders: list[Attacker] = []
         readers: list[socket.socket] = []
         liars: list[Attacker] = []
+        swarm: list[Attacker] = []
+        taken, beyond, newcomers_served = [0], [0], []
         attacks: list[tuple[str, Callable[[], None]]] = [
             ("relayed ads", lambda: relayed_ads(b, stop)),
             ("probes", lambda: probes(b, a, askers)),
@@ -551,7 +640,9 @@ def run(seconds: float) -> dict:
             ("sybils", lambda: sybils(a, crowd)),
             ("reflection", lambda: reflection(b, victim)),
             ("data port", lambda: data_port(a, held)),
-            ("free rider", lambda: free_rider(a)),
+            ("sybil free riders", lambda: sybil_free_riders(a, swarm, taken)),
+            ("receipt trick", lambda: receipt_trick(a, beyond)),
+            ("honest newcomer", lambda: honest_newcomer(a, newcomers_served)),
         ]
         rounds = dict.fromkeys((name for name, _ in attacks), 0)
 
@@ -590,7 +681,7 @@ def run(seconds: float) -> dict:
             t.join()
         for s in held + readers:
             s.close()
-        for x in crowd + askers + flooders + liars:
+        for x in crowd + askers + flooders + liars + swarm:
             x.close()
         banned = honest_bans(nodes)
         joined = joiner.call("status")["ads"]
@@ -628,6 +719,12 @@ def run(seconds: float) -> dict:
         "honest_peers_banned": banned,
         "joiner_ads": joined,
         "reflection_connections_per_min": reflected[0] / (seconds / 60),
+        "unpaid_bytes_per_min_100_sybils": taken[0] / (seconds / 60),
+        "receipt_trick_bytes_beyond_window": beyond[0],
+        "newcomer_purchases": {
+            "attempts": len(newcomers_served),
+            "successes": sum(newcomers_served),
+        },
         "relay_peak_rss_mib_many_parts": peaks["B (relay)"][0] / 1024,
         "failures": failures,
         "attack_rounds": rounds,
@@ -644,6 +741,9 @@ def run(seconds: float) -> dict:
         "all_alive": all(alive.values()),
         "ratios": {
             "honest_success_under_attack": rate(under),
+            "newcomer_success_under_attack": (
+                sum(newcomers_served) / len(newcomers_served) if newcomers_served else 0.0
+            ),
             "quiet_vs_attacked_newcomer_hello_p99": (
                 p99(quiet) / p99(attacked) if p99(attacked) else 1.0
             ),
@@ -713,6 +813,15 @@ def main() -> None:
         f" ({len(samples['under_attack'])})"
     )
     console.print(f"honest peers banned by honest peers: {figures['honest_peers_banned']}")
+    newcomer = figures["newcomer_purchases"]
+    console.print(
+        f"{SYBILS} fresh identities from one network took"
+        f" {figures['unpaid_bytes_per_min_100_sybils'] / 1024:.0f} KiB a minute unpaid"
+        f" (windows of {CHUNK >> 10} KiB); the receipt trick got"
+        f" {figures['receipt_trick_bytes_beyond_window']} bytes past its window;"
+        f" newcomers from another network bought {newcomer['successes']} of"
+        f" {newcomer['attempts']}"
+    )
     console.print(f"ads the joiner E took from D: {figures['joiner_ads']}")
     console.print(
         f"relay B peak RSS (a 1,000-part message among the attacks):"

@@ -129,6 +129,7 @@ def check_quote(
             ("chunk", quote.chunk == a.chunk),
             ("root", dtype is not None or quote.root == a.root),
             ("data", (quote.transport, quote.data) in {(d.t, d.addr) for d in a.data}),
+            ("kx", a.ns is None or quote.kx is not None),  # a private stream is sealed (§9.6)
         )
         if not ok
     ]

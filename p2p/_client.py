@@ -25,6 +25,7 @@ from kvx.protocol import (
     Accept,
     Advertise,
     DataAddress,
+    Ephemeral,
     Error,
     ErrorCode,
     Hello,
@@ -42,6 +43,7 @@ from kvx.protocol import (
     Reject,
     RemoteProtocolError,
     Transfer,
+    channel_key,
 )
 from kvx.transport import (
     Destination,
@@ -151,9 +153,11 @@ class PeerClient:
         timeout_s: float = 30.0,
         max_bytes: int = MAX_FETCH_BYTES,
         verify: VerifyPolicy | str | None = None,
+        seal: bool | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         self._verify = None if verify is None else VerifyPolicy.of(verify)
+        self._seal = seal
         self.max_bytes = max_bytes
         self.identity = Identity.load(self.data_dir / KEY_FILE)
         self.signer = Signer(self.identity)
@@ -222,6 +226,18 @@ class PeerClient:
                 text = None
             self._verify = VerifyPolicy.parse(text) if text else DEFAULT_VERIFY
         return self._verify
+
+    @property
+    def seal(self) -> bool:
+        """Whether this client asks for public KV's streams to be sealed (§9.6): as it was
+        made with, else its node's `[policy] seal_public`. Private ones always are."""
+        if self._seal is None:
+            try:
+                info = json.loads((self.data_dir / INFO_FILE).read_text())
+            except (OSError, ValueError):
+                info = {}
+            self._seal = bool(info.get("seal_public", False))
+        return self._seal
 
     @property
     def ledger(self) -> Ledger:
@@ -411,6 +427,7 @@ class PeerClient:
                 max_price=bid,
                 ns=ns,
                 dtype=dtype,
+                seal=True if self.seal else None,
             )
             sock = self._dealer(ad)
             deal = Deal()
@@ -429,6 +446,11 @@ class PeerClient:
                     reject = Reject(quote=q.quote, reason=int(ErrorCode.PRICE_TOO_HIGH))
                     await sock.send(self.signer.seal(reject, now_ms=_now(), to=ad.signer_id))
                     raise RemoteProtocolError(ErrorCode.PRICE_TOO_HIGH, f"{q.price} > {bid}")
+                kx = key = None
+                if q.kx is not None:  # the stream will be sealed: agree on its key now
+                    ephemeral = Ephemeral()
+                    kx = ephemeral.public
+                    key = channel_key(ephemeral.shared(q.kx), q.quote, q.kx, kx)
             except RemoteProtocolError as exc:
                 if deal.step is not Step.FAILED:
                     deal.advance(MessageType.ERROR)
@@ -438,7 +460,7 @@ class PeerClient:
             except asyncio.CancelledError:  # another provider answered first
                 sock.close()
                 raise
-            return Quoted(ad, quote, sock, deal)
+            return Quoted(ad, quote, sock, deal, kx, key)
 
         def refuted(quoted: Quoted) -> bool:
             if quoted.quote.message.root not in refused:
@@ -449,11 +471,13 @@ class PeerClient:
             return True
 
         async def take(quoted: Quoted) -> Source:
-            ad, quote, sock, deal = quoted
+            ad, quote, sock, deal, kx, key = quoted
             q = quote.message
             assert isinstance(q, Quote)
             accept = self.signer.seal(
-                Accept(quote=q.quote, price=q.price, root=q.root), now_ms=_now(), to=ad.signer_id
+                Accept(quote=q.quote, price=q.price, root=q.root, kx=kx),
+                now_ms=_now(),
+                to=ad.signer_id,
             )
             await sock.send(accept)
             deal.advance(MessageType.ACCEPT)
@@ -467,6 +491,7 @@ class PeerClient:
                 Expected.from_quote(q),
                 self._transfer(q, ad.signer_id, deal),
                 self._payer(q, ad.signer_id, paid),
+                key=key,
             )
 
         async def sources() -> AsyncIterator[Source]:
@@ -674,6 +699,8 @@ class Quoted(NamedTuple):
     quote: Statement
     sock: zmq.asyncio.Socket
     deal: Deal
+    kx: bytes | None  # our half of the channel key, to go in the ACCEPT (§9.6)
+    key: bytes | None  # the deal's channel key, when the seller seals the stream
 
 
 def _evidence(

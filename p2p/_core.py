@@ -33,7 +33,7 @@ from kvx.protocol import (
     RemoteProtocolError,
     node_id,
 )
-from kvx.transport import Sessions
+from kvx.transport import Offer, Sessions
 from kvx.trust import (
     Event,
     Identity,
@@ -45,6 +45,7 @@ from kvx.trust import (
     Signer,
     Statement,
     curve_public_key,
+    source_network,
     verify_envelope,
 )
 
@@ -156,6 +157,7 @@ class NodeCore(Liveness, Gossip, Trading, Fraud):
         self.incarnation = self.clock.now_ms()
         self.sessions = Sessions()
         self.ctl = ""
+        self.source_network = ""  # of the frame being handled: what its sender spoke from
         self.data: tuple[DataAddress, ...] = ()
         self.market: Market | None = None
         self._own: dict[bytes, Statement] = {}  # content root -> our ADVERTISE
@@ -312,10 +314,17 @@ class NodeCore(Liveness, Gossip, Trading, Fraud):
         self._send_frame(key, frame, message.TYPE)
 
     def receive(
-        self, frame: bytes, curve: bytes, routing: bytes | None, server_key: bytes | None
+        self,
+        frame: bytes,
+        curve: bytes,
+        routing: bytes | None,
+        server_key: bytes | None,
+        source: str = "",
     ) -> None:
         """One frame from a connection whose CURVE key is `curve`: on the ROUTER (answers
-        go back by `routing`), or on this node's own connection to `server_key`."""
+        go back by `routing`, `source` is the address it came from), or on this node's
+        own connection to `server_key`."""
+        self.source_network = source_network(source) if source else ""
         self.metrics.bytes_in.inc(len(frame))
         if not self._rates.take(curve, self.clock.monotonic()):
             # Flow control, not blame: an honest relay or a DIGEST answer may run over
@@ -375,21 +384,37 @@ class NodeCore(Liveness, Gossip, Trading, Fraud):
         self.event("degraded", logging.ERROR, what="ledger", error=str(exc)[:200])
 
     def window_receipt(self, st: Statement) -> None:
-        """A receipt a buyer paid mid-stream (§9.4), recorded as the stream goes on."""
+        """A receipt a buyer paid mid-stream (§9.4): the stream moves on only once it is
+        recorded, so a refusal here (the ledger's code, or UNAVAILABLE) ends the stream."""
         try:
             self.market.receipt(st, self.clock.now_ms())
-        except RemoteProtocolError as exc:
-            self.event(
-                "receipt_refused", logging.WARNING, code=exc.code.name, detail=exc.detail[:120]
-            )
+        except sqlite3.Error as exc:
+            self._ledger_failed(exc)
+            raise RemoteProtocolError(ErrorCode.UNAVAILABLE, "this node cannot write now") from None
+
+    def stream_finished(self, offer: Offer, sent: int, whole: bool) -> None:
+        """A stream of one of our deals ended: delivered, or the deal is over (§10.7)."""
+        try:
+            self.market.finished(offer, sent, whole)
         except sqlite3.Error as exc:
             self._ledger_failed(exc)
 
-    def slow_reader(self, buyer: bytes, why: str) -> None:
-        """A buyer read a stream below the minimum rate (§9.5) and was cut: it broke a
-        rule of the spec and held a thread others needed, so it is scored for it."""
-        self.scores.record(node_id(buyer), Event.TIMEOUT, self.clock.time())
-        self.event("reader_cut", logging.WARNING, buyer=node_id(buyer).hex()[:12], why=why)
+    def stream_fault(self, buyer: bytes, exc: RemoteProtocolError) -> None:
+        """A seller's stream ended for what its buyer did: read below the minimum rate
+        (§9.5), holding a thread others needed, or sent a window receipt the seller could
+        not take (§9.4). Either breaks a rule of the spec, so the buyer is scored for it;
+        a ledger that cannot write is nobody's fault."""
+        if exc.code == ErrorCode.UNAVAILABLE:
+            return
+        event = Event.TIMEOUT if exc.code == ErrorCode.TIMEOUT else Event.BAD_RECEIPT
+        self.scores.record(node_id(buyer), event, self.clock.time())
+        self.event(
+            "stream_cut",
+            logging.WARNING,
+            buyer=node_id(buyer).hex()[:12],
+            code=exc.code.name,
+            why=exc.detail[:120],
+        )
 
     def _rejected(
         self, frame: bytes, curve: bytes, routing: bytes | None, exc: RemoteProtocolError

@@ -112,6 +112,11 @@ class AdIndex:
         """Whether this statement (an advertisement or a withdrawal) is already known."""
         return ad_id in self._ads or ad_id in self._tombstones or ad_id in self._withdrawals
 
+    def public(self, ad_id: AdId) -> bool:
+        """Whether this is an advertisement held here, of no private namespace."""
+        ad = self._ads.get(ad_id)
+        return ad is not None and ad.message.ns is None
+
     def floor(self, signer: bytes, seq: int, iat_ms: int) -> bool:
         """Whether a statement is at or below what was forgotten of its signer: it may
         have been superseded or withdrawn, so it is never taken again."""

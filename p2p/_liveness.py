@@ -123,7 +123,15 @@ class Liveness(CoreState):
             self._send(target, self._hello())
 
     def _vouch(self, st: Statement) -> None:
-        """A peer spoke: send its statement to whoever asked us to probe it."""
+        """A peer spoke: send its statement to whoever asked us to probe it — if nothing
+        in it belongs to a private namespace, since the asker need not be a member (§8.17):
+        a HELLO, or a PEERS whose news are public advertisements this node holds."""
+        if st.type == MessageType.PEERS:
+            recent = st.message.recent or ()
+            if not all(self.index.public((e.key, e.seq)) for e in recent):
+                return  # the askers wait for the target's next words
+        elif st.type != MessageType.HELLO:
+            return
         for waiting in self.probes.vouch(st, self.clock.monotonic()):
             self._ack(waiting, st)
 

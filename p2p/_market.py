@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 
 from kvx.protocol import (
     Accept,
+    Ephemeral,
     ErrorCode,
     KVLayout,
     Quote,
@@ -20,6 +21,7 @@ from kvx.protocol import (
     Receipt,
     Reject,
     RemoteProtocolError,
+    channel_key,
     chunk_hashes,
     content_root,
     node_id,
@@ -58,6 +60,7 @@ class _Pending:
     lowest: int
     counters: int = 0
     phase: Phase = Phase.OFFERED
+    ephemeral: Ephemeral | None = None  # this quote's half of the channel key (§9.6)
 
 
 class Market:
@@ -88,10 +91,13 @@ class Market:
         self.selling = selling
         self.clock = clock or Clock()
         self._pending: dict[bytes, _Pending] = {}
+        # No stream outlives the process that served it: deals left open are over.
+        self.ledger.expire_undelivered(self.clock.now_ms(), "the seller restarted")
         self._conversion: tuple[tuple[bytes, str], tuple[bytes, bytes, list[bytes]]] | None = None
 
-    def quote_request(self, st: Statement, now_ms: int) -> bytes:
-        """Answer a QUOTE_REQUEST with a signed QUOTE frame, or raise why not."""
+    def quote_request(self, st: Statement, now_ms: int, network: str = "") -> bytes:
+        """Answer a QUOTE_REQUEST with a signed QUOTE frame, or raise why not; `network`
+        is the source network the request came from (§10.5)."""
         req = st.message
         assert isinstance(req, QuoteRequest)
         buyer = st.signer_id
@@ -124,8 +130,15 @@ class Market:
         if req.max_price < lowest:
             raise _fail(ErrorCode.PRICE_TOO_HIGH, f"the lowest price is {lowest}")
         price = min(ask, req.max_price)
+        window = max(entry.chunk, self.window_bytes // entry.chunk * entry.chunk)
         self.ledger.check_credit(buyer, price, self.policy.credit_limit_for(buyer))
+        unpaid = min(window, layout.payload_bytes(matched))
+        self.ledger.check_unpaid(
+            buyer, network, unpaid, now_ms, self.policy.unpaid, self.window_bytes
+        )
         root = entry.root if layout == entry.layout else self._converted(entry, layout)[1]
+        # Sealed when the buyer asks, and always for a private namespace (§9.6).
+        ephemeral = Ephemeral() if req.seal or req.ns is not None else None
         quote = Quote(
             re=st.header.seq,
             quote=secrets.token_bytes(16),
@@ -138,16 +151,24 @@ class Market:
             transport=transport,
             data=self.data[transport],
             token=secrets.token_bytes(32),
-            window=max(entry.chunk, self.window_bytes // entry.chunk * entry.chunk),
+            window=window,
+            kx=None if ephemeral is None else ephemeral.public,
         )
-        return self._offer(quote, st.signer, entry, lowest, now_ms)
+        return self._offer(quote, st.signer, entry, lowest, now_ms, ephemeral)
 
     def _offer(
-        self, quote: Quote, buyer: bytes, entry: Entry, lowest: int, now_ms: int, counters: int = 0
+        self,
+        quote: Quote,
+        buyer: bytes,
+        entry: Entry,
+        lowest: int,
+        now_ms: int,
+        ephemeral: Ephemeral | None,
+        counters: int = 0,
     ) -> bytes:
         frame = self.signer.seal(quote, now_ms=now_ms, to=node_id(buyer), ttl_ms=QUOTE_TTL_MS)
         self._pending[quote.quote] = _Pending(
-            open_envelope(frame), buyer, entry, quote.layout, lowest, counters
+            open_envelope(frame), buyer, entry, quote.layout, lowest, counters, ephemeral=ephemeral
         )
         self.sessions.expect(quote.token)
         return frame
@@ -177,16 +198,29 @@ class Market:
         assert pending is not None  # advance refuses a quote that is not held
         return pending, after
 
-    def accept(self, st: Statement, now_ms: int) -> None:
-        """Record the deal atomically with the credit check, then open the stream to it."""
+    def accept(self, st: Statement, now_ms: int, network: str = "") -> None:
+        """Record the deal atomically with the credit checks, then open the stream to it."""
         accept = st.message
         assert isinstance(accept, Accept)
         pending, accepted = self._step(st, accept.quote, now_ms)
         quote = pending.quote.message
         assert isinstance(quote, Quote)
         buyer = st.signer_id
-        self.ledger.record_accept(pending.quote, st, now_ms, self.policy.credit_limit_for(buyer))
+        key = None
+        if pending.ephemeral is not None and accept.kx is not None:
+            shared = pending.ephemeral.shared(accept.kx)
+            key = channel_key(shared, quote.quote, pending.ephemeral.public, accept.kx)
+        self.ledger.record_accept(
+            pending.quote,
+            st,
+            now_ms,
+            self.policy.credit_limit_for(buyer),
+            network=network,
+            allowance=self.policy.unpaid,
+            window_bytes=self.window_bytes,
+        )
         pending.phase = accepted  # kept until its exp, to answer what comes after it
+        pending.ephemeral = None  # the key is derived: the secret half is needed no more
         if pending.layout == pending.entry.layout:
             payload = self.store.get(pending.entry.root)  # verified as it is read
             data, hashes = payload.data, list(payload.hashes)
@@ -201,6 +235,7 @@ class Market:
                 hashes=hashes,
                 expected=Expected.from_quote(quote),
                 expires_ms=pending.quote.header.exp + 60_000,
+                key=key,
             )
         )
 
@@ -217,26 +252,42 @@ class Market:
             return None
         if pending.counters >= MAX_COUNTERS or reject.counter < pending.lowest:
             raise _fail(ErrorCode.PRICE_TOO_HIGH, f"the lowest price is {pending.lowest}")
+        ephemeral = None if old.kx is None else Ephemeral()
         quote = replace(
             old,
             re=st.header.seq,
             quote=secrets.token_bytes(16),
             price=reject.counter,
             token=secrets.token_bytes(32),
+            kx=None if ephemeral is None else ephemeral.public,
         )
         return self._offer(
-            quote, st.signer, pending.entry, pending.lowest, now_ms, pending.counters + 1
+            quote,
+            st.signer,
+            pending.entry,
+            pending.lowest,
+            now_ms,
+            ephemeral,
+            pending.counters + 1,
         )
 
     def receipt(self, st: Statement, now_ms: int) -> None:
         assert isinstance(st.message, Receipt)
         self.ledger.record_receipt(st, now_ms)
 
-    def delivered(self, offer: Offer) -> None:
-        self.ledger.record_delivery(offer.quote, self.clock.now_ms())
+    def finished(self, offer: Offer, sent: int, whole: bool) -> None:
+        """A stream of a deal ended: delivered, or — whatever cut it — the deal's life is
+        over undelivered, with `sent` bytes gone out (§10.7)."""
+        now_ms = self.clock.now_ms()
+        if whole:
+            self.ledger.record_delivery(offer.quote, now_ms)
+        else:
+            self.ledger.record_expiry(offer.quote, now_ms, "its stream ended before END", sent)
 
     def expire(self, now_ms: int) -> None:
         for quote_id in [q for q, p in self._pending.items() if p.quote.header.exp < now_ms]:
             pending = self._pending.pop(quote_id)
             if pending.phase is Phase.OFFERED:  # an accepted one's stream has its own expiry
                 self.sessions.forget(pending.quote.message.token)
+        for offer in self.sessions.expired(now_ms):
+            self.ledger.record_expiry(offer.quote, now_ms, "no stream opened it in time", 0)

@@ -9,12 +9,14 @@ to `NodeCore.handle_timer`, and what the core drains is carried out here.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import logging
 import os
 import signal
 from collections.abc import Awaitable, Callable, Mapping
+from typing import TypeVar
 
 import zmq
 import zmq.asyncio
@@ -143,14 +145,15 @@ class Node:
         self.admin = self._ctx.socket(zmq.ROUTER)
         self.admin.linger = 0
         _bind(self.admin, cfg.admin_address)
+        os.chmod(cfg.data_dir / ADMIN_SOCKET, 0o600)  # the local API is its owner's only
         loop = asyncio.get_running_loop()
         self.tcp = TcpDataServer(
             core.sessions,
             core.inbox,
             core.signer,
-            on_delivered=lambda offer: core.market.delivered(offer),
-            on_receipt=lambda st: loop.call_soon_threadsafe(core.window_receipt, st),
-            on_slow=lambda buyer, why: loop.call_soon_threadsafe(core.slow_reader, buyer, why),
+            on_finished=core.stream_finished,
+            on_receipt=lambda st: on_loop(loop, core.window_receipt, st),
+            on_fault=lambda buyer, exc: loop.call_soon_threadsafe(core.stream_fault, buyer, exc),
             limits=cfg.data_limits,
         )
         try:
@@ -165,8 +168,9 @@ class Node:
                 core.sessions,
                 core.inbox,
                 core.signer,
-                on_delivered=lambda offer: core.market.delivered(offer),
-                on_receipt=core.window_receipt,
+                on_finished=core.stream_finished,
+                on_receipt=lambda st: on_loop(loop, core.window_receipt, st),
+                on_fault=core.stream_fault,
                 limits=cfg.data_limits,
             )
             await self.ucx.start(cfg.data_host)
@@ -196,9 +200,11 @@ class Node:
             "pid": os.getpid(),
             "incarnation": core.incarnation,
             "verify": str(cfg.policy.verify),  # what its clients check of bought KV
+            "seal_public": cfg.policy.seal_public,  # whether they ask for sealed streams
         }
         tmp = cfg.data_dir / (INFO_FILE + ".tmp")
-        tmp.write_text(json.dumps(info, indent=1))
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            f.write(json.dumps(info, indent=1))
         tmp.replace(cfg.data_dir / INFO_FILE)
         core.event("ready", ctl=ctl, data=self.tcp.address, peers=len(cfg.bootstrap))
         self._served = True
@@ -385,13 +391,15 @@ class Node:
                 raise
             while not sock.closed and (parts := self._read(shadow, wanted)) is not None:
                 if parts:
+                    source = ""
                     if server_key is None:
                         routing, frame = parts[0].bytes, parts[1]
                         curve = peer_curve_key(frame)
+                        source = frame.get("Peer-Address")
                     else:
                         routing, frame, curve = None, parts[0], expected_curve
                     try:
-                        self.core.receive(frame.bytes, curve, routing, server_key)
+                        self.core.receive(frame.bytes, curve, routing, server_key, source)
                     except Exception:
                         self.core.internal_error("receive")
                     await self._flush()
@@ -453,6 +461,24 @@ class Node:
                 reply = {"ok": False, "code": int(ErrorCode.INTERNAL), "error": repr(exc)}
             await self.admin.send_multipart([routing, b"", pack(reply)])
             await self._flush()
+
+
+_T = TypeVar("_T")
+
+
+def on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[..., _T], *args: object) -> _T:
+    """Run `fn` on the node's loop from a data-channel worker thread and wait for it: the
+    ledger and the scores belong to the loop's thread, and the stream waits on the answer."""
+    done: concurrent.futures.Future[_T] = concurrent.futures.Future()
+
+    def run() -> None:
+        try:
+            done.set_result(fn(*args))
+        except BaseException as exc:  # handed to the waiting thread, which raises it
+            done.set_exception(exc)
+
+    loop.call_soon_threadsafe(run)
+    return done.result()
 
 
 def _bind(sock: zmq.Socket, address: str) -> None:

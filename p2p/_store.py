@@ -21,7 +21,7 @@ from kvx.protocol import (
     chunk_hashes,
     content_root,
 )
-from kvx.trust import AtRestCipher
+from kvx.trust import AtRestCipher, owner_only
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,7 @@ class LocalStore:
         self.memory_bytes = memory_bytes
         self.disk_bytes = disk_bytes
         self.cipher = cipher
+        owner_only(directory / "index.db")
         self._db = sqlite3.connect(directory / "index.db", isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
@@ -152,7 +153,7 @@ class LocalStore:
             self._forget(victim)
         blob = self.cipher.seal(data) if self.cipher else data
         tmp = self._path(root).with_suffix(".tmp")
-        with open(tmp, "wb") as f:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
             f.write(blob)
             f.flush()
             os.fsync(f.fileno())

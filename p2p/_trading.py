@@ -94,11 +94,11 @@ class Trading(CoreState):
 
     def _on_quote_request(self, st: Statement, routing: bytes | None, relayer: bytes):
         if routing is not None:
-            frame = self.market.quote_request(st, self.clock.now_ms())
+            frame = self.market.quote_request(st, self.clock.now_ms(), self.source_network)
             self._reply_frame(routing, frame, MessageType.QUOTE)
 
     def _on_accept(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
-        self.market.accept(st, self.clock.now_ms())
+        self.market.accept(st, self.clock.now_ms(), self.source_network)
 
     def _on_reject(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
         frame = self.market.reject(st, self.clock.now_ms())

@@ -24,6 +24,7 @@ from ._content import (
 from ._datachannel import (
     CHUNK_INDEX,
     FRAME_HEADER,
+    SEAL_BYTES,
     FrameTag,
     frame_header,
     parse_frame_header,
@@ -97,6 +98,7 @@ from ._naming import (
     prefix_chain,
 )
 from ._payload import DTYPE_SIZES, LAYOUT_NAME, KVLayout
+from ._sealing import Direction, Ephemeral, SealedChannel, channel_key
 
 __all__ = [
     "CHUNK_INDEX",
@@ -122,6 +124,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "PUBLIC",
     "RELAYABLE",
+    "SEAL_BYTES",
     "Accept",
     "Accuse",
     "Advertise",
@@ -130,6 +133,8 @@ __all__ = [
     "DataAddress",
     "Digest",
     "DigestEntry",
+    "Direction",
+    "Ephemeral",
     "Error",
     "ErrorCode",
     "EvidencePart",
@@ -160,11 +165,13 @@ __all__ = [
     "Receipt",
     "Reject",
     "RemoteProtocolError",
+    "SealedChannel",
     "Transfer",
     "Withdraw",
     "byte_view",
     "chain_extend",
     "chain_seed",
+    "channel_key",
     "chunk_count",
     "chunk_hashes",
     "content_root",

@@ -37,8 +37,13 @@ def frame_header(tag: FrameTag, length: int) -> bytes:
     return FRAME_HEADER.pack(tag, length)
 
 
-def parse_frame_header(header: bytes) -> tuple[FrameTag, int]:
-    """Tag and payload length of a frame, refusing unknown tags and oversize lengths."""
+SEAL_BYTES = 16
+"""What sealing (§9.6) adds to a frame's payload: the AES-GCM tag that ends it."""
+
+
+def parse_frame_header(header: bytes, sealed: bool = False) -> tuple[FrameTag, int]:
+    """Tag and payload length of a frame, refusing unknown tags and oversize lengths; a
+    frame of a sealed stream carries a tag more, and a sealed END is that tag alone."""
     raw_tag, length = FRAME_HEADER.unpack(header)
     try:
         tag = FrameTag(raw_tag)
@@ -46,7 +51,10 @@ def parse_frame_header(header: bytes) -> tuple[FrameTag, int]:
         raise RemoteProtocolError(
             ErrorCode.MALFORMED, f"unknown data frame tag {raw_tag}"
         ) from None
-    if length > _MAX_LENGTH[tag]:
+    extra = SEAL_BYTES if sealed else 0
+    if sealed and tag == FrameTag.END and length != extra:
+        raise RemoteProtocolError(ErrorCode.SIZE_MISMATCH, f"a sealed END of {length} bytes")
+    if length > _MAX_LENGTH[tag] + extra:
         code = ErrorCode.FRAME_TOO_LARGE if tag == FrameTag.CONTROL else ErrorCode.SIZE_MISMATCH
         raise RemoteProtocolError(code, f"{tag.name} frame of {length} bytes is too long")
     return tag, length

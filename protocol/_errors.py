@@ -49,6 +49,7 @@ class ErrorCode(IntEnum):
     SIZE_MISMATCH = 53
     STREAM_TRUNCATED = 54
     KV_MISMATCH = 55
+    BAD_SEAL = 56
     # the node itself
     INTERNAL = 60
     UNAVAILABLE = 61

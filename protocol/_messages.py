@@ -21,7 +21,7 @@ from ._limits import (
     PROTOCOL_VERSION,
 )
 from ._payload import DTYPE_SIZES, KVLayout
-from ._schema import Array, Bin, Invalid, OneOf, Str, Struct, UInt, wire
+from ._schema import Array, Bin, Bool, Invalid, OneOf, Str, Struct, UInt, wire
 
 
 class MessageType(IntEnum):
@@ -215,6 +215,7 @@ class QuoteRequest:
     max_price: int = wire(UInt())
     ns: bytes | None = wire(HASH, default=None)
     dtype: str | None = wire(DTYPE, default=None)
+    seal: bool | None = wire(Bool(), default=None)  # the buyer asks for a sealed stream (§9.6)
 
 
 @dataclass(frozen=True)
@@ -232,6 +233,7 @@ class Quote:
     data: str = wire(ADDRESS)
     token: bytes = wire(Bin(32, 32))
     window: int | None = wire(UInt(1, MAX_UINT64), default=None)
+    kx: bytes | None = wire(Bin(32, 32), default=None)  # the seller's key for sealing (§9.6)
 
     @property
     def size(self) -> int:
@@ -258,6 +260,7 @@ class Accept:
     quote: bytes = wire(QUOTE_ID)
     price: int = wire(UInt())
     root: bytes = wire(HASH)
+    kx: bytes | None = wire(Bin(32, 32), default=None)  # the buyer's, iff the QUOTE has one
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,10 @@ the reason when it does not hold it.
 from __future__ import annotations
 
 import contextlib
+import os
 
 import blake3
+import nacl.bindings
 
 from kvx.protocol import (
     Accept,
@@ -63,6 +65,41 @@ def _stream(s: Session, q: Quote, *, token: bytes | None = None, first: int = 0)
     return open_stream(q.data, transfer, q, _payer(s, q))
 
 
+def _sealed_quote(s: Session) -> Quote:
+    """A QUOTE for the fixture asked for sealed (§9.6), not yet accepted."""
+    s.hello()
+    request = QuoteRequest(
+        fp=FIXTURE_FP,
+        blocks=tuple(FIXTURE_CHAIN),
+        transports=("tcp",),
+        max_price=10**15,
+        seal=True,
+    )
+    answer = _ask(s, request).message
+    if isinstance(answer, Error) and answer.code in (
+        ErrorCode.NOT_FOUND,
+        ErrorCode.FINGERPRINT_MISMATCH,
+    ):
+        raise Skipped("the target does not hold the conformance fixture (spec/README.md)")
+    if not isinstance(answer, Quote):
+        raise Failed(f"a QUOTE_REQUEST with seal was answered {answer!r}")
+    if answer.kx is None:
+        raise Failed("the QUOTE for a request with seal carries no kx")
+    return answer
+
+
+def _sealed_deal(s: Session) -> tuple[Quote, bytes]:
+    """A sealed QUOTE, accepted with a key of ours: it and the deal's key (§9.6)."""
+    q = _sealed_quote(s)
+    secret = os.urandom(32)
+    kx = nacl.bindings.crypto_scalarmult_base(secret)
+    shared = nacl.bindings.crypto_scalarmult(secret, q.kx)
+    material = shared + q.quote + q.kx + kx
+    key = blake3.blake3(material, derive_key_context="kvx 0.3 data channel key").digest()
+    s.send(s.frame(Accept(quote=q.quote, price=q.price, root=q.root, kx=kx)))
+    return q, key
+
+
 def _refused_stream(stream: Stream, code: ErrorCode) -> None:
     if stream.chunks:
         raise Failed(f"{len(stream.chunks)} chunks were streamed")
@@ -91,6 +128,32 @@ def _(s: Session) -> None:
     for st in s.receive(1.0):
         if isinstance(st.message, Error):
             raise Failed(f"the RECEIPT was refused: {st.message.msg}")
+
+
+@case(
+    "9.6/1",
+    "MUST",
+    "a QUOTE_REQUEST with seal is quoted with kx, and every frame of its stream after the "
+    "TRANSFER opens with the key of §9.6: the payload arrives whole and never in clear",
+)
+def _(s: Session) -> None:
+    q, key = _sealed_deal(s)
+    transfer = s.frame(Transfer(quote=q.quote, token=q.token, first=0))
+    stream = open_stream(q.data, transfer, q, _payer(s, q), key=key)
+    if stream.fault or not stream.ended:
+        raise Failed(f"the sealed stream failed: {stream.fault or 'no END'}")
+    payload = FIXTURE_PAYLOAD[: q.deliver]
+    if stream.payload(q.deliver) != payload:
+        raise Failed("opened bytes differ from the fixture")
+    seen = bytes(stream.wire)
+    if any(payload[i : i + 32] in seen for i in range(0, len(payload) - 32, 256)):
+        raise Failed("a piece of the payload crossed the wire in clear")
+
+
+@case("9.6/2", "MUST", "an ACCEPT without kx of a QUOTE with kx is UNKNOWN_QUOTE")
+def _(s: Session) -> None:
+    q = _sealed_quote(s)
+    refused(s, s.frame(_accept(q)), ErrorCode.UNKNOWN_QUOTE)
 
 
 @case("9.2/4", "MUST", "after END the seller sends nothing more and closes the connection")

@@ -97,12 +97,30 @@ MUSTS: dict[str, str | tuple[str, ...]] = {
     # go unanswered. tests/test_core.py shows a node forged, misaddressed, stale and
     # reused proofs.
     "§8.18: The asker MUST take it only for a": ("8.18/1",),
+    "§8.18: Only a statement that carries nothing of a": (
+        "untestable: needs a target that is a member of a namespace with the helper; "
+        "tests/test_private_namespace.py probes a member through a member as a stranger"
+    ),
     "§9.2: The seller MUST check the envelope as in": ("9.2/1", "9.2/2", "9.2/3"),
     "§9.2: The buyer MUST verify CHUNK_LIST against the quote's": (
         "untestable: a rule for buyers; the suite's own client keeps it (spec/_data.py)"
     ),
     "§9.3: Because a completed UCX send does not mean": (
         "untestable: the suite speaks the TCP data channel only"
+    ),
+    "§9.4: The seller MUST NOT send another chunk before": (
+        "untestable: the fixture is one chunk, so no window ever waits; tests/test_paid.py "
+        "sends a live seller receipts for more, less and another deal, and "
+        "tests/test_transport.py has the ledger refuse one"
+    ),
+    "§9.6: A seller MUST seal the stream of every": ("9.6/1",),
+    "§9.6: A buyer MUST NOT accept a quote for": (
+        "untestable: a rule for buyers; tests/test_market.py checks the reference buyer's "
+        "refusal of a private quote without kx"
+    ),
+    "§9.6: A buyer that agreed a key MUST treat": (
+        "untestable: a rule for buyers; the suite's own client keeps it (spec/_data.py), "
+        "tests/test_transport.py serves the reference buyer a clear stream"
     ),
     "§10.1: At most 3 counter-offers per QUOTE_REQUEST: a seller": ("10.1/3",),
     "§10.3: Every node MUST offer tcp.": ("10.1/1",),
@@ -115,19 +133,27 @@ MUSTS: dict[str, str | tuple[str, ...]] = {
         "untestable: needs a credit limit the suite cannot set on the target; "
         "tests/test_ledger.py and tests/test_market.py"
     ),
+    "§10.5: A seller therefore MUST also bound the bytes": (
+        "untestable: needs fresh identities from chosen networks and allowances the suite "
+        "cannot set on the target; tests/test_paid.py runs ten against a live seller"
+    ),
     "§10.6: A seller MUST refuse a RECEIPT with UNKNOWN_TRANSFER": ("10.4/5", "10.6/1"),
     "§10.6: A node MUST NOT report a deal as": (
         "untestable: the ledger is not visible on the wire; tests/test_ledger.py kills its "
         "writer mid-receipt"
+    ),
+    "§10.7: A deal whose life ends without the seller's": (
+        "untestable: the ledger is not visible on the wire; tests/test_paid.py kills a buyer "
+        "mid-stream, tests/test_deal_life.py lets a token's life pass and restarts a seller"
+    ),
+    "§10.7: A seller MUST NOT stream a deal that": (
+        "untestable: the token's life is 90 s; tests/test_deal_life.py"
     ),
     "§11: Implementations MUST accept codes they do not know": ("6.5/5",),
     "§12.3: Anything not meant for every node MUST be": (
         "untestable: a rule for operators, not for implementations"
     ),
     "§12.4: The namespace secret authorises matching and proving membership;": (
-        "untestable: a rule for operators, not for implementations"
-    ),
-    "§12.5: Deployments that move private-namespace KV across untrusted networks": (
         "untestable: a rule for operators, not for implementations"
     ),
     "§12.6: Nodes SHOULD rate-limit each peer's messages and gossip,": (

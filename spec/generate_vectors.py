@@ -33,10 +33,13 @@ from kvx.protocol import (
     DataAddress,
     Digest,
     DigestEntry,
+    Direction,
+    Ephemeral,
     Error,
     ErrorCode,
     EvidencePart,
     EvidenceRequest,
+    FrameTag,
     Header,
     Hello,
     KVLayout,
@@ -56,9 +59,11 @@ from kvx.protocol import (
     QuoteRequest,
     Receipt,
     Reject,
+    SealedChannel,
     Transfer,
     Withdraw,
     chain_seed,
+    channel_key,
     chunk_hashes,
     content_root,
     encode_body,
@@ -861,6 +866,53 @@ def content() -> dict[str, Any]:
     }
 
 
+def sealing() -> dict[str, Any]:
+    """One deal's key schedule and a frame of each kind, sealed (spec §9.6)."""
+    seller, buyer = Ephemeral(seed("seller kx")), Ephemeral(seed("buyer kx"))
+    shared = seller.shared(buyer.public)
+    key = channel_key(shared, QUOTE_ID, seller.public, buyer.public)
+    to_buyer = SealedChannel(key, Direction.TO_BUYER)
+    to_seller = SealedChannel(key, Direction.TO_SELLER)
+    chunk = blake3.blake3(b"a sealed chunk").digest(length=1000)
+    listing = b"".join(blake3.blake3(bytes([i])).digest() for i in range(3))
+    out = bytearray(len(chunk))
+    clear, mac = to_buyer.chunk_frame(2, memoryview(chunk), memoryview(out))
+    list_tag, control = FrameTag.CHUNK_LIST, FrameTag.CONTROL
+    sealed = [
+        ("chunk-list", 1, list_tag, 0, listing, to_buyer.frame(list_tag, listing)),
+        ("chunk-2", 1, FrameTag.CHUNK, 2, chunk, clear + bytes(out) + mac),
+        ("end", 1, FrameTag.END, 0, b"", to_buyer.frame(FrameTag.END, b"")),
+        ("control-0", 2, control, 0, b"receipt", to_seller.frame(control, b"receipt")),
+        ("control-1", 2, control, 1, b"receipt", to_seller.frame(control, b"receipt")),
+    ]
+    return {
+        "description": "Sealing the data channel (spec §9.6): the key schedule from two "
+        "ephemeral X25519 secret keys, and whole sealed frames; `plaintext` is the frame's "
+        "payload in clear (a CHUNK's bytes without its index), `n` the nonce's counter",
+        "key_schedule": {
+            "seller_secret": seed("seller kx").hex(),
+            "buyer_secret": seed("buyer kx").hex(),
+            "seller_kx": seller.public.hex(),
+            "buyer_kx": buyer.public.hex(),
+            "quote": QUOTE_ID.hex(),
+            "shared": shared.hex(),
+            "key": key.hex(),
+        },
+        "low_order_kx": {"kx": bytes(32).hex(), "expected": "reject", "code": 14},
+        "frames": [
+            {
+                "id": name,
+                "direction": direction,
+                "tag": int(tag),
+                "n": n,
+                "plaintext": plain.hex(),
+                "frame": frame.hex(),
+            }
+            for name, direction, tag, n, plain, frame in sealed
+        ],
+    }
+
+
 FILES: dict[str, Callable[[], dict[str, Any]]] = {
     "keys.json": keys,
     "messages.json": messages,
@@ -868,6 +920,7 @@ FILES: dict[str, Callable[[], dict[str, Any]]] = {
     "naming.json": naming,
     "content.json": content,
     "evidence.json": evidence,
+    "sealing.json": sealing,
 }
 
 

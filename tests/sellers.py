@@ -52,19 +52,28 @@ def transfer_maker(seller: Identity = SELLER, token: bytes = TOKEN, buyer: Ident
     return make
 
 
-def payer(expected: Expected, *, price_off: int = 0, buyer: Identity = BUYER):
-    """Seals the buyer's window receipts (spec §9.4); `price_off` makes them wrong."""
+def payer(
+    expected: Expected,
+    *,
+    price_off: int = 0,
+    claim=lambda due: due,
+    quote: bytes = QUOTE,
+    buyer: Identity = BUYER,
+):
+    """Seals the buyer's window receipts (spec §9.4); `price_off`, `claim` (the bytes
+    stated for the bytes due) and `quote` make them wrong."""
     signer = Signer(buyer)
     paid: list[int] = []
 
     def pay(size: int) -> bytes:
         paid.append(size)
+        stated = claim(size)
         receipt = Receipt(
-            quote=QUOTE,
+            quote=quote,
             seller=SELLER.node_id,
             root=expected.root,
-            bytes=size,
-            price=expected.paid_price(size) + price_off,
+            bytes=stated,
+            price=expected.paid_price(stated) + price_off,
         )
         return signer.seal(receipt, now_ms=now(), to=SELLER.node_id)
 
@@ -83,6 +92,7 @@ async def honest_server(
     server_class=TcpDataServer,
     on_receipt=None,
     more_tokens: tuple[bytes, ...] = (),
+    key: bytes | None = None,
     **options,
 ):
     """A real data server (TCP, or UcxDataServer) with an authorised offer of `data` for
@@ -98,6 +108,7 @@ async def honest_server(
                 hashes=chunk_hashes(data, CHUNK),
                 expected=expected,
                 expires_ms=now() + 60_000,
+                key=key,
             )
         )
     server = server_class(
@@ -165,7 +176,7 @@ class Hostile:
 
 
 def source(
-    address: str, expected: Expected, provider: bytes, make, transport="tcp", pay=None
+    address: str, expected: Expected, provider: bytes, make, transport="tcp", pay=None, key=None
 ) -> Source:
     return Source(
         provider=provider,
@@ -174,6 +185,7 @@ def source(
         expected=expected,
         transfer=make,
         pay=pay,
+        key=key,
     )
 
 

@@ -12,7 +12,7 @@ class TestPeer:
 
     __test__ = False  # not a test class
 
-    def __init__(self, node: NodeProcess, identity) -> None:
+    def __init__(self, node: NodeProcess, identity, source: str | None = None) -> None:
         import zmq
 
         from kvx.trust import make_curve_client
@@ -24,7 +24,10 @@ class TestPeer:
         self.sock = self._ctx.socket(zmq.DEALER)
         self.sock.linger = 0
         make_curve_client(self.sock, identity, self.node_key)
-        self.sock.connect(node.info["ctl"])
+        ctl = node.info["ctl"]
+        if source is not None:  # speak from this local address (another network, say)
+            ctl = ctl.replace("tcp://", f"tcp://{source}:0;", 1)
+        self.sock.connect(ctl)
 
     def send(self, frame: bytes) -> None:
         self.sock.send(frame)

@@ -641,6 +641,37 @@ def test_the_data_dir_mode_is_left_alone_and_a_world_writable_one_refused(tmp_pa
         bad.wait_ready()
 
 
+def test_every_file_a_node_writes_is_its_owners_alone(tmp_path):
+    """Deals, scores, KV and the local API of a private namespace's member included,
+    whatever the data dir's mode (left alone) and the umask."""
+    import stat
+
+    shared = tmp_path / "open"
+    shared.mkdir(mode=0o755)
+    old = os.umask(0o022)  # the usual one: files the node does not narrow are world-readable
+    seller = NodeProcess(shared, payment_window_bytes=CHUNK).start()
+    buyer = NodeProcess(tmp_path / "buyer", [seller.dir / "node.json"])
+    os.umask(old)
+    try:
+        seller.wait_ready()
+        buyer.start().wait_ready()
+        publish(seller, BIG, BIG_PAYLOAD)
+        eventually(lambda: len(buyer.call("ads")["ads"]) == 1)
+        assert _buy(seller, buyer.dir) == BIG_PAYLOAD
+        written = [p for p in shared.rglob("*") if not p.is_dir()]
+        launcher = {shared / "node.toml", shared / "node.log"}  # the test's, not the node's
+        loose = {
+            str(p.relative_to(shared)): oct(stat.S_IMODE(p.stat().st_mode))
+            for p in written
+            if p not in launcher and stat.S_IMODE(p.stat().st_mode) & 0o077
+        }
+        assert {p.name for p in written} >= {"ledger.db", "node.json", "admin.sock"}
+        assert loose == {}
+    finally:
+        buyer.stop()
+        seller.stop()
+
+
 def test_malformed_admin_requests_do_not_stop_the_node(node):
     n = node()
     ctx = zmq.Context()

@@ -279,7 +279,7 @@ def test_slow_readers_holding_every_stream_are_cut_and_an_honest_purchase_is_ser
         reader.join()
         for sock in socks:
             sock.close()
-    assert len(seller.events("reader_cut")) == len(socks)
+    assert len(seller.events("stream_cut")) == len(socks)
 
 
 def _buy(buyer: NodeProcess) -> bytes:

@@ -254,3 +254,26 @@ def test_a_quote_unlike_its_sellers_advertisement_is_refused_before_allocation(c
     # A conversion the buyer asked for changes the dtype and the root, and nothing else.
     f32 = dataclasses.replace(LAYOUT, dtype="float32")
     check_quote(st, dataclasses.replace(honest, layout=f32, root=b"\x08" * 32), 3, "float32")
+
+
+def test_a_private_namespaces_quote_in_clear_is_refused_before_allocation():
+    import dataclasses
+
+    from kvx.p2p._buying import check_quote
+    from kvx.protocol import Advertise, DataAddress, Header, RemoteProtocolError
+    from kvx.trust import open_envelope, seal
+
+    ad = Advertise(
+        fp=FP, layout=LAYOUT, blocks=tuple(CHAIN), root=b"\x07" * 32, chunk=1 << 16, price=1,
+        ctl="tcp://127.0.0.1:1", data=(DataAddress("tcp", "127.0.0.1:2"),), ns=b"\x0a" * 32,
+    )  # fmt: skip
+    st = open_envelope(seal(Identity.generate(), ad, Header(iat=now(), exp=now() + 60_000, seq=1)))
+    sealed = Quote(
+        re=1, quote=b"\x01" * 16, blocks=3, stored=3, layout=LAYOUT, root=b"\x07" * 32,
+        chunk=1 << 16, price=5, transport="tcp", data="127.0.0.1:2", token=bytes(32),
+        kx=b"\x09" * 32,
+    )  # fmt: skip
+    check_quote(st, sealed, 3, None)
+    with pytest.raises(RemoteProtocolError, match="kx") as err:
+        check_quote(st, dataclasses.replace(sealed, kx=None), 3, None)  # §9.6: never in clear
+    assert err.value.code == ErrorCode.ROOT_MISMATCH

@@ -6,16 +6,31 @@ import time
 import blake3
 import pytest
 from swarm import NodeProcess, TestPeer, eventually
+from tap import Tap, can_tap, pieces
 
 from kvx.p2p import PeerClient
-from kvx.protocol import Error, ErrorCode, KVLayout, Namespace, QuoteRequest, prefix_chain
-from kvx.trust import Identity, Signer, write_private
+from kvx.protocol import (
+    Error,
+    ErrorCode,
+    KVLayout,
+    Namespace,
+    Probe,
+    ProbeAck,
+    QuoteRequest,
+    node_id,
+    prefix_chain,
+)
+from kvx.trust import Identity, Signer, open_envelope, write_private
 
 LAYOUT = KVLayout(dtype="float16", layers=2, kv_heads=2, head_dim=8, block=16)
 FP = b"\x0f" * 32
 SECRET = blake3.blake3(b"team secret").digest()
 TEAM = Namespace(SECRET)
 TOKENS = list(range(3 * LAYOUT.block))
+
+
+def now() -> int:
+    return time.time_ns() // 1_000_000
 
 
 @pytest.fixture
@@ -85,3 +100,72 @@ async def test_members_trade_and_outsiders_get_nothing(nodes):
     other = peer.recv()
     peer.close()
     assert (other.message.code, other.message.msg) == (answer.message.code, answer.message.msg)
+
+
+BIG_LAYOUT = KVLayout(dtype="float16", layers=4, kv_heads=4, head_dim=64, block=32)
+BIG_TOKENS = list(range(3 * BIG_LAYOUT.block))
+
+
+@pytest.mark.skipif(not can_tap(), reason="a tap on loopback needs root (AF_PACKET)")
+@pytest.mark.parametrize(
+    ("private", "seal_public", "in_clear"),
+    [(True, False, False), (False, True, False), (False, False, True)],
+    ids=["private", "public, sealed on request", "public, in clear: the tap sees it"],
+)
+async def test_a_sealed_payload_never_crosses_the_wire_in_clear(
+    nodes, private, seal_public, in_clear
+):
+    seller, agent, _ = nodes
+    ns = TEAM if private else None
+    chain = prefix_chain(FP, BIG_TOKENS, BIG_LAYOUT.block, *([ns] if private else []))
+    payload = blake3.blake3(b"a team document's KV").digest(length=BIG_LAYOUT.payload_bytes(3))
+    client = PeerClient(seller.dir)
+    await client.publish(
+        fp=FP,
+        layout=BIG_LAYOUT,
+        blocks=chain,
+        ns=None if ns is None else ns.id,
+        params=10**6,
+        payload=payload,
+        chunk=1 << 16,
+    )
+    await client.close()
+    eventually(lambda: len(agent.call("ads")["ads"]) == 1)
+    buyer = PeerClient(agent.dir, seal=seal_public)
+    with Tap() as tap:
+        bought = await buyer.fetch(FP, chain, params=10**6, namespace=ns)
+        seen = tap.close()
+    await buyer.close()
+    assert bytes(bought.tensor.numpy()) == payload
+    found = [piece for piece in pieces(payload) if piece in seen]
+    if in_clear:  # the tap sees the data path: so the cases above can fail
+        assert len(found) > len(pieces(payload)) // 2
+    else:
+        assert found == []
+
+
+def test_a_stranger_probing_a_member_through_a_member_learns_no_private_news(nodes):
+    seller, agent, _ = nodes
+    eventually(lambda: any(p["state"] == "alive" for p in agent.call("peers")["peers"]))
+    chain = prefix_chain(FP, TOKENS, LAYOUT.block, TEAM)
+    seller.call(
+        "publish", fp=FP, layout=LAYOUT.__dict__, blocks=chain, ns=TEAM.id,
+        payload=bytes(LAYOUT.payload_bytes(3)), chunk=1 << 16, params=10**6,
+    )  # fmt: skip
+    eventually(lambda: len(agent.call("ads")["ads"]) == 1)  # news the seller tells members
+    private = {(bytes.fromhex(a["signer"]), a["seq"]) for a in agent.call("ads")["ads"]}
+    stranger = TestPeer(agent, Identity.generate())
+    signer = Signer(stranger.identity)
+    target = bytes.fromhex(seller.info["public_key"])
+    proofs = []
+    try:
+        for _ in range(6):  # within the 10 s the news stays in the seller's PEERS to members
+            stranger.send(signer.seal(Probe(target=target), now_ms=now(), to=stranger.node_id))
+            answer = stranger.recv(timeout=1.0)
+            if answer is not None and isinstance(answer.message, ProbeAck):
+                proofs.append(open_envelope(answer.message.proof))
+    finally:
+        stranger.close()
+    for proof in proofs:  # what vouches for the seller names nothing private
+        recent = getattr(proof.message, "recent", None) or ()
+        assert not {(node_id(e.key), e.seq) for e in recent} & private, proof.type.name

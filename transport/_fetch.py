@@ -59,7 +59,8 @@ class Source:
     address: str
     expected: Expected
     transfer: Callable[[int], bytes]  # the sealed TRANSFER frame for a first chunk
-    pay: Callable[[int], bytes] | None = None  # the sealed receipt for a paid prefix (§9.4)
+    pay: Callable[[int], bytes] | None = None  # the signed receipt for a paid prefix (§9.4)
+    key: bytes | None = None  # the deal's channel key, when the stream is sealed (§9.6)
 
 
 @dataclass(frozen=True)
@@ -92,13 +93,13 @@ async def _stream(source: Source, verifier: StreamVerifier, dest: Destination, t
     frame = source.transfer(verifier.verified)
     if source.transport == "tcp":
         await asyncio.to_thread(
-            fetch_tcp, source.address, frame, verifier, dest, timeout_s, source.pay
+            fetch_tcp, source.address, frame, verifier, dest, timeout_s, source.pay, source.key
         )
     elif source.transport == "ucx":
         from ._ucx import fetch_ucx  # ucxx is an optional extra
 
         await asyncio.wait_for(
-            fetch_ucx(source.address, frame, verifier, dest, source.pay), timeout_s
+            fetch_ucx(source.address, frame, verifier, dest, source.pay, source.key), timeout_s
         )
     else:
         raise RemoteProtocolError(ErrorCode.NO_COMMON_TRANSPORT, f"unknown {source.transport}")

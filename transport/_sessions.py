@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvx.protocol import ErrorCode, Receipt, RemoteProtocolError, Transfer, byte_view
@@ -22,6 +23,7 @@ class Offer:
     hashes: tuple[bytes, ...]
     expected: Expected
     expires_ms: int
+    key: bytes | None = None  # the deal's channel key: the stream is sealed (§9.6)
 
     @classmethod
     def build(
@@ -34,11 +36,12 @@ class Offer:
         hashes: list[bytes],
         expected: Expected,
         expires_ms: int,
+        key: bytes | None = None,
     ) -> Offer:
         view = byte_view(payload)
         if len(view) != expected.size or len(hashes) != expected.chunks:
             raise ValueError("payload or chunk list does not match the expected size")
-        return cls(quote, token, buyer, view, tuple(hashes), expected, expires_ms)
+        return cls(quote, token, buyer, view, tuple(hashes), expected, expires_ms, key)
 
     def chunk(self, index: int) -> memoryview:
         start = index * self.expected.chunk
@@ -97,6 +100,14 @@ class Sessions:
             raise RemoteProtocolError(ErrorCode.INVALID_FIELD, "first is past the last chunk")
         return offer
 
+    def expired(self, now_ms: int) -> list[Offer]:
+        """Remove and return the accepted offers whose token's life passed unclaimed."""
+        with self._changed:
+            gone = [o for o in self._offers.values() if o.expires_ms < now_ms]
+            for offer in gone:
+                del self._offers[offer.token]
+        return gone
+
     def __len__(self) -> int:
         return len(self._offers)
 
@@ -132,38 +143,69 @@ def admit(frame: bytes, sessions: Sessions, inbox: Inbox, signer: Signer, now_ms
 
 class Payments:
     """The seller's side of one stream's payment window (spec §9.4): chunk `index` may be
-    sent only while fewer than `window` chunks are unpaid; a receipt moves the window."""
+    sent only while fewer than `window` chunks are unpaid; a receipt moves the window, and
+    only once `record` (the ledger) has taken it, so that what the stream gives away and
+    what the books say was paid can never part."""
 
-    def __init__(self, offer: Offer, first: int, inbox: Inbox, seller: bytes) -> None:
+    def __init__(
+        self,
+        offer: Offer,
+        first: int,
+        inbox: Inbox,
+        signer: Signer,
+        record: Callable[[Statement], None] | None = None,
+    ) -> None:
         self.offer = offer
         self.inbox = inbox
-        self.seller = seller  # our node id, which a receipt must name
+        self.signer = signer
+        self.record = record
         self.paid = first  # chunks receipted, counted from the payload's start
+        self.sent = first  # chunks handed to the connection, likewise
+        self.refused: RemoteProtocolError | None = None  # why the buyer's receipt was not taken
+
+    @property
+    def sent_bytes(self) -> int:
+        """Bytes of the delivery sent, counted from its start: what a receipt may cover."""
+        return min(self.sent * self.offer.expected.chunk, self.offer.expected.deliver)
 
     def blocked(self, index: int) -> bool:
         window = self.offer.expected.window
         return bool(window) and index >= self.paid + window
 
-    def receipt(self, frame: bytes, next_index: int, now_ms: int) -> Statement:
-        """Check the buyer's receipt for every chunk before `next_index`; raise if it is not."""
+    def receipt(self, frame: bytes, next_index: int, now_ms: int) -> bytes | None:
+        """Take the buyer's receipt for exactly the chunks before `next_index`: None when
+        the window moved on, else the ERROR frame that ends the stream (`refused` says why;
+        the buyer broke a rule, §9.4)."""
+        st = None
+        try:
+            st = self.inbox.receive(frame, now_ms=now_ms, peer_curve_key=None)
+            self._check(st, next_index)
+            if self.record is not None:
+                self.record(st)
+        except RemoteProtocolError as exc:
+            self.refused = exc
+            if st is None:
+                return None
+            return self.signer.seal_error(exc, re=st.header.seq, to=st.signer_id, now_ms=now_ms)
+        self.paid = next_index
+        return None
+
+    def _check(self, st: Statement, next_index: int) -> None:
         expected = self.offer.expected
-        st = self.inbox.receive(frame, now_ms=now_ms, peer_curve_key=None)
         r = st.message
         if not isinstance(r, Receipt):
             raise RemoteProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "the window waits for RECEIPT")
-        covered = min(next_index * expected.chunk, expected.deliver)
         if (
             st.signer != self.offer.buyer
             or r.quote != self.offer.quote
-            or r.seller != self.seller
+            or r.seller != self.signer.identity.node_id
             or r.root != expected.root
         ):
             raise RemoteProtocolError(ErrorCode.UNKNOWN_TRANSFER, "a receipt for another deal")
-        if not covered <= r.bytes <= expected.deliver or r.price != expected.paid_price(r.bytes):
+        sent = min(next_index * expected.chunk, expected.deliver)
+        if r.bytes != sent or r.price != expected.paid_price(r.bytes):
             raise RemoteProtocolError(
                 ErrorCode.UNKNOWN_TRANSFER,
-                f"the receipt covers {r.bytes} bytes at {r.price}; due: {covered} bytes"
-                f" at {expected.paid_price(covered)}",
+                f"the receipt covers {r.bytes} bytes at {r.price}; sent and due: {sent} bytes"
+                f" at {expected.paid_price(sent)}",
             )
-        self.paid = -(-r.bytes // expected.chunk)
-        return st

@@ -22,11 +22,14 @@ from dataclasses import dataclass
 from kvx.protocol import (
     CHUNK_INDEX,
     FRAME_HEADER,
+    SEAL_BYTES,
+    Direction,
     Error,
     ErrorCode,
     FrameTag,
     ProtocolError,
     RemoteProtocolError,
+    SealedChannel,
     frame_header,
     node_id,
     parse_frame_header,
@@ -104,8 +107,10 @@ def _recv_bytes(sock: socket.socket, n: int, deadline: float | None = None) -> b
     return bytes(buf)
 
 
-def _read_header(sock: socket.socket, deadline: float | None = None) -> tuple[FrameTag, int]:
-    return parse_frame_header(_recv_bytes(sock, FRAME_HEADER.size, deadline))
+def _read_header(
+    sock: socket.socket, deadline: float | None = None, sealed: bool = False
+) -> tuple[FrameTag, int]:
+    return parse_frame_header(_recv_bytes(sock, FRAME_HEADER.size, deadline), sealed)
 
 
 def _wait_at_most(sock: socket.socket, option: int, deadline: float) -> None:
@@ -147,52 +152,70 @@ def receive_stream(
     verifier: StreamVerifier,
     dest: Destination,
     pay: Callable[[int], bytes] | None = None,
+    key: bytes | None = None,
 ) -> None:
     """Run one stream to its END, verifying every chunk; raises on the first fault.
 
     `pay(bytes)` seals the receipt for the first `bytes` of the delivery, sent whenever
-    the quote's payment window is used up (§9.4). On any exception `verifier.verified` is
-    the first chunk not yet verified, where a stream from another provider resumes.
+    the quote's payment window is used up (§9.4). With the deal's `key` every frame after
+    the TRANSFER is sealed (§9.6): a chunk lands encrypted and is opened where it landed,
+    on the hashing thread, before its hash is checked. On any exception
+    `verifier.verified` is the first chunk not yet verified, where a stream from another
+    provider resumes.
     """
     if verifier.expected.window and pay is None:
         raise ValueError("a quote with a payment window needs `pay`")
+    channel = None if key is None else SealedChannel(key, Direction.TO_SELLER)
+    sealed = channel is not None
+    extra = SEAL_BYTES if sealed else 0
     _send_control(sock, transfer_frame)
-    tag, length = _read_header(sock)
-    if tag == FrameTag.CONTROL:
+    tag, length = _read_header(sock, sealed=sealed)
+    if tag == FrameTag.CONTROL:  # refused at admission, before any key is in use
         raise remote_error(_recv_bytes(sock, length))
     if tag != FrameTag.CHUNK_LIST:
         raise RemoteProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"{tag.name} before the list")
-    verifier.chunk_list(_recv_bytes(sock, length))
+    listing = _recv_bytes(sock, length)
+    verifier.chunk_list(listing if channel is None else channel.open(tag, listing))
 
     with ThreadPoolExecutor(1, thread_name_prefix="kvx-verify") as hasher:
         pending: Future[None] | None = None
 
-        def verify(index: int, landed: list[memoryview]) -> None:
+        def verify(index: int, landed: list[memoryview], mac: bytes) -> None:
+            if channel is not None:
+                channel.open_chunk(index, landed, mac)
             verifier.check(index, landed)
             dest.commit(index, landed)
 
         try:
             while True:
-                tag, length = _read_header(sock)
+                tag, length = _read_header(sock, sealed=sealed)
                 if tag == FrameTag.END:
+                    if channel is not None:
+                        channel.open(tag, _recv_bytes(sock, length))
                     break
                 if tag == FrameTag.CONTROL:
-                    raise remote_error(_recv_bytes(sock, length))
-                if tag != FrameTag.CHUNK or length < CHUNK_INDEX.size:
+                    body = _recv_bytes(sock, length)
+                    raise remote_error(body if channel is None else channel.open(tag, body))
+                if tag != FrameTag.CHUNK or length < CHUNK_INDEX.size + extra:
                     raise RemoteProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"{tag.name} frame")
                 (index,) = CHUNK_INDEX.unpack(_recv_bytes(sock, CHUNK_INDEX.size))
-                verifier.begin_chunk(index, length - CHUNK_INDEX.size)
+                verifier.begin_chunk(index, length - CHUNK_INDEX.size - extra)
                 landed = dest.segments(index)
                 _recv_scattered(sock, landed)
+                mac = _recv_bytes(sock, extra)
                 if pending is not None:
                     pending.result()  # chunk index-1 is verified before index is handed on
-                pending = hasher.submit(verify, index, landed)
+                pending = hasher.submit(verify, index, landed, mac)
                 if verifier.window_full:  # the seller waits: pay for what verified
                     pending.result()
                     pending = None
                     due = verifier.payment_due()
                     assert due is not None and pay is not None
-                    _send_control(sock, pay(due))
+                    receipt = pay(due)
+                    if channel is None:
+                        _send_control(sock, receipt)
+                    else:
+                        sock.sendall(channel.frame(FrameTag.CONTROL, receipt))
         finally:
             if pending is not None:
                 # Always join the hasher, so that `verified` is final when we return.
@@ -229,35 +252,89 @@ def serve_stream(
     payments: Payments,
     now_ms: Callable[[], int],
     pace: Pace,
-    on_receipt: Callable[[Statement], None] | None = None,
 ) -> bool:
     """Stream an admitted offer from chunk `first`; True if it was sent whole.
 
     `pace` holds the stream to its deadline and minimum rate at every send, so a buyer
     that reads a byte now and then cannot hold the thread; within the payment window the
-    seller sends on, past it it waits for the buyer's receipt (§9.4).
+    seller sends on, past it it waits for the buyer's receipt (§9.4), and a receipt it
+    cannot take ends the stream with the ERROR that says why. A deal with a key is sealed
+    (§9.6), each chunk encrypted while the one before it is sent.
     """
-    hashes = b"".join(offer.hashes)
+    channel = None if offer.key is None else SealedChannel(offer.key, Direction.TO_BUYER)
+    ahead = None if channel is None else _SealAhead(channel, offer)
+
+    def send_frame(tag: FrameTag, payload: bytes) -> None:
+        if channel is None:
+            _send_all(sock, frame_header(tag, len(payload)) + payload, pace)
+        else:
+            _send_all(sock, channel.frame(tag, payload), pace)
+
     try:
-        _send_all(sock, frame_header(FrameTag.CHUNK_LIST, len(hashes)) + hashes, pace)
+        send_frame(FrameTag.CHUNK_LIST, b"".join(offer.hashes))
         for index in range(first, offer.expected.needed):
             if payments.blocked(index):
                 _await_receipt(sock, pace)
-                tag, length = _read_header(sock, pace.deadline)
+                tag, length = _read_header(sock, pace.deadline, sealed=channel is not None)
                 if tag != FrameTag.CONTROL:
                     return False
                 frame = _recv_bytes(sock, length, pace.deadline)
-                receipt = payments.receipt(frame, index, now_ms())
-                if on_receipt is not None:
-                    on_receipt(receipt)
+                if channel is not None:
+                    frame = channel.open(tag, frame)
+                refusal = payments.receipt(frame, index, now_ms())
+                if payments.refused is not None:
+                    if refusal is not None:
+                        send_frame(FrameTag.CONTROL, refusal)
+                    return False
             data = offer.chunk(index)
-            head = frame_header(FrameTag.CHUNK, CHUNK_INDEX.size + len(data))
-            _send_all(sock, head + CHUNK_INDEX.pack(index), pace)
-            _send_all(sock, data, pace)
-        _send_all(sock, frame_header(FrameTag.END, 0), pace)
+            if channel is None:
+                head = frame_header(FrameTag.CHUNK, CHUNK_INDEX.size + len(data))
+                _send_all(sock, head + CHUNK_INDEX.pack(index), pace)
+                _send_all(sock, data, pace)
+            else:
+                assert ahead is not None
+                for part in ahead.take(index):
+                    _send_all(sock, part, pace)
+            payments.sent = index + 1
+        send_frame(FrameTag.END, b"")
     except (OSError, RemoteProtocolError):
-        return False  # the buyer went away, stalled, or did not pay: it gets no more
+        return False  # the buyer went away, stalled, or sent what is not a frame
+    finally:
+        if ahead is not None:
+            ahead.close()
     return True
+
+
+class _SealAhead:
+    """Seals chunk i+1 on a thread of its own while chunk i is sent: AES-GCM runs without
+    the GIL, so sealing costs a stream a second core rather than its time."""
+
+    def __init__(self, channel: SealedChannel, offer: Offer) -> None:
+        self.channel = channel
+        self.offer = offer
+        self._buffers = [memoryview(bytearray(offer.expected.chunk)) for _ in range(2)]
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="kvx-seal")
+        self._next: tuple[int, Future[tuple[bytes, memoryview, bytes]]] | None = None
+
+    def _seal(self, index: int) -> tuple[bytes, memoryview, bytes]:
+        data = self.offer.chunk(index)
+        out = self._buffers[index % 2][: len(data)]
+        clear, mac = self.channel.chunk_frame(index, data, out)
+        return clear, out, mac
+
+    def take(self, index: int) -> tuple[bytes, memoryview, bytes]:
+        """Chunk `index` sealed (header and index, ciphertext, tag); the next one starts."""
+        if self._next is not None and self._next[0] == index:
+            sealed = self._next[1].result()
+        else:
+            sealed = self._seal(index)
+        following = index + 1
+        if following < self.offer.expected.needed:  # its buffer is not the one being sent
+            self._next = (following, self._pool.submit(self._seal, following))
+        return sealed
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 _SLICE = 1 << 20
@@ -317,18 +394,18 @@ class TcpDataServer:
         inbox: Inbox,
         signer: Signer,
         *,
-        on_delivered: Callable[[Offer], None] | None = None,
+        on_finished: Callable[[Offer, int, bool], None] | None = None,
         on_receipt: Callable[[Statement], None] | None = None,
-        on_slow: Callable[[bytes, str], None] | None = None,
+        on_fault: Callable[[bytes, RemoteProtocolError], None] | None = None,
         now_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
         limits: DataLimits | None = None,
     ) -> None:
         self.sessions = sessions
         self.inbox = inbox
         self.signer = signer
-        self.on_delivered = on_delivered
-        self.on_receipt = on_receipt
-        self.on_slow = on_slow  # (buyer key, why): a reader cut for its pace
+        self.on_finished = on_finished  # (offer, bytes sent, whole): every admitted stream
+        self.on_receipt = on_receipt  # records a window receipt, raising if it is refused
+        self.on_fault = on_fault  # (buyer key, what it broke): cut for its pace or receipt
         self.now_ms = now_ms
         self.limits = limits if limits is not None else DataLimits()
         self.accept_errors = 0  # a metric: accept() failures survived
@@ -406,14 +483,16 @@ class TcpDataServer:
             with self._lock:
                 self._queued += 1
             try:
-                offer = await loop.run_in_executor(self._pool, self._stream, conn, frame)
+                ended = await loop.run_in_executor(self._pool, self._stream, conn, frame)
             finally:
                 self._streaming.discard(conn)
-        if offer is not None and self.on_delivered is not None:
-            self.on_delivered(offer)
+        if ended is not None and self.on_finished is not None:
+            self.on_finished(*ended)
 
-    def _stream(self, conn: socket.socket, frame: bytes) -> Offer | None:
-        """On a pool thread: admit the TRANSFER (it may wait for its ACCEPT), then stream."""
+    def _stream(self, conn: socket.socket, frame: bytes) -> tuple[Offer, int, bool] | None:
+        """On a pool thread: admit the TRANSFER (it may wait for its ACCEPT), then stream.
+        Returns how the stream of an admitted offer ended: the bytes sent, and whether whole
+        (None: no offer was admitted)."""
         with self._lock:
             self._queued -= 1
         set_stall_timeout(conn, self.limits.stall_s)
@@ -439,23 +518,24 @@ class TcpDataServer:
             )
             with contextlib.suppress(OSError):
                 _send_control(conn, reply)
-            return None
+            return offer, 0, False  # the token is spent: this deal will never stream
         pace = Pace(
             offer.expected.deliver, self.limits.stall_s, self.limits.min_rate, self._pressed
         )
         try:
-            payments = Payments(offer, admission.first, self.inbox, self.signer.identity.node_id)
-            done = serve_stream(
-                conn, offer, admission.first, payments, self.now_ms, pace, self.on_receipt
-            )
-            if pace.cut is not None and self.on_slow is not None:
-                self.on_slow(buyer, pace.cut)
+            payments = Payments(offer, admission.first, self.inbox, self.signer, self.on_receipt)
+            done = serve_stream(conn, offer, admission.first, payments, self.now_ms, pace)
+            fault = payments.refused
+            if pace.cut is not None:
+                fault = RemoteProtocolError(ErrorCode.TIMEOUT, pace.cut)
+            if fault is not None and self.on_fault is not None:
+                self.on_fault(buyer, fault)
         finally:
             with self._lock:
                 self._per_buyer[buyer] -= 1
                 if not self._per_buyer[buyer]:
                     del self._per_buyer[buyer]
-        return offer if done else None
+        return offer, payments.sent_bytes, done
 
     def _pressed(self) -> bool:
         """Whether streams wait for a thread: then none may hold one below the rate."""
@@ -493,6 +573,7 @@ def fetch_tcp(
     dest: Destination,
     timeout_s: float,
     pay: Callable[[int], bytes] | None = None,
+    key: bytes | None = None,
 ) -> None:
     """Open a stream to `address` and receive it whole (blocking; run it in a thread)."""
     try:
@@ -501,7 +582,7 @@ def fetch_tcp(
         raise RemoteProtocolError(ErrorCode.UNAVAILABLE, f"cannot reach {address}: {exc}") from None
     with sock:
         try:
-            receive_stream(sock, transfer_frame, verifier, dest, pay)
+            receive_stream(sock, transfer_frame, verifier, dest, pay, key)
         except (TimeoutError, BlockingIOError):  # SO_RCVTIMEO expired: EAGAIN
             raise RemoteProtocolError(ErrorCode.TIMEOUT, "the stream stalled") from None
         except OSError as exc:

@@ -14,6 +14,7 @@ import contextlib
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import ucxx
@@ -21,10 +22,13 @@ import ucxx
 from kvx.protocol import (
     CHUNK_INDEX,
     FRAME_HEADER,
+    SEAL_BYTES,
+    Direction,
     ErrorCode,
     FrameTag,
     ProtocolError,
     RemoteProtocolError,
+    SealedChannel,
     frame_header,
     parse_frame_header,
 )
@@ -46,8 +50,8 @@ async def _recv(ep: ucxx.Endpoint, n: int) -> bytes:
     return buf.tobytes()
 
 
-async def _read_header(ep: ucxx.Endpoint) -> tuple[FrameTag, int]:
-    return parse_frame_header(await _recv(ep, FRAME_HEADER.size))
+async def _read_header(ep: ucxx.Endpoint, sealed: bool = False) -> tuple[FrameTag, int]:
+    return parse_frame_header(await _recv(ep, FRAME_HEADER.size), sealed)
 
 
 async def _send(ep: ucxx.Endpoint, tag: FrameTag, *parts: bytes | memoryview) -> None:
@@ -56,37 +60,65 @@ async def _send(ep: ucxx.Endpoint, tag: FrameTag, *parts: bytes | memoryview) ->
         await ep.send(np.frombuffer(part, dtype=np.uint8))
 
 
+async def _send_frame(
+    ep: ucxx.Endpoint, channel: SealedChannel | None, tag: FrameTag, payload: bytes = b""
+) -> None:
+    """A whole frame that is not a CHUNK: its header message, then its payload, sealed
+    when the stream is (§9.6)."""
+    if channel is None:
+        await _send(ep, tag, *([payload] if payload else []))
+    else:
+        frame = channel.frame(tag, payload)
+        await _send(ep, tag, frame[FRAME_HEADER.size :])
+
+
+async def _recv_frame(
+    ep: ucxx.Endpoint, channel: SealedChannel | None, tag: FrameTag, length: int
+) -> bytes:
+    body = await _recv(ep, length) if length else b""
+    return body if channel is None else channel.open(tag, body)
+
+
 async def receive_stream_ucx(
     ep: ucxx.Endpoint,
     transfer_frame: bytes,
     verifier: StreamVerifier,
     dest: Destination,
     pay: Callable[[int], bytes] | None = None,
+    key: bytes | None = None,
 ) -> None:
-    """The UCX twin of `receive_stream`: same checks, same payment window, same resume
-    point on failure."""
+    """The UCX twin of `receive_stream`: same checks, same payment window, same sealing,
+    same resume point on failure. A sealed chunk is three messages after its header: the
+    index, the ciphertext (into the landing memory) and the tag."""
     if verifier.expected.window and pay is None:
         raise ValueError("a quote with a payment window needs `pay`")
+    channel = None if key is None else SealedChannel(key, Direction.TO_SELLER)
+    sealed = channel is not None
     await _send(ep, FrameTag.CONTROL, transfer_frame)
-    tag, length = await _read_header(ep)
-    if tag == FrameTag.CONTROL:
+    tag, length = await _read_header(ep, sealed)
+    if tag == FrameTag.CONTROL:  # refused at admission, before any key is in use
         raise remote_error(await _recv(ep, length))
     if tag != FrameTag.CHUNK_LIST:
         raise RemoteProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"{tag.name} before the list")
-    verifier.chunk_list(await _recv(ep, length))
+    verifier.chunk_list(await _recv_frame(ep, channel, tag, length))
 
     loop = asyncio.get_running_loop()
 
-    def verify(index: int, landed: memoryview) -> None:
+    def verify(index: int, landed: memoryview, mac: np.ndarray) -> None:
+        if channel is not None:
+            channel.open_chunk(index, [landed], mac.tobytes())
         verifier.check(index, landed)
         dest.commit(index, landed)
 
-    def post(index: int) -> tuple[int, np.ndarray, np.ndarray, memoryview, asyncio.Future]:
+    def post(index: int) -> tuple[int, np.ndarray, np.ndarray, memoryview, np.ndarray, Any]:
         # The buyer knows every chunk's index and length in advance, so the receives for
         # the next chunk are posted while this one is still arriving: no rendezvous bubble.
         head, idx, landed = np.empty(5, np.uint8), np.empty(4, np.uint8), dest.landing(index)
-        done = asyncio.gather(ep.recv(head), ep.recv(idx), ep.recv(_array(landed)))
-        return index, head, idx, landed, done
+        mac = np.empty(SEAL_BYTES if sealed else 0, np.uint8)
+        receives = [ep.recv(head), ep.recv(idx), ep.recv(_array(landed))]
+        if sealed:
+            receives.append(ep.recv(mac))
+        return index, head, idx, landed, mac, asyncio.gather(*receives)
 
     expected = verifier.expected
     window = [
@@ -96,27 +128,27 @@ async def receive_stream_ucx(
         pending: asyncio.Future[None] | None = None
         try:
             while window:
-                index, head, idx, landed, done = window.pop(0)
+                index, head, idx, landed, mac, done = window.pop(0)
                 try:
                     await done
                 except ucxx.exceptions.UCXMsgTruncated:
                     raise RemoteProtocolError(
                         ErrorCode.SIZE_MISMATCH, f"chunk {index} is longer than announced"
                     ) from None
-                tag, length = parse_frame_header(head.tobytes())
+                tag, length = parse_frame_header(head.tobytes(), sealed)
                 if tag != FrameTag.CHUNK:
                     raise RemoteProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"{tag.name} frame")
                 (sent_index,) = CHUNK_INDEX.unpack(idx.tobytes())
-                verifier.begin_chunk(sent_index, length - CHUNK_INDEX.size)
+                verifier.begin_chunk(sent_index, length - CHUNK_INDEX.size - mac.size)
                 if pending is not None:
                     await pending
-                pending = loop.run_in_executor(hasher, verify, index, landed)
+                pending = loop.run_in_executor(hasher, verify, index, landed, mac)
                 if verifier.window_full:  # the seller waits: pay for what verified
                     await pending
                     pending = None
                     due = verifier.payment_due()
                     assert due is not None and pay is not None
-                    await _send(ep, FrameTag.CONTROL, pay(due))
+                    await _send_frame(ep, channel, FrameTag.CONTROL, pay(due))
                 if index + 2 < expected.needed:
                     window.append(post(index + 2))
         finally:
@@ -129,12 +161,13 @@ async def receive_stream_ucx(
                     await pending
         if pending is not None:
             await pending
-    tag, _ = await _read_header(ep)
+    tag, length = await _read_header(ep, sealed)
     if tag != FrameTag.END:
         raise RemoteProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"{tag.name} instead of END")
+    await _recv_frame(ep, channel, tag, length)
     verifier.end()
     dest.finish()
-    await _send(ep, FrameTag.END)  # the seller may close now: everything has arrived
+    await _send_frame(ep, channel, FrameTag.END)  # the seller may close: everything arrived
 
 
 async def fetch_ucx(
@@ -143,6 +176,7 @@ async def fetch_ucx(
     verifier: StreamVerifier,
     dest: Destination,
     pay: Callable[[int], bytes] | None = None,
+    key: bytes | None = None,
 ) -> None:
     host, port = split_address(address)
     try:
@@ -150,7 +184,7 @@ async def fetch_ucx(
     except Exception as exc:  # ucxx raises its own error types for unreachable peers
         raise RemoteProtocolError(ErrorCode.UNAVAILABLE, f"cannot reach {address}: {exc}") from None
     try:
-        await receive_stream_ucx(ep, transfer_frame, verifier, dest, pay)
+        await receive_stream_ucx(ep, transfer_frame, verifier, dest, pay, key)
     except ucxx.exceptions.UCXError as exc:
         raise RemoteProtocolError(ErrorCode.STREAM_TRUNCATED, f"the stream broke: {exc}") from None
     finally:
@@ -166,8 +200,9 @@ class UcxDataServer:
         inbox: Inbox,
         signer: Signer,
         *,
-        on_delivered: Callable[[Offer], None] | None = None,
+        on_finished: Callable[[Offer, int, bool], None] | None = None,
         on_receipt: Callable[[Statement], None] | None = None,
+        on_fault: Callable[[bytes, RemoteProtocolError], None] | None = None,
         now_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
         limits: DataLimits | None = None,
     ) -> None:
@@ -175,8 +210,9 @@ class UcxDataServer:
         self.sessions = sessions
         self.inbox = inbox
         self.signer = signer
-        self.on_delivered = on_delivered
-        self.on_receipt = on_receipt
+        self.on_finished = on_finished
+        self.on_receipt = on_receipt  # records a window receipt, raising if it is refused
+        self.on_fault = on_fault
         self.now_ms = now_ms
         self._listener: ucxx.Listener | None = None
         self._host = "127.0.0.1"
@@ -197,71 +233,92 @@ class UcxDataServer:
         self._active.add(task)
         task.add_done_callback(self._active.discard)
         try:
-            offer = await self._stream(ep)
-        except (ucxx.exceptions.UCXError, TimeoutError):
-            offer = None  # the buyer went away, or read slower than the minimum rate
+            ended = await self._stream(ep)
         finally:
             await ep.close()
-        if offer is not None and self.on_delivered is not None:
-            self.on_delivered(offer)
+        if ended is not None and self.on_finished is not None:
+            self.on_finished(*ended)
 
-    async def _stream(self, ep: ucxx.Endpoint) -> Offer | None:
-        tag, length = await _read_header(ep)
-        if tag != FrameTag.CONTROL:
+    async def _stream(self, ep: ucxx.Endpoint) -> tuple[Offer, int, bool] | None:
+        """Admit the TRANSFER and stream; how an admitted offer's stream ended (bytes
+        sent, whether whole), or None when no offer was admitted."""
+        try:
+            tag, length = await _read_header(ep)
+            if tag != FrameTag.CONTROL:
+                return None
+            frame = await _recv(ep, length)
+            # admit() may wait for the quote's ACCEPT, which this very loop must process.
+            admission = await asyncio.to_thread(
+                admit, frame, self.sessions, self.inbox, self.signer, self.now_ms()
+            )
+            if admission.offer is None:
+                if admission.reply is not None:
+                    await _send(ep, FrameTag.CONTROL, admission.reply)
+                return None
+        except (ucxx.exceptions.UCXError, TimeoutError):
             return None
-        frame = await _recv(ep, length)
-        # admit() may wait for the quote's ACCEPT, which this very loop must process.
-        admission = await asyncio.to_thread(
-            admit, frame, self.sessions, self.inbox, self.signer, self.now_ms()
-        )
         offer = admission.offer
-        if offer is None:
-            if admission.reply is not None:
-                await _send(ep, FrameTag.CONTROL, admission.reply)
-            return None
+        payments = Payments(offer, admission.first, self.inbox, self.signer, self.on_receipt)
         # No thread is held here, but a task and its buffers are: the same deadline as
         # TCP's for the whole stream, from its size and the minimum rate (§9.5).
         size = offer.expected.deliver
-        async with asyncio.timeout(self.limits.stall_s + size / self.limits.min_rate):
-            return await self._send_stream(ep, offer, admission.first)
+        try:
+            async with asyncio.timeout(self.limits.stall_s + size / self.limits.min_rate):
+                whole = await self._send_stream(ep, offer, payments)
+        except (ucxx.exceptions.UCXError, TimeoutError):
+            whole = False  # the buyer went away, or read slower than the minimum rate
+        return offer, payments.sent_bytes, whole
 
-    async def _send_stream(self, ep: ucxx.Endpoint, offer: Offer, first: int) -> Offer | None:
-        await _send(ep, FrameTag.CHUNK_LIST, b"".join(offer.hashes))
-        payments = Payments(offer, first, self.inbox, self.signer.identity.node_id)
+    async def _send_stream(self, ep: ucxx.Endpoint, offer: Offer, payments: Payments) -> bool:
+        channel = None if offer.key is None else SealedChannel(offer.key, Direction.TO_BUYER)
+        sealed = channel is not None
+        await _send_frame(ep, channel, FrameTag.CHUNK_LIST, b"".join(offer.hashes))
+        scratch = [bytearray(offer.expected.chunk if sealed else 0) for _ in range(3)]
         inflight: list[asyncio.Future] = []
-        for index in range(first, offer.expected.needed):
+        for index in range(payments.sent, offer.expected.needed):
             if payments.blocked(index):  # the window is used up: wait for the receipt
                 await asyncio.gather(*inflight)
                 inflight.clear()
-                tag, length = await _read_header(ep)
+                tag, length = await _read_header(ep, sealed)
                 if tag != FrameTag.CONTROL:
-                    return None
-                try:
-                    receipt = payments.receipt(await _recv(ep, length), index, self.now_ms())
-                except RemoteProtocolError:
-                    return None  # no valid receipt: the buyer gets no more
-                if self.on_receipt is not None:
-                    self.on_receipt(receipt)
+                    return False
+                frame = await _recv_frame(ep, channel, tag, length)
+                # From a worker thread, as on TCP: `on_receipt` waits for the node's loop.
+                refusal = await asyncio.to_thread(payments.receipt, frame, index, self.now_ms())
+                if payments.refused is not None:  # the buyer gets no more
+                    if self.on_fault is not None:
+                        self.on_fault(offer.buyer, payments.refused)
+                    if refusal is not None:
+                        await _send_frame(ep, channel, FrameTag.CONTROL, refusal)
+                    return False
             data = offer.chunk(index)
-            head = frame_header(FrameTag.CHUNK, CHUNK_INDEX.size + len(data))
+            if channel is None:
+                head = frame_header(FrameTag.CHUNK, CHUNK_INDEX.size + len(data))
+                parts = [head + CHUNK_INDEX.pack(index), data]
+            else:  # three buffers rotate with the three sends that may be in flight
+                out = memoryview(scratch[index % 3])[: len(data)]
+                clear, mac = channel.chunk_frame(index, data, out)
+                parts = [clear, out, mac]
             # Two chunks in flight: the next is posted before this one has left.
             inflight.append(
                 asyncio.gather(
-                    ep.send(np.frombuffer(head, dtype=np.uint8)),
-                    ep.send(np.frombuffer(CHUNK_INDEX.pack(index), dtype=np.uint8)),
-                    ep.send(_array(data)),
+                    ep.send(np.frombuffer(parts[0][: FRAME_HEADER.size], dtype=np.uint8)),
+                    ep.send(np.frombuffer(parts[0][FRAME_HEADER.size :], dtype=np.uint8)),
+                    *(ep.send(_array(memoryview(p))) for p in parts[1:]),
                 )
             )
             if len(inflight) > 2:
                 await inflight.pop(0)
+            payments.sent = index + 1
         await asyncio.gather(*inflight)
-        await _send(ep, FrameTag.END)
+        await _send_frame(ep, channel, FrameTag.END)
         # A completed UCX send only means the buffer is free, not that it arrived: close
         # after the buyer's END, or the last chunks may die with the endpoint.
-        tag, _ = await _read_header(ep)
+        tag, length = await _read_header(ep, sealed)
         if tag != FrameTag.END:
-            return None
-        return offer
+            return False
+        await _recv_frame(ep, channel, tag, length)
+        return True
 
     async def close(self) -> None:
         """Finish the streams under way, then stop listening."""

@@ -3,7 +3,8 @@ replay guard, the encrypted control channel, namespaces, policy, peer scores, th
 """
 
 from ._atrest import AtRestCipher
-from ._config import ConfigFile, read_secret, write_private
+from ._config import ConfigFile, owner_only, read_secret, write_private
+from ._credit import Allowance, source_network
 from ._curve import make_curve_client, make_curve_server, peer_curve_key, start_authenticator
 from ._envelope import (
     DEFAULT_TTL_MS,
@@ -26,6 +27,7 @@ __all__ = [
     "DEFAULT_TTL_MS",
     "DEFAULT_VERIFY",
     "KEY_FILE_TAG",
+    "Allowance",
     "AtRestCipher",
     "AuditEntry",
     "Bound",
@@ -52,9 +54,11 @@ __all__ = [
     "make_curve_client",
     "make_curve_server",
     "open_envelope",
+    "owner_only",
     "peer_curve_key",
     "read_secret",
     "seal",
+    "source_network",
     "start_authenticator",
     "verify_envelope",
     "water_fill",

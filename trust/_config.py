@@ -116,6 +116,18 @@ def check_private(path: Path, what: str) -> None:
         )
 
 
+def owner_only(path: str | os.PathLike[str]) -> None:
+    """Create `path` (if absent) or narrow it to its owner, before a library opens it: a
+    node's files hold its deals, scores and KV, private namespaces' included, whatever
+    the umask or the data dir's mode. SQLite gives its WAL and shared-memory files the
+    database's own mode."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
 def write_private(path: str | os.PathLike[str], text: str, what: str) -> None:
     """Create a file readable by its owner only; an existing file is never replaced."""
     try:

@@ -21,6 +21,8 @@ from kvx.protocol import (
     receipt_price,
 )
 
+from ._config import owner_only
+from ._credit import Allowance
 from ._envelope import Statement, open_envelope
 
 _SCHEMA = """
@@ -34,8 +36,14 @@ CREATE TABLE IF NOT EXISTS deals (
     quote_frame  BLOB NOT NULL,
     accept_frame BLOB NOT NULL,
     accepted_ms  INTEGER NOT NULL,
-    delivered_ms INTEGER
+    delivered_ms INTEGER,
+    window       INTEGER NOT NULL DEFAULT 0,
+    network      TEXT NOT NULL DEFAULT '',
+    sent         INTEGER,
+    ended_ms     INTEGER,
+    ended        TEXT
 );
+CREATE INDEX IF NOT EXISTS deals_by_time ON deals (accepted_ms);
 CREATE TABLE IF NOT EXISTS receipts (
     quote_id      BLOB PRIMARY KEY REFERENCES deals (quote_id),
     receipt_frame BLOB NOT NULL,
@@ -54,6 +62,30 @@ _RECEIPT_COLUMNS = (  # a ledger written before payment windows held whole recei
 )
 
 
+_DEAL_COLUMNS = {  # a ledger written before deals had a life and a source network
+    "window": "ALTER TABLE deals ADD COLUMN window INTEGER NOT NULL DEFAULT 0",
+    "network": "ALTER TABLE deals ADD COLUMN network TEXT NOT NULL DEFAULT ''",
+    "sent": "ALTER TABLE deals ADD COLUMN sent INTEGER",
+    "ended_ms": "ALTER TABLE deals ADD COLUMN ended_ms INTEGER",
+    "ended": "ALTER TABLE deals ADD COLUMN ended TEXT",
+}
+
+_UNPAID = """
+SELECT COALESCE(SUM(CASE
+    WHEN d.sent IS NULL
+    THEN MIN(CASE WHEN d.window > 0 THEN d.window ELSE d.bytes END,
+             d.bytes - COALESCE(r.bytes, 0))
+    ELSE MAX(0, d.sent - COALESCE(r.bytes, 0)) END), 0)
+FROM deals d LEFT JOIN receipts r USING (quote_id)
+WHERE d.seller = :me AND d.accepted_ms >= :since
+"""
+"""Bytes sold and not receipted: what a deal's stream sent past its last receipt, or, while
+it may still stream (or where a restart lost count), the window it may send unpaid."""
+
+_STRANGER = """d.buyer NOT IN (SELECT p.buyer FROM deals p JOIN receipts pr USING (quote_id)
+    WHERE p.seller = :me)"""
+
+
 def _fail(code: ErrorCode, detail: str) -> RemoteProtocolError:
     return RemoteProtocolError(code, detail)
 
@@ -68,6 +100,7 @@ class AuditEntry:
     price: int
     paid: int  # what the latest receipt states: the price, or part of it mid-stream
     receipted: bool  # a receipt for the whole delivery is stored
+    ended: str | None = None  # why a deal expired undelivered (spec §10.7)
 
 
 class Ledger:
@@ -75,6 +108,7 @@ class Ledger:
 
     def __init__(self, path: str | os.PathLike[str], me: bytes) -> None:
         self.me = me
+        owner_only(path)
         self._db = sqlite3.connect(path, isolation_level=None, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
@@ -86,14 +120,22 @@ class Ledger:
             for statement in _RECEIPT_COLUMNS:
                 self._db.execute(statement)
             self._db.execute("COMMIT")
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(deals)")}
+        for column, statement in _DEAL_COLUMNS.items():
+            if column not in columns:
+                self._db.execute(statement)
 
     def close(self) -> None:
         self._db.close()
 
     def exposure(self, peer: bytes) -> int:
-        """What `peer` owes this node, counting accepted deals not yet receipted."""
+        """What `peer` owes this node, counting accepted deals not yet receipted; a deal
+        that expired undelivered counts what its receipts paid, no more (§10.7)."""
         sold = self._db.execute(
-            "SELECT COALESCE(SUM(price), 0) FROM deals WHERE seller = ? AND buyer = ?",
+            "SELECT COALESCE(SUM(CASE WHEN d.ended_ms IS NULL THEN d.price"
+            " ELSE COALESCE(r.price, 0) END), 0)"
+            " FROM deals d LEFT JOIN receipts r USING (quote_id)"
+            " WHERE d.seller = ? AND d.buyer = ?",
             (self.me, peer),
         ).fetchone()[0]
         bought = self._db.execute(
@@ -112,12 +154,79 @@ class Ledger:
                 f"buyer owes {owed}; {price} more would pass its limit of {limit}",
             )
 
-    def record_accept(self, quote: Statement, accept: Statement, now_ms: int, limit: int) -> None:
-        """Store a QUOTE and the ACCEPT that binds it, checking the buyer's credit atomically."""
+    def paid_bytes(self, buyer: bytes) -> int:
+        """Bytes `buyer` has receipted to this node, ever: the history a stranger lacks."""
+        return self._db.execute(
+            "SELECT COALESCE(SUM(r.bytes), 0) FROM deals d JOIN receipts r USING (quote_id)"
+            " WHERE d.seller = ? AND d.buyer = ?",
+            (self.me, buyer),
+        ).fetchone()[0]
+
+    def unpaid_bytes(
+        self, since_ms: int, *, buyer: bytes | None = None, network: str | None = None
+    ) -> int:
+        """Bytes sold since `since_ms` and not receipted: to `buyer`, or to the buyers
+        with no paid history that spoke from `network`."""
+        query, args = _UNPAID, {"me": self.me, "since": since_ms}
+        if buyer is not None:
+            query += " AND d.buyer = :buyer"
+            args["buyer"] = buyer
+        if network is not None:
+            query += f" AND d.network = :network AND {_STRANGER}"
+            args["network"] = network
+        return self._db.execute(query, args).fetchone()[0]
+
+    def check_unpaid(
+        self,
+        buyer: bytes,
+        network: str,
+        unpaid: int,
+        now_ms: int,
+        allowance: Allowance,
+        window_bytes: int,
+    ) -> None:
+        """Raise CREDIT_LIMIT if a deal that may leave `unpaid` bytes unpaid would take
+        `buyer`, or the strangers of its network, past the allowance (§10.5), counted in
+        windows of `window_bytes`."""
+        since = now_ms - allowance.span_ms
+        paid = self.paid_bytes(buyer)
+        taken = self.unpaid_bytes(since, buyer=buyer)
+        if taken + unpaid > allowance.stranger_windows * window_bytes + paid:
+            raise _fail(
+                ErrorCode.CREDIT_LIMIT,
+                f"{taken} bytes unpaid within the hour; {unpaid} more would pass"
+                f" {allowance.stranger_windows * window_bytes + paid}",
+            )
+        if paid == 0 and network:
+            shared = self.unpaid_bytes(since, network=network)
+            if shared + unpaid > allowance.network_windows * window_bytes:
+                raise _fail(
+                    ErrorCode.CREDIT_LIMIT,
+                    f"new buyers from {network} have left the network's allowance unpaid"
+                    " within the hour",
+                )
+
+    def record_accept(
+        self,
+        quote: Statement,
+        accept: Statement,
+        now_ms: int,
+        limit: int,
+        network: str = "",
+        allowance: Allowance | None = None,
+        window_bytes: int = 0,
+    ) -> None:
+        """Store a QUOTE and the ACCEPT that binds it, checking the buyer's credit (and,
+        as its seller, what it may leave unpaid) atomically."""
         q, a = quote.message, accept.message
         if not (isinstance(q, Quote) and isinstance(a, Accept)):
             raise _fail(ErrorCode.UNEXPECTED_MESSAGE, "a deal is a QUOTE and its ACCEPT")
-        if a.quote != q.quote or a.price != q.price or a.root != q.root:
+        if (
+            a.quote != q.quote
+            or a.price != q.price
+            or a.root != q.root
+            or (a.kx is None) != (q.kx is None)
+        ):
             raise _fail(ErrorCode.UNKNOWN_QUOTE, "the ACCEPT does not match the QUOTE")
         seller, buyer = quote.signer_id, accept.signer_id
         if self.me not in (seller, buyer) or quote.header.to != buyer:
@@ -136,8 +245,13 @@ class Ledger:
                 return
             if seller == self.me:
                 self.check_credit(buyer, q.price, limit)
+                if allowance is not None:
+                    window = min(q.window or q.deliver, q.deliver)
+                    self.check_unpaid(buyer, network, window, now_ms, allowance, window_bytes)
             self._db.execute(
-                "INSERT INTO deals VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+                "INSERT INTO deals (quote_id, seller, buyer, price, root, bytes, quote_frame,"
+                " accept_frame, accepted_ms, window, network) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?,"
+                " ?, ?)",
                 (
                     q.quote,
                     seller,
@@ -148,6 +262,8 @@ class Ledger:
                     quote.frame,
                     accept.frame,
                     now_ms,
+                    q.window or 0,
+                    network,
                 ),
             )
             self._db.execute("COMMIT")
@@ -158,11 +274,30 @@ class Ledger:
     def record_delivery(self, quote_id: bytes, now_ms: int) -> None:
         """The seller streamed every chunk of this deal; only now may a receipt name it."""
         cur = self._db.execute(
-            "UPDATE deals SET delivered_ms = ? WHERE quote_id = ? AND seller = ?",
+            "UPDATE deals SET delivered_ms = ?, sent = bytes WHERE quote_id = ? AND seller = ?",
             (now_ms, quote_id, self.me),
         )
         if cur.rowcount != 1:
             raise _fail(ErrorCode.UNKNOWN_QUOTE, "no deal of ours with that quote id")
+
+    def record_expiry(self, quote_id: bytes, now_ms: int, why: str, sent: int | None) -> bool:
+        """A deal of ours whose life ended undelivered (§10.7): its unreceipted price no
+        longer counts against its buyer; `sent` (None: not known) bytes of it did go out.
+        False if it was delivered or had expired already."""
+        cur = self._db.execute(
+            "UPDATE deals SET ended_ms = ?, ended = ?, sent = ? WHERE quote_id = ?"
+            " AND seller = ? AND delivered_ms IS NULL AND ended_ms IS NULL",
+            (now_ms, why, sent, quote_id, self.me),
+        )
+        return cur.rowcount == 1
+
+    def expire_undelivered(self, now_ms: int, why: str) -> int:
+        """Expire every deal of ours still open: at start-up, when no stream can be alive."""
+        return self._db.execute(
+            "UPDATE deals SET ended_ms = ?, ended = ? WHERE seller = ? AND delivered_ms IS NULL"
+            " AND ended_ms IS NULL",
+            (now_ms, why, self.me),
+        ).rowcount
 
     def record_receipt(self, receipt: Statement, now_ms: int) -> None:
         """Store a buyer's RECEIPT for a deal that was accepted (and, for the whole
@@ -229,7 +364,7 @@ class Ledger:
         """Every deal, oldest first."""
         rows = self._db.execute(
             "SELECT d.accepted_ms, d.seller, d.buyer, d.quote_id, d.bytes, d.price,"
-            " COALESCE(r.price, 0), COALESCE(r.bytes = d.bytes, 0)"
+            " COALESCE(r.price, 0), COALESCE(r.bytes = d.bytes, 0), d.ended"
             " FROM deals d LEFT JOIN receipts r USING (quote_id)"
             " ORDER BY d.accepted_ms, d.quote_id"
         )
@@ -243,8 +378,9 @@ class Ledger:
                 price=price,
                 paid=paid,
                 receipted=bool(done),
+                ended=ended,
             )
-            for when, seller, buyer, qid, size, price, paid, done in rows
+            for when, seller, buyer, qid, size, price, paid, done, ended in rows
         ]
 
     def verify(self) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from kvx.protocol import ConfigError, ErrorCode, Namespace, RemoteProtocolError
 
 from ._config import ConfigFile, Section, read_secret
+from ._credit import Allowance
 
 ANYONE = "*"
 
@@ -137,6 +138,9 @@ class Policy:
     credit_limit: int = 10**9
     """Default unpaid balance a buyer may run up with this node, in micro-credits."""
     peer_credit_limits: Mapping[bytes, int] = field(default_factory=dict)
+    unpaid: Allowance = field(default_factory=Allowance)
+    """Bytes buyers may take unpaid within an hour: each beyond what it has paid for, and
+    the new buyers of one network together (spec §10.5)."""
     namespaces: tuple[NamespaceRule, ...] = ()
     scores: ScoreRules = ScoreRules()
     encrypt_at_rest: bool = False
@@ -148,6 +152,8 @@ class Policy:
     """Whether peers may name private, link-local and other non-global addresses."""
     verify: VerifyPolicy = DEFAULT_VERIFY
     """What this node's clients check of bought KV unless they say otherwise."""
+    seal_public: bool = False
+    """Whether this node's clients ask for public KV's streams to be sealed (§9.6)."""
 
     def check_address(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
         """Raise DENIED for a peer-supplied address this node's policy keeps it from dialing."""
@@ -192,9 +198,15 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
     non_negative = lambda v: None if v >= 0 else "must not be negative"  # noqa: E731
     max_price = sec.take("max_price", int, Policy.max_price, non_negative)
     credit_limit = sec.take("credit_limit", int, Policy.credit_limit, non_negative)
+    windows = Allowance.stranger_windows, Allowance.network_windows
+    unpaid = Allowance(
+        stranger_windows=sec.take("stranger_unpaid_windows", int, windows[0], non_negative),
+        network_windows=sec.take("network_unpaid_windows", int, windows[1], non_negative),
+    )
     encrypt = sec.take("encrypt_at_rest", bool, False)
     loopback = sec.take("allow_loopback", bool, Policy.allow_loopback)
     private = sec.take("allow_private", bool, Policy.allow_private)
+    seal_public = sec.take("seal_public", bool, Policy.seal_public)
     peers_table = sec.take("peers", dict, {})
     verify_text = sec.take("verify", str, str(DEFAULT_VERIFY))
     try:
@@ -254,10 +266,12 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
         max_price=max_price,
         credit_limit=credit_limit,
         peer_credit_limits=limits,
+        unpaid=unpaid,
         namespaces=tuple(namespaces),
         scores=scores,
         encrypt_at_rest=encrypt,
         allow_loopback=loopback,
         allow_private=private,
         verify=verify,
+        seal_public=seal_public,
     )

@@ -13,6 +13,7 @@ from enum import Enum
 
 from kvx.protocol import ErrorCode
 
+from ._config import owner_only
 from ._policy import ScoreRules
 
 
@@ -27,6 +28,7 @@ class Event(Enum):
     FALSE_ACCUSATION = -100.0  # an ACCUSE whose evidence the weights show false (§8.19)
     UNSERVABLE_AD = -15.0
     TIMEOUT = -5.0
+    BAD_RECEIPT = -30.0  # a window receipt for what was not sent, or that does not pay (§9.4)
     GOOD_DELIVERY = 5.0
 
     @classmethod
@@ -47,6 +49,7 @@ _BY_CODE = {
     ErrorCode.EXPIRED: Event.REPLAY,
     ErrorCode.NOT_YET_VALID: Event.REPLAY,
     ErrorCode.CHUNK_HASH_MISMATCH: Event.BAD_CHUNK,
+    ErrorCode.BAD_SEAL: Event.BAD_CHUNK,
     ErrorCode.ROOT_MISMATCH: Event.BAD_CHUNK,
     ErrorCode.SIZE_MISMATCH: Event.BAD_CHUNK,
     ErrorCode.STREAM_TRUNCATED: Event.TIMEOUT,
@@ -58,6 +61,7 @@ _BY_CODE = {
 class PeerScores:
     def __init__(self, path: str | os.PathLike[str], rules: ScoreRules | None = None) -> None:
         self.rules = rules if rules is not None else ScoreRules()
+        owner_only(path)
         self._db = sqlite3.connect(path, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(

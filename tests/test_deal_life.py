@@ -1,0 +1,90 @@
+"""A deal's life (spec §10.7), on the seller's market with a real store and ledger and a
+clock the test moves: what no live node can show without waiting out a token's life."""
+
+import blake3
+import pytest
+
+from kvx.p2p._clock import Clock
+from kvx.p2p._market import QUOTE_TTL_MS, Market
+from kvx.p2p._pricing import PricePolicy
+from kvx.p2p._store import LocalStore
+from kvx.protocol import Accept, KVLayout, Quote, QuoteRequest
+from kvx.transport import Sessions
+from kvx.trust import Identity, Ledger, Memberships, Policy, Signer, open_envelope
+
+LAYOUT = KVLayout(dtype="float16", layers=2, kv_heads=2, head_dim=8, block=16)
+FP = b"\x0f" * 32
+CHAIN = tuple(blake3.blake3(f"doc/{i}".encode()).digest() for i in range(3))
+SELLER, BUYER = Identity.generate(), Identity.generate()
+
+
+class Frozen(Clock):
+    def __init__(self, ms: int) -> None:
+        self.ms = ms
+
+    def time(self) -> float:
+        return self.ms / 1000
+
+    def monotonic(self) -> float:
+        return self.ms / 1000
+
+
+@pytest.fixture
+def books(tmp_path):
+    clock = Frozen(1_800_000_000_000)
+    store = LocalStore(tmp_path / "store", memory_bytes=1 << 20, disk_bytes=1 << 20)
+    store.put(fp=FP, ns=None, layout=LAYOUT, blocks=CHAIN, payload=bytes(6144), params=10**9)
+    ledger = Ledger(tmp_path / "ledger.db", SELLER.node_id)
+
+    def market() -> Market:
+        return Market(
+            signer=Signer(SELLER),
+            store=store,
+            ledger=ledger,
+            sessions=Sessions(),
+            policy=Policy(),
+            memberships=Memberships(SELLER.node_id, Policy()),
+            pricing=PricePolicy(),
+            data={"tcp": "127.0.0.1:9"},
+            clock=clock,
+        )
+
+    yield market, ledger, clock
+    ledger.close()
+    store.close()
+
+
+def accepted(market: Market, clock: Frozen) -> Quote:
+    buyer = Signer(BUYER)
+    ask = QuoteRequest(fp=FP, blocks=CHAIN, transports=("tcp",), max_price=10**12)
+    request = open_envelope(buyer.seal(ask, now_ms=clock.ms, to=SELLER.node_id))
+    q = open_envelope(market.quote_request(request, clock.ms)).message
+    accept = Accept(quote=q.quote, price=q.price, root=q.root)
+    market.accept(open_envelope(buyer.seal(accept, now_ms=clock.ms, to=SELLER.node_id)), clock.ms)
+    return q
+
+
+def test_a_deal_no_stream_opened_expires_with_its_token(books):
+    make, ledger, clock = books
+    market = make()
+    q = accepted(market, clock)
+    assert ledger.exposure(BUYER.node_id) == q.price > 0
+    clock.ms += QUOTE_TTL_MS + 60_000  # the token's last moment: the deal still lives
+    market.expire(clock.ms)
+    assert ledger.exposure(BUYER.node_id) == q.price
+    clock.ms += 1
+    market.expire(clock.ms)
+    assert ledger.exposure(BUYER.node_id) == 0
+    assert [e.ended for e in ledger.audit()] == ["no stream opened it in time"]
+    assert ledger.unpaid_bytes(0, buyer=BUYER.node_id) == 0  # nothing was sent
+
+
+def test_a_seller_that_restarts_ends_the_deals_it_left_open(books):
+    make, ledger, clock = books
+    q = accepted(make(), clock)
+    assert ledger.exposure(BUYER.node_id) == q.price
+    make()  # the process that could have streamed it is gone
+    assert ledger.exposure(BUYER.node_id) == 0
+    assert [e.ended for e in ledger.audit()] == ["the seller restarted"]
+    # What it may have streamed unpaid still counts against the buyer for the hour.
+    assert ledger.unpaid_bytes(0, buyer=BUYER.node_id) == q.deliver
