@@ -87,7 +87,8 @@ class Stream:
         return b"".join(self.chunks[i] for i in sorted(self.chunks))[:size]
 
 
-def _read(sock: socket.socket, n: int, wire: bytearray | None = None) -> bytes | None:
+def read_exactly(sock: socket.socket, n: int, wire: bytearray | None = None) -> bytes | None:
+    """`n` bytes, or None when the peer closed first; `wire` keeps a copy of what came."""
     out = bytearray()
     while len(out) < n:
         part = sock.recv(n - len(out))
@@ -139,7 +140,7 @@ def _receive(
     extra = SEAL if sealing is not None else 0
     paid = expect = first
     while True:
-        head = _read(sock, HEADER.size, stream.wire)
+        head = read_exactly(sock, HEADER.size, stream.wire)
         if head is None:
             stream.closed = True
             if not stream.ended and not stream.controls:
@@ -151,12 +152,12 @@ def _receive(
             return stream
         if tag == CHUNK:
             size = min(quote.chunk, stored - expect * quote.chunk) + 4 + extra
-            index_bytes = _read(sock, 4, stream.wire) or b"\0\0\0\0"
+            index_bytes = read_exactly(sock, 4, stream.wire) or b"\0\0\0\0"
             (index,) = struct.unpack("<I", index_bytes)
             if stream.hashes is None or index != expect or length != size:
                 stream.fault = f"chunk {index} ({length} bytes) where {expect} was due"
                 return stream
-            data = _read(sock, length - 4, stream.wire) or b""
+            data = read_exactly(sock, length - 4, stream.wire) or b""
             if sealing is not None:
                 data = sealing.open_chunk(index, head + index_bytes, data)
                 if data is None:
@@ -175,7 +176,7 @@ def _receive(
                     sock.sendall(sealing.seal(CONTROL, receipt))
                 paid = expect
             continue
-        body = _read(sock, length, stream.wire) or b""
+        body = read_exactly(sock, length, stream.wire) or b""
         # Before the chunk list, a CONTROL is the seller's refusal of the TRANSFER, in clear.
         if sealing is not None and (tag != CONTROL or stream.hashes is not None):
             opened = sealing.open(tag, body)

@@ -8,6 +8,7 @@ import time
 
 from swarm import NodeProcess, TestPeer
 
+from kvx.conformance._data import read_exactly
 from kvx.protocol import (
     Accept,
     Error,
@@ -29,22 +30,12 @@ def now() -> int:
 
 def read_frame(sock: socket.socket) -> tuple[FrameTag, bytes] | None:
     """One data-channel frame, or None when the seller closed the connection first."""
-    head = _read(sock, 5)
+    head = read_exactly(sock, 5)
     if head is None:
         return None
     tag, length = parse_frame_header(head)
-    body = _read(sock, length)
+    body = read_exactly(sock, length)
     return None if body is None else (tag, body)
-
-
-def _read(sock: socket.socket, n: int) -> bytes | None:
-    out = bytearray()
-    while len(out) < n:
-        part = sock.recv(n - len(out))
-        if not part:
-            return None
-        out += part
-    return bytes(out)
 
 
 class RawBuyer:
