@@ -136,7 +136,7 @@ def run(n: int, ads: int, root: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[8, 16, 32])
     parser.add_argument("--ads", type=int, default=5)
     parser.add_argument("--json", metavar="OUT")

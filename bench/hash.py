@@ -51,7 +51,7 @@ def streamed_root(tensor: torch.Tensor) -> bytes:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mib", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--json", metavar="OUT", help="write the figures to this file")

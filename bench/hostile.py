@@ -769,7 +769,7 @@ def run(seconds: float) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--newcomer", nargs=2, metavar=("DATA_DIR", "SECONDS"), help="internal")

@@ -87,7 +87,7 @@ async def run_level(data_dir: Path, clients: int, ops: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--ops", type=int, default=240)
     parser.add_argument("--json", metavar="OUT")

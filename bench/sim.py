@@ -399,7 +399,7 @@ PARTS = ("spread", "churn", "suspicions", "links", "hostile", "partition", "floo
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="100,1000,10000")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument(

@@ -253,7 +253,7 @@ def run_case(case: str, size: int, repeats: int, root: bytes, digest: bytes) -> 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mib", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=2, help="transfers per process")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved runs of every case")

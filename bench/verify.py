@@ -420,7 +420,7 @@ PARTS = ("ttft", "detection", "errors", "proof", "vllm")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--purchases", type=int, default=100)

@@ -50,7 +50,9 @@ def _keygen(args: argparse.Namespace, out: Console) -> None:
 
 
 def _id(args: argparse.Namespace, out: Console) -> None:
-    path = _key_path(args.path)
+    if (args.path is None) == (args.data_dir is None):
+        raise ConfigError("kvx id takes a data dir (or key file) or --data-dir DIR, one of them")
+    path = _key_path(args.path or args.data_dir)
     if not path.exists():
         raise ConfigError(
             f"no key file at {path} (a node makes DATA_DIR/{KEY_FILE} on first start)"
@@ -142,7 +144,12 @@ def _node(args: argparse.Namespace, out: Console) -> None:
     else:
         raise ConfigError("kvx node needs --config FILE or --data-dir DIR")
     boots = tuple(Bootstrap.parse(b) for b in args.bootstrap)
-    config = config.with_args(listen=args.listen, bootstrap=boots or None)
+    config = config.with_args(
+        listen=args.listen,
+        data_host=args.data_host,
+        advertise=args.advertise,
+        bootstrap=boots or None,
+    )
     setup_logging(args.log_level)
     for boot in config.bootstrap:  # a wrong key would otherwise fail silently, forever
         found = probe(boot.ctl, boot.key)
@@ -299,7 +306,8 @@ def parser() -> argparse.ArgumentParser:
     keygen.add_argument("--json", action="store_true", help="print the keys as JSON")
     keygen.set_defaults(run=_keygen)
     ident = sub.add_parser("id", help="print the public key and node id of a node")
-    ident.add_argument("path", help="the node's data dir, or a path ending in .key")
+    ident.add_argument("path", nargs="?", help="the node's data dir, or a path ending in .key")
+    ident.add_argument("--data-dir", help="the node's data dir, as other commands take it")
     ident.add_argument("--json", action="store_true", help="print the keys as JSON")
     ident.set_defaults(run=_id)
     ns = sub.add_parser("namespace", help="private namespaces").add_subparsers(
@@ -314,7 +322,15 @@ def parser() -> argparse.ArgumentParser:
     node = sub.add_parser("node", help="run a node daemon in the foreground")
     node.add_argument("--config", help="a node.toml ([node], [policy], [[namespace]], [scores])")
     node.add_argument("--data-dir", help="without --config: run with defaults in DIR")
-    node.add_argument("--listen", help="control address, tcp://HOST:PORT (PORT 0: any)")
+    node.add_argument(
+        "--listen", help="control address to bind, tcp://IP:PORT (IP 0.0.0.0: all; PORT 0: any)"
+    )
+    node.add_argument("--data-host", help="IP to bind the data port on (0.0.0.0: all)")
+    node.add_argument(
+        "--advertise",
+        metavar="IP",
+        help="the IP peers dial, when it is not the bound one (a wildcard bind, NAT, a container)",
+    )
     node.add_argument(
         "--bootstrap",
         action="append",

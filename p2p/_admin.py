@@ -124,26 +124,26 @@ def answer(node: Node, req: dict) -> dict:
             "ads": len(core.index),
             "stored": len(core.store.entries()),
             "sent": {
-                t.name: core.metrics.value("kvx_messages_sent_total", type=t.name)
+                t.name: core.metrics.count("kvx_messages_sent_total", type=t.name)
                 for t in MessageType
             },
             "received": {
-                t.name: core.metrics.value("kvx_messages_received_total", type=t.name)
+                t.name: core.metrics.count("kvx_messages_received_total", type=t.name)
                 for t in MessageType
             },
             "rejected": {
-                c.name: core.metrics.value("kvx_rejections_total", code=c.name)
+                c.name: core.metrics.count("kvx_rejections_total", code=c.name)
                 for c in ErrorCode
-                if core.metrics.value("kvx_rejections_total", code=c.name)
+                if core.metrics.count("kvx_rejections_total", code=c.name)
             },
             "shed": {
-                s.labels["what"]: s.value
+                s.labels["what"]: int(s.value)
                 for metric in core.metrics.shed.collect()
                 for s in metric.samples
                 if s.name.endswith("_total")
             },
             "internal_errors": sum(
-                s.value
+                int(s.value)
                 for metric in core.metrics.internal_errors.collect()
                 for s in metric.samples
                 if s.name.endswith("_total")
@@ -160,7 +160,7 @@ def answer(node: Node, req: dict) -> dict:
                 "node_id": node_id(p.key).hex(),
                 "key": p.key.hex(),
                 "ctl": p.ctl,
-                "state": p.state.name.lower(),
+                "state": "left" if p.left else p.state.name.lower(),
                 "inc": p.inc,
             }
             for p in core.peers.all()

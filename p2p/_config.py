@@ -63,6 +63,9 @@ class NodeConfig:
     data_dir: Path
     listen: str = "tcp://127.0.0.1:0"
     data_host: str = "127.0.0.1"
+    data_port: int = 0  # TCP data port; 0: any free one (a firewall wants it fixed)
+    ucx_port: int = 0  # UCX listener's port, with `ucx`; 0: any free one
+    advertise: str | None = None  # the IP peers dial, when the binds are not it (NAT, wildcard)
     bootstrap: tuple[Bootstrap, ...] = ()
     metrics_port: int | None = 0  # 0: any free port; None: no metrics endpoint
     ucx: bool = False  # also serve KV over UCX (needs the 'ucx' extra)
@@ -96,6 +99,7 @@ class NodeConfig:
     data_stall_s: float = DataLimits.stall_s
     data_min_rate: int = DataLimits.min_rate
     payment_window_bytes: int = 64 << 20
+    leave_grace_s: float = 10.0  # on SIGTERM: how long streams already admitted may finish
     # Models whose weights this node judges fraud proofs with (spec §8.19), and the block
     # size their fingerprints are taken at: a GGUF file or a model directory each.
     judge_models: tuple[Path, ...] = ()
@@ -152,13 +156,19 @@ BUDGETS = (
     "payment_window_bytes",
 )
 """[node] keys that set a budget; each is a positive number."""
+SIZES = frozenset(
+    {"max_ad_bytes", "max_ad_bytes_per_signer", "data_min_rate", "payment_window_bytes"}
+)
+"""Budgets in bytes (a rate in bytes a second): they may be written "2GiB" too."""
 
 
 def load_node_config(path: str | os.PathLike[str]) -> NodeConfig:
     """Read [node] (and the trust tables) from a node's TOML config file."""
     config = ConfigFile(path)
+    config.only_tables(("node", "policy", "namespace", "scores"))
     sec = Section(config, "node")
     positive = lambda v: None if v > 0 else "must be positive"  # noqa: E731
+    port_or_any = lambda v: None if 0 <= v <= 65535 else "must be a port, or 0 for any"  # noqa: E731
     data_dir = sec.take("data_dir", str, "")
     if not data_dir:
         raise sec.error("data_dir", "is required")
@@ -174,10 +184,14 @@ def load_node_config(path: str | os.PathLike[str]) -> NodeConfig:
         data_dir=(config.path.parent / Path(data_dir).expanduser()),
         listen=sec.take("listen", str, d.listen),
         data_host=sec.take("data_host", str, d.data_host),
+        advertise=sec.take("advertise", str, d.advertise),
+        data_port=sec.take("data_port", int, d.data_port, port_or_any),
+        ucx_port=sec.take("ucx_port", int, d.ucx_port, port_or_any),
         ucx=sec.take("ucx", bool, d.ucx),
         bootstrap=tuple(boots),
         metrics_port=None if metrics == -1 else metrics,
         heartbeat_s=sec.take("heartbeat_s", float, d.heartbeat_s, positive),
+        leave_grace_s=sec.take("leave_grace_s", float, d.leave_grace_s, positive),
         probes_per_heartbeat=sec.take(
             "probes_per_heartbeat", int, d.probes_per_heartbeat, positive
         ),
@@ -196,15 +210,17 @@ def load_node_config(path: str | os.PathLike[str]) -> NodeConfig:
         burst=sec.take("burst", int, d.burst, positive),
         handshakes_per_s=sec.take("handshakes_per_s", int, d.handshakes_per_s, positive),
         advert_ttl_s=sec.take("advert_ttl_s", float, d.advert_ttl_s, positive),
-        memory_bytes=sec.take("memory_bytes", int, d.memory_bytes, positive),
-        disk_bytes=sec.take("disk_bytes", int, d.disk_bytes, positive),
+        memory_bytes=sec.take_bytes("memory_bytes", d.memory_bytes, positive),
+        disk_bytes=sec.take_bytes("disk_bytes", d.disk_bytes, positive),
         judge_models=tuple(
             config.path.parent / Path(str(m)).expanduser()
             for m in sec.take("judge_models", list, [])
         ),
         judge_block=sec.take("judge_block", int, d.judge_block, positive),
         **{
-            name: sec.take(name, type(getattr(d, name)), getattr(d, name), positive)
+            name: sec.take_bytes(name, getattr(d, name), positive)
+            if name in SIZES
+            else sec.take(name, type(getattr(d, name)), getattr(d, name), positive)
             for name in BUDGETS
         },
         policy=load_policy(path),

@@ -68,6 +68,10 @@ log = logging.getLogger("kvx.node")
 
 LEDGER_RETRY_S = 10.0
 """After a failed ledger write (a full disk), the node quotes nothing for this long."""
+DIRECT_LIFE = frozenset(MessageType) - RELAYABLE - {MessageType.LEAVE}
+"""Statements whose arrival from their signer proves it lives: direct ones, but a LEAVE."""
+FINISHING = frozenset({MessageType.ACCEPT, MessageType.RECEIPT, MessageType.REJECT})
+"""What a leaving node still takes: the rest of the deals it quoted (§8.22)."""
 
 
 @dataclass(frozen=True)
@@ -155,6 +159,7 @@ class NodeCore(Liveness, Gossip, Trading, Fraud):
         self.metrics = metrics or Metrics()
         self.pricing = pricing or PricePolicy()
         self.incarnation = self.clock.now_ms()
+        self.leaving = False
         self.sessions = Sessions()
         self.ctl = ""
         self.source_network = ""  # of the frame being handled: what its sender spoke from
@@ -195,6 +200,7 @@ class NodeCore(Liveness, Gossip, Trading, Fraud):
             MessageType.ACCUSE: self._on_accuse,
             MessageType.EVIDENCE_REQUEST: self._on_evidence_request,
             MessageType.EVIDENCE: self._on_evidence,
+            MessageType.LEAVE: self._on_leave,
         }
 
     # ---- what the driver calls ---------------------------------------------------------
@@ -244,6 +250,8 @@ class NodeCore(Liveness, Gossip, Trading, Fraud):
             if self._due.get(name, float("inf")) > now:
                 continue
             self._due[name] = now + self._period(name)
+            if self.leaving and name != "housekeeping":  # probes, gossip: "it is back"
+                continue
             try:
                 run()
             except sqlite3.Error as exc:
@@ -349,7 +357,13 @@ class NodeCore(Liveness, Gossip, Trading, Fraud):
             self._answer_error(st, routing, exc)
             return
         self.metrics.received.labels(st.type.name).inc()
-        if st.type not in RELAYABLE and self.peers.alive_again(st.signer, self.clock.monotonic()):
+        if self.leaving and st.type not in FINISHING:
+            if st.type == MessageType.QUOTE_REQUEST:  # the buyer asks the next provider now
+                self._answer_error(
+                    st, routing, RemoteProtocolError(ErrorCode.UNAVAILABLE, "this node is leaving")
+                )
+            return
+        if st.type in DIRECT_LIFE and self.peers.alive_again(st.signer, self.clock.monotonic()):
             # Only a statement the peer itself sent proves it lives (a relayed ad does not).
             self.event("peer_back", peer=signer_id.hex()[:12])
             self._disconnect(st.signer)

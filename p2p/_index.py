@@ -214,6 +214,14 @@ class AdIndex:
         self._withdrawals.add(withdraw_id)
         return True, ns
 
+    def signer_left(self, signer: bytes, seq: int, iat_ms: int) -> int:
+        """Forget every advertisement of a signer that left (spec §8.22), and take none it
+        signed before it left: a late copy would offer a node that is gone. What it
+        signs after it is back is taken as any other statement."""
+        gone = self.drop_signer(signer)
+        self._raise_floor(signer, seq, iat_ms)
+        return gone
+
     def drop_signer(self, signer: bytes) -> int:
         """Forget every advertisement `signer` signed (a convicted liar's); how many."""
         gone = list(self._by_signer.get(signer, ()))
@@ -260,6 +268,9 @@ class AdIndex:
     def _forget(self, signer: bytes, seq: int, iat_ms: int) -> None:
         """Raise the signer's floor over a statement forgotten to make room."""
         self.forgotten += 1
+        self._raise_floor(signer, seq, iat_ms)
+
+    def _raise_floor(self, signer: bytes, seq: int, iat_ms: int) -> None:
         floor = self._floors.pop(signer, (-1, -1))
         self._floors[signer] = (max(floor[0], seq), max(floor[1], iat_ms))  # newest last
         if len(self._floors) > self.budget.floors:

@@ -21,6 +21,7 @@ FAST = {  # timers short enough for tests, long enough for a loaded 2-core machi
     "dead_after_s": 4.0,
     "anti_entropy_s": 1.0,
     "metrics_port": -1,
+    "leave_grace_s": 3.0,  # a test that stops a node mid-stream waits no longer than this
 }
 
 

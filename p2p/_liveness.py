@@ -14,6 +14,7 @@ import logging
 from kvx.protocol import (
     ErrorCode,
     Hello,
+    Leave,
     Membership,
     MessageType,
     Peers,
@@ -82,6 +83,31 @@ class Liveness(CoreState):
                     recent=recent or None,
                 ),
             )
+
+    def _on_leave(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
+        """A peer stops serving (§8.22): dead now, and its advertisements gone, so that no
+        buyer of ours tries it while it restarts or after it has gone for good."""
+        leave = st.message
+        assert isinstance(leave, Leave)
+        if not self.peers.left(st.signer, leave.inc):
+            return  # not our peer, or an older incarnation's word
+        gone = self.index.signer_left(st.signer, st.header.seq, st.header.iat)
+        self.memberships.forget(st.signer_id)
+        self._disconnect(st.signer)
+        self.metrics.ads.set(len(self.index))
+        self.event("peer_left", peer=st.signer_id.hex()[:12], ads=gone)
+
+    def leave(self) -> set[bytes]:
+        """This node stops serving: every peer that heard from it is told so (§8.22);
+        returns their keys. From now on it only finishes the deals it made; it probes,
+        gossips and answers nothing else, since any statement of its own would tell a
+        peer it is back."""
+        self.leaving = True
+        told = {p.key for p in self.peers.all() if p.proven and p.state != State.DEAD}
+        for key in told:
+            self._send(key, Leave(inc=self.incarnation))
+        self.event("leaving", peers=len(told))
+        return told
 
     def _on_peers(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
         peers = st.message

@@ -103,6 +103,10 @@ class Metrics:
         sample = self.registry.get_sample_value(name, labels or None)
         return 0.0 if sample is None else sample
 
+    def count(self, name: str, **labels: str) -> int:
+        """A counter's value as the whole number it is (Prometheus keeps floats)."""
+        return int(self.value(name, **labels))
+
 
 def _buckets(first: float, count: int) -> tuple[float, ...]:
     """Upper bounds doubling from `first`: latencies spread over orders of magnitude."""

@@ -28,8 +28,6 @@ from kvx.protocol import (
     ErrorCode,
     RemoteProtocolError,
     node_id,
-    split_ctl,
-    split_host_port,
 )
 from kvx.transport import TcpDataServer
 from kvx.trust import (
@@ -56,7 +54,11 @@ from ._dials import Dials
 from ._fraud import Judge
 from ._pricing import PricePolicy
 from ._rates import RateLimits
+from ._reach import advertised, check_reach
 from ._store import LocalStore
+
+LEAVE_LINGER_MS = 1000
+"""How long a leaving node's connections keep trying to deliver its LEAVEs at exit."""
 
 Judgement = Callable[[Bound], object | None]
 """A holder of one fingerprint's weights: judges bound evidence, returning what refutes
@@ -74,7 +76,7 @@ class Node:
         self.config = config
         self.judges = dict(judges or {})
         data = config.data_dir
-        _check_listen(config)
+        check_reach(config)
         self._lock = DataDirLock(data).acquire()  # before anything in the dir is touched
         if not config.key_file.exists():
             Identity.generate().save(config.key_file)
@@ -108,6 +110,7 @@ class Node:
         self._stop = asyncio.Event()
         self._crash: BaseException | None = None
         self._served = False
+        self._told: set[bytes] = set()  # peers sent LEAVE (§8.22)
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -123,6 +126,8 @@ class Node:
         try:
             await self._start()
             await self._stop.wait()
+            if self._crash is None:
+                await self._leave()
         finally:
             await self._shutdown()
         if self._crash is not None:  # a broken loop of kvx's own: exit non-zero
@@ -141,7 +146,7 @@ class Node:
         _bind(
             self.router, cfg.listen.replace(":0", ":*") if cfg.listen.endswith(":0") else cfg.listen
         )
-        ctl = self.router.last_endpoint.decode()
+        ctl = advertised(self.router.last_endpoint.decode(), cfg.advertise)
         self.admin = self._ctx.socket(zmq.ROUTER)
         self.admin.linger = 0
         _bind(self.admin, cfg.admin_address)
@@ -157,10 +162,12 @@ class Node:
             limits=cfg.data_limits,
         )
         try:
-            await self.tcp.start(cfg.data_host)
+            await self.tcp.start(cfg.data_host, cfg.data_port)
         except OSError as exc:
             raise ConfigError(f"cannot serve data on {cfg.data_host}: {exc.strerror}") from None
-        data: tuple[DataAddress, ...] = (DataAddress(t="tcp", addr=self.tcp.address),)
+        data: tuple[DataAddress, ...] = (
+            DataAddress(t="tcp", addr=advertised(self.tcp.address, cfg.advertise)),
+        )
         if cfg.ucx:
             from kvx.transport._ucx import UcxDataServer  # the optional 'ucx' extra
 
@@ -173,8 +180,9 @@ class Node:
                 on_fault=core.stream_fault,
                 limits=cfg.data_limits,
             )
-            await self.ucx.start(cfg.data_host)
-            data = (DataAddress(t="ucx", addr=self.ucx.address), *data)
+            await self.ucx.start(cfg.data_host, cfg.ucx_port)
+            ucx = DataAddress(t="ucx", addr=advertised(self.ucx.address, cfg.advertise))
+            data = (ucx, *data)
         for what in self.held():  # read when scraped, never stale
             core.metrics.held.labels(what).set_function(lambda what=what: self.held()[what])
         metrics_url = None
@@ -209,6 +217,19 @@ class Node:
         core.event("ready", ctl=ctl, data=self.tcp.address, peers=len(cfg.bootstrap))
         self._served = True
 
+    async def _leave(self) -> None:
+        """Tell the peers (§8.22), then give the streams of deals already made up to
+        `leave_grace_s` to finish; the receive loops run meanwhile, so their receipts
+        are still taken. Peers then drop this node at once, not after seconds of
+        suspicion while their buyers try it."""
+        self._told = self.core.leave()
+        await self._flush()
+        servers = [s for s in (getattr(self, "tcp", None), getattr(self, "ucx", None)) if s]
+        deadline = self.clock.monotonic() + self.config.leave_grace_s
+        while any(s.streams for s in servers) and self.clock.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await self._flush()
+
     async def _shutdown(self) -> None:
         (self.config.data_dir / INFO_FILE).unlink(missing_ok=True)
         for task in list(self._tasks):
@@ -218,11 +239,9 @@ class Node:
             await self.tcp.close()
         if hasattr(self, "ucx"):
             await self.ucx.close()
-        for sock in [
-            *self._dealers.values(),
-            getattr(self, "router", None),
-            getattr(self, "admin", None),
-        ]:
+        for key, dealer in self._dealers.items():  # a LEAVE still queued goes out first
+            dealer.close(linger=LEAVE_LINGER_MS if key in self._told else 0)
+        for sock in [getattr(self, "router", None), getattr(self, "admin", None)]:
             if sock is not None:
                 sock.close(linger=0)
         self._auth.stop()
@@ -487,21 +506,6 @@ def _bind(sock: zmq.Socket, address: str) -> None:
         sock.bind(address)
     except zmq.ZMQError as exc:
         raise ConfigError(f"cannot listen on {address}: {zmq.strerror(exc.errno)}") from None
-
-
-def _check_listen(config: NodeConfig) -> None:
-    """Peers must be able to dial what a node advertises: no wildcard addresses."""
-    listen = (
-        config.listen.removesuffix(":0") + ":1" if config.listen.endswith(":0") else config.listen
-    )
-    host = f"[{config.data_host}]" if ":" in config.data_host else config.data_host
-    try:
-        split_ctl(listen)  # port 0 (any free port) is the node's own choice to make
-        split_host_port(f"{host}:1")
-    except RemoteProtocolError as exc:
-        raise ConfigError(
-            f"listen on an address peers can dial (tcp://IP:PORT, data_host an IP): {exc.detail}"
-        ) from None
 
 
 def run_node(config: NodeConfig, judges: Mapping[bytes, Judgement] | None = None) -> None:

@@ -46,6 +46,7 @@ class Peer:
     last_heard: float
     last_probed: float = 0.0
     proven: bool = False  # a statement signed by the peer itself has arrived
+    left: bool = False  # it said it stopped serving (LEAVE), and has not spoken since
     since: float = 0.0  # when it was admitted
     awaiting: float | None = None  # when the oldest probe it has not answered was sent
     helped: float | None = None  # the `awaiting` for which others were asked to probe it
@@ -94,7 +95,7 @@ class PeerTable:
             self._peers[key] = Peer(key, ctl, inc, State.ALIVE, now, proven=True, since=now)
             return True
         back = peer.state == State.DEAD or inc > peer.inc or not peer.proven
-        peer.ctl, peer.inc = ctl, max(peer.inc, inc)
+        peer.ctl, peer.inc, peer.left = ctl, max(peer.inc, inc), False
         peer.state, peer.last_heard, peer.proven, peer.awaiting = State.ALIVE, now, True, None
         return back
 
@@ -105,7 +106,17 @@ class PeerTable:
             return False
         was_dead = peer.state == State.DEAD
         peer.state, peer.last_heard, peer.proven, peer.awaiting = State.ALIVE, now, True, None
+        peer.left = False
         return was_dead
+
+    def left(self, key: bytes, inc: int) -> bool:
+        """`key` said it stops serving: dead at once, not after seconds of suspicion, until
+        it speaks again. False when the LEAVE is of an incarnation older than we know."""
+        peer = self._peers.get(key)
+        if peer is None or inc < peer.inc:
+            return False
+        peer.state, peer.left, peer.awaiting = State.DEAD, True, None
+        return True
 
     def vouched(self, key: bytes) -> bool:
         """Another peer showed us a fresh statement of `key` (§8.18): its probe is

@@ -40,6 +40,7 @@ class CoreState:
     market: Market | None
     ctl: str
     incarnation: int
+    leaving: bool  # said LEAVE: it finishes its deals and does nothing else (§8.22)
     _own: dict[bytes, Statement]  # content root -> our ADVERTISE
     _recent: deque[tuple[float, AdId, bytes | None]]  # news we took, for PEERS `recent`
     _pulled: dict[bytes, float]  # peer -> when its news was last pulled

@@ -45,6 +45,7 @@ class MessageType(IntEnum):
     ACCUSE = 18
     EVIDENCE_REQUEST = 19
     EVIDENCE = 20
+    LEAVE = 21
 
     @property
     def purpose(self) -> bytes:
@@ -177,6 +178,15 @@ class Advertise:
 class Withdraw:
     TYPE: ClassVar = MessageType.WITHDRAW
     ad: int = wire(UInt())
+
+
+@dataclass(frozen=True)
+class Leave:
+    """The sender stops serving (spec §8.22): its peers mark it left and drop its
+    advertisements at once, rather than suspecting it for seconds while buyers try it."""
+
+    TYPE: ClassVar = MessageType.LEAVE
+    inc: int = wire(UInt())
 
 
 @dataclass(frozen=True)
@@ -384,6 +394,7 @@ MESSAGE_CLASSES: dict[MessageType, type] = {
         Accuse,
         EvidenceRequest,
         EvidencePart,
+        Leave,
     )
 }
 

@@ -16,6 +16,8 @@ from kvx.protocol import (
     Digest,
     Error,
     ErrorCode,
+    Hello,
+    Leave,
     Lookup,
     LookupResult,
     Membership,
@@ -276,3 +278,46 @@ def _(s: Session) -> None:
     if answers := s.receive(1.5):
         raise Failed(f"the target answered {answers[0].type.name}")
     s.hello()
+
+
+def _leaving(s: Session, inc: int, leave_inc: int) -> tuple[list[bytes], bytes]:
+    """Join at incarnation `inc`, advertise, then LEAVE as `leave_inc`; the chain and ad."""
+    s.send(s.frame(Hello(ctl="tcp://127.0.0.1:9", data=(), inc=inc)))
+    s.receive(1.0)
+    chain = _own_chain(s)
+    frame = _advert(s, chain)
+    s.send(frame)
+    time.sleep(0.3)
+    if frame not in _lookup(s, chain).ads:
+        raise Failed("the advertisement was not indexed before the LEAVE")
+    s.send(s.frame(Leave(inc=leave_inc)))
+    time.sleep(0.3)
+    return chain, frame
+
+
+@case("8.22/1", "MUST", "a LEAVE drops the leaver's ads at once; a late copy is not taken again")
+def _(s: Session) -> None:
+    chain, frame = _leaving(s, inc=1, leave_inc=1)
+    if answers := s.receive(0.5):
+        raise Failed(f"the target answered LEAVE with {answers[0].type.name}")
+    other = Session(s.ctx, s.target, s.target_key)  # a bystander asks: the leaver is silent
+    try:
+        if _lookup(other, chain).ads:
+            raise Failed("the leaver's advertisement is still offered after its LEAVE")
+        s.send(frame)  # relayed late by someone that missed the LEAVE
+        time.sleep(0.3)
+        if _lookup(other, chain).ads:
+            raise Failed("an advertisement signed before the LEAVE was taken again")
+    finally:
+        other.close()
+
+
+@case("8.22/2", "MUST", "a LEAVE of an incarnation older than the one known is ignored")
+def _(s: Session) -> None:
+    chain, frame = _leaving(s, inc=5, leave_inc=4)
+    other = Session(s.ctx, s.target, s.target_key)
+    try:
+        if frame not in _lookup(other, chain).ads:
+            raise Failed("a LEAVE of incarnation 4 dropped the ads of incarnation 5")
+    finally:
+        other.close()

@@ -194,4 +194,10 @@ MUSTS: dict[str, str | tuple[str, ...]] = {
     '§14: invalid.json — frames a receiver MUST reject ("expected":': (
         "vectors: every case of invalid.json"
     ),
+    "§8.22: From then on it MUST NOT send any": (
+        "untestable: the suite cannot make its target leave; tests/test_leave.py stops a "
+        "node with SIGTERM and checks that its peers see no sign of life from it"
+    ),
+    "§8.22: A receiver MUST ignore a LEAVE whose inc": ("8.22/2",),
+    "§8.22: Else it MUST mark the sender dead at": ("8.22/1",),
 }

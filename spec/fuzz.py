@@ -19,6 +19,7 @@ from kvx.protocol import (
     Header,
     Hello,
     KVLayout,
+    Leave,
     Lookup,
     Message,
     MessageType,
@@ -119,6 +120,7 @@ def _hostile(signer: Signer, to: bytes, rng: random.Random, now_ms: int) -> byte
             },
         ),
         (Withdraw(ad=rng.randrange(2**64)), None, {}),
+        (Leave(inc=rng.randrange(2**64)), to, {}),
         (
             Digest(have=()),
             to,

@@ -43,6 +43,7 @@ from kvx.protocol import (
     Header,
     Hello,
     KVLayout,
+    Leave,
     Lookup,
     LookupResult,
     Membership,
@@ -188,6 +189,7 @@ MESSAGES: list[Message] = [
     ),
     EvidenceRequest(evidence=seed("evidence"), offset=524_288),
     EvidencePart(re=118, evidence=seed("evidence"), offset=0, total=4096, part=b"\x85\xa5claim"),
+    Leave(inc=3),
 ]
 
 # The evidence vectors (§8.19): a payload small enough to read by hand. Layer 0 of block

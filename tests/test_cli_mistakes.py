@@ -70,7 +70,7 @@ def test_a_port_in_use(tmp_path, running):
 
 def test_a_listen_address_without_its_scheme(tmp_path):
     result = kvx("node", "--data-dir", str(tmp_path / "b"), "--listen", "127.0.0.1:7005")
-    one_line(result, "'127.0.0.1:7005' is not tcp://HOST:PORT")
+    one_line(result, "listen '127.0.0.1:7005': expected tcp://IP:PORT")
 
 
 def test_a_data_dir_that_cannot_be_created(tmp_path):
@@ -82,7 +82,7 @@ def test_a_data_dir_that_cannot_be_created(tmp_path):
 def test_verbose_adds_the_traceback(tmp_path):
     result = kvx("--verbose", "node", "--data-dir", str(tmp_path / "b"), "--listen", "x")
     assert result.returncode == 2 and "Traceback" in result.stderr
-    assert result.stderr.splitlines()[-1].startswith("kvx: error: listen on an address")
+    assert result.stderr.splitlines()[-1].startswith("kvx: error: listen 'x': expected")
 
 
 def test_version():
@@ -188,7 +188,7 @@ def test_log_lines_carry_a_level_and_log_level_filters_them(tmp_path):
         return [json.loads(line) for line in stderr.splitlines()]
 
     default = run(None)
-    assert [e["event"] for e in default] == ["ready", "stopped"]
+    assert [e["event"] for e in default] == ["ready", "leaving", "stopped"]
     assert {e["level"] for e in default} == {"info"}
     assert run("warning") == []
 
@@ -210,4 +210,37 @@ def test_a_bootstrap_peer_that_does_not_answer_is_a_json_warning(tmp_path):
     assert lines[0]["event"] == "bootstrap_unanswered" and lines[0]["level"] == "warning"
     assert lines[0]["key"] == key and lines[0]["ctl"] == "tcp://127.0.0.1:9"
     assert "nothing listens there" in lines[0]["why"]
-    assert [e["event"] for e in lines[1:]] == ["ready", "stopped"]
+    assert [e["event"] for e in lines[1:]] == ["ready", "leaving", "stopped"]
+
+
+def test_id_takes_data_dir_as_every_other_command(running):
+    by_flag = kvx("id", "--data-dir", str(running.dir))
+    assert by_flag.returncode == 0 and running.info["public_key"] in by_flag.stdout
+    assert by_flag.stdout == kvx("id", str(running.dir)).stdout
+    one_line(kvx("id"), "kvx id takes a data dir")
+
+
+def test_a_misspelt_table_is_named_not_the_key_it_left_missing(tmp_path):
+    conf = tmp_path / "node.toml"
+    conf.write_text('[nodes]\ndata_dir = "."\n')
+    one_line(kvx("node", "--config", str(conf)), "line 1: nodes: unknown table")
+
+
+def test_sizes_are_written_as_people_write_them(tmp_path):
+    from kvx.p2p._config import load_node_config
+
+    conf = tmp_path / "node.toml"
+    conf.write_text(
+        '[node]\ndata_dir = "."\ndisk_bytes = "2GiB"\npayment_window_bytes = "64 MiB"\n'
+    )
+    config = load_node_config(conf)
+    assert (config.disk_bytes, config.payment_window_bytes) == (2 << 30, 64 << 20)
+    conf.write_text('[node]\ndata_dir = "."\nmemory_bytes = "lots"\n')
+    one_line(kvx("node", "--config", str(conf)), "node.memory_bytes: 'lots' is no size")
+
+
+def test_status_counters_are_whole_numbers(running):
+    running.call("status")  # a message or two counted
+    status = json.loads(kvx("status", "--data-dir", str(running.dir), "--json").stdout)
+    counters = [*status["sent"].values(), *status["received"].values(), status["internal_errors"]]
+    assert counters and all(type(n) is int for n in counters)

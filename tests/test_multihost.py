@@ -169,3 +169,42 @@ def test_a_seller_killed_mid_transfer_is_replaced_and_a_restart_keeps_store_and_
     ledger.close()
     assert root in roots(other)
     eventually(lambda: root in roots(swarm[3]), 30)
+
+
+def test_a_node_bound_to_every_interface_is_dialed_at_the_address_it_advertises(network, tmp_path):
+    """docs/DEPLOY.md's two-host walkthrough: host 1 binds 0.0.0.0 and advertises its
+    own address; host 2 joins through it and buys."""
+    seller = NodeProcess(
+        tmp_path / "h1",
+        prefix=network.prefix(1),
+        listen="tcp://0.0.0.0:7000",
+        data_host="0.0.0.0",
+        advertise=network.address(1),
+        **TIMERS,
+    ).start()
+    buyer = network.node(2, tmp_path / "h2", [tmp_path / "h1" / "node.json"], **TIMERS)
+    try:
+        info = seller.wait_ready()
+        assert info["ctl"] == f"tcp://{network.address(1)}:7000"
+        assert [d["addr"].rsplit(":", 1)[0] for d in info["data"]] == [network.address(1)]
+        buyer.start().wait_ready()
+        root, chain = publish(seller, "everywhere")
+        eventually(lambda: root in roots(buyer), 30)
+        run = subprocess.run(
+            [
+                *network.prefix(2),
+                sys.executable,
+                str(Path(__file__).with_name("mh_buyer.py")),
+                str(buyer.dir),
+                FP.hex(),
+                ",".join(c.hex() for c in chain),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert run.returncode == 0, run.stderr
+        assert json.loads(run.stdout)["seller"] == info["node_id"]
+    finally:
+        buyer.stop()
+        seller.stop()

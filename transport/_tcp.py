@@ -537,6 +537,11 @@ class TcpDataServer:
                     del self._per_buyer[buyer]
         return offer, payments.sent_bytes, done
 
+    @property
+    def streams(self) -> int:
+        """Streams admitted or waiting for a thread: what a leaving node lets finish."""
+        return len(self._streaming)
+
     def _pressed(self) -> bool:
         """Whether streams wait for a thread: then none may hold one below the rate."""
         return self._queued > 0

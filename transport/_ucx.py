@@ -223,6 +223,10 @@ class UcxDataServer:
         assert self._listener is not None
         return f"{self._host}:{self._listener.port}"
 
+    @property
+    def streams(self) -> int:
+        return len(self._active)
+
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self._host = host
         self._listener = ucxx.create_listener(self._serve, port=port or None)

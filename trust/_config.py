@@ -21,6 +21,20 @@ T = TypeVar("T")
 _HEADER = re.compile(r"^\s*\[(\[)?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
 
 
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B|B)?\s*$")
+_UNITS = {"B": 1} | {
+    f"{p}{i}B": (1024 if i else 1000) ** n for n, p in enumerate("KMGT", 1) for i in ("i", "")
+}
+
+
+def parse_size(text: str) -> int | None:
+    """Bytes in `text` ("2GiB", "512 MiB", "1GB", "4096"), or None."""
+    match = _SIZE.match(text)
+    if match is None:
+        return None
+    return int(match.group(1)) * _UNITS[match.group(2) or "B"]
+
+
 class ConfigFile:
     """A parsed TOML file that can say where each key stands."""
 
@@ -36,6 +50,14 @@ class ConfigFile:
             self.data = tomllib.loads(self.text)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{self.path}: {exc}") from None
+
+    def only_tables(self, known: tuple[str, ...]) -> None:
+        """Refuse a table nobody reads: a misspelt one would otherwise leave the real
+        one empty, and the error would name a key missing from it instead."""
+        for table in self.data:
+            if table not in known:
+                kind = "key" if not isinstance(self.data[table], dict | list) else "table"
+                raise self.error(table, None, f"unknown {kind} (the tables are {', '.join(known)})")
 
     def line_of(self, table: str, key: str | None = None, index: int = 0) -> int | None:
         """1-based line of `key` in `table` (the index-th of an array of tables), if found."""
@@ -98,6 +120,18 @@ class Section:
             raise self.error(key, problem)
         return value
 
+    def take_bytes(
+        self, key: str, default: int, check: Callable[[int], str | None] | None = None
+    ) -> int:
+        """A size: an integer of bytes, or a string such as "2GiB", "512 MiB" or "1GB"."""
+        if isinstance(self._left.get(key), str):
+            text = self._left[key]
+            size = parse_size(text)
+            if size is None:
+                raise self.error(key, f'{text!r} is no size (bytes, or e.g. "2GiB", "512MB")')
+            self._left[key] = size
+        return self.take(key, int, default, check)
+
     def finish(self) -> None:
         for key in self._left:
             raise self.error(key, "unknown key")
@@ -120,7 +154,9 @@ def owner_only(path: str | os.PathLike[str]) -> None:
     """Create `path` (if absent) or narrow it to its owner, before a library opens it: a
     node's files hold its deals, scores and KV, private namespaces' included, whatever
     the umask or the data dir's mode. SQLite gives its WAL and shared-memory files the
-    database's own mode."""
+    database's own mode. SQLite's in-memory database is no file at all."""
+    if os.fspath(path) == ":memory:":
+        return
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         os.fchmod(fd, 0o600)
