@@ -215,10 +215,54 @@ def _status(args: argparse.Namespace, out: Console) -> None:
         ("payloads stored", s["stored"]),
         ("degraded", ", ".join(s["degraded"]) or "no"),
         ("internal errors", s["internal_errors"]),
+        ("budgets (used / limit)", _budgets(s["budgets"])),
         ("held for peers", ", ".join(f"{k} {v:,}" for k, v in s["held"].items())),
     ):
         table.add_row(name, str(value))
     out.print(table)
+
+
+def _savings(args: argparse.Namespace, out: Console) -> None:
+    s = admin_call(args.data_dir, "savings")
+    if args.json:
+        print(json.dumps(s))
+        return
+    rate = s["prefill_flops_per_second"]
+    saved = (
+        f"{s['prefill_seconds_saved']:,.1f} s (at {rate / 1e9:,.1f} GFLOP/s, as this node's"
+        " clients measured their own prefills)"
+        if rate
+        else "not yet priced: no client of this node has measured a prefill"
+    )
+    table = Table(title="savings since the node started", show_header=False)
+    for name, value in (
+        ("sold", f"{s['sold_tokens']:,} tokens, {s['sold_bytes']:,} bytes streamed"),
+        ("earned", f"{s['credits_earned'] / 1e6:,.6f} credits"),
+        ("bought", f"{s['bought_tokens']:,} tokens, {s['bought_bytes']:,} bytes"),
+        ("spent", f"{s['credits_spent'] / 1e6:,.6f} credits"),
+        ("prefill bought", f"{s['prefill_flops_saved'] / 1e12:,.3f} TFLOP"),
+        ("prefill time saved", saved),
+    ):
+        table.add_row(name, value)
+    out.print(table)
+
+
+def _budgets(budgets: dict[str, dict[str, int]]) -> str:
+    def size(name: str, n: int) -> str:
+        return _size(n) if name.endswith("_bytes") else f"{n:,}"
+
+    return "\n".join(
+        f"{name} {size(name, b['used'])} / {size(name, b['limit'])}"
+        f" ({100 * b['used'] / b['limit']:.0f}%)"
+        for name, b in budgets.items()
+    )
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n:,} B"
 
 
 def _peers(args: argparse.Namespace, out: Console) -> None:
@@ -363,6 +407,7 @@ def parser() -> argparse.ArgumentParser:
         ("peers", _peers, "a running node's peer table"),
         ("ads", _ads, "the advertisements a running node knows"),
         ("ledger", _ledger, "balances and audit log of a node's ledger"),
+        ("savings", _savings, "what a running node sold and its clients bought, and saved"),
     ):
         verb = sub.add_parser(name, help=text)
         verb.add_argument("--data-dir", required=True)

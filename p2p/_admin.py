@@ -149,11 +149,14 @@ def answer(node: Node, req: dict) -> dict:
                 if s.name.endswith("_total")
             ),
             "held": node.held(),
+            "budgets": node.budgets(),
             "degraded": [
                 w for w in ("ledger", "scores") if core.metrics.value("kvx_degraded", what=w)
             ],
             "pid": os.getpid(),
         }
+    if op == "savings":
+        return core.metrics.savings()
     if op == "peers":
         rows = [
             {
@@ -217,6 +220,9 @@ def answer(node: Node, req: dict) -> dict:
         core.scores.record(req["seller"], Event.GOOD_DELIVERY, now)  # first in line next time
         core.metrics.purchases.labels("bought").inc()
         core.metrics.purchased_bytes.inc(req["bytes"])
+        core.metrics.bought_tokens.inc(req["tokens"])
+        core.metrics.credits_spent.inc(req["price"])
+        core.metrics.prefill_saved(float(req.get("saved_flops", 0.0)))
         core.event(
             "bought",
             seller=req["seller"].hex()[:12],
@@ -242,6 +248,7 @@ def answer(node: Node, req: dict) -> dict:
         return {}
     if op == "first_token":
         core.metrics.time_to_first_token.labels(req["source"]).observe(req["seconds"])
+        core.metrics.prefill_measured(float(req.get("flops", 0.0)), req["seconds"])
         return {}
     if op == "report":  # a local client's verdict on a provider it dealt with
         core.scores.record(req["peer"], Event[req["event"]], now)

@@ -616,14 +616,24 @@ class PeerClient:
             tokens=bought.tokens,
             price=bought.price,
             seconds=bought.seconds,
+            saved_flops=bought.saved_flops,
             timings=timings,
         )
         return bought
 
-    async def report_first_token(self, seconds: float, *, bought: bool) -> None:
+    async def report_first_token(
+        self, seconds: float, *, bought: bool, prefill_flops: float = 0.0
+    ) -> None:
         """Tell the node how long the agent waited for its first token, for its
-        `kvx_time_to_first_token_seconds` histogram (the hf helpers call this)."""
-        await self._tell("first_token", seconds=seconds, source="bought" if bought else "prefill")
+        `kvx_time_to_first_token_seconds` histogram (the hf helpers and the vLLM connector
+        call this). A whole local prefill also gives its FLOPs: the node prices the
+        prefill its clients bought at the rate they measured (`kvx_prefill_seconds_saved`)."""
+        await self._tell(
+            "first_token",
+            seconds=seconds,
+            source="bought" if bought else "prefill",
+            flops=0.0 if bought else prefill_flops,
+        )
 
     async def _prove(
         self, sock: zmq.asyncio.Socket, seller: Statement, namespace: Namespace, timeout: float
@@ -762,6 +772,9 @@ class SyncPeerClient:
 
     def fetch(self, fp: bytes, chain: list[bytes], **kwargs: Any) -> Bought:
         return self._run(self._client.fetch(fp, chain, **kwargs))
+
+    def report_first_token(self, seconds: float, **kwargs: Any) -> None:
+        self._run(self._client.report_first_token(seconds, **kwargs))
 
     @property
     def verify(self) -> VerifyPolicy:

@@ -41,6 +41,7 @@ from kvx.trust import (
     Ledger,
     Memberships,
     PeerScores,
+    Receipted,
     ReplayGuard,
     Signer,
     Statement,
@@ -401,13 +402,18 @@ class NodeCore(Liveness, Gossip, Trading, Fraud):
         """A receipt a buyer paid mid-stream (§9.4): the stream moves on only once it is
         recorded, so a refusal here (the ledger's code, or UNAVAILABLE) ends the stream."""
         try:
-            self.market.receipt(st, self.clock.now_ms())
+            self._earned(self.market.receipt(st, self.clock.now_ms()))
         except sqlite3.Error as exc:
             self._ledger_failed(exc)
             raise RemoteProtocolError(ErrorCode.UNAVAILABLE, "this node cannot write now") from None
 
+    def _earned(self, paid: Receipted) -> None:
+        self.metrics.credits_earned.inc(paid.credits)
+        self.metrics.sold_tokens.inc(paid.tokens)
+
     def stream_finished(self, offer: Offer, sent: int, whole: bool) -> None:
         """A stream of one of our deals ended: delivered, or the deal is over (§10.7)."""
+        self.metrics.data_bytes_sent.inc(sent)
         try:
             self.market.finished(offer, sent, whole)
         except sqlite3.Error as exc:

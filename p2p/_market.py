@@ -27,7 +27,7 @@ from kvx.protocol import (
     node_id,
 )
 from kvx.transport import Expected, Offer, Sessions, choose_transport
-from kvx.trust import Ledger, Memberships, Policy, Signer, Statement, open_envelope
+from kvx.trust import Ledger, Memberships, Policy, Receipted, Signer, Statement, open_envelope
 
 from ._clock import Clock
 from ._negotiation import Phase, advance
@@ -271,9 +271,9 @@ class Market:
             pending.counters + 1,
         )
 
-    def receipt(self, st: Statement, now_ms: int) -> None:
+    def receipt(self, st: Statement, now_ms: int) -> Receipted:
         assert isinstance(st.message, Receipt)
-        self.ledger.record_receipt(st, now_ms)
+        return self.ledger.record_receipt(st, now_ms)
 
     def finished(self, offer: Offer, sent: int, whole: bool) -> None:
         """A stream of a deal ended: delivered, or — whatever cut it — the deal's life is

@@ -16,7 +16,39 @@ class Metrics:
         self.hits = Counter("kvx_lookup_hits", "LOOKUPs that matched a prefix", registry=r)
         self.misses = Counter("kvx_lookup_misses", "LOOKUPs that matched nothing", registry=r)
         self.bytes_in = Counter("kvx_bytes_in", "Control bytes received", registry=r)
-        self.bytes_out = Counter("kvx_bytes_out", "Control and data bytes sent", registry=r)
+        self.bytes_out = Counter("kvx_bytes_out", "Control bytes sent", registry=r)
+        # Savings, seen from both sides: what this node sold, and what its clients bought.
+        self.data_bytes_sent = Counter(
+            "kvx_data_bytes_sent", "KV bytes streamed to buyers (the data channel)", registry=r
+        )
+        self.sold_tokens = Counter(
+            "kvx_sold_tokens", "Tokens of KV delivered whole and receipted", registry=r
+        )
+        self.credits_earned = Counter(
+            "kvx_credits_earned", "Micro-credits buyers' receipts paid this node", registry=r
+        )
+        self.bought_tokens = Counter(
+            "kvx_bought_tokens", "Tokens of KV this node's clients bought", registry=r
+        )
+        self.credits_spent = Counter(
+            "kvx_credits_spent", "Micro-credits this node's clients paid for KV", registry=r
+        )
+        self.flops_saved = Counter(
+            "kvx_prefill_flops_saved", "Prefill FLOPs this node's clients bought", registry=r
+        )
+        self.seconds_saved = Counter(
+            "kvx_prefill_seconds_saved",
+            "Prefill seconds this node's clients saved: FLOPs bought at the prefill rate they"
+            " measured",
+            registry=r,
+        )
+        self.prefill_rate = Gauge(
+            "kvx_prefill_flops_per_second",
+            "The prefill rate this node's clients measured (0: none measured yet)",
+            registry=r,
+        )
+        self._rate = 0.0  # FLOPs a second; 0 until a client measured one
+        self._unpriced = 0.0  # FLOPs bought before any prefill rate was measured
         self.credits = Gauge("kvx_credits", "Net receipted credits owed to this node", registry=r)
         self.rejections = Counter(
             "kvx_rejections", "Frames refused, by error code", ["code"], registry=r
@@ -102,6 +134,40 @@ class Metrics:
     def value(self, name: str, **labels: str) -> float:
         sample = self.registry.get_sample_value(name, labels or None)
         return 0.0 if sample is None else sample
+
+    def prefill_measured(self, flops: float, seconds: float) -> None:
+        """A client prefilled `flops` in `seconds`: the rate that prices what it saves."""
+        if flops <= 0 or seconds <= 0:
+            return
+        rate = flops / seconds
+        self._rate = rate if self._rate == 0 else 0.8 * self._rate + 0.2 * rate
+        self.prefill_rate.set(self._rate)
+        if self._unpriced:
+            self.seconds_saved.inc(self._unpriced / self._rate)
+            self._unpriced = 0.0
+
+    def prefill_saved(self, flops: float) -> None:
+        """A client bought KV instead of computing `flops` of prefill."""
+        self.flops_saved.inc(flops)
+        if self._rate:
+            self.seconds_saved.inc(flops / self._rate)
+        else:
+            self._unpriced += flops
+
+    def savings(self) -> dict[str, float]:
+        """What this node sold and what its clients bought, as the savings row reads it."""
+        m = self
+        return {
+            "sold_tokens": m.count("kvx_sold_tokens_total"),
+            "sold_bytes": m.count("kvx_data_bytes_sent_total"),
+            "credits_earned": m.count("kvx_credits_earned_total"),
+            "bought_tokens": m.count("kvx_bought_tokens_total"),
+            "bought_bytes": m.count("kvx_purchased_bytes_total"),
+            "credits_spent": m.count("kvx_credits_spent_total"),
+            "prefill_flops_saved": m.value("kvx_prefill_flops_saved_total"),
+            "prefill_seconds_saved": m.value("kvx_prefill_seconds_saved_total"),
+            "prefill_flops_per_second": self._rate,
+        }
 
     def count(self, name: str, **labels: str) -> int:
         """A counter's value as the whole number it is (Prometheus keeps floats)."""

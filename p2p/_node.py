@@ -461,6 +461,22 @@ class Node:
             "dial_backoffs": len(self._dials),
         }
 
+    def budgets(self) -> dict[str, dict[str, int]]:
+        """Each bounded holding beside its limit, so an operator sees how full it is."""
+        cfg, core = self.config, self.core
+        pairs = {
+            "store_disk_bytes": (core.store.disk_used(), cfg.disk_bytes),
+            "store_memory_bytes": (core.store.memory_used(), cfg.memory_bytes),
+            "ads": (len(core.index), cfg.max_ads),
+            "ad_bytes": (core.index.bytes, cfg.max_ad_bytes),
+            "withdrawals": (core.index.withdrawals(), cfg.max_ads),
+            "replay_entries": (len(core.inbox.guard), cfg.replay_total),
+            "peers": (len(core.peers.all()), cfg.max_peers),
+            "data_connections": (self.tcp.connections, cfg.data_connections),
+            "data_streams": (self.tcp.streams, cfg.data_streams),
+        }
+        return {name: {"used": used, "limit": limit} for name, (used, limit) in pairs.items()}
+
     # ---- local admin API -------------------------------------------------------------
 
     async def _admin_loop(self) -> None:

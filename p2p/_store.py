@@ -123,6 +123,9 @@ class LocalStore:
     def disk_used(self) -> int:
         return sum(e.size for e in self._entries.values())
 
+    def memory_used(self) -> int:
+        return sum(p.entry.size for p in self._memory.values())
+
     def put(
         self,
         *,

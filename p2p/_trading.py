@@ -106,5 +106,5 @@ class Trading(CoreState):
             self._reply_frame(routing, frame, MessageType.QUOTE)
 
     def _on_receipt(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
-        self.market.receipt(st, self.clock.now_ms())
+        self._earned(self.market.receipt(st, self.clock.now_ms()))
         self.event("sold", buyer=st.signer_id.hex()[:12], price=st.message.price)

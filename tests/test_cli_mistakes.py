@@ -244,3 +244,11 @@ def test_status_counters_are_whole_numbers(running):
     status = json.loads(kvx("status", "--data-dir", str(running.dir), "--json").stdout)
     counters = [*status["sent"].values(), *status["received"].values(), status["internal_errors"]]
     assert counters and all(type(n) is int for n in counters)
+
+
+def test_status_shows_each_budget_beside_its_limit(running):
+    budgets = running.call("status")["budgets"]
+    assert budgets["store_disk_bytes"] == {"used": 0, "limit": 16 << 30}
+    assert budgets["ads"]["limit"] == 100_000 and budgets["peers"]["limit"] == 64
+    shown = kvx("status", "--data-dir", str(running.dir)).stdout
+    assert "store_disk_bytes 0 B / 16.0 GiB (0%)" in shown

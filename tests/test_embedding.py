@@ -96,6 +96,23 @@ def test_the_example_agent_prefills_and_sells_then_another_buys(tmp_path, pair, 
         assert f"kvx_{name}_seconds_count 1.0" in metrics
     assert 'kvx_time_to_first_token_seconds_count{source="bought"} 1.0' in metrics
     assert 'kvx_purchases_total{result="bought"} 1.0' in metrics
+    # Savings, read back from both sides: the buyer's clients bought what the seller sold.
+    price, size = bought[0]["price"], bought[0]["bytes"]
+    eventually(lambda: seller.call("savings")["sold_tokens"] == 512, 30)  # the final receipt
+    sold = seller.call("savings")
+    assert (sold["sold_bytes"], sold["credits_earned"]) == (size, price)
+    assert sold["prefill_flops_per_second"] > 0  # the seller's agent prefilled the document
+    got = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "kvx.cli", "savings", "--data-dir", buyer.dir, "--json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
+    )
+    assert (got["bought_tokens"], got["bought_bytes"], got["credits_spent"]) == (512, size, price)
+    assert got["prefill_flops_saved"] > 0
+    assert "kvx_bought_tokens_total 512.0" in metrics and "kvx_data_bytes_sent_total" in metrics
 
 
 def test_the_sync_twins_buy_what_the_async_helpers_sold(pair, model_dir, cache_home):

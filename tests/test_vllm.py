@@ -14,6 +14,7 @@ import random
 import subprocess
 import sys
 import time
+import urllib.request
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,7 +154,7 @@ def hf_publish(model: Path, node: NodeProcess, prompt: list[int]) -> None:
 
 
 def test_a_prefix_one_engine_computed_is_bought_by_another_token_for_token(model, own, tmp_path):
-    a, b = pair(tmp_path)
+    a, b = pair(tmp_path, metrics_port=0)
     try:
         engine(model, a, [SOLD], processes=True)  # computes the prompt, sells two blocks
         eventually(lambda: len(b.call("ads")["ads"]) == 1)
@@ -161,6 +162,14 @@ def test_a_prefix_one_engine_computed_is_bought_by_another_token_for_token(model
         assert [e["tokens"] for e in b.events("bought")] == [512]  # the shared prefix only
         assert "kvx: loaded 512 tokens" in bought.log
         assert a.events("sold")
+        # The savings the engine's node reports: one prompt bought, one computed.
+        with urllib.request.urlopen(b.info["metrics"], timeout=5) as response:
+            metrics = response.read().decode()
+        assert "kvx_bought_tokens_total 512.0" in metrics
+        assert 'kvx_time_to_first_token_seconds_count{source="bought"} 1.0' in metrics
+        assert 'kvx_time_to_first_token_seconds_count{source="prefill"} 1.0' in metrics
+        assert b.call("savings")["prefill_seconds_saved"] > 0  # priced at the measured rate
+        eventually(lambda: a.call("savings")["sold_tokens"] == 512)
     finally:
         a.stop()
         b.stop()

@@ -18,7 +18,7 @@ from ._envelope import (
 from ._evidence import Bound, Evidence, bind, covering_chunks, evidence_id
 from ._freshness import ReplayGuard, water_fill
 from ._identity import KEY_FILE_TAG, Identity, curve_public_key
-from ._ledger import AuditEntry, Ledger
+from ._ledger import AuditEntry, Ledger, Receipted
 from ._membership import Memberships
 from ._policy import DEFAULT_VERIFY, NamespaceRule, Policy, ScoreRules, VerifyPolicy, load_policy
 from ._scores import Event, PeerScores
@@ -41,6 +41,7 @@ __all__ = [
     "NamespaceRule",
     "PeerScores",
     "Policy",
+    "Receipted",
     "ReplayGuard",
     "ScoreRules",
     "Signer",

@@ -91,6 +91,15 @@ def _fail(code: ErrorCode, detail: str) -> RemoteProtocolError:
 
 
 @dataclass(frozen=True)
+class Receipted:
+    """What one receipt added to a deal's payment: credits, and the deal's tokens when
+    it is the first to cover the whole delivery."""
+
+    credits: int
+    tokens: int
+
+
+@dataclass(frozen=True)
 class AuditEntry:
     when_ms: int
     role: str  # "sold" or "bought"
@@ -299,23 +308,24 @@ class Ledger:
             (now_ms, why, self.me),
         ).rowcount
 
-    def record_receipt(self, receipt: Statement, now_ms: int) -> None:
+    def record_receipt(self, receipt: Statement, now_ms: int) -> Receipted:
         """Store a buyer's RECEIPT for a deal that was accepted (and, for the whole
         delivery, delivered); a receipt for more of the delivery replaces one for less
-        (the payment window, §9.4), anything else differing from the stored one is refused."""
+        (the payment window, §9.4), anything else differing from the stored one is refused.
+        Returns what it adds to what was already paid."""
         r = receipt.message
         if not isinstance(r, Receipt):
             raise _fail(ErrorCode.UNEXPECTED_MESSAGE, "not a RECEIPT")
         self._db.execute("BEGIN IMMEDIATE")
         try:
             deal = self._db.execute(
-                "SELECT seller, buyer, price, root, bytes, delivered_ms FROM deals"
+                "SELECT seller, buyer, price, root, bytes, delivered_ms, quote_frame FROM deals"
                 " WHERE quote_id = ?",
                 (r.quote,),
             ).fetchone()
             if deal is None:
                 raise _fail(ErrorCode.UNKNOWN_TRANSFER, "no accepted quote has this id")
-            seller, buyer, price, root, size, delivered = deal
+            seller, buyer, price, root, size, delivered, quote_frame = deal
             if receipt.signer_id != buyer:
                 raise _fail(ErrorCode.UNKNOWN_TRANSFER, "the receipt is not signed by the buyer")
             if (
@@ -327,8 +337,9 @@ class Ledger:
             if seller == self.me and r.bytes == size and delivered is None:
                 raise _fail(ErrorCode.UNKNOWN_TRANSFER, "that transfer never completed")
             row = self._db.execute(
-                "SELECT receipt_frame, bytes FROM receipts WHERE quote_id = ?", (r.quote,)
+                "SELECT receipt_frame, bytes, price FROM receipts WHERE quote_id = ?", (r.quote,)
             ).fetchone()
+            before_bytes, before_price = (0, 0) if row is None else (row[1], row[2])
             if row is None:
                 self._db.execute(
                     "INSERT INTO receipts VALUES (?, ?, ?, ?, ?)",
@@ -346,6 +357,13 @@ class Ledger:
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
+        if r.bytes <= before_bytes:
+            return Receipted(0, 0)
+        tokens = 0
+        if r.bytes == size:
+            quote = open_envelope(quote_frame).message
+            tokens = quote.blocks * quote.layout.block
+        return Receipted(r.price - before_price, tokens)
 
     def balances(self) -> dict[bytes, int]:
         """Net receipted amount each peer owes this node (negative: this node owes it)."""

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import blake3
 import torch
 
-from kvx.p2p import Bought, Miss, PeerClient, Refusal, SyncPeerClient
+from kvx.p2p import Bought, Miss, PeerClient, Refusal, SyncPeerClient, prefill_flops
 from kvx.protocol import (
     DEFAULT_BLOCK_TOKENS,
     ConfigError,
@@ -444,7 +444,12 @@ async def generate(
     with torch.no_grad():
         out = model.generate(input_ids, streamer=first, **generate_kwargs)
     first_token_s = (first.at or time.monotonic()) - start
-    await client.report_first_token(first_token_s, bought=bought is not None)
+    tokens = input_ids.shape[-1]
+    await client.report_first_token(
+        first_token_s,
+        bought=bought is not None,
+        prefill_flops=prefill_flops(model.num_parameters(), fp.layout, tokens),
+    )
     return Outcome(out, bought, miss, time.monotonic() - start, first_token_s)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
-from kvx.p2p import Check, Refusal, SyncPeerClient
+from kvx.p2p import Check, Refusal, SyncPeerClient, prefill_flops
 from kvx.protocol import (
     DEFAULT_BLOCK_TOKENS,
     PUBLIC,
@@ -179,6 +180,10 @@ class KvxConnector(KVConnectorBase_V1):
         self._matched: dict[str, tuple[int, list[bytes], int]] = {}
         # req -> (prompt, vLLM blocks so far) while its prompt is being computed
         self._prefilling: dict[str, tuple[list[int], list[int]]] = {}
+        self._arrived: dict[str, float] = {}  # req -> when it came (Request.arrival_time)
+        # req -> (arrival, whether a prefix was bought, prompt tokens) once its prompt is
+        # computed: its first token exists by the next step, when it is reported
+        self._first_token: dict[str, tuple[float, bool, int]] = {}
         self._loads: list[Load] = []
         self._kv: list[torch.Tensor] = []
         self._failed: set[int] = set()
@@ -196,6 +201,7 @@ class KvxConnector(KVConnectorBase_V1):
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int, bool]:
         known = self._matched.get(request.request_id)
+        self._arrived.setdefault(request.request_id, request.arrival_time)
         if known is None:
             chain = self._chain(list(request.prompt_token_ids or ()))
             matched = self._lookup(chain)
@@ -232,6 +238,7 @@ class KvxConnector(KVConnectorBase_V1):
         ends in this step, however many steps (chunked prefill) it took."""
         meta = KvxMetadata(loads=self._loads)
         self._loads = []
+        self._report_first_tokens()
         scheduled = scheduler_output.num_scheduled_tokens
         progress = []
         for new in scheduler_output.scheduled_new_reqs:
@@ -257,13 +264,37 @@ class KvxConnector(KVConnectorBase_V1):
             del self._prefilling[req_id]
             whole = len(tokens) // BLOCK
             held = self._matched.get(req_id, (0,))[0]
+            if req_id in self._arrived:
+                self._first_token[req_id] = (self._arrived.pop(req_id), held > 0, len(tokens))
             if whole > held:  # only what the swarm does not advertise yet is worth a sale
                 chain = prefix_chain(self.fp.digest(), tokens[: whole * BLOCK], BLOCK, self.ns)
                 meta.saves.append(Save(chain, block_ids))
         for req_id in scheduler_output.finished_req_ids:
             self._matched.pop(req_id, None)
             self._prefilling.pop(req_id, None)
+            self._arrived.pop(req_id, None)
         return meta
+
+    def request_finished(
+        self, request: Request, block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        self._report_first_tokens()  # one that ended at its first token: no step follows
+        return False, None
+
+    def _report_first_tokens(self) -> None:
+        """Time to first token of the prompts computed by the last step, for the node's
+        `kvx_time_to_first_token_seconds` (bought or not) and its prefill rate."""
+        now = time.time()  # Request.arrival_time is wall-clock time
+        for arrived, bought, tokens in self._first_token.values():
+            try:
+                self.client.report_first_token(
+                    now - arrived,
+                    bought=bought,
+                    prefill_flops=prefill_flops(self.params, self.fp.layout, tokens),
+                )
+            except KvxError as exc:
+                log.warning("kvx: could not report a first token: %s", exc)
+        self._first_token.clear()
 
     # ---- worker side -------------------------------------------------------------------
 
