@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -36,17 +35,7 @@ def smollm2_dir() -> Path:
     where = hf.cache_dir() / "smollm2-135m-instruct"
     if (where / "config.json").exists():
         return where
-    loaded = hf.load_smollm2()
-    config = loaded.model.config
-    del config.quantization_config  # the weights are dequantised already
-    model = type(loaded.model)(config)
-    model.load_state_dict(loaded.model.state_dict())
-    part = where.with_name(where.name + ".part")
-    shutil.rmtree(part, ignore_errors=True)
-    model.save_pretrained(part)
-    loaded.tokenizer.save_pretrained(part)
-    part.replace(where)
-    return where
+    return hf.export_model_dir(hf.load_smollm2(), where)
 
 
 def prompts(model: Path, lengths: list[int]) -> tuple[list[list[int]], list[list[int]]]:

@@ -10,6 +10,7 @@ import sys
 import traceback
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -265,6 +266,44 @@ def _size(n: int) -> str:
     return f"{n:,} B"
 
 
+def _model_source(path: str | None) -> Any:
+    """A model loaded by the 'hf' extra: the file or directory given, else SmolLM2."""
+    from kvx.integrations import hf
+
+    return hf.load_model(path) if path else hf.load_smollm2()
+
+
+def _model_export(args: argparse.Namespace, out: Console) -> None:
+    from kvx.integrations import hf
+
+    made = hf.export_model_dir(_model_source(args.source), args.out)
+    out.print(f"wrote {made}: a model directory vLLM and `kvx.integrations.hf` load")
+
+
+def _model_info(args: argparse.Namespace, out: Console) -> None:
+    loaded = _model_source(args.path)
+    layout = loaded.fp.layout
+    per_token = layout.block_bytes // layout.block
+    info = {
+        "model_id": loaded.fp.model_id,
+        "fingerprint": loaded.fp.digest().hex(),
+        "dtype": layout.dtype,
+        "layers": layout.layers,
+        "kv_heads": layout.kv_heads,
+        "head_dim": layout.head_dim,
+        "block_tokens": layout.block,
+        "kv_bytes_per_token": per_token,
+        "kv_bytes_per_4096_tokens": 4096 * per_token,
+    }
+    if args.json:
+        print(json.dumps(info))
+        return
+    table = Table(title="model", show_header=False)
+    for key, value in info.items():
+        table.add_row(key.replace("_", " "), f"{value:,}" if isinstance(value, int) else value)
+    out.print(table)
+
+
 def _peers(args: argparse.Namespace, out: Console) -> None:
     rows = admin_call(args.data_dir, "peers")["peers"]
     if args.json:
@@ -363,6 +402,23 @@ def parser() -> argparse.ArgumentParser:
     join = ns.add_parser("join", help="store a secret read from standard input; prints its id")
     join.add_argument("path")
     join.set_defaults(run=_namespace_join)
+    model = sub.add_parser("model", help="models, with the 'hf' extra").add_subparsers(
+        dest="action", required=True
+    )
+    export = model.add_parser(
+        "export", help="write a model directory (safetensors) from a GGUF, as vLLM needs"
+    )
+    export.add_argument("out", help="the directory to make")
+    export.add_argument(
+        "--from",
+        dest="source",
+        help="a .gguf file or model directory (default: the demo's SmolLM2-135M-Instruct)",
+    )
+    export.set_defaults(run=_model_export)
+    info = model.add_parser("info", help="a model's KV layout, fingerprint and bytes per token")
+    info.add_argument("path", nargs="?", help="a .gguf file or model directory (default: SmolLM2)")
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(run=_model_info)
     node = sub.add_parser("node", help="run a node daemon in the foreground")
     node.add_argument("--config", help="a node.toml ([node], [policy], [[namespace]], [scores])")
     node.add_argument("--data-dir", help="without --config: run with defaults in DIR")

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import io
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -142,6 +144,28 @@ def load_model(
 def load_smollm2(*, dtype: torch.dtype = torch.float32) -> Loaded:
     """The demo's model: SmolLM2-135M-Instruct, fetched on first use (see smollm2_file)."""
     return load_model(smollm2_file(), SMOLLM2_ID, dtype=dtype)
+
+
+def export_model_dir(loaded: Loaded, out: str | Path) -> Path:
+    """Write a loaded model as a Hugging Face directory (safetensors and tokenizer), the
+    form vLLM loads. A model read from GGUF keeps a quantization config naming GGUF,
+    and transformers refuses to save such a model, though its weights are dequantised
+    already: it is saved as a plain model of the same config. The directory appears
+    whole or not at all."""
+    out = Path(out)
+    if out.exists():
+        raise ConfigError(f"{out} exists: export writes a new directory")
+    config = copy.deepcopy(loaded.model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = type(loaded.model)(config)
+    plain.load_state_dict(loaded.model.state_dict())
+    part = out.with_name(out.name + ".part")
+    shutil.rmtree(part, ignore_errors=True)
+    plain.save_pretrained(part)
+    loaded.tokenizer.save_pretrained(part)
+    part.replace(out)
+    return out
 
 
 def weights_hash(model: PreTrainedModel) -> bytes:
