@@ -11,6 +11,8 @@ import importlib.util
 import json
 import os
 import random
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -571,3 +573,76 @@ def test_every_attack_class_is_refused_by_the_engine_and_computed_instead(model,
             seller.stop()
         b.stop()
     assert run.out == [own[tuple(p)] for p in prompts]
+
+
+def test_the_documented_server_buys_and_vllm_s_own_metrics_count_it(model, tmp_path):
+    """README's OpenAI-API server command, with the connector: a completion request whose
+    prompt the swarm holds buys it, and vLLM's own metrics count the tokens it got from
+    outside (`vllm:external_prefix_cache_hits`)."""
+    a, b = pair(tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    kv = {
+        "kv_connector": "KvxConnector",
+        "kv_connector_module_path": "kvx.integrations.vllm",
+        "kv_role": "kv_both",
+        "kv_load_failure_policy": "recompute",
+        "kv_connector_extra_config": {"data_dir": str(b.dir)},
+    }
+    server = None
+    log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 (closed after the server)
+    try:
+        hf_publish(model, a, SOLD)
+        eventually(lambda: len(b.call("ads")["ads"]) == 1)
+        server = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "vllm.entrypoints.openai.api_server"),
+                *("--model", str(model), "--dtype", "float32"),
+                *("--gpu-memory-utilization", "0.1", "--max-model-len", "2048"),
+                *("--kv-transfer-config", json.dumps(kv)),
+                *("--enforce-eager", "--host", "127.0.0.1", "--port", str(port)),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+        url = f"http://127.0.0.1:{port}"
+
+        def healthy() -> bool:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    return response.status == 200
+            except OSError:
+                return False
+
+        eventually(healthy, 300, every=1.0)
+        request = urllib.request.Request(
+            f"{url}/v1/completions",
+            data=json.dumps(
+                {"model": str(model), "prompt": WANTED, "max_tokens": 4, "temperature": 0}
+            ).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=120) as response:
+            answer = json.loads(response.read())
+        assert answer["usage"]["completion_tokens"] == 4
+        assert [e["tokens"] for e in b.events("bought")] == [512]
+        with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+            metrics = response.read().decode()
+        hits = [
+            float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines()
+            if line.startswith("vllm:external_prefix_cache_hits_total")
+        ]
+        assert hits == [512.0], [m for m in metrics.splitlines() if "external" in m]
+    finally:
+        if server is not None:
+            server.send_signal(signal.SIGINT)
+            try:
+                server.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                server.kill()
+        log.close()
+        a.stop()
+        b.stop()
