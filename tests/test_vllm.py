@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -116,11 +117,13 @@ def engine(
     *,
     processes: bool = False,
     prefix: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
     **options,
 ) -> Run:
-    """Greedy outputs of one engine run; with `node`, through the kvx connector."""
+    """Greedy outputs of one engine run; with `node`, through the kvx connector; `env`
+    adds to the environment."""
     args = [str(model), str(node.dir) if node else "-", json.dumps(prompts), json.dumps(options)]
-    env = None if processes else ONE_PROCESS
+    env = {**(os.environ if processes else ONE_PROCESS), **(env or {})}
     run = subprocess.run(
         [*prefix, sys.executable, str(ENGINE), *args],
         capture_output=True,
@@ -646,3 +649,27 @@ def test_the_documented_server_buys_and_vllm_s_own_metrics_count_it(model, tmp_p
         log.close()
         a.stop()
         b.stop()
+
+
+def test_with_and_without_kvx_the_cpu_engine_binds_the_same_cores_when_told_to(
+    model, own, tmp_path
+):
+    """vLLM's CPU build reserves one core more for any KV connector (for NIXL's sake), so
+    on a small host an engine with kvx binds its worker to other cores than one without,
+    and bf16 sums then differ in order. With VLLM_CPU_NUM_OF_RESERVED_CPU the same for
+    both (README: a fair comparison), they bind the same cores and agree."""
+    node = NodeProcess(tmp_path / "n").start()
+    node.wait_ready()
+    same = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}
+    try:
+        plain = engine(model, None, [UNRELATED], processes=True, env=same)
+        with_kvx = engine(model, node, [UNRELATED], processes=True, env=same)
+    finally:
+        node.stop()
+
+    def cores(log: str) -> list[str]:
+        return re.findall(r"local_rank=\d+, core ids=\[[^\]]*\]", log)
+
+    assert cores(plain.log) and cores(plain.log) == cores(with_kvx.log)
+    assert "VLLM_CPU_NUM_OF_RESERVED_CPU is less than the minimum requirement" in with_kvx.log
+    assert plain.out == with_kvx.out == [own[tuple(UNRELATED)]]
