@@ -673,3 +673,19 @@ def test_with_and_without_kvx_the_cpu_engine_binds_the_same_cores_when_told_to(
     assert cores(plain.log) and cores(plain.log) == cores(with_kvx.log)
     assert "VLLM_CPU_NUM_OF_RESERVED_CPU is less than the minimum requirement" in with_kvx.log
     assert plain.out == with_kvx.out == [own[tuple(UNRELATED)]]
+
+
+def test_an_engine_of_another_dtype_buys_nothing_and_says_which_it_trades(model, tmp_path):
+    """The fingerprint names the dtype (with the weights as loaded in it): a bf16 engine
+    does not buy fp32 KV, and says at start which dtype it trades in, rather than
+    missing in silence."""
+    a, b = pair(tmp_path)
+    try:
+        hf_publish(model, a, SOLD)  # Hugging Face computes in float32
+        eventually(lambda: len(b.call("ads")["ads"]) == 1)
+        run = engine(model, b, [WANTED], dtype="bfloat16")
+        assert b.events("bought") == []
+    finally:
+        a.stop()
+        b.stop()
+    assert "kvx: this engine trades KV computed in bfloat16" in run.log

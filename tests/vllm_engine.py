@@ -11,7 +11,7 @@ engine up. vLLM spawns its engine core, hence the __main__ guard.
 
 OPTIONS: `kv` (more kv_transfer_config), `max_tokens` (12), `max_model_len` (2048),
 `prefix_caching` (true), `ttft` (false), `memory` (0.1, vLLM's share of the host's),
-`kv_cache_dtype` ("auto").
+`kv_cache_dtype` ("auto"), `dtype` ("float32").
 """
 
 import json
@@ -37,7 +37,7 @@ def main() -> None:
     llm = LLM(
         model=model,
         skip_tokenizer_init=True,
-        dtype="float32",
+        dtype=options.get("dtype", "float32"),
         max_model_len=options.get("max_model_len", 2048),
         gpu_memory_utilization=options.get("memory", 0.1),  # of the host's, on the CPU build
         enforce_eager=True,  # compiling costs 16 s a start and changes nothing kvx does

@@ -168,6 +168,13 @@ class KvxConnector(KVConnectorBase_V1):
         # trade whichever engine computed them.
         loaded = load_model(vllm_config.model_config.model, dtype=vllm_config.model_config.dtype)
         self.fp = loaded.fp
+        if role == KVConnectorRole.SCHEDULER:  # once per engine, where lookups are made
+            log.info(
+                "kvx: this engine trades KV computed in %s: the fingerprint names the dtype,"
+                " so sellers and buyers in another dtype (the Hugging Face helpers load"
+                " float32) trade nothing with it; give both the same dtype",
+                self.fp.layout.dtype,
+            )
         self.params = sum(p.numel() for p in loaded.model.parameters())  # prices its prefill
         self.client = SyncPeerClient(
             self.settings.data_dir, timeout_s=self.settings.timeout_s, verify=self.settings.verify
