@@ -158,7 +158,7 @@ MUSTS: dict[str, str | tuple[str, ...]] = {
     ),
     "§12.6: Nodes SHOULD rate-limit each peer's messages and gossip,": (
         "untestable: its MUST (a destination no larger than the buyer's bound) is a rule for "
-        "buyers; the rate limit is case 12.6/1"
+        "buyers; the rate limit is case 12.6/3 (a SHOULD case)"
     ),
     "§12.6: Rate limits are flow control, not blame: a": ("12.6/2",),
     "§13.2: Forgetting MUST NOT resurrect: a node that forgets": (
