@@ -17,6 +17,7 @@ from kvx.protocol import (
     Error,
     ErrorCode,
     Hello,
+    KVLayout,
     Leave,
     Lookup,
     LookupResult,
@@ -26,7 +27,9 @@ from kvx.protocol import (
     Peers,
     Probe,
     ProbeAck,
+    Quote,
     QuoteRequest,
+    Transfer,
 )
 from kvx.trust import Identity, open_envelope, seal
 
@@ -321,3 +324,30 @@ def _(s: Session) -> None:
             raise Failed("a LEAVE of incarnation 4 dropped the ads of incarnation 5")
     finally:
         other.close()
+
+
+@case(
+    "8.1/1",
+    "MUST",
+    "a TRANSFER on the control channel, an unsolicited QUOTE or LOOKUP_RESULT: UNEXPECTED_MESSAGE",
+)
+def _(s: Session) -> None:
+    s.hello()
+    quote_id, token = bytes(16), bytes(32)
+    transfer = Transfer(quote=quote_id, token=token, first=0)
+    refused(s, s.frame(transfer), ErrorCode.UNEXPECTED_MESSAGE)
+    quote = Quote(
+        re=1,
+        quote=quote_id,
+        blocks=1,
+        stored=1,
+        layout=KVLayout(dtype="float16", layers=1, kv_heads=1, head_dim=8, block=16),
+        root=bytes(32),
+        chunk=1 << 16,
+        price=1,
+        transport="tcp",
+        data="127.0.0.1:9",
+        token=token,
+    )
+    refused(s, s.frame(quote), ErrorCode.UNEXPECTED_MESSAGE)
+    refused(s, s.frame(LookupResult(re=1, matched=0, ads=())), ErrorCode.UNEXPECTED_MESSAGE)
