@@ -112,7 +112,9 @@ class Market:
                 raise _fail(ErrorCode.NOT_FOUND, "no block of that chain is held here") from None
         matched, entry = self.store.best_match(req.fp, req.ns, req.blocks)
         if entry is None:
-            if not any(e.fp == req.fp for e in self.store.entries()):
+            # Only the request's own namespace counts: what is held elsewhere (public, or
+            # another private namespace) must not change the answer (§7.7, §10.2).
+            if not any(e.fp == req.fp and e.ns == req.ns for e in self.store.entries()):
                 raise _fail(ErrorCode.FINGERPRINT_MISMATCH, "no KV held for that fingerprint")
             raise _fail(ErrorCode.NOT_FOUND, "no block of that chain is held here")
         layout = entry.layout

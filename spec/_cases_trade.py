@@ -175,6 +175,39 @@ def _(s: Session) -> None:
         raise Failed(f"answered {answer}")
 
 
+def _refusal(s: Session, **over) -> ErrorCode | str:
+    """The code a QUOTE_REQUEST for the fixture, changed by `over`, is refused with."""
+    fields = {
+        "fp": FIXTURE_FP,
+        "blocks": tuple(FIXTURE_CHAIN),
+        "transports": ("tcp",),
+        "max_price": 10**15,
+        **over,
+    }
+    ask = s.frame(QuoteRequest(**fields))
+    s.send(ask)
+    answer = s.answer(seq_of(ask))
+    if answer is None:
+        raise Failed("QUOTE_REQUEST was not answered")
+    return answer.message.code if isinstance(answer.message, Error) else answer.type.name
+
+
+@case("10.2/5", "MUST", "a QUOTE_REQUEST failing several checks gets the first one's code")
+def _(s: Session) -> None:
+    s.hello()
+    _quote(s)  # the fixture is held (else: skipped)
+    worst = {"transports": ("x-none",), "max_price": 0}  # fail checks 6 and 7 as well
+    for label, over, want in (
+        ("another fingerprint", {"fp": bytes(32)}, ErrorCode.FINGERPRINT_MISMATCH),
+        ("a chain not held", {"blocks": (bytes(32),)}, ErrorCode.NOT_FOUND),
+        ("an unconvertible dtype", {"dtype": "float8_e5m2"}, ErrorCode.UNSUPPORTED_CONVERSION),
+        ("no common transport", {}, ErrorCode.NO_COMMON_TRANSPORT),
+    ):
+        got = _refusal(s, **{**worst, **over})
+        if got != want:
+            raise Failed(f"{label}, also over price and transport: answered {got}, not {want.name}")
+
+
 def _payer(s: Session, q: Quote):
     """Receipts for the payment window (§9.4): the first `n` bytes at their share (§8.14)."""
     return lambda n: s.frame(

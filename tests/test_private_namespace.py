@@ -98,8 +98,21 @@ async def test_members_trade_and_outsiders_get_nothing(nodes):
         )
     )
     other = peer.recv()
-    peer.close()
     assert (other.message.code, other.message.msg) == (answer.message.code, answer.message.msg)
+    # A public request for the private KV's fingerprint is answered as for a fingerprint
+    # nobody holds: what a namespace holds does not show through another (§10.2).
+    codes = []
+    for fp in (FP, b"\x77" * 32):
+        peer.send(
+            signer.seal(
+                QuoteRequest(fp=fp, blocks=tuple(chain), transports=("tcp",), max_price=10**9),
+                now_ms=time.time_ns() // 1_000_000,
+                to=peer.node_id,
+            )
+        )
+        codes.append(peer.recv().message.code)
+    peer.close()
+    assert codes == [ErrorCode.FINGERPRINT_MISMATCH] * 2
 
 
 BIG_LAYOUT = KVLayout(dtype="float16", layers=4, kv_heads=4, head_dim=64, block=32)
