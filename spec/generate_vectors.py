@@ -303,7 +303,7 @@ def context(now: int = NOW, peer: Identity | None = ALICE, prior: list[bytes] = 
 
 
 def valid_case(case_id: str, description: str, frame: bytes, ctx: dict) -> dict[str, Any]:
-    body = msgpack.unpackb(msgpack.unpackb(frame)[2])
+    body_bytes = msgpack.unpackb(frame)[2]
     return {
         "id": case_id,
         "description": description,
@@ -311,7 +311,8 @@ def valid_case(case_id: str, description: str, frame: bytes, ctx: dict) -> dict[
         "context": ctx,
         "frame": frame.hex(),
         "type": MessageType(msgpack.unpackb(frame)[1]).name,
-        "body": to_json(body),
+        "body": to_json(msgpack.unpackb(body_bytes)),
+        "body_bytes": body_bytes.hex(),
     }
 
 
