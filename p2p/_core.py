@@ -11,7 +11,6 @@ the clock is injected, and storage (ledger, scores, store) comes in as objects.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
 import sqlite3
@@ -19,8 +18,6 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-
-import msgpack
 
 from kvx.protocol import (
     RELAYABLE,
@@ -31,6 +28,7 @@ from kvx.protocol import (
     MessageType,
     RawEnvelope,
     RemoteProtocolError,
+    body_seq,
     node_id,
 )
 from kvx.transport import Offer, Sessions
@@ -101,15 +99,6 @@ class Disconnect:
 
 
 Output = Send | Reply | Disconnect | Judge
-
-
-def _seq_of(body: bytes) -> int | None:
-    """The seq of a body that failed its checks, if it can be read at all (for `re`)."""
-    with contextlib.suppress(Exception):
-        seq = msgpack.unpackb(body, raw=False, max_ext_len=0).get("seq")
-        if type(seq) is int and 0 <= seq < 2**64:
-            return seq
-    return None
 
 
 class NodeCore(Liveness, Gossip, Trading, Fraud):
@@ -454,7 +443,7 @@ class NodeCore(Liveness, Gossip, Trading, Fraud):
         # Answer (spec §6.5) only a direct frame whose signer is this connection's peer:
         # anyone else is nobody we can address.
         if raw is not None and curve_public_key(raw.signer) == curve:
-            self._send_error(routing, raw.type, raw.signer, _seq_of(raw.body), exc)
+            self._send_error(routing, raw.type, raw.signer, body_seq(raw.body), exc)
 
     def _answer_error(self, st: Statement, routing: bytes | None, exc: RemoteProtocolError) -> None:
         self._send_error(routing, st.type, st.signer, st.header.seq, exc)

@@ -7,6 +7,7 @@ get messages, bytes and errors out (spec/PROTOCOL.md is the normative text).
 from ._address import ENDPOINT_TRANSPORTS, split_ctl, split_host_port
 from ._codec import (
     RawEnvelope,
+    body_seq,
     decode_body,
     encode_body,
     encode_envelope,
@@ -170,6 +171,7 @@ __all__ = [
     "SealedChannel",
     "Transfer",
     "Withdraw",
+    "body_seq",
     "byte_view",
     "chain_extend",
     "chain_seed",

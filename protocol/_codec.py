@@ -72,6 +72,18 @@ class RawEnvelope:
     signature: bytes
 
 
+def body_seq(body: bytes) -> int | None:
+    """The `seq` of a body that failed its checks, for an ERROR's `re` (spec §6.5): read
+    under the same bounds as any body, so a body refused before it could be built (over
+    MAX_MAP_KEYS, say) is never built for its seq either, and has none."""
+    try:
+        obj = _unpack(body, "body")
+    except RemoteProtocolError:
+        return None
+    seq = obj.get("seq") if isinstance(obj, dict) else None
+    return seq if type(seq) is int and 0 <= seq < 2**64 else None
+
+
 def parse_envelope(frame: bytes) -> RawEnvelope:
     """Split a frame into its envelope fields (spec §6.4 steps 1-6, in order).
 
@@ -81,8 +93,8 @@ def parse_envelope(frame: bytes) -> RawEnvelope:
     if type(obj) is not list or not obj:
         raise RemoteProtocolError(ErrorCode.MALFORMED, "an envelope is a non-empty array")
     version = obj[0]
-    if type(version) is not int:
-        raise RemoteProtocolError(ErrorCode.MALFORMED, "the envelope version is not an integer")
+    if type(version) is not int or version < 0:  # a negative integer is no uint (§6.4)
+        raise RemoteProtocolError(ErrorCode.MALFORMED, "the envelope version is not a uint")
     if version != PROTOCOL_VERSION:
         raise RemoteProtocolError(
             ErrorCode.UNSUPPORTED_VERSION, f"version {version}, this node speaks {PROTOCOL_VERSION}"
@@ -90,8 +102,8 @@ def parse_envelope(frame: bytes) -> RawEnvelope:
     if len(obj) != 5:
         raise RemoteProtocolError(ErrorCode.MALFORMED, f"an envelope has 5 items, not {len(obj)}")
     _, mtype, body, signer, signature = obj
-    if type(mtype) is not int:
-        raise RemoteProtocolError(ErrorCode.MALFORMED, "the message type is not an integer")
+    if type(mtype) is not int or mtype < 0:
+        raise RemoteProtocolError(ErrorCode.MALFORMED, "the message type is not a uint")
     if type(body) is not bytes:
         raise RemoteProtocolError(ErrorCode.MALFORMED, "the body is not bin")
     if type(signer) is not bytes or len(signer) != 32:

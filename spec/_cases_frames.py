@@ -211,10 +211,21 @@ def _(s: Session) -> None:
     s.hello()
 
 
-@case("4.4/4", "MUST", f"a map of more than MAX_MAP_KEYS ({MAX_MAP_KEYS}) keys is MALFORMED")
+@case(
+    "4.4/4",
+    "MUST",
+    f"a map of more than MAX_MAP_KEYS ({MAX_MAP_KEYS}) keys is MALFORMED, answered without re",
+)
 def _(s: Session) -> None:
     extra = {f"k{i}": 0 for i in range(MAX_MAP_KEYS)}
-    ignored(s, signed_body(s, HELLO, **extra), ErrorCode.MALFORMED)
+    frame = signed_body(s, HELLO, **extra)
+    s.send(frame)
+    for st in s.receive(1.5):
+        if not isinstance(st.message, Error) or st.message.code != ErrorCode.MALFORMED:
+            raise Failed(f"answered {st.type.name}, where §6.4 gives MALFORMED")
+        if st.message.re is not None:
+            raise Failed("the ERROR names re: the body's seq was read past its bounds")
+    s.hello()
 
 
 @case("4.4/5", "MUST", f"an array of more than MAX_ARRAY_ITEMS ({MAX_ARRAY_ITEMS}) is MALFORMED")

@@ -480,6 +480,18 @@ def invalid() -> dict[str, Any]:
         pack([0, mtype, body, signer, sig]),
     )
     case(
+        "codec/version-negative",
+        "protocol version -1: no uint, so MALFORMED (step 3), not an unsupported version",
+        ErrorCode.MALFORMED,
+        pack([-1, mtype, body, signer, sig]),
+    )
+    case(
+        "codec/type-negative",
+        "message type -1: no uint, so MALFORMED (step 5), not an unknown type",
+        ErrorCode.MALFORMED,
+        pack([PROTOCOL_VERSION, -1, body, signer, sig]),
+    )
+    case(
         "codec/unknown-type",
         "message type 99",
         ErrorCode.UNKNOWN_TYPE,
