@@ -252,6 +252,8 @@ class Market:
         self.sessions.forget(old.token)
         if reject.counter is None:
             return None
+        if reject.counter > old.price:  # a counter-offer bids the price down, never up
+            raise _fail(ErrorCode.INVALID_FIELD, f"a counter above the quoted {old.price}")
         if pending.counters >= MAX_COUNTERS or reject.counter < pending.lowest:
             raise _fail(ErrorCode.PRICE_TOO_HIGH, f"the lowest price is {pending.lowest}")
         ephemeral = None if old.kx is None else Ephemeral()

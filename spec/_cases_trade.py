@@ -357,6 +357,16 @@ def _(s: Session) -> None:
     raise Failed("the fourth counter-offer was answered with a QUOTE")
 
 
+@case("10.1/4", "MUST", "a counter above the quoted price is INVALID_FIELD, and ends the quote")
+def _(s: Session) -> None:
+    q = _quoted(s)
+    refused(
+        s, s.frame(Reject(quote=q.quote, reason=0, counter=q.price + 1)), ErrorCode.INVALID_FIELD
+    )
+    accept = Accept(quote=q.quote, price=q.price, root=q.root)
+    refused(s, s.frame(accept), ErrorCode.UNEXPECTED_MESSAGE)  # REJECTED (§10.4)
+
+
 @case("10.4/1", "MUST", "ACCEPT and REJECT of a quote never issued are UNKNOWN_QUOTE")
 def _(s: Session) -> None:
     s.hello()

@@ -122,7 +122,8 @@ MUSTS: dict[str, str | tuple[str, ...]] = {
         "untestable: a rule for buyers; the suite's own client keeps it (spec/_data.py), "
         "tests/test_transport.py serves the reference buyer a clear stream"
     ),
-    "§10.1: At most 3 counter-offers per QUOTE_REQUEST: a seller": ("10.1/3",),
+    "§10.1: A counter above the price of the QUOTE": ("10.1/4",),
+    "§10.1: At most 3 counter-offers per QUOTE_REQUEST, counted along": ("10.1/3",),
     "§10.3: Every node MUST offer tcp.": ("10.1/1",),
     "§10.4: A seller keeps every QUOTE it signs, until": (
         "10.4/1",
