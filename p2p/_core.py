@@ -391,7 +391,7 @@ class NodeCore(Liveness, Gossip, Trading, Fraud):
         """A receipt a buyer paid mid-stream (§9.4): the stream moves on only once it is
         recorded, so a refusal here (the ledger's code, or UNAVAILABLE) ends the stream."""
         try:
-            self._earned(self.market.receipt(st, self.clock.now_ms()))
+            self._earned(self.market.receipt(st, self.clock.now_ms(), window=True))
         except sqlite3.Error as exc:
             self._ledger_failed(exc)
             raise RemoteProtocolError(ErrorCode.UNAVAILABLE, "this node cannot write now") from None

@@ -275,9 +275,11 @@ class Market:
             pending.counters + 1,
         )
 
-    def receipt(self, st: Statement, now_ms: int) -> Receipted:
+    def receipt(self, st: Statement, now_ms: int, *, window: bool = False) -> Receipted:
+        """A buyer's RECEIPT: one that moves a payment window (`window`, from the data
+        channel) or one for the whole delivery (the control channel, §10.6)."""
         assert isinstance(st.message, Receipt)
-        return self.ledger.record_receipt(st, now_ms)
+        return self.ledger.record_receipt(st, now_ms, partial=window)
 
     def finished(self, offer: Offer, sent: int, whole: bool) -> None:
         """A stream of a deal ended: delivered, or — whatever cut it — the deal's life is

@@ -407,6 +407,14 @@ def _(s: Session) -> None:
     refused(s, s.frame(_receipt(s, q, price=q.price + 1)), ErrorCode.UNKNOWN_TRANSFER)
 
 
+@case("10.6/4", "MUST", "a RECEIPT for part of a delivery, on the control channel, is refused")
+def _(s: Session) -> None:
+    q = _deal(s)  # accepted, never streamed
+    part = q.chunk
+    receipt = _receipt(s, q, bytes=part, price=q.price * part // q.deliver)
+    refused(s, s.frame(receipt), ErrorCode.UNKNOWN_TRANSFER)
+
+
 @case("10.6/2", "MUST", "the same RECEIPT frame twice is REPLAYED")
 def _(s: Session) -> None:
     q = _bought(s)

@@ -138,7 +138,7 @@ MUSTS: dict[str, str | tuple[str, ...]] = {
         "untestable: needs fresh identities from chosen networks and allowances the suite "
         "cannot set on the target; tests/test_paid.py runs ten against a live seller"
     ),
-    "§10.6: A seller MUST refuse a RECEIPT with UNKNOWN_TRANSFER": ("10.4/5", "10.6/1"),
+    "§10.6: A seller MUST refuse a RECEIPT with UNKNOWN_TRANSFER": ("10.4/5", "10.6/1", "10.6/4"),
     "§10.6: A node MUST NOT report a deal as": (
         "untestable: the ledger is not visible on the wire; tests/test_ledger.py kills its "
         "writer mid-receipt"

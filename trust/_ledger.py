@@ -308,10 +308,12 @@ class Ledger:
             (now_ms, why, self.me),
         ).rowcount
 
-    def record_receipt(self, receipt: Statement, now_ms: int) -> Receipted:
+    def record_receipt(self, receipt: Statement, now_ms: int, *, partial: bool = True) -> Receipted:
         """Store a buyer's RECEIPT for a deal that was accepted (and, for the whole
         delivery, delivered); a receipt for more of the delivery replaces one for less
         (the payment window, §9.4), anything else differing from the stored one is refused.
+        With `partial` False (a seller's control channel) only a receipt of the whole
+        delivery is taken: part of one moves a payment window, on the data channel.
         Returns what it adds to what was already paid."""
         r = receipt.message
         if not isinstance(r, Receipt):
@@ -334,6 +336,11 @@ class Ledger:
                 or r.price != receipt_price(price, r.bytes, size)
             ):
                 raise _fail(ErrorCode.UNKNOWN_TRANSFER, "the receipt does not match the deal")
+            if not partial and r.bytes < size:
+                raise _fail(
+                    ErrorCode.UNKNOWN_TRANSFER,
+                    "a receipt for part of a delivery belongs on its data channel",
+                )
             if seller == self.me and r.bytes == size and delivered is None:
                 raise _fail(ErrorCode.UNKNOWN_TRANSFER, "that transfer never completed")
             row = self._db.execute(
