@@ -27,9 +27,17 @@ from kvx.protocol import (
 )
 from kvx.trust import Statement, open_envelope
 
-from ._case import FIXTURE_CHAIN, FIXTURE_FP, FIXTURE_PAYLOAD, case, refused, seq_of
+from ._case import (
+    FIXTURE_CHAIN,
+    FIXTURE_FP,
+    FIXTURE_PAYLOAD,
+    case,
+    refused,
+    seq_of,
+    signed_body,
+)
 from ._data import Stream, open_stream
-from ._peer import Failed, Session, Skipped
+from ._peer import Failed, Session, Skipped, now_ms
 
 
 def _quote(s: Session, fp: bytes = FIXTURE_FP) -> Statement:
@@ -239,6 +247,37 @@ def _(s: Session) -> None:
     if _stream(s, q).fault:
         raise Failed("the first stream failed")
     _refused_stream(_stream(s, q), ErrorCode.BAD_TOKEN)
+
+
+@case(
+    "9.2/4",
+    "MUST",
+    "a TRANSFER failing §6.4 after its signature is answered with that step's code",
+)
+def _(s: Session) -> None:
+    q = _quoted(s)  # its data address; no deal is needed to fail before the token
+    transfer = Transfer(quote=q.quote, token=q.token, first=0)
+    past = now_ms() - 120_000
+    for label, frame, code in (
+        ("a field of the wrong type", signed_body(s, transfer, first="0"), ErrorCode.INVALID_FIELD),
+        ("to another node", s.frame(transfer, to=bytes(32)), ErrorCode.WRONG_RECIPIENT),
+        ("expired", s.frame(transfer, iat=past, exp=past + 1000), ErrorCode.EXPIRED),
+        ("not a TRANSFER", s.frame(_receipt(s, q)), ErrorCode.UNEXPECTED_MESSAGE),
+    ):
+        stream = open_stream(q.data, frame, q, _payer(s, q))
+        try:
+            _refused_stream(stream, code)
+        except Failed as exc:
+            raise Failed(f"{label}: {exc}") from None
+
+
+@case("9.2/5", "MUST", "the same TRANSFER frame on a second connection is REPLAYED")
+def _(s: Session) -> None:
+    q = _deal(s)
+    frame = s.frame(Transfer(quote=q.quote, token=q.token, first=0))
+    if open_stream(q.data, frame, q, _payer(s, q)).fault:
+        raise Failed("the first stream failed")
+    _refused_stream(open_stream(q.data, frame, q, _payer(s, q)), ErrorCode.REPLAYED)
 
 
 @case("9.2/3", "MUST", "a TRANSFER whose first chunk is past the delivery is INVALID_FIELD")

@@ -6,8 +6,16 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kvx.protocol import ErrorCode, Receipt, RemoteProtocolError, Transfer, byte_view
-from kvx.trust import Inbox, Signer, Statement
+from kvx.protocol import (
+    ErrorCode,
+    Receipt,
+    RemoteProtocolError,
+    Transfer,
+    body_seq,
+    byte_view,
+    node_id,
+)
+from kvx.trust import Inbox, Signer, Statement, verify_envelope
 
 from ._verify import Expected
 
@@ -123,21 +131,26 @@ class Admission:
     seq: int | None = None  # of the TRANSFER, for an ERROR's `re`
 
 
+def refusal(frame: bytes, exc: RemoteProtocolError, signer: Signer, now_ms: int) -> bytes | None:
+    """The ERROR that answers a data-channel statement refused for `exc` (§9.2): addressed
+    to its signer once the signature verified (§6.4 step 7), whatever later step refused
+    it; None for a frame with no verified sender, which is only closed on (§6.5)."""
+    try:
+        raw = verify_envelope(frame)
+    except RemoteProtocolError:
+        return None
+    return signer.seal_error(exc, re=body_seq(raw.body), to=node_id(raw.signer), now_ms=now_ms)
+
+
 def admit(frame: bytes, sessions: Sessions, inbox: Inbox, signer: Signer, now_ms: int) -> Admission:
     """Check a buyer's TRANSFER (spec §9.2) and claim its offer, whatever the transport."""
-    statement = None
     try:
         statement = inbox.receive(frame, now_ms=now_ms, peer_curve_key=None)
         if not isinstance(statement.message, Transfer):
             raise RemoteProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "a stream opens with TRANSFER")
         offer = sessions.claim(statement.message, statement.signer, now_ms)
     except RemoteProtocolError as exc:
-        if statement is None:  # an ERROR needs a verified sender to address it to
-            return Admission(None)
-        reply = signer.seal_error(
-            exc, re=statement.header.seq, to=statement.signer_id, now_ms=now_ms
-        )
-        return Admission(None, reply=reply)
+        return Admission(None, reply=refusal(frame, exc, signer, now_ms))
     return Admission(offer, statement.message.first, seq=statement.header.seq)
 
 
@@ -173,10 +186,9 @@ class Payments:
         return bool(window) and index >= self.paid + window
 
     def receipt(self, frame: bytes, next_index: int, now_ms: int) -> bytes | None:
-        """Take the buyer's receipt for exactly the chunks before `next_index`: None when
-        the window moved on, else the ERROR frame that ends the stream (`refused` says why;
-        the buyer broke a rule, §9.4)."""
-        st = None
+        """Take the buyer's receipt for exactly the chunks before `next_index`. When it is
+        refused, `refused` says why (the buyer broke a rule, §9.4) and the ERROR frame
+        that ends the stream is returned (None for a frame with no verified sender)."""
         try:
             st = self.inbox.receive(frame, now_ms=now_ms, peer_curve_key=None)
             self._check(st, next_index)
@@ -184,9 +196,7 @@ class Payments:
                 self.record(st)
         except RemoteProtocolError as exc:
             self.refused = exc
-            if st is None:
-                return None
-            return self.signer.seal_error(exc, re=st.header.seq, to=st.signer_id, now_ms=now_ms)
+            return refusal(frame, exc, self.signer, now_ms)
         self.paid = next_index
         return None
 
