@@ -374,6 +374,45 @@ def messages() -> dict[str, Any]:
             context(),
         ),
         valid_case(
+            "codec/unknown-bytes-at-limit",
+            "an ADVERTISE with exactly MAX_UNKNOWN_BYTES (4,096) of unknown fields: key zz"
+            " (3 bytes) and a bin of 4,090 (3 + 4,090), counted as §4.5 says",
+            signed(
+                MessageType.ADVERTISE,
+                body_of(advert(), header(207, to=None, ttl=3_600_000), zz=b"\0" * 4090),
+            ),
+            context(),
+        ),
+        valid_case(
+            "codec/unknown-bytes-nested-at-limit",
+            "an ADVERTISE whose unknown fields, in the body (3 + 3 + 3,000) and in the map of"
+            " its data array's first entry (3 + 3 + 1,084), make exactly 4,096",
+            signed(
+                MessageType.ADVERTISE,
+                body_of(
+                    advert(),
+                    header(208, to=None, ttl=3_600_000),
+                    zz=b"\0" * 3000,
+                    data=[
+                        {"t": "tcp", "addr": "127.0.0.1:7001", "zz": b"\0" * 1084},
+                        {"t": "ucx", "addr": "127.0.0.1:7002"},
+                    ],
+                ),
+            ),
+            context(),
+        ),
+        valid_case(
+            "codec/unknown-bytes-re-encoded",
+            "an ADVERTISE at the limit when its unknown fields are re-encoded (zz: 3 + 3 +"
+            " 4,086; zy: 3 + 1 for the uint 0), over it as sent (zy's 0 sent as uint 64,"
+            " cf + 8 bytes): unknown fields count in their shortest encoding (§4.5)",
+            signed(
+                MessageType.ADVERTISE,
+                _long_unknown_uint_body(header(209, to=None, ttl=3_600_000)),
+            ),
+            context(),
+        ),
+        valid_case(
             "codec/uint-in-signed-format",
             "HELLO inc encoded as msgpack int 8 (d0 03): a uint in a signed format (§1)",
             signed(MessageType.HELLO, _int8_inc_body(header(206))),
@@ -663,6 +702,24 @@ def invalid() -> dict[str, Any]:
         signed(MessageType.ADVERTISE, body_of(advert(), adv_hdr, zz=b"\0" * 4092)),
     )
     case(
+        "field/relayable-ballast-nested",
+        "an ADVERTISE whose unknown fields make 4,097 bytes, 1,085 of them in a map of its"
+        " data array (§4.5: maps nested in defined fields count, arrays' maps included)",
+        ErrorCode.INVALID_FIELD,
+        signed(
+            MessageType.ADVERTISE,
+            body_of(
+                advert(),
+                adv_hdr,
+                zz=b"\0" * 3000,
+                data=[
+                    {"t": "tcp", "addr": "127.0.0.1:7001", "zz": b"\0" * 1085},
+                    {"t": "ucx", "addr": "127.0.0.1:7002"},
+                ],
+            ),
+        ),
+    )
+    case(
         "header/missing-to",
         "a direct message without a recipient",
         ErrorCode.INVALID_FIELD,
@@ -758,6 +815,15 @@ def invalid() -> dict[str, Any]:
 
 def hello_msg() -> Hello:
     return MESSAGES[0]  # type: ignore[return-value]
+
+
+def _long_unknown_uint_body(hdr: Header) -> bytes:
+    """An ADVERTISE body with unknown keys zz (a bin of 4,086) and zy, whose 0 is written
+    cf 00…00 (uint 64) where an encoder writes 00."""
+    body = body_of(advert(), hdr, zz=b"\0" * 4086, zy=0)
+    key = msgpack.packb("zy")
+    assert body.count(key + b"\x00") == 1
+    return body.replace(key + b"\x00", key + b"\xcf" + bytes(8))
 
 
 def _int8_inc_body(hdr: Header) -> bytes:
