@@ -252,6 +252,12 @@ def _(s: Session) -> None:
     refused(s, s.frame(Probe(target=s.identity.public_key)), ErrorCode.NOT_FOUND)
 
 
+@case("8.17/3", "MUST", "a PROBE whose target is the helper itself is NOT_FOUND")
+def _(s: Session) -> None:
+    s.hello()
+    refused(s, s.frame(Probe(target=s.target_key)), ErrorCode.NOT_FOUND)
+
+
 @case("8.17/2", "MUST", "a PROBE for a live peer brings PROBE_ACK with the peer's own statement")
 def _(s: Session) -> None:
     s.hello()

@@ -91,7 +91,7 @@ MUSTS: dict[str, str | tuple[str, ...]] = {
     "§8.15: — code (uint 1–65535, §11; unknown codes MUST": ("6.5/5",),  # noqa: RUF001
     "§8.6: - A node MUST NOT answer one DIGEST": ("8.6/2",),
     "§8.6: A node MUST NOT send one peer relayable": ("8.6/2",),
-    "§8.17: A recipient MUST probe target only if it": ("8.17/1",),
+    "§8.17: A recipient MUST probe target only if it": ("8.17/1", "8.17/3"),
     "§8.18: A helper that took a PROBE MUST send": ("8.17/2",),
     # Black-box, only an unasked PROBE_ACK: the target asks only when its own probes
     # go unanswered. tests/test_core.py shows a node forged, misaddressed, stale and
