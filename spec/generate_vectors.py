@@ -579,6 +579,31 @@ def invalid() -> dict[str, Any]:
         ErrorCode.BAD_SIGNATURE,
         pack([version, mtype, body, MALLORY.public_key, sig]),
     )
+    # §5.3's verification rules, where Ed25519 libraries differ. Each is valid under the
+    # cofactorless equation [S]B = R + [k]A taken at face value, and refused by the rules.
+    order = 2**252 + 27742317777372353535851937790883648493  # L, the group order
+    s_plus_l = (int.from_bytes(sig[32:], "little") + order).to_bytes(32, "little")
+    case(
+        "sig/s-not-canonical",
+        "a valid signature with S replaced by S + L: the same point, but S >= L",
+        ErrorCode.BAD_SIGNATURE,
+        pack([version, mtype, body, signer, sig[:32] + s_plus_l]),
+    )
+    identity = b"\x01" + bytes(31)  # the neutral point: order 1
+    case(
+        "sig/small-order-key",
+        "signer = the neutral point (a key of small order), R = the neutral point, S = 0",
+        ErrorCode.BAD_SIGNATURE,
+        pack([version, mtype, body, identity, identity + bytes(32)]),
+    )
+    p25519 = 2**255 - 19
+    case(
+        "sig/non-canonical-key",
+        "signer = the neutral point written with y = p + 1 (a non-canonical encoding),"
+        " R = the neutral point, S = 0",
+        ErrorCode.BAD_SIGNATURE,
+        pack([version, mtype, body, (p25519 + 1).to_bytes(32, "little"), identity + bytes(32)]),
+    )
     accept_body = encode_body(header(402), MESSAGES[9])
     case(
         "sig/wrong-purpose",
