@@ -12,12 +12,18 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import re
 from dataclasses import dataclass
 
 from ._errors import RemoteProtocolError
 from ._schema import Invalid, Str
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+_PORT = re.compile(r"[1-9][0-9]{0,4}")
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9][0-9]|[0-9])"
+_IPV4_TAIL = re.compile(rf"(?:^|:){_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}$")
+"""Dotted-quad IPv4, alone or as an IPv6 address's last 32 bits: no leading zeros."""
+_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 
 CTL_SCHEME = "tcp://"
 
@@ -46,13 +52,19 @@ def _parse(text: str) -> tuple[IPAddress, int] | str:
             return f"{text!r:.80}: only IPv6 hosts are bracketed"
     elif ":" in host:
         return f"{text!r:.80}: an IPv6 host is written [ADDR]"
-    if not (port.isascii() and port.isdigit()) or len(port) > 5 or not 1 <= int(port) <= 65535:
-        return f"{text!r:.80}: the port is not in 1-65535"
+    if not _PORT.fullmatch(port) or int(port) > 65535:
+        return f"{text!r:.80}: the port is not 1-65535 in decimal without leading zeros"
+    if "%" in host:
+        return f"{text!r:.80}: a zone id names an interface of the sender's, not an address"
+    if "." in host and not _IPV4_TAIL.search(host):
+        return f"{text!r:.80}: an IPv4 octet is 0-255 without leading zeros"
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
         return f"{text!r:.80}: the host is not an IP literal"
-    if ip.is_unspecified or ip.is_multicast or ip == ipaddress.IPv4Address("255.255.255.255"):
+    # An IPv4-mapped IPv6 address is judged by the IPv4 address it maps (§8.1a).
+    judged = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped else ip
+    if judged.is_unspecified or judged.is_multicast or judged == _BROADCAST:
         return f"{text!r:.80}: no peer can be reached at {ip}"
     return ip, int(port)
 

@@ -413,6 +413,18 @@ def messages() -> dict[str, Any]:
             context(),
         ),
         valid_case(
+            "address/ipv6-upper-case",
+            "a HELLO whose ctl writes its IPv6 address in upper-case hex (§8.1a: either case)",
+            seal(ALICE, hello_at("tcp://[2001:DB8::A]:7000"), header(210)),
+            context(),
+        ),
+        valid_case(
+            "address/ipv4-mapped",
+            "a HELLO whose ctl is an IPv4-mapped IPv6 address of a unicast IPv4 address",
+            seal(ALICE, hello_at("tcp://[::ffff:10.0.0.1]:7000"), header(211)),
+            context(),
+        ),
+        valid_case(
             "codec/uint-in-signed-format",
             "HELLO inc encoded as msgpack int 8 (d0 03): a uint in a signed format (§1)",
             signed(MessageType.HELLO, _int8_inc_body(header(206))),
@@ -695,6 +707,20 @@ def invalid() -> dict[str, Any]:
         ("unspecified", "tcp://0.0.0.0:7000"),
         ("other-scheme", "udp://10.0.0.1:7000"),
         ("ipv6-unbracketed", "tcp://2001:db8::1:7000"),
+        ("octet-leading-zero", "tcp://10.0.0.010:7000"),
+        ("port-leading-zero", "tcp://10.0.0.1:07000"),
+        ("port-zero", "tcp://10.0.0.1:0"),
+        ("port-signed", "tcp://10.0.0.1:+7000"),
+        ("zone-id", "tcp://[fe80::1%eth0]:7000"),
+        ("zone-id-escaped", "tcp://[fe80::1%25eth0]:7000"),
+        ("mapped-unspecified", "tcp://[::ffff:0.0.0.0]:7000"),
+        ("mapped-multicast", "tcp://[::ffff:224.0.0.1]:7000"),
+        ("mapped-broadcast", "tcp://[::ffff:255.255.255.255]:7000"),
+        ("ipv6-unspecified", "tcp://[::]:7000"),
+        ("ipv6-multicast", "tcp://[ff02::1]:7000"),
+        ("scheme-upper-case", "TCP://10.0.0.1:7000"),
+        ("ipv4-bracketed", "tcp://[10.0.0.1]:7000"),
+        ("three-octets", "tcp://10.0.1:7000"),
     ):
         case(
             f"address/{cid}",
@@ -840,6 +866,10 @@ def invalid() -> dict[str, Any]:
 
 def hello_msg() -> Hello:
     return MESSAGES[0]  # type: ignore[return-value]
+
+
+def hello_at(ctl: str) -> Hello:
+    return dataclasses.replace(hello_msg(), ctl=ctl)
 
 
 def _long_unknown_uint_body(hdr: Header) -> bytes:

@@ -1,12 +1,13 @@
 """Policy: loading the TOML config (every mistake with its line) and applying it."""
 
+import ipaddress
 import re
 from pathlib import Path
 
 import pytest
 
 from kvx.protocol import ConfigError, ErrorCode, Header, RemoteProtocolError, Withdraw
-from kvx.trust import Identity, load_policy, open_envelope, seal, write_private
+from kvx.trust import Identity, Policy, load_policy, open_envelope, seal, write_private
 
 A = Identity.from_seed(b"\x0a" * 32).node_id
 B = Identity.from_seed(b"\x0b" * 32).node_id
@@ -147,3 +148,10 @@ def test_every_config_key_a_node_reads_is_documented():
     doc = (root / "docs" / "CONFIG.md").read_text()
     assert len(keys) > 30
     assert not [k for k in keys if f"`{k}`" not in doc]
+
+
+@pytest.mark.parametrize("spelling", ["127.0.0.1", "::ffff:127.0.0.1", "::ffff:7f00:1"])
+def test_a_loopback_address_is_refused_in_every_spelling(spelling):
+    with pytest.raises(RemoteProtocolError) as refused:
+        Policy(allow_loopback=False).check_address(ipaddress.ip_address(spelling))
+    assert refused.value.code == ErrorCode.DENIED

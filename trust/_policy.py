@@ -156,7 +156,11 @@ class Policy:
     """Whether this node's clients ask for public KV's streams to be sealed (§9.6)."""
 
     def check_address(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
-        """Raise DENIED for a peer-supplied address this node's policy keeps it from dialing."""
+        """Raise DENIED for a peer-supplied address this node's policy keeps it from dialing.
+        An IPv4-mapped IPv6 address is judged by the IPv4 address it maps, or
+        [::ffff:127.0.0.1] would pass for a global address."""
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
         if ip.is_loopback:
             if not self.allow_loopback:
                 raise _denied(f"{ip} is a loopback address")
