@@ -337,7 +337,8 @@ def _conformance(args: argparse.Namespace, out: Console) -> int:
         dry_run(out)
         return 0
     if args.publish_fixture:
-        out.print(_publish_fixture(args.publish_fixture).hex())
+        for root in _publish_fixture(args.publish_fixture):
+            out.print(root.hex())
         return 0
     if args.vectors_only:
         if not args.adapter:
@@ -359,22 +360,24 @@ def _conformance(args: argparse.Namespace, out: Console) -> int:
     return report(results, args.strict, out)
 
 
-def _publish_fixture(data_dir: str) -> bytes:
-    """Load the conformance fixture (spec/README.md) into the kvx node serving `data_dir`,
-    through its admin API as any local publisher would; returns its content root."""
-    from kvx.conformance import FIXTURE_CHAIN, FIXTURE_FP, FIXTURE_LAYOUT, FIXTURE_PAYLOAD
+def _publish_fixture(data_dir: str) -> list[bytes]:
+    """Load the conformance fixtures (spec/README.md) into the kvx node serving
+    `data_dir`, through its admin API as any local publisher would; their content roots."""
+    from kvx.conformance import FIXTURE_CHUNK, FIXTURES
 
-    reply = admin_call(
-        data_dir,
-        "publish",
-        fp=FIXTURE_FP,
-        layout=FIXTURE_LAYOUT.__dict__,
-        blocks=FIXTURE_CHAIN,
-        payload=FIXTURE_PAYLOAD,
-        chunk=1 << 16,
-        params=1,
-    )
-    return reply["root"]
+    return [
+        admin_call(
+            data_dir,
+            "publish",
+            fp=fp,
+            layout=layout.__dict__,
+            blocks=chain,
+            payload=payload,
+            chunk=FIXTURE_CHUNK,
+            params=params,
+        )["root"]
+        for fp, layout, chain, payload, params in FIXTURES
+    ]
 
 
 def parser() -> argparse.ArgumentParser:

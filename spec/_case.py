@@ -32,6 +32,22 @@ FIXTURE_CHAIN = prefix_chain(FIXTURE_FP, list(range(3 * 16)), 16)
 FIXTURE_PAYLOAD = blake3.blake3(b"kvx conformance fixture: payload").digest(
     length=FIXTURE_LAYOUT.payload_bytes(3)
 )
+# The long fixture: 16 chunks, for the payment window (§9.4), which the short one, of one
+# chunk, never opens. Its blocks are 128 KiB: 8 blocks, 1 MiB.
+LONG_FIXTURE_LAYOUT = KVLayout(dtype="float16", layers=4, kv_heads=4, head_dim=64, block=32)
+LONG_FIXTURE_FP = blake3.blake3(b"kvx conformance fixture: long fingerprint").digest()
+LONG_FIXTURE_CHAIN = prefix_chain(LONG_FIXTURE_FP, list(range(8 * 32)), 32)
+LONG_FIXTURE_PAYLOAD = blake3.blake3(b"kvx conformance fixture: long payload").digest(
+    length=LONG_FIXTURE_LAYOUT.payload_bytes(8)
+)
+FIXTURE_CHUNK = 1 << 16
+FIXTURES = (
+    (FIXTURE_FP, FIXTURE_LAYOUT, FIXTURE_CHAIN, FIXTURE_PAYLOAD, 1),
+    (LONG_FIXTURE_FP, LONG_FIXTURE_LAYOUT, LONG_FIXTURE_CHAIN, LONG_FIXTURE_PAYLOAD, 10**9),
+)
+"""(fingerprint, layout, chain, payload, params) of each fixture, as a target publishes
+it with chunks of FIXTURE_CHUNK bytes; params prices the long one well above any floor,
+so that counter-offers have room."""
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,9 @@ from ._case import (
     FIXTURE_CHAIN,
     FIXTURE_FP,
     FIXTURE_PAYLOAD,
+    LONG_FIXTURE_CHAIN,
+    LONG_FIXTURE_FP,
+    LONG_FIXTURE_PAYLOAD,
     case,
     refused,
     seq_of,
@@ -234,6 +237,72 @@ def _quote_error(s: Session, fp: bytes) -> ErrorCode | str:
             return ErrorCode(int(text.split()[1].rstrip(":")))
         return text
     return answer.type.name
+
+
+def _long_deal(s: Session) -> Quote:
+    """A QUOTE for the long fixture with a payment window smaller than it, accepted."""
+    s.hello()
+    request = QuoteRequest(
+        fp=LONG_FIXTURE_FP,
+        blocks=tuple(LONG_FIXTURE_CHAIN),
+        transports=("tcp",),
+        max_price=10**15,
+    )
+    q = _ask(s, request).message
+    if isinstance(q, Error) and q.code in (ErrorCode.NOT_FOUND, ErrorCode.FINGERPRINT_MISMATCH):
+        raise Skipped("the target does not hold the long fixture (spec/README.md)")
+    if not isinstance(q, Quote):
+        raise Failed(f"QUOTE_REQUEST for the long fixture was answered {q!r}")
+    if not q.window or q.window >= q.deliver:
+        raise Skipped("the target quotes no payment window smaller than the long fixture")
+    s.send(s.frame(Accept(quote=q.quote, price=q.price, root=q.root)))
+    return q
+
+
+def _window_refused(s: Session, q: Quote, receipt) -> None:
+    """The first window's receipt is `receipt(bytes)`: the stream ends, with
+    UNKNOWN_TRANSFER, after exactly that window."""
+    frame = s.frame(Transfer(quote=q.quote, token=q.token, first=0))
+    stream = open_stream(q.data, frame, q, lambda n: s.frame(receipt(n)), timeout=5.0)
+    codes = [st.message.code for st in stream.controls if isinstance(st.message, Error)]
+    if codes != [ErrorCode.UNKNOWN_TRANSFER]:
+        raise Failed(f"the seller answered {codes or 'nothing'}, not UNKNOWN_TRANSFER")
+    if len(stream.chunks) != q.window // q.chunk:
+        raise Failed(f"{len(stream.chunks)} chunks streamed, the window is {q.window // q.chunk}")
+
+
+@case("9.4/1", "MUST", "a buyer that pays each window receives the whole long fixture")
+def _(s: Session) -> None:
+    q = _long_deal(s)
+    stream = _stream(s, q)
+    if stream.fault or not stream.ended:
+        raise Failed(f"the stream failed: {stream.fault or 'no END'}")
+    if stream.payload(q.deliver) != LONG_FIXTURE_PAYLOAD[: q.deliver]:
+        raise Failed("verified bytes differ from the long fixture")
+
+
+@case("9.4/2", "MUST", "a buyer that stops paying receives exactly one window, no more")
+def _(s: Session) -> None:
+    q = _long_deal(s)
+    frame = s.frame(Transfer(quote=q.quote, token=q.token, first=0))
+    stream = open_stream(q.data, frame, q, lambda n: None, timeout=3.0)
+    if len(stream.chunks) != q.window // q.chunk:
+        raise Failed(f"{len(stream.chunks)} chunks unpaid, the window is {q.window // q.chunk}")
+
+
+@case("9.4/3", "MUST", "a window receipt at a wrong share of the price ends the stream")
+def _(s: Session) -> None:
+    q = _long_deal(s)
+    _window_refused(s, q, lambda n: _receipt(s, q, bytes=n, price=q.price * n // q.deliver + 1))
+
+
+@case("9.4/4", "MUST", "a window receipt for less than was sent (early or short) ends it")
+def _(s: Session) -> None:
+    q = _long_deal(s)
+    less = q.window - q.chunk
+    if less <= 0:
+        raise Skipped("the target's payment window is one chunk: nothing is less")
+    _window_refused(s, q, lambda n: _receipt(s, q, bytes=less, price=q.price * less // q.deliver))
 
 
 @case("9.2/1", "MUST", "a TRANSFER with a wrong session token streams nothing (BAD_TOKEN)")

@@ -104,14 +104,15 @@ def open_stream(
     address: str,
     transfer: bytes,
     quote: Quote,
-    pay: Callable[[int], bytes],
+    pay: Callable[[int], bytes | None],
     *,
     first: int = 0,
     timeout: float = 10.0,
     key: bytes | None = None,
 ) -> Stream:
     """Send CONTROL(TRANSFER) to `address` (HOST:PORT) and read the stream to its end,
-    checking §9.2's rules and paying each payment window (§9.4) with `pay(bytes)`; with
+    checking §9.2's rules and paying each payment window (§9.4) with `pay(bytes)` (None:
+    this buyer stops paying there, and reads on); with
     the deal's `key`, every frame after the TRANSFER is sealed (§9.6)."""
     host, _, port = address.rpartition(":")
     stream = Stream()
@@ -129,7 +130,7 @@ def _receive(
     sock: socket.socket,
     stream: Stream,
     quote: Quote,
-    pay: Callable[[int], bytes],
+    pay: Callable[[int], bytes | None],
     first: int,
     sealing: Sealing | None,
 ) -> Stream:
@@ -170,6 +171,9 @@ def _receive(
             expect += 1
             if window and expect == paid + window and expect < count:
                 receipt = pay(expect * quote.chunk)
+                if receipt is None:  # a buyer that stops paying: read on, send nothing
+                    paid = count
+                    continue
                 if sealing is None:
                     sock.sendall(HEADER.pack(CONTROL, len(receipt)) + receipt)
                 else:

@@ -108,11 +108,7 @@ MUSTS: dict[str, str | tuple[str, ...]] = {
     "§9.3: Because a completed UCX send does not mean": (
         "untestable: the suite speaks the TCP data channel only"
     ),
-    "§9.4: The seller MUST NOT send another chunk before": (
-        "untestable: the fixture is one chunk, so no window ever waits; tests/test_paid.py "
-        "sends a live seller receipts for more, less and another deal, and "
-        "tests/test_transport.py has the ledger refuse one"
-    ),
+    "§9.4: The seller MUST NOT send another chunk before": ("9.4/2", "9.4/3", "9.4/4"),
     "§9.6: A seller MUST seal the stream of every": ("9.6/1",),
     "§9.6: A buyer MUST NOT accept a quote for": (
         "untestable: a rule for buyers; tests/test_market.py checks the reference buyer's "
