@@ -71,6 +71,22 @@ def _own_chain(s: Session) -> list[bytes]:
     return [blake3.blake3(s.identity.public_key + bytes([i])).digest() for i in range(3)]
 
 
+@case("8.3/1", "SHOULD", "PEERS answering a HELLO names in recent an ADVERTISE just taken")
+def _(s: Session) -> None:
+    s.hello()
+    frame = _advert(s, _own_chain(s))
+    s.send(frame)
+    time.sleep(0.3)
+    other = Session(s.ctx, s.target, s.target_key)  # another prober hears the news
+    try:
+        recent = other.hello().message.recent or ()  # type: ignore[union-attr]
+    finally:
+        other.close()
+    ad = open_envelope(frame)
+    if not any(e.key == ad.signer and e.seq == ad.header.seq for e in recent):
+        raise Failed(f"recent lists {len(recent)} statements, not the ADVERTISE just taken")
+
+
 @case("8.6/1", "MUST", "an ADVERTISE gossiped to the target comes back in answer to a DIGEST")
 def _(s: Session) -> None:
     s.hello()

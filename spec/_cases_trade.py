@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 
 import blake3
 import nacl.bindings
@@ -347,6 +348,32 @@ def _(s: Session) -> None:
     if open_stream(q.data, frame, q, _payer(s, q)).fault:
         raise Failed("the first stream failed")
     _refused_stream(open_stream(q.data, frame, q, _payer(s, q)), ErrorCode.REPLAYED)
+
+
+@case("9.2/6", "MUST", "a TRANSFER that arrives before its ACCEPT waits for it, then streams")
+def _(s: Session) -> None:
+    s.hello()
+    q = _quote(s).message
+    if not isinstance(q, Quote):
+        raise Failed(f"expected a QUOTE, got {q!r}")
+    accept = s.frame(Accept(quote=q.quote, price=q.price, root=q.root))
+    later = threading.Timer(1.0, s.send, [accept])  # the TRANSFER goes first
+    later.start()
+    try:
+        stream = _stream(s, q)
+    finally:
+        later.join()
+    if stream.fault or not stream.ended:
+        raise Failed(f"the stream failed: {stream.fault or 'no END'}")
+
+
+@case("9.2/7", "MUST", "a TRANSFER whose quote is never accepted gets BAD_TOKEN (after 5 s)")
+def _(s: Session) -> None:
+    s.hello()
+    q = _quote(s).message
+    if not isinstance(q, Quote):
+        raise Failed(f"expected a QUOTE, got {q!r}")
+    _refused_stream(_stream(s, q), ErrorCode.BAD_TOKEN)
 
 
 @case("9.2/3", "MUST", "a TRANSFER whose first chunk is past the delivery is INVALID_FIELD")
