@@ -320,7 +320,7 @@ def _(s: Session) -> None:
 
 
 @case(
-    "9.2/4",
+    "9.2/8",
     "MUST",
     "a TRANSFER failing §6.4 after its signature is answered with that step's code",
 )

@@ -12,6 +12,7 @@ import zmq
 from imports import imported
 from swarm import NodeProcess
 
+from kvx.conformance import CASES
 from kvx.protocol import (
     Hello,
     MessageType,
@@ -149,3 +150,8 @@ def test_the_suite_imports_nothing_of_the_node_or_its_transport():
         for name in imported(path):
             assert not name.startswith(("kvx.p2p", "kvx.transport")), (path.name, name)
             assert name.split(".")[0] not in ("p2p", "transport"), (path.name, name)
+
+
+def test_case_ids_are_unique():
+    ids = [case.id for case in CASES]
+    assert sorted(i for i in set(ids) if ids.count(i) > 1) == []

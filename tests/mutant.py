@@ -1,0 +1,70 @@
+"""A kvx node with one rule of the spec switched off, for tests/test_mutations.py:
+
+    python mutant.py RULE -- python -m kvx.cli node --config FILE
+
+Each rule is switched off by patching the reference code in this process only, before
+the node starts; nothing of it ships in kvx.
+"""
+
+import sys
+
+MUTATIONS = {
+    # §9.4: a seller waits for the receipt of each window
+    "window": lambda: setattr(
+        __import__("kvx.transport._sessions", fromlist=["Payments"]).Payments,
+        "blocked",
+        lambda self, index: False,
+    ),
+    # §9.4: a window receipt must be for exactly what was sent
+    "receipt": lambda: setattr(
+        __import__("kvx.transport._sessions", fromlist=["Payments"]).Payments,
+        "_check",
+        lambda self, st, next_index: None,
+    ),
+    # §6.2: each (signer, seq) is taken once
+    "replay": lambda: setattr(
+        __import__("kvx.trust._freshness", fromlist=["ReplayGuard"]).ReplayGuard,
+        "_remember",
+        lambda self, signer, header: None,
+    ),
+    # §9.2: a TRANSFER before its ACCEPT waits for it
+    "accept-wait": lambda: _patch_init_default(),
+    # §10.1: at most three counter-offers
+    "counters": lambda: setattr(__import__("kvx.p2p._market", fromlist=["x"]), "MAX_COUNTERS", 99),
+    # §8.3: PEERS names recent news
+    "recent": lambda: setattr(
+        __import__("kvx.p2p._gossip", fromlist=["Gossip"]).Gossip,
+        "_recent_for",
+        lambda self, key: (),
+    ),
+    # §9.2: a refused TRANSFER is answered with its code
+    "transfer-errors": lambda: setattr(
+        __import__("kvx.transport._sessions", fromlist=["x"]), "refusal", lambda *a: None
+    ),
+    # §4.5: a relayable statement carries at most MAX_UNKNOWN_BYTES of unknown fields
+    "unknown-bytes": lambda: setattr(
+        __import__("kvx.protocol._codec", fromlist=["x"]), "MAX_UNKNOWN_BYTES", 1 << 20
+    ),
+    # §8.22: a LEAVE drops the leaver's advertisements
+    "leave": lambda: setattr(
+        __import__("kvx.p2p._liveness", fromlist=["Liveness"]).Liveness,
+        "_on_leave",
+        lambda self, st, routing, relayer: None,
+    ),
+}
+
+
+def _patch_init_default() -> None:
+    from kvx.transport import _sessions
+
+    original = _sessions.Sessions.__init__
+    _sessions.Sessions.__init__ = lambda self, accept_wait_s=5.0: original(self, 0.0)
+
+
+if __name__ == "__main__":
+    rule, sep, *command = sys.argv[1:]
+    assert sep == "--" and command[1:3] == ["-m", "kvx.cli"], command
+    MUTATIONS[rule]()
+    from kvx.cli import main
+
+    sys.exit(main(command[3:]))
