@@ -2,24 +2,6 @@
 module, and importing it registers its cases."""
 
 from . import _cases_frames, _cases_fraud, _cases_gossip, _cases_trade  # noqa: F401
-from ._case import (
-    CASES,
-    FIXTURE_CHAIN,
-    FIXTURE_CHUNK,
-    FIXTURE_FP,
-    FIXTURE_LAYOUT,
-    FIXTURE_PAYLOAD,
-    FIXTURES,
-    Case,
-)
+from ._case import CASES, Case
 
-__all__ = [
-    "CASES",
-    "FIXTURES",
-    "FIXTURE_CHAIN",
-    "FIXTURE_CHUNK",
-    "FIXTURE_FP",
-    "FIXTURE_LAYOUT",
-    "FIXTURE_PAYLOAD",
-    "Case",
-]
+__all__ = ["CASES", "Case"]

@@ -77,24 +77,26 @@ def _stream(s: Session, q: Quote, *, token: bytes | None = None, first: int = 0)
     return open_stream(q.data, transfer, q, _payer(s, q))
 
 
-def _sealed_quote(s: Session) -> Quote:
-    """A QUOTE for the fixture asked for sealed (§9.6), not yet accepted."""
+def _quote_for(s: Session, fp: bytes, chain: list[bytes], fixture: str, **over) -> Quote:
+    """A QUOTE for a fixture, not yet accepted; Skipped when the target does not hold it."""
     s.hello()
     request = QuoteRequest(
-        fp=FIXTURE_FP,
-        blocks=tuple(FIXTURE_CHAIN),
-        transports=("tcp",),
-        max_price=10**15,
-        seal=True,
+        fp=fp, blocks=tuple(chain), transports=("tcp",), max_price=10**15, **over
     )
     answer = _ask(s, request).message
     if isinstance(answer, Error) and answer.code in (
         ErrorCode.NOT_FOUND,
         ErrorCode.FINGERPRINT_MISMATCH,
     ):
-        raise Skipped("the target does not hold the conformance fixture (spec/README.md)")
+        raise Skipped(f"the target does not hold the {fixture} (spec/README.md)")
     if not isinstance(answer, Quote):
-        raise Failed(f"a QUOTE_REQUEST with seal was answered {answer!r}")
+        raise Failed(f"a QUOTE_REQUEST for the {fixture} was answered {answer!r}")
+    return answer
+
+
+def _sealed_quote(s: Session) -> Quote:
+    """A QUOTE for the fixture asked for sealed (§9.6), not yet accepted."""
+    answer = _quote_for(s, FIXTURE_FP, FIXTURE_CHAIN, "conformance fixture", seal=True)
     if answer.kx is None:
         raise Failed("the QUOTE for a request with seal carries no kx")
     return answer
@@ -242,18 +244,7 @@ def _quote_error(s: Session, fp: bytes) -> ErrorCode | str:
 
 def _long_deal(s: Session) -> Quote:
     """A QUOTE for the long fixture with a payment window smaller than it, accepted."""
-    s.hello()
-    request = QuoteRequest(
-        fp=LONG_FIXTURE_FP,
-        blocks=tuple(LONG_FIXTURE_CHAIN),
-        transports=("tcp",),
-        max_price=10**15,
-    )
-    q = _ask(s, request).message
-    if isinstance(q, Error) and q.code in (ErrorCode.NOT_FOUND, ErrorCode.FINGERPRINT_MISMATCH):
-        raise Skipped("the target does not hold the long fixture (spec/README.md)")
-    if not isinstance(q, Quote):
-        raise Failed(f"QUOTE_REQUEST for the long fixture was answered {q!r}")
+    q = _quote_for(s, LONG_FIXTURE_FP, LONG_FIXTURE_CHAIN, "long fixture")
     if not q.window or q.window >= q.deliver:
         raise Skipped("the target quotes no payment window smaller than the long fixture")
     s.send(s.frame(Accept(quote=q.quote, price=q.price, root=q.root)))
