@@ -118,7 +118,7 @@ class Bought:
     blocks: int
     tokens: int
     bytes: int
-    price: int  # micro-credits paid
+    price: int  # micro-credits paid, to every provider that streamed part of it
     saved_flops: float  # the prefill the buyer did not run
     seller: bytes  # node id of the provider that completed the delivery
     faults: tuple[Fault, ...]  # providers that failed on the way
@@ -573,8 +573,13 @@ class PeerClient:
                 time.monotonic() - streaming - timings["negotiation"] - timings["check"]
             )
             receipting = time.monotonic()
+            # It pays for what its stream carried: chunks another provider sent are paid
+            # to that provider, by the window receipts it got (§9.4).
+            share = Expected.from_quote(q).paid_price(fetched.carried)
             receipt = self.signer.seal(
-                Receipt(quote=q.quote, seller=seller, root=q.root, bytes=q.deliver, price=q.price),
+                Receipt(
+                    quote=q.quote, seller=seller, root=q.root, bytes=fetched.carried, price=share
+                ),
                 now_ms=_now(),
                 to=seller,
             )
@@ -602,7 +607,8 @@ class PeerClient:
             blocks=q.blocks,
             tokens=q.blocks * q.layout.block,
             bytes=q.deliver,
-            price=q.price,
+            price=share
+            + sum(open_envelope(f).message.price for s, f in paid.items() if s != seller),
             saved_flops=prefill_flops(params, q.layout, q.blocks * q.layout.block),
             seller=seller,
             faults=fetched.faults,

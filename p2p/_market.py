@@ -286,7 +286,7 @@ class Market:
         over undelivered, with `sent` bytes gone out (§10.7)."""
         now_ms = self.clock.now_ms()
         if whole:
-            self.ledger.record_delivery(offer.quote, now_ms)
+            self.ledger.record_delivery(offer.quote, now_ms, sent)
         else:
             self.ledger.record_expiry(offer.quote, now_ms, "its stream ended before END", sent)
 

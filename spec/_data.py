@@ -170,7 +170,7 @@ def _receive(
             stream.chunks[index] = data
             expect += 1
             if window and expect == paid + window and expect < count:
-                receipt = pay(expect * quote.chunk)
+                receipt = pay((expect - first) * quote.chunk)  # from this stream's start
                 if receipt is None:  # a buyer that stops paying: read on, send nothing
                     paid = count
                     continue

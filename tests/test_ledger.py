@@ -5,13 +5,14 @@ import sqlite3
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from deals import deal
 
-from kvx.protocol import ErrorCode, RemoteProtocolError
-from kvx.trust import Identity, Ledger
+from kvx.protocol import ErrorCode, Header, RemoteProtocolError
+from kvx.trust import Identity, Ledger, open_envelope, seal
 
 SELLER = Identity.from_seed(b"\x51" * 32)
 BUYER = Identity.from_seed(b"\x52" * 32)
@@ -231,3 +232,27 @@ def test_ledger_survives_a_writer_killed_at_random_instants(tmp_path):
     assert raw.execute("SELECT COUNT(*) FROM receipts").fetchone()[0] == len(receipts)
     assert ledger.balances() == {BUYER.node_id: 7 * len(receipts)}
     ledger.close()
+
+
+def test_a_resumed_delivery_is_receipted_for_what_its_stream_carried(seller_ledger):
+    """A stream that resumed at a later chunk carried less than the delivery: its final
+    receipt on the control channel is for exactly that, at its share (§8.14, §10.6)."""
+    quote, accept, whole = deal(SELLER, BUYER, Q1, 600)
+    size = whole.message.bytes
+    carried, share = size // 2, 600 * (size // 2) // size
+    seller_ledger.record_accept(quote, accept, now_ms=1, limit=1000)
+    seller_ledger.record_delivery(Q1, now_ms=2, carried=carried)
+    # The whole payload, chunks another provider sent included: refused.
+    assert code(seller_ledger.record_receipt, whole, 3, partial=False) == (
+        ErrorCode.UNKNOWN_TRANSFER
+    )
+    h = whole.header
+    part = open_envelope(
+        seal(
+            BUYER,
+            replace(whole.message, bytes=carried, price=share),
+            Header(iat=h.iat, exp=h.exp, seq=h.seq + 1, to=h.to),
+        )
+    )
+    assert seller_ledger.record_receipt(part, 4, partial=False).credits == share
+    assert seller_ledger.balances() == {BUYER.node_id: share}

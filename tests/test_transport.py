@@ -289,6 +289,31 @@ async def test_a_receipt_that_is_not_for_exactly_what_was_sent_ends_the_stream(w
     assert faults == [(BUYER.public_key, ErrorCode.UNKNOWN_TRANSFER)]
 
 
+async def test_a_resumed_stream_is_paid_from_its_own_first_chunk():
+    """Provider 1 streams a window and is cut (its buyer's receipt is wrong); provider 2
+    resumes at chunk 2. Its receipts count from there: the buyer never pays it for the
+    chunks provider 1 sent (spec §9.4, §8.14)."""
+    expected = windowed(window=2)
+    first_receipts, second_receipts = [], []
+    one = await honest_server(DATA, expected, on_receipt=first_receipts.append)
+    two = await honest_server(DATA, expected, on_receipt=second_receipts.append)
+    bad, good = payer(expected, claim=lambda due: due + CHUNK), payer(expected)
+    make = transfer_maker()
+    got = await fetch(
+        [
+            source(one.address, expected, P1, make, pay=bad),
+            source(two.address, expected, P2, make, pay=good),
+        ],
+        dest_for(len(DATA)),
+    )
+    await one.close()
+    await two.close()
+    assert make.opened == [0, 2] and got.providers == (P1, P2)
+    assert good.paid == [2 * CHUNK]  # chunks 2 and 3: this stream's first window
+    assert [r.message.bytes for r in second_receipts] == [2 * CHUNK] and first_receipts == []
+    assert got.carried == len(DATA) - 2 * CHUNK  # what provider 2's final receipt pays
+
+
 async def test_the_window_moves_only_on_a_receipt_the_ledger_takes():
     expected = windowed(window=2)
 

@@ -77,6 +77,7 @@ class Fetched:
     faults: tuple[Fault, ...]  # those that failed, for the caller to score
     hashes: bytes  # the payload's chunk list, verified against the root
     destination: Destination  # where it landed (Destination.read gives it back)
+    carried: int  # bytes the last provider's stream carried: what its final receipt pays
 
 
 class FetchMiss(KvxError):
@@ -163,7 +164,12 @@ async def fetch(
             served.append(source.provider)
         if verifier.complete:
             return Fetched(
-                expected.deliver, tuple(served), tuple(faults), verifier.chunk_list_bytes, dest
+                expected.deliver,
+                tuple(served),
+                tuple(faults),
+                verifier.chunk_list_bytes,
+                dest,
+                verifier.carried,
             )
     if dest is not None:
         dest.scrub(0)  # a miss hands back nothing, not even the verified part

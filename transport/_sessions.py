@@ -172,14 +172,19 @@ class Payments:
         self.inbox = inbox
         self.signer = signer
         self.record = record
-        self.paid = first  # chunks receipted, counted from the payload's start
+        self.first = first  # receipts count from this stream's first chunk (§9.4)
+        self.paid = first  # chunks receipted, as chunk indices of the payload
         self.sent = first  # chunks handed to the connection, likewise
         self.refused: RemoteProtocolError | None = None  # why the buyer's receipt was not taken
 
     @property
     def sent_bytes(self) -> int:
-        """Bytes of the delivery sent, counted from its start: what a receipt may cover."""
-        return min(self.sent * self.offer.expected.chunk, self.offer.expected.deliver)
+        """Bytes this stream sent, from its first chunk: what a receipt may cover."""
+        return self._carried(self.sent)
+
+    def _carried(self, next_index: int) -> int:
+        chunk = self.offer.expected.chunk
+        return min(next_index * chunk, self.offer.expected.deliver) - self.first * chunk
 
     def blocked(self, index: int) -> bool:
         window = self.offer.expected.window
@@ -212,7 +217,7 @@ class Payments:
             or r.root != expected.root
         ):
             raise RemoteProtocolError(ErrorCode.UNKNOWN_TRANSFER, "a receipt for another deal")
-        sent = min(next_index * expected.chunk, expected.deliver)
+        sent = self._carried(next_index)
         if r.bytes != sent or r.price != expected.paid_price(r.bytes):
             raise RemoteProtocolError(
                 ErrorCode.UNKNOWN_TRANSFER,

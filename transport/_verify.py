@@ -77,6 +77,7 @@ class StreamVerifier:
             raise ValueError("first chunk or delivered size outside the payload")
         self.expected = expected
         self.verified = first
+        self.start = first  # where this stream began: its receipts count from here (§9.4)
         self.paid = first  # chunks this stream's receipts cover (a window counts from here)
         self._next = first
         self._hashes: list[bytes] | None = None
@@ -89,17 +90,23 @@ class StreamVerifier:
                 raise ValueError("a stream of another payload cannot resume this one")
             self.expected = expected
         self._next = self.verified
-        self.paid = self.verified
+        self.start = self.paid = self.verified
         self._hashes = None
 
     def payment_due(self) -> int | None:
         """Bytes to receipt now, when every chunk of the window has verified and more are
-        needed: the seller sends no further chunk before that receipt (§9.4)."""
+        needed: the seller sends no further chunk before that receipt (§9.4). They count
+        from this stream's first chunk: what another provider sent is not this one's."""
         window = self.expected.window
         if window and self.verified == self.paid + window < self.expected.needed:
             self.paid = self.verified
-            return self.verified * self.expected.chunk
+            return (self.verified - self.start) * self.expected.chunk
         return None
+
+    @property
+    def carried(self) -> int:
+        """Bytes of the delivery this stream carries, from its first chunk to the end."""
+        return self.expected.deliver - self.start * self.expected.chunk
 
     @property
     def window_full(self) -> bool:

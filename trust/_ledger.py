@@ -280,11 +280,14 @@ class Ledger:
             self._db.execute("ROLLBACK")
             raise
 
-    def record_delivery(self, quote_id: bytes, now_ms: int) -> None:
-        """The seller streamed every chunk of this deal; only now may a receipt name it."""
+    def record_delivery(self, quote_id: bytes, now_ms: int, carried: int | None = None) -> None:
+        """The seller streamed every chunk of this deal to END, `carried` bytes of it (less
+        than the delivery when the stream resumed one another provider began, §9.4);
+        only now may a receipt of the whole name it."""
         cur = self._db.execute(
-            "UPDATE deals SET delivered_ms = ?, sent = bytes WHERE quote_id = ? AND seller = ?",
-            (now_ms, quote_id, self.me),
+            "UPDATE deals SET delivered_ms = ?, sent = COALESCE(?, bytes)"
+            " WHERE quote_id = ? AND seller = ?",
+            (now_ms, carried, quote_id, self.me),
         )
         if cur.rowcount != 1:
             raise _fail(ErrorCode.UNKNOWN_QUOTE, "no deal of ours with that quote id")
@@ -321,13 +324,15 @@ class Ledger:
         self._db.execute("BEGIN IMMEDIATE")
         try:
             deal = self._db.execute(
-                "SELECT seller, buyer, price, root, bytes, delivered_ms, quote_frame FROM deals"
-                " WHERE quote_id = ?",
+                "SELECT seller, buyer, price, root, bytes, delivered_ms, quote_frame, sent"
+                " FROM deals WHERE quote_id = ?",
                 (r.quote,),
             ).fetchone()
             if deal is None:
                 raise _fail(ErrorCode.UNKNOWN_TRANSFER, "no accepted quote has this id")
-            seller, buyer, price, root, size, delivered, quote_frame = deal
+            seller, buyer, price, root, size, delivered, quote_frame, sent = deal
+            # What a final receipt covers: the delivering stream's bytes, once it ended.
+            whole = sent if delivered is not None and sent is not None else size
             if receipt.signer_id != buyer:
                 raise _fail(ErrorCode.UNKNOWN_TRANSFER, "the receipt is not signed by the buyer")
             if (
@@ -336,10 +341,11 @@ class Ledger:
                 or r.price != receipt_price(price, r.bytes, size)
             ):
                 raise _fail(ErrorCode.UNKNOWN_TRANSFER, "the receipt does not match the deal")
-            if not partial and r.bytes < size:
+            if not partial and r.bytes != whole:
                 raise _fail(
                     ErrorCode.UNKNOWN_TRANSFER,
-                    "a receipt for part of a delivery belongs on its data channel",
+                    f"a final receipt is for the {whole} bytes the stream carried (part of it"
+                    " belongs on the data channel)",
                 )
             if seller == self.me and r.bytes == size and delivered is None:
                 raise _fail(ErrorCode.UNKNOWN_TRANSFER, "that transfer never completed")
@@ -367,9 +373,9 @@ class Ledger:
         if r.bytes <= before_bytes:
             return Receipted(0, 0)
         tokens = 0
-        if r.bytes == size:
+        if r.bytes == whole:  # the delivery receipted: its share of the tokens sold
             quote = open_envelope(quote_frame).message
-            tokens = quote.blocks * quote.layout.block
+            tokens = quote.blocks * quote.layout.block * r.bytes // size
         return Receipted(r.price - before_price, tokens)
 
     def balances(self) -> dict[bytes, int]:
