@@ -294,6 +294,21 @@ def _(s: Session) -> None:
         raise Failed("the proof is not the peer's statement to the target")
 
 
+@case("8.17/4", "SHOULD", "a PROBE of a peer that has gone silent is answered with nothing")
+def _(s: Session) -> None:
+    s.hello()
+    listener = Listener(s)
+    try:
+        listener.join()
+    finally:
+        listener.close()  # it answers no more
+    time.sleep(1.5)  # past the second in which its last words would count as an answer
+    frame = s.frame(Probe(target=listener.identity.public_key))
+    s.send(frame)
+    if answers := s.receive(4.0):
+        raise Failed(f"a PROBE of a silent peer was answered {answers[0].type.name}")
+
+
 @case("8.18/1", "MUST", "a PROBE_ACK nobody asked for is ignored: not taken, not answered")
 def _(s: Session) -> None:
     s.hello()
