@@ -14,6 +14,7 @@ from kvx.protocol import (
     Advertise,
     DataAddress,
     Digest,
+    DigestEntry,
     Error,
     ErrorCode,
     Hello,
@@ -85,6 +86,24 @@ def _(s: Session) -> None:
     ad = open_envelope(frame)
     if not any(e.key == ad.signer and e.seq == ad.header.seq for e in recent):
         raise Failed(f"recent lists {len(recent)} statements, not the ADVERTISE just taken")
+
+
+@case("8.3/2", "SHOULD", "a PEERS whose recent names news the target lacks brings a DIGEST")
+def _(s: Session) -> None:
+    s.hello()
+    listener = Listener(s)
+    try:
+        listener.join()
+        news = DigestEntry(key=Identity.generate().public_key, seq=7)
+        listener.session.send(listener.session.frame(Peers(peers=(), recent=(news,))))
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:
+            if any(isinstance(st.message, Digest) for st in list(listener.heard)):
+                return
+            time.sleep(0.1)
+    finally:
+        listener.close()
+    raise Failed("no DIGEST came to pull the news the target lacks")
 
 
 @case("8.6/1", "MUST", "an ADVERTISE gossiped to the target comes back in answer to a DIGEST")

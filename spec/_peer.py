@@ -145,6 +145,7 @@ class Listener:
         self.session = Session(s.ctx, s.target, s.target_key, self.identity)
         self._signer = Signer(self.identity)
         self._stop = threading.Event()
+        self.heard: list[Statement] = []  # every statement the target sent it unasked
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
 
@@ -162,6 +163,7 @@ class Listener:
                 st = open_envelope(frame)
             except RemoteProtocolError:
                 continue
+            self.heard.append(st)
             if isinstance(st.message, Hello):
                 peers = Peers(peers=(), re=st.header.seq)
                 answer = self._signer.seal(peers, now_ms=now_ms(), to=st.signer_id)

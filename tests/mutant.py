@@ -37,6 +37,12 @@ MUTATIONS = {
         "_recent_for",
         lambda self, key: (),
     ),
+    # §8.3: news a PEERS names that the node lacks is pulled with a DIGEST
+    "pull": lambda: setattr(
+        __import__("kvx.p2p._gossip", fromlist=["Gossip"]).Gossip,
+        "_pull_news",
+        lambda self, *args, **kwargs: None,
+    ),
     # §9.2: a refused TRANSFER is answered with its code
     "transfer-errors": lambda: setattr(
         __import__("kvx.transport._sessions", fromlist=["x"]), "refusal", lambda *a: None

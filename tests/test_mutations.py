@@ -19,6 +19,7 @@ CAUGHT_BY = {
     "accept-wait": "9.2/6",
     "counters": "10.1/3",
     "recent": "8.3/1",
+    "pull": "8.3/2",
     "transfer-errors": "9.2/8",
     "unknown-bytes": "4.5/3",
     "leave": "8.22/1",
