@@ -35,7 +35,9 @@ def conformance(*args: str) -> subprocess.CompletedProcess:
 
 def test_a_real_node_passes_every_must_case(tmp_path):
     # A payment window smaller than the long fixture, as spec/README.md asks of a target.
-    node = NodeProcess(tmp_path / "target", payment_window_bytes=1 << 18).start()
+    node = NodeProcess(
+        tmp_path / "target", payment_window_bytes=1 << 18, max_ads_per_signer=512
+    ).start()
     info = node.wait_ready()
     loaded = conformance("--publish-fixture", str(node.dir))
     assert loaded.returncode == 0, loaded.stderr
