@@ -536,7 +536,7 @@ def _(s: Session) -> None:
 @case("10.6/4", "MUST", "a RECEIPT for part of a delivery, on the control channel, is refused")
 def _(s: Session) -> None:
     q = _deal(s)  # accepted, never streamed
-    part = q.chunk
+    part = q.deliver // 2  # a share the deal allows: only the channel is wrong
     receipt = _receipt(s, q, bytes=part, price=q.price * part // q.deliver)
     refused(s, s.frame(receipt), ErrorCode.UNKNOWN_TRANSFER)
 

@@ -51,6 +51,16 @@ MUTATIONS = {
     "unknown-bytes": lambda: setattr(
         __import__("kvx.protocol._codec", fromlist=["x"]), "MAX_UNKNOWN_BYTES", 1 << 20
     ),
+    # §8.1a: a control address is an IP literal and a port, never a host name
+    "address": lambda: setattr(
+        __import__("kvx.protocol._address", fromlist=["x"]),
+        "_parse",
+        lambda text: (__import__("ipaddress").ip_address("127.0.0.1"), 9),
+    ),
+    # §10.6: a receipt for part of a delivery belongs on the data channel
+    "partial-receipt": lambda: _take_partial_receipts(),
+    # §8.22: a LEAVE of an older incarnation is ignored
+    "leave-inc": lambda: _ignore_leave_incarnations(),
     # §8.22: a LEAVE drops the leaver's advertisements
     "leave": lambda: setattr(
         __import__("kvx.p2p._liveness", fromlist=["Liveness"]).Liveness,
@@ -65,6 +75,22 @@ def _patch_init_default() -> None:
 
     original = _sessions.Sessions.__init__
     _sessions.Sessions.__init__ = lambda self, accept_wait_s=5.0: original(self, 0.0)
+
+
+def _take_partial_receipts() -> None:
+    from kvx.p2p import _market
+
+    original = _market.Market.receipt
+    _market.Market.receipt = lambda self, st, now_ms, window=False: original(
+        self, st, now_ms, window=True
+    )
+
+
+def _ignore_leave_incarnations() -> None:
+    from kvx.p2p import _peers
+
+    original = _peers.PeerTable.left
+    _peers.PeerTable.left = lambda self, key, inc: original(self, key, 2**64)
 
 
 if __name__ == "__main__":

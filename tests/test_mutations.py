@@ -23,6 +23,9 @@ CAUGHT_BY = {
     "transfer-errors": "9.2/8",
     "unknown-bytes": "4.5/3",
     "leave": "8.22/1",
+    "address": "8.1a/1",
+    "partial-receipt": "10.6/4",
+    "leave-inc": "8.22/2",
 }
 
 
