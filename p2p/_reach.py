@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import ipaddress
 
-from kvx.protocol import ConfigError, RemoteProtocolError, split_host_port
+from kvx.protocol import CTL_SCHEME, ConfigError, RemoteProtocolError, split_host_port
 
 from ._config import NodeConfig
-
-CTL_SCHEME = "tcp://"
 
 
 def _ip(text: str, what: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:

@@ -4,7 +4,7 @@ Nothing here touches a socket, a clock or a key: callers pass bytes and times in
 get messages, bytes and errors out (spec/PROTOCOL.md is the normative text).
 """
 
-from ._address import ENDPOINT_TRANSPORTS, split_ctl, split_host_port
+from ._address import CTL_SCHEME, ENDPOINT_TRANSPORTS, split_ctl, split_host_port
 from ._codec import (
     RawEnvelope,
     body_seq,
@@ -104,6 +104,7 @@ from ._sealing import Direction, Ephemeral, SealedChannel, channel_key
 
 __all__ = [
     "CHUNK_INDEX",
+    "CTL_SCHEME",
     "DEFAULT_BLOCK_TOKENS",
     "DEFAULT_CHUNK_BYTES",
     "DTYPE_SIZES",

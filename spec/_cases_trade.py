@@ -94,6 +94,14 @@ def _quote_for(s: Session, fp: bytes, chain: list[bytes], fixture: str, **over) 
     return answer
 
 
+def _whole(stream: Stream, q: Quote, payload: bytes) -> None:
+    """The stream ended with END, and the bytes it verified are the fixture's."""
+    if stream.fault or not stream.ended:
+        raise Failed(f"the stream failed: {stream.fault or 'no END'}")
+    if stream.payload(q.deliver) != payload[: q.deliver]:
+        raise Failed("verified bytes differ from the fixture")
+
+
 def _sealed_quote(s: Session) -> Quote:
     """A QUOTE for the fixture asked for sealed (§9.6), not yet accepted."""
     answer = _quote_for(s, FIXTURE_FP, FIXTURE_CHAIN, "conformance fixture", seal=True)
@@ -131,10 +139,7 @@ def _refused_stream(stream: Stream, code: ErrorCode) -> None:
 def _(s: Session) -> None:
     q = _deal(s)
     stream = _stream(s, q)
-    if stream.fault or not stream.ended:
-        raise Failed(f"the data channel failed: {stream.fault or 'no END'}")
-    if stream.payload(q.deliver) != FIXTURE_PAYLOAD[: q.deliver]:
-        raise Failed("verified bytes differ from the fixture")
+    _whole(stream, q, FIXTURE_PAYLOAD)
     receipt = s.frame(
         Receipt(quote=q.quote, seller=s.target_id, root=q.root, bytes=q.deliver, price=q.price)
     )
@@ -154,11 +159,8 @@ def _(s: Session) -> None:
     q, key = _sealed_deal(s)
     transfer = s.frame(Transfer(quote=q.quote, token=q.token, first=0))
     stream = open_stream(q.data, transfer, q, _payer(s, q), key=key)
-    if stream.fault or not stream.ended:
-        raise Failed(f"the sealed stream failed: {stream.fault or 'no END'}")
+    _whole(stream, q, FIXTURE_PAYLOAD)
     payload = FIXTURE_PAYLOAD[: q.deliver]
-    if stream.payload(q.deliver) != payload:
-        raise Failed("opened bytes differ from the fixture")
     seen = bytes(stream.wire)
     if any(payload[i : i + 32] in seen for i in range(0, len(payload) - 32, 256)):
         raise Failed("a piece of the payload crossed the wire in clear")
@@ -266,11 +268,7 @@ def _window_refused(s: Session, q: Quote, receipt) -> None:
 @case("9.4/1", "MUST", "a buyer that pays each window receives the whole long fixture")
 def _(s: Session) -> None:
     q = _long_deal(s)
-    stream = _stream(s, q)
-    if stream.fault or not stream.ended:
-        raise Failed(f"the stream failed: {stream.fault or 'no END'}")
-    if stream.payload(q.deliver) != LONG_FIXTURE_PAYLOAD[: q.deliver]:
-        raise Failed("verified bytes differ from the long fixture")
+    _whole(_stream(s, q), q, LONG_FIXTURE_PAYLOAD)
 
 
 @case("9.4/2", "MUST", "a buyer that stops paying receives exactly one window, no more")
@@ -354,8 +352,7 @@ def _(s: Session) -> None:
         stream = _stream(s, q)
     finally:
         later.join()
-    if stream.fault or not stream.ended:
-        raise Failed(f"the stream failed: {stream.fault or 'no END'}")
+    _whole(stream, q, FIXTURE_PAYLOAD)
 
 
 @case("9.2/7", "MUST", "a TRANSFER whose quote is never accepted gets BAD_TOKEN (after 5 s)")
@@ -395,9 +392,7 @@ def _receipt(s: Session, q: Quote, **over) -> Receipt:
 
 def _bought(s: Session) -> Quote:
     q = _deal(s)
-    stream = _stream(s, q)
-    if stream.fault or not stream.ended:
-        raise Failed(f"the data channel failed: {stream.fault or 'no END'}")
+    _whole(_stream(s, q), q, FIXTURE_PAYLOAD)
     return q
 
 
