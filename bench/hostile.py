@@ -74,7 +74,7 @@ from kvx.protocol import (
     Withdraw,
     frame_header,
 )
-from kvx.transport import Destination, Expected, StreamVerifier, fetch_tcp
+from kvx.transport import Destination, Expected, StreamVerifier, TcpReceiver
 from kvx.trust import Identity, Signer, make_curve_client, open_envelope, seal
 
 LAYOUT = KVLayout(dtype="float16", layers=4, kv_heads=4, head_dim=64, block=32)
@@ -343,7 +343,10 @@ def honest_newcomer(node: NodeProcess, outcomes: list[str | None]) -> None:
 
         transfer = a.direct(Transfer(quote=q.quote, token=q.token, first=0))
         try:
-            fetch_tcp(q.data, transfer, StreamVerifier(expected), dest, NEWCOMER_PATIENCE_S, pay)
+            receiver = TcpReceiver(
+                q.data, transfer, StreamVerifier(expected), dest, NEWCOMER_PATIENCE_S, pay
+            )
+            asyncio.run(receiver.run())
             a.send(pay(q.deliver))
             why = None if bytes(dest.tensor.numpy()) == PAYLOAD[: q.deliver] else "wrong bytes"
         except RemoteProtocolError as exc:

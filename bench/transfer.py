@@ -186,9 +186,9 @@ async def receiver(
             await ep.close()
         else:
 
-            def transfer(first: int, i: int = i) -> bytes:
+            def transfer(first: int, last: int | None, i: int = i) -> bytes:
                 return signer.seal(
-                    Transfer(quote=QUOTE, token=token(i), first=first),
+                    Transfer(quote=QUOTE, token=token(i), first=first, last=last),
                     now_ms=now_ms(),
                     to=SELLER.node_id,
                 )

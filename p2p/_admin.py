@@ -212,12 +212,16 @@ def answer(node: Node, req: dict) -> dict:
         matched, ads = core.lookup(
             req["fp"], req.get("ns"), tuple(req["blocks"]), req.get("limit", 8), asker=core.id
         )
-        return {"matched": matched, "ads": [a.frame for a in ads]}
+        # Providers that failed this node (ranked last): a buyer tries them only when
+        # nobody else is left, and never streams from them beside the others (§9.7).
+        failed = [node_id(a.signer) for a in ads if core.scores.score(node_id(a.signer), now) < 0]
+        return {"matched": matched, "ads": [a.frame for a in ads], "failed": failed}
     if op == "bought":  # a local client's purchase: logged and measured here
         for stage, seconds in req["timings"].items():
             if stage in core.metrics.stage:
                 core.metrics.stage[stage].observe(seconds)
-        core.scores.record(req["seller"], Event.GOOD_DELIVERY, now)  # first in line next time
+        for seller in req.get("sellers", [req["seller"]]):  # first in line next time
+            core.scores.record(seller, Event.GOOD_DELIVERY, now)
         core.metrics.purchases.labels("bought").inc()
         core.metrics.purchased_bytes.inc(req["bytes"])
         core.metrics.bought_tokens.inc(req["tokens"])

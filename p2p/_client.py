@@ -46,12 +46,15 @@ from kvx.protocol import (
     channel_key,
 )
 from kvx.transport import (
+    MAX_STRIPES,
     Destination,
     Expected,
     Fault,
     Fetched,
     FetchMiss,
+    Offers,
     Source,
+    Streamed,
     available_transports,
     fetch,
 )
@@ -120,8 +123,9 @@ class Bought:
     bytes: int
     price: int  # micro-credits paid, to every provider that streamed part of it
     saved_flops: float  # the prefill the buyer did not run
-    seller: bytes  # node id of the provider that completed the delivery
+    seller: bytes  # node id of the provider that carried the most of it
     faults: tuple[Fault, ...]  # providers that failed on the way
+    delivered: dict[bytes, int]  # bytes each provider delivered, kept and paid for (§9.7)
     seconds: float
     timings: dict[str, float]  # where the seconds went: lookup, negotiation, transfer, receipt
 
@@ -276,6 +280,13 @@ class PeerClient:
 
         Every advertisement is verified here; the node that relayed them vouches for nothing.
         """
+        matched, ads, _ = await self._lookup(fp, chain, ns=ns, limit=limit)
+        return matched, ads
+
+    async def _lookup(
+        self, fp: bytes, chain: list[bytes], *, ns: bytes | None, limit: int
+    ) -> tuple[int, list[Statement], set[bytes]]:
+        """lookup, and the node ids of the providers that failed the node before."""
         reply = await self._admin("lookup", fp=fp, ns=ns, blocks=list(chain), limit=limit)
         matched, ads = reply["matched"], []
         for frame in reply["ads"]:
@@ -289,7 +300,7 @@ class PeerClient:
                     and list(ad.blocks[:matched]) == list(chain[:matched])
                 ):
                     ads.append(st)
-        return (matched if ads else 0), ads
+        return (matched if ads else 0), ads, set(reply.get("failed", ()))
 
     # ---- buying ----------------------------------------------------------------------
 
@@ -371,7 +382,7 @@ class PeerClient:
         ns = None if namespace is None else namespace.id
         # Every provider the node knows, best first: hedging walks through silent ones in
         # a moment each, and must not miss the honest one behind a page of liars.
-        matched, found = await self.lookup(fp, chain, ns=ns, limit=MAX_PROVIDERS)
+        matched, found, failed = await self._lookup(fp, chain, ns=ns, limit=MAX_PROVIDERS)
         timings = {"lookup": time.monotonic() - started, "negotiation": 0.0}
 
         # An advertisement whose delivery would pass our bound is skipped, not bought.
@@ -385,9 +396,9 @@ class PeerClient:
             raise Miss("no provider advertises any block of this prefix within the size bound")
         faults: list[Fault] = []
         reported = [0]  # faults the node has been told of
-        deals: dict[bytes, tuple[Statement, zmq.asyncio.Socket, Deal]] = {}
+        deals: dict[bytes, tuple[Statement, zmq.asyncio.Socket, Deal]] = {}  # by quote id
         claims: dict[bytes, Statement] = {}  # seller -> the ADVERTISE it was bought by
-        paid: dict[bytes, bytes] = {}  # seller -> the last window receipt it was sent
+        paid: dict[bytes, bytes] = {}  # quote id -> the last receipt its seller was sent
 
         # The timeout bounds each wait for a seller, over all providers together: a
         # provider that never answers costs a hedge's delay, not the buyer's whole wait.
@@ -408,8 +419,11 @@ class PeerClient:
                 again, found = await self.lookup(fp, chain, ns=ns, limit=MAX_PROVIDERS)
                 listed = [ad for ad in found if fits(ad)] if again == matched else []
 
-        async def quote_from(ad: Statement) -> Quoted | None:
-            """One provider's quote we could take, or None (its fault recorded)."""
+        async def quote_from(
+            ad: Statement, known: zmq.asyncio.Socket | None = None
+        ) -> Quoted | None:
+            """One provider's quote we could take, or None (its fault recorded); `known`:
+            the connection of an earlier deal with it, whose receipt went ahead on it."""
             if ad.message.root in refused and dtype is None:
                 return None  # it signed KV already refuted: no second chance in a purchase
             try:
@@ -429,7 +443,7 @@ class PeerClient:
                 dtype=dtype,
                 seal=True if self.seal else None,
             )
-            sock = self._dealer(ad)
+            sock = known if known is not None else self._dealer(ad)
             deal = Deal()
             try:
                 if namespace is not None and namespace.secret is not None:
@@ -470,20 +484,37 @@ class PeerClient:
             quoted.sock.close()
             return True
 
-        async def take(quoted: Quoted) -> Source:
-            ad, quote, sock, deal, kx, key = quoted
+        async def accept(quoted: Quoted) -> None:
+            """ACCEPT a quote: from here the buyer owes on verified delivery."""
+            ad, quote, sock, deal, kx, _ = quoted
             q = quote.message
             assert isinstance(q, Quote)
-            accept = self.signer.seal(
+            frame = self.signer.seal(
                 Accept(quote=q.quote, price=q.price, root=q.root, kx=kx),
                 now_ms=_now(),
                 to=ad.signer_id,
             )
-            await sock.send(accept)
+            await sock.send(frame)
             deal.advance(MessageType.ACCEPT)
-            self.ledger.record_accept(quote, open_envelope(accept), _now(), limit=0)
-            deals[ad.signer_id] = (quote, sock, deal)
+            self.ledger.record_accept(quote, open_envelope(frame), _now(), limit=0)
+            deals[q.quote] = (quote, sock, deal)
             claims[ad.signer_id] = ad
+
+        def source(quoted: Quoted, accepting: bool) -> Source:
+            ad, quote, sock, deal, _, key = quoted
+            q = quote.message
+            assert isinstance(q, Quote)
+
+            async def renew() -> Source | None:
+                """A quote for another deal with this provider, for more of the payload
+                (§9.7), on the same connection, so that the receipt for the last deal
+                reaches it first; it is accepted only once there is a range for it."""
+                again = await quote_from(ad, sock)
+                return None if again is None else source(again, accepting=True)
+
+            async def accept_it() -> None:
+                await accept(quoted)
+
             return Source(
                 ad.signer_id,
                 q.transport,
@@ -492,7 +523,14 @@ class PeerClient:
                 self._transfer(q, ad.signer_id, deal),
                 self._payer(q, ad.signer_id, paid),
                 key=key,
+                deal=q.quote,
+                renew=renew,
+                accept=accept_it if accepting else None,
             )
+
+        async def take(quoted: Quoted) -> Source:
+            await accept(quoted)
+            return source(quoted, accepting=False)
 
         async def sources() -> AsyncIterator[Source]:
             """Sellers in turn, each found by hedged quotes: the best provider is asked
@@ -543,15 +581,31 @@ class PeerClient:
             allocated[:] = [torch.empty(expected.deliver, dtype=torch.uint8, device=device)]
             return allocated[0]
 
-        offers = sources()
+        async def settle(streamed: Streamed) -> None:
+            await self._settle(streamed, deals[streamed.source.deal], paid)
+
+        offers = Offers(sources())
         timings["check"] = 0.0
+        # Providers streamed from at once (§9.7): those in good standing, up to the cap; one
+        # that failed this node before is tried only when nobody else is left.
+        width = min(MAX_STRIPES, max(1, sum(ad.signer_id not in failed for ad in ads)))
         try:
             streaming = time.monotonic()
             while True:
-                fetched = await fetch(offers, allocate, timeout_s=timeout, faults=faults)
-                seller = fetched.providers[-1]
-                quote, sock, deal = deals[seller]
-                q = quote.message
+                # With no check to pass, a stream is paid at its END (§9.4, §12.2): its
+                # seller then sees the buyer's history when asked for more of it.
+                fetched = await fetch(
+                    offers,
+                    allocate,
+                    timeout_s=timeout,
+                    faults=faults,
+                    width=width,
+                    settle=settle if check is None else None,
+                )
+                # The provider that carried most stands for the purchase in what it reports.
+                main = max(fetched.streams, key=lambda s: s.carried).source
+                seller = main.provider
+                q = deals[main.deal][0].message
                 assert isinstance(q, Quote)
                 if check is None:
                     break
@@ -573,19 +627,11 @@ class PeerClient:
                 time.monotonic() - streaming - timings["negotiation"] - timings["check"]
             )
             receipting = time.monotonic()
-            # It pays for what its stream carried: chunks another provider sent are paid
-            # to that provider, by the window receipts it got (§9.4).
-            share = Expected.from_quote(q).paid_price(fetched.carried)
-            receipt = self.signer.seal(
-                Receipt(
-                    quote=q.quote, seller=seller, root=q.root, bytes=fetched.carried, price=share
-                ),
-                now_ms=_now(),
-                to=seller,
-            )
-            await sock.send(receipt)
-            deal.advance(MessageType.RECEIPT)
-            self.ledger.record_receipt(open_envelope(receipt), _now())
+            # Each stream that ended is paid for what it carried, at its own quote's price;
+            # one that broke, by the window receipts it got (§9.4, §9.7).
+            for streamed in fetched.streams:
+                if streamed.ended and deals[streamed.source.deal][2].step is Step.STREAMING:
+                    await self._settle(streamed, deals[streamed.source.deal], paid)
             timings["receipt"] = time.monotonic() - receipting
         except FetchMiss as miss:
             await self._report(miss.faults[reported[0] :])
@@ -607,17 +653,18 @@ class PeerClient:
             blocks=q.blocks,
             tokens=q.blocks * q.layout.block,
             bytes=q.deliver,
-            price=share
-            + sum(open_envelope(f).message.price for s, f in paid.items() if s != seller),
+            price=sum(open_envelope(frame).message.price for frame in paid.values()),
             saved_flops=prefill_flops(params, q.layout, q.blocks * q.layout.block),
             seller=seller,
             faults=fetched.faults,
+            delivered=_delivered(fetched),
             seconds=time.monotonic() - started,
             timings=timings,
         )
         await self._tell(
             "bought",
             seller=seller,
+            sellers=list(bought.delivered),
             bytes=bought.bytes,
             tokens=bought.tokens,
             price=bought.price,
@@ -662,8 +709,23 @@ class PeerClient:
         )
         await sock.send(self.signer.seal(proof, now_ms=_now(), to=seller.signer_id))
 
+    async def _settle(
+        self,
+        streamed: Streamed,
+        deal: tuple[Statement, zmq.asyncio.Socket, Deal],
+        paid: dict[bytes, bytes],
+    ) -> None:
+        """The final RECEIPT of a stream that ended, on the control channel (§10.6)."""
+        quote, sock, steps = deal
+        q = quote.message
+        assert isinstance(q, Quote)
+        pay = self._payer(q, streamed.source.provider, paid)
+        await sock.send(pay(streamed.carried))
+        steps.advance(MessageType.RECEIPT)
+
     def _payer(self, quote: Quote, seller: bytes, paid: dict[bytes, bytes]):
-        """Seals the receipts that move a seller's payment window (§9.4)."""
+        """Seals the receipts that pay a seller: each window (§9.4), and at the end what
+        its stream carried; `paid` keeps the last one of each deal."""
         expected = Expected.from_quote(quote)
 
         def pay(size: int) -> bytes:
@@ -678,17 +740,20 @@ class PeerClient:
                 now_ms=_now(),
                 to=seller,
             )
-            paid[seller] = frame
+            paid[quote.quote] = frame
             return frame
 
         return pay
 
     def _transfer(self, quote: Quote, seller: bytes, deal: Deal):
-        def make(first: int) -> bytes:
-            if deal.step is Step.ACCEPTED:  # a resumed stream is the same step
+        """Seals the TRANSFER that opens the deal's stream of chunks first … last, and
+        those that ask it to end sooner (§9.7)."""
+
+        def make(first: int, last: int | None) -> bytes:
+            if deal.step is Step.ACCEPTED:  # asking a stream to end sooner is the same step
                 deal.advance(MessageType.TRANSFER)
             return self.signer.seal(
-                Transfer(quote=quote.quote, token=quote.token, first=first),
+                Transfer(quote=quote.quote, token=quote.token, first=first, last=last),
                 now_ms=_now(),
                 to=seller,
             )
@@ -743,6 +808,14 @@ def _evidence(
             for i in covering
         ),
     )
+
+
+def _delivered(fetched: Fetched) -> dict[bytes, int]:
+    out: dict[bytes, int] = {}
+    for streamed in fetched.streams:
+        provider = streamed.source.provider  # a node id
+        out[provider] = out.get(provider, 0) + streamed.carried
+    return out
 
 
 def _now() -> int:

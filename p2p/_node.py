@@ -158,7 +158,7 @@ class Node:
             core.signer,
             on_finished=core.stream_finished,
             on_receipt=lambda st: on_loop(loop, core.window_receipt, st),
-            on_fault=lambda buyer, exc: loop.call_soon_threadsafe(core.stream_fault, buyer, exc),
+            on_fault=core.stream_fault,
             limits=cfg.data_limits,
         )
         try:

@@ -287,6 +287,11 @@ class Transfer:
     quote: bytes = wire(QUOTE_ID)
     token: bytes = wire(Bin(32, 32))
     first: int = wire(UInt(0, MAX_UINT64))
+    last: int | None = wire(UInt(0, MAX_UINT64), default=None)  # a stripe's end (§9.7)
+
+    def check(self) -> None:
+        if self.last is not None and self.last < self.first:
+            raise Invalid("last", f"chunk {self.last} comes before first, {self.first}")
 
 
 @dataclass(frozen=True)

@@ -244,8 +244,13 @@ def _quote_error(s: Session, fp: bytes) -> ErrorCode | str:
     return answer.type.name
 
 
-def _long_deal(s: Session) -> Quote:
-    """A QUOTE for the long fixture with a payment window smaller than it, accepted."""
+def _long_deal(s: Session, paid_before: bool = False) -> Quote:
+    """A QUOTE for the long fixture with a payment window smaller than it, accepted;
+    `paid_before`: by a buyer that first bought and paid for the short fixture, so that
+    what the suite's earlier cases left unpaid from its network does not count (§10.5)."""
+    if paid_before:
+        bought = _bought(s)
+        _settle(s, bought, bought.deliver)
     q = _quote_for(s, LONG_FIXTURE_FP, LONG_FIXTURE_CHAIN, "long fixture")
     if not q.window or q.window >= q.deliver:
         raise Skipped("the target quotes no payment window smaller than the long fixture")
@@ -269,6 +274,7 @@ def _window_refused(s: Session, q: Quote, receipt) -> None:
 def _(s: Session) -> None:
     q = _long_deal(s)
     _whole(_stream(s, q), q, LONG_FIXTURE_PAYLOAD)
+    _settle(s, q, q.deliver)
 
 
 @case("9.4/2", "MUST", "a buyer that stops paying receives exactly one window, no more")
@@ -368,6 +374,69 @@ def _(s: Session) -> None:
 def _(s: Session) -> None:
     q = _deal(s)
     _refused_stream(_stream(s, q, first=-(-q.deliver // q.chunk)), ErrorCode.INVALID_FIELD)
+
+
+@case("9.7/1", "MUST", "a TRANSFER with first and last streams exactly those chunks, then END")
+def _(s: Session) -> None:
+    q = _long_deal(s, paid_before=True)
+    first, last = 3, 9  # across a window boundary, paid from the stream's first chunk
+    frame = s.frame(Transfer(quote=q.quote, token=q.token, first=first, last=last))
+    stream = open_stream(q.data, frame, q, _payer(s, q), first=first, last=last, timeout=5.0)
+    if stream.fault or not stream.ended:
+        raise Failed(f"the stream failed: {stream.fault or 'no END'}")
+    if sorted(stream.chunks) != list(range(first, last + 1)):
+        raise Failed(f"chunks {sorted(stream.chunks)} streamed, not {first} … {last}")
+    if any(stream.chunks[i] != _long_chunk(q, i) for i in stream.chunks):
+        raise Failed("verified bytes differ from the long fixture")
+    _settle(s, q, len(stream.chunks) * q.chunk)
+
+
+@case("9.7/2", "MUST", "a TRANSFER sent again mid-stream with a smaller last ends it sooner")
+def _(s: Session) -> None:
+    q = _long_deal(s, paid_before=True)
+    window, last = q.window // q.chunk, 1
+    shorter = s.frame(Transfer(quote=q.quote, token=q.token, first=0, last=last))
+    frame = s.frame(Transfer(quote=q.quote, token=q.token, first=0))
+    stream = open_stream(q.data, frame, q, _payer(s, q), timeout=5.0, shorten=(0, shorter, last))
+    if stream.fault or not stream.ended:
+        raise Failed(f"the stream did not end when asked: {stream.fault or 'no END'}")
+    # It ends after chunk 1, or after those sent before it read the request: never past the
+    # window, which waits for a receipt this buyer no longer owes.
+    if not last + 1 <= len(stream.chunks) <= window:
+        raise Failed(f"{len(stream.chunks)} chunks before END; asked for {last + 1}")
+    _settle(s, q, len(stream.chunks) * q.chunk)
+
+
+@case("9.7/3", "MUST", "a TRANSFER whose last chunk is past the delivery is INVALID_FIELD")
+def _(s: Session) -> None:
+    q = _deal(s)
+    count = -(-q.deliver // q.chunk)
+    frame = s.frame(Transfer(quote=q.quote, token=q.token, first=0, last=count))
+    _refused_stream(open_stream(q.data, frame, q, _payer(s, q)), ErrorCode.INVALID_FIELD)
+
+
+@case("9.7/4", "MUST", "a TRANSFER mid-stream asking for no fewer chunks is INVALID_FIELD")
+def _(s: Session) -> None:
+    q = _long_deal(s, paid_before=True)
+    count = -(-q.deliver // q.chunk)
+    longer = s.frame(Transfer(quote=q.quote, token=q.token, first=0, last=count - 1))
+    frame = s.frame(Transfer(quote=q.quote, token=q.token, first=0))
+    stream = open_stream(q.data, frame, q, lambda n: None, timeout=5.0, shorten=(0, longer, 0))
+    codes = [st.message.code for st in stream.controls if isinstance(st.message, Error)]
+    if codes != [ErrorCode.INVALID_FIELD] or stream.ended:
+        raise Failed(f"the seller answered {codes or 'nothing'} (END: {stream.ended})")
+
+
+def _settle(s: Session, q: Quote, carried: int) -> None:
+    """The final RECEIPT of a stream that ended, for what it carried (§10.6): the
+    seller takes it, and the suite's network owes nothing for the case."""
+    s.send(s.frame(_receipt(s, q, bytes=carried, price=q.price * carried // q.deliver)))
+    if any(isinstance(st.message, Error) for st in s.receive(1.0)):
+        raise Failed("the final RECEIPT for what the stream carried was refused")
+
+
+def _long_chunk(q: Quote, index: int) -> bytes:
+    return LONG_FIXTURE_PAYLOAD[index * q.chunk : (index + 1) * q.chunk]
 
 
 def _ask(s: Session, message) -> Statement:

@@ -107,20 +107,25 @@ def open_stream(
     pay: Callable[[int], bytes | None],
     *,
     first: int = 0,
+    last: int | None = None,
     timeout: float = 10.0,
     key: bytes | None = None,
+    shorten: tuple[int, bytes, int] | None = None,
 ) -> Stream:
     """Send CONTROL(TRANSFER) to `address` (HOST:PORT) and read the stream to its end,
     checking §9.2's rules and paying each payment window (§9.4) with `pay(bytes)` (None:
     this buyer stops paying there, and reads on); with
-    the deal's `key`, every frame after the TRANSFER is sealed (§9.6)."""
+    the deal's `key`, every frame after the TRANSFER is sealed (§9.6). The stream runs
+    from `first` to `last` (the TRANSFER's); `shorten` = (after chunk k, a TRANSFER frame,
+    its `last`) sends that frame once chunk k has come and takes the END it asks for
+    (§9.7)."""
     host, _, port = address.rpartition(":")
     stream = Stream()
     with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as sock:
         sock.sendall(HEADER.pack(CONTROL, len(transfer)) + transfer)
         try:
             sealing = None if key is None else Sealing(key)
-            return _receive(sock, stream, quote, pay, first, sealing)
+            return _receive(sock, stream, quote, pay, first, last, sealing, shorten)
         except TimeoutError:
             stream.fault = stream.fault or f"nothing for {timeout} s"
             return stream
@@ -132,14 +137,24 @@ def _receive(
     quote: Quote,
     pay: Callable[[int], bytes | None],
     first: int,
+    last: int | None,
     sealing: Sealing | None,
+    shorten: tuple[int, bytes, int] | None,
 ) -> Stream:
     deliver = quote.blocks * quote.layout.payload_bytes(1)
     stored = quote.stored * quote.layout.payload_bytes(1)
-    count = -(-deliver // quote.chunk)
+    count = -(-deliver // quote.chunk) if last is None else last + 1  # after the stream's last
+    asked = count  # … and after the last this buyer still wants
     window = (quote.window or 0) // quote.chunk
     extra = SEAL if sealing is not None else 0
     paid = expect = first
+
+    def send(frame: bytes) -> None:
+        if sealing is None:
+            sock.sendall(HEADER.pack(CONTROL, len(frame)) + frame)
+        else:
+            sock.sendall(sealing.seal(CONTROL, frame))
+
     while True:
         head = read_exactly(sock, HEADER.size, stream.wire)
         if head is None:
@@ -169,15 +184,15 @@ def _receive(
                 return stream
             stream.chunks[index] = data
             expect += 1
-            if window and expect == paid + window and expect < count:
+            if shorten is not None and index == shorten[0]:
+                send(shorten[1])
+                asked = shorten[2] + 1
+            if window and expect == paid + window and expect < asked:
                 receipt = pay((expect - first) * quote.chunk)  # from this stream's start
                 if receipt is None:  # a buyer that stops paying: read on, send nothing
                     paid = count
                     continue
-                if sealing is None:
-                    sock.sendall(HEADER.pack(CONTROL, len(receipt)) + receipt)
-                else:
-                    sock.sendall(sealing.seal(CONTROL, receipt))
+                send(receipt)
                 paid = expect
             continue
         body = read_exactly(sock, length, stream.wire) or b""
@@ -197,8 +212,8 @@ def _receive(
                 return stream
         elif tag == END:
             stream.ended = True
-            if expect != count:
-                stream.fault = f"END after chunk {expect - 1}, before chunk {count - 1}"
+            if not asked <= expect <= count:
+                stream.fault = f"END after chunk {expect - 1}, before chunk {asked - 1}"
         else:
             stream.fault = f"an unknown frame tag {tag}"
             return stream

@@ -8,19 +8,20 @@ the node starts; nothing of it ships in kvx.
 
 import sys
 
+
+def _serving():
+    return __import__("kvx.transport._serving", fromlist=["Serving"])
+
+
 MUTATIONS = {
     # §9.4: a seller waits for the receipt of each window
     "window": lambda: setattr(
-        __import__("kvx.transport._sessions", fromlist=["Payments"]).Payments,
-        "blocked",
-        lambda self, index: False,
+        _serving().Serving,
+        "next",
+        lambda self: _serving().Next.END if self.sent >= self.stop else _serving().Next.CHUNK,
     ),
     # §9.4: a window receipt must be for exactly what was sent
-    "receipt": lambda: setattr(
-        __import__("kvx.transport._sessions", fromlist=["Payments"]).Payments,
-        "_check",
-        lambda self, st, next_index: None,
-    ),
+    "receipt": lambda: setattr(_serving().Serving, "_check_receipt", lambda self, st: None),
     # §6.2: each (signer, seq) is taken once
     "replay": lambda: setattr(
         __import__("kvx.trust._freshness", fromlist=["ReplayGuard"]).ReplayGuard,
@@ -44,9 +45,7 @@ MUTATIONS = {
         lambda self, *args, **kwargs: None,
     ),
     # §9.2: a refused TRANSFER is answered with its code
-    "transfer-errors": lambda: setattr(
-        __import__("kvx.transport._sessions", fromlist=["x"]), "refusal", lambda *a: None
-    ),
+    "transfer-errors": lambda: setattr(_serving(), "refusal", lambda *a: None),
     # §4.5: a relayable statement carries at most MAX_UNKNOWN_BYTES of unknown fields
     "unknown-bytes": lambda: setattr(
         __import__("kvx.protocol._codec", fromlist=["x"]), "MAX_UNKNOWN_BYTES", 1 << 20

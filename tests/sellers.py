@@ -3,6 +3,7 @@ frame format over a real socket but lies in a chosen way; and an embedded node m
 serve bytes that do not match the root it signed."""
 
 import contextlib
+import dataclasses
 import socket
 import threading
 import time
@@ -20,7 +21,19 @@ from kvx.protocol import (
     frame_header,
 )
 from kvx.transport import Expected, Offer, Sessions, Source, TcpDataServer
-from kvx.trust import Identity, Inbox, Signer
+from kvx.trust import Identity, Inbox, Signer, open_envelope
+
+
+@dataclass(frozen=True)
+class SlowOffer(Offer):
+    """An offer read from a slow disk: each chunk takes `delay` seconds to come."""
+
+    delay: float = 0.0
+
+    def chunk(self, index: int) -> memoryview:
+        time.sleep(self.delay)
+        return super().chunk(index)
+
 
 CHUNK = 1 << 16
 SELLER = Identity.from_seed(b"\x5e" * 32)
@@ -42,13 +55,15 @@ def transfer_maker(seller: Identity = SELLER, token: bytes = TOKEN, buyer: Ident
     signer = Signer(buyer)
     opened: list[int] = []
 
-    def make(first: int) -> bytes:
+    def make(first: int, last: int | None = None) -> bytes:
         opened.append(first)
         return signer.seal(
-            Transfer(quote=QUOTE, token=token, first=first), now_ms=now(), to=seller.node_id
+            Transfer(quote=QUOTE, token=token, first=first, last=last),
+            now_ms=now(),
+            to=seller.node_id,
         )
 
-    make.opened = opened  # the first chunk each stream asked for
+    make.opened = opened  # the first chunk each TRANSFER named
     return make
 
 
@@ -93,24 +108,24 @@ async def honest_server(
     on_receipt=None,
     more_tokens: tuple[bytes, ...] = (),
     key: bytes | None = None,
+    delay: float = 0.0,
     **options,
 ):
     """A real data server (TCP, or UcxDataServer) with an authorised offer of `data` for
-    `token` (and as many again for `more_tokens`)."""
+    `token` (and as many again for `more_tokens`), each chunk read in `delay` seconds."""
     sessions = Sessions()
     for each in (token, *more_tokens):
-        sessions.authorize(
-            Offer.build(
-                quote=QUOTE,
-                token=each,
-                buyer=BUYER.public_key,
-                payload=data,
-                hashes=chunk_hashes(data, CHUNK),
-                expected=expected,
-                expires_ms=now() + 60_000,
-                key=key,
-            )
+        offer = SlowOffer.build(
+            quote=QUOTE,
+            token=each,
+            buyer=BUYER.public_key,
+            payload=data,
+            hashes=chunk_hashes(data, CHUNK),
+            expected=expected,
+            expires_ms=now() + 60_000,
+            key=key,
         )
+        sessions.authorize(dataclasses.replace(offer, delay=delay))
     server = server_class(
         sessions, Inbox(SELLER.node_id), Signer(SELLER), on_receipt=on_receipt, **options
     )
@@ -120,9 +135,10 @@ async def honest_server(
 
 @dataclass
 class Hostile:
-    """Serves one stream of `data`, lying as told: flip a bit of chunk `flip`, change the
-    length of chunk `resize` by `delta`, send a wrong chunk list, stop after `stop_after`
-    chunks, or say nothing at all."""
+    """Serves one stream of `data` (the chunks its TRANSFER names), lying as told: flip a
+    bit of chunk `flip`, change the length of chunk `resize` by `delta`, send a wrong chunk
+    list, close after `stop_after` chunks or hold the connection silent after
+    `stall_after`, or say nothing at all."""
 
     data: bytes
     flip: int | None = None
@@ -130,6 +146,7 @@ class Hostile:
     delta: int = 0
     wrong_list: bool = False
     stop_after: int | None = None
+    stall_after: int | None = None
     silent: bool = False
     address: str = ""
     _listener: socket.socket = field(init=False, repr=False)
@@ -146,7 +163,8 @@ class Hostile:
             return  # closed before anyone came
         with conn, contextlib.suppress(OSError):  # the buyer may hang up on a liar
             head = conn.recv(5, socket.MSG_WAITALL)
-            conn.recv(int.from_bytes(head[1:], "little"), socket.MSG_WAITALL)  # TRANSFER
+            body = conn.recv(int.from_bytes(head[1:], "little"), socket.MSG_WAITALL)
+            transfer = open_envelope(body).message
             if self.silent:
                 conn.recv(1)  # until the buyer gives up
                 return
@@ -155,9 +173,14 @@ class Hostile:
                 hashes[0] = bytes(32)
             listing = b"".join(hashes)
             conn.sendall(frame_header(FrameTag.CHUNK_LIST, len(listing)) + listing)
-            for index in range(len(hashes)):
-                if index == self.stop_after:
+            last = len(hashes) - 1 if transfer.last is None else transfer.last
+            for sent, index in enumerate(range(transfer.first, last + 1)):
+                if sent == self.stop_after:
                     return  # the seller dies mid-stream
+                if sent == self.stall_after:
+                    while conn.recv(1 << 16):  # holds the stream open, sending nothing
+                        pass
+                    return
                 chunk = bytearray(self.data[index * CHUNK : (index + 1) * CHUNK])
                 if index == self.flip:
                     chunk[len(chunk) // 2] ^= 0x10
@@ -170,13 +193,23 @@ class Hostile:
                 conn.sendall(frame_header(FrameTag.CHUNK, 4 + len(chunk)) + CHUNK_INDEX.pack(index))
                 conn.sendall(bytes(chunk))
             conn.sendall(frame_header(FrameTag.END, 0))
+            conn.shutdown(socket.SHUT_WR)
+            while conn.recv(1 << 16):  # what the buyer sent meanwhile, unread: no reset
+                pass
 
     def close(self) -> None:
         self._listener.close()
 
 
 def source(
-    address: str, expected: Expected, provider: bytes, make, transport="tcp", pay=None, key=None
+    address: str,
+    expected: Expected,
+    provider: bytes,
+    make,
+    transport="tcp",
+    pay=None,
+    key=None,
+    deal: bytes = b"",
 ) -> Source:
     return Source(
         provider=provider,
@@ -186,6 +219,7 @@ def source(
         transfer=make,
         pay=pay,
         key=key,
+        deal=deal or provider,
     )
 
 

@@ -77,7 +77,11 @@ async def test_a_prefix_that_ends_mid_chunk_lands_in_a_larger_bf16_tensor():
     assert raw[:deliver] == DATA[:deliver] and raw[deliver:] == bytes(16)
 
 
-async def test_a_flipped_bit_ends_that_stream_and_the_next_provider_resumes(hostile):
+async def test_a_flipped_bit_ends_that_stream_and_the_next_provider_takes_the_unpaid_rest(
+    hostile,
+):
+    """The buyer keeps of a broken stream only what its receipts paid for (§9.7): with no
+    payment window, nothing, so the next provider streams the whole payload."""
     expected = expected_for(DATA)
     bad = hostile(flip=2)
     server = await honest_server(DATA, expected)
@@ -88,8 +92,9 @@ async def test_a_flipped_bit_ends_that_stream_and_the_next_provider_resumes(host
     )
     await server.close()
     assert as_bytes(dest) == DATA
-    assert make.opened == [0, 2]  # the second stream started at the first unverified chunk
-    assert got.providers == (P1, P2)
+    assert make.opened == [0, 0]
+    assert got.providers == (P2,)
+    assert [(s.first, s.stop, s.ended) for s in got.streams] == [(0, expected.needed, True)]
     assert [(f.provider, f.code) for f in got.faults] == [(P1, ErrorCode.CHUNK_HASH_MISMATCH)]
 
 
@@ -311,7 +316,7 @@ async def test_a_resumed_stream_is_paid_from_its_own_first_chunk():
     assert make.opened == [0, 2] and got.providers == (P1, P2)
     assert good.paid == [2 * CHUNK]  # chunks 2 and 3: this stream's first window
     assert [r.message.bytes for r in second_receipts] == [2 * CHUNK] and first_receipts == []
-    assert got.carried == len(DATA) - 2 * CHUNK  # what provider 2's final receipt pays
+    assert got.streams[-1].carried == len(DATA) - 2 * CHUNK  # what provider 2's receipt pays
 
 
 async def test_the_window_moves_only_on_a_receipt_the_ledger_takes():

@@ -54,7 +54,7 @@ async def test_a_prefix_ending_mid_chunk_over_ucx():
     assert dest.numpy().tobytes() == DATA[:deliver]
 
 
-async def test_a_tcp_liar_is_replaced_by_a_ucx_provider_mid_payload():
+async def test_a_tcp_liar_is_replaced_by_a_ucx_provider():
     expected = expected_for(DATA)
     liar = Hostile(DATA, flip=3)
     server = await ucx_server()
@@ -69,7 +69,8 @@ async def test_a_tcp_liar_is_replaced_by_a_ucx_provider_mid_payload():
     )
     await server.close()
     liar.close()
-    assert dest.numpy().tobytes() == DATA and make.opened == [0, 3]
+    # Nothing of the liar's is kept: no receipt paid for it (§9.7).
+    assert dest.numpy().tobytes() == DATA and make.opened == [0, 0] and got.providers == (P2,)
     assert [f.code for f in got.faults] == [ErrorCode.CHUNK_HASH_MISMATCH]
 
 

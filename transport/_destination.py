@@ -37,6 +37,9 @@ class Destination:
         self.expected = expected
         self.tensor = tensor
         self.on_gpu = tensor.device.type == "cuda"
+        # Several streams may land in it at once (§9.7) only where each chunk lands in
+        # place: a GPU's staging buffers are shared by all chunks.
+        self.concurrent = not self.on_gpu
         flat = tensor.reshape(-1).view(torch.uint8)[: expected.deliver]
         self._flat = flat
         chunk = expected.chunk
@@ -118,9 +121,9 @@ class ScatterDestination(Destination):
 
         self.expected = expected
         self.on_gpu = False
+        self.concurrent = True
         self._place = place
-        # A pipelined transport has a chunk being verified and two landing: three slots.
-        self._staging = [torch.empty(expected.chunk, dtype=torch.uint8) for _ in "abc"]
+        self._staging = [torch.empty(expected.chunk, dtype=torch.uint8)]  # a last chunk's spill
 
     def segments(self, index: int) -> list[memoryview]:
         start, stop = self._span(index)
@@ -131,8 +134,9 @@ class ScatterDestination(Destination):
         return pieces
 
     def landing(self, index: int) -> memoryview:
-        slot = self._staging[index % len(self._staging)]
-        return byte_view(slot)[: self.expected.length(index)]
+        """Memory of its own for a chunk received whole (UCX), however many streams land
+        at once: `commit` copies it into place."""
+        return memoryview(bytearray(self.expected.length(index)))
 
     def commit(self, index: int, landed: memoryview | list[memoryview]) -> None:
         if isinstance(landed, list):  # scattered in place already

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from typing import Any
 
 from kvx.protocol import (
     CHUNK_INDEX,
@@ -31,15 +31,16 @@ from kvx.protocol import (
     RemoteProtocolError,
     SealedChannel,
     frame_header,
-    node_id,
     parse_frame_header,
     split_host_port,
 )
-from kvx.trust import Inbox, Signer, Statement, open_envelope
+from kvx.trust import open_envelope
 
 from ._destination import Destination
 from ._pace import Pace
-from ._sessions import Offer, Payments, Sessions, admit
+from ._port import DataPort, Opening
+from ._serving import Next, Serving
+from ._sessions import Offer
 from ._verify import StreamVerifier
 
 log = logging.getLogger("kvx.transport")
@@ -146,121 +147,174 @@ def _send_control(sock: socket.socket, frame: bytes) -> None:
     sock.sendall(frame_header(FrameTag.CONTROL, len(frame)) + frame)
 
 
-def receive_stream(
-    sock: socket.socket,
-    transfer_frame: bytes,
-    verifier: StreamVerifier,
-    dest: Destination,
-    pay: Callable[[int], bytes] | None = None,
-    key: bytes | None = None,
-) -> None:
-    """Run one stream to its END, verifying every chunk; raises on the first fault.
+class TcpReceiver:
+    """The buyer's end of one stream over TCP (§9.1, §9.2): `run` receives it to its END
+    on a worker thread, verifying every chunk, and raises on the first fault, leaving
+    `verifier.verified` at the first chunk not verified. From any other thread, `shorten`
+    asks the seller to end the stream sooner (§9.7) and `cancel` abandons it.
 
-    `pay(bytes)` seals the receipt for the first `bytes` of the delivery, sent whenever
+    `pay(bytes)` seals the receipt for the first `bytes` the stream carried, sent whenever
     the quote's payment window is used up (§9.4). With the deal's `key` every frame after
     the TRANSFER is sealed (§9.6): a chunk lands encrypted and is opened where it landed,
-    on the hashing thread, before its hash is checked. On any exception
-    `verifier.verified` is the first chunk not yet verified, where a stream from another
-    provider resumes.
+    on the hashing thread, before its hash is checked. A receipt and a shortening
+    TRANSFER leave under one lock, in the order they were decided: the seller reads them
+    in that order, so both sides agree whether a window needs paying.
     """
-    if verifier.expected.window and pay is None:
-        raise ValueError("a quote with a payment window needs `pay`")
-    channel = None if key is None else SealedChannel(key, Direction.TO_SELLER)
-    sealed = channel is not None
-    extra = SEAL_BYTES if sealed else 0
-    _send_control(sock, transfer_frame)
-    tag, length = _read_header(sock, sealed=sealed)
-    if tag == FrameTag.CONTROL:  # refused at admission, before any key is in use
-        raise remote_error(_recv_bytes(sock, length))
-    if tag != FrameTag.CHUNK_LIST:
-        raise RemoteProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"{tag.name} before the list")
-    listing = _recv_bytes(sock, length)
-    verifier.chunk_list(listing if channel is None else channel.open(tag, listing))
 
-    with ThreadPoolExecutor(1, thread_name_prefix="kvx-verify") as hasher:
-        pending: Future[None] | None = None
+    def __init__(
+        self,
+        address: str,
+        opening: bytes,
+        verifier: StreamVerifier,
+        dest: Destination,
+        timeout_s: float,
+        pay: Callable[[int], bytes] | None = None,
+        key: bytes | None = None,
+    ) -> None:
+        if verifier.expected.window and pay is None:
+            raise ValueError("a quote with a payment window needs `pay`")
+        self.address = address
+        self.opening = opening
+        self.verifier = verifier
+        self.dest = dest
+        self.timeout_s = timeout_s
+        self.pay = pay
+        self.channel = None if key is None else SealedChannel(key, Direction.TO_SELLER)
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._done = False
 
-        def verify(index: int, landed: list[memoryview], mac: bytes) -> None:
-            if channel is not None:
-                channel.open_chunk(index, landed, mac)
-            verifier.check(index, landed)
-            dest.commit(index, landed)
+    async def run(self) -> None:
+        """Receive the stream whole, on a worker thread."""
+        await asyncio.to_thread(self._run)
 
+    def _run(self) -> None:
         try:
-            while True:
-                tag, length = _read_header(sock, sealed=sealed)
-                if tag == FrameTag.END:
-                    if channel is not None:
-                        channel.open(tag, _recv_bytes(sock, length))
-                    break
-                if tag == FrameTag.CONTROL:
-                    body = _recv_bytes(sock, length)
-                    raise remote_error(body if channel is None else channel.open(tag, body))
-                if tag != FrameTag.CHUNK or length < CHUNK_INDEX.size + extra:
-                    raise RemoteProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"{tag.name} frame")
-                (index,) = CHUNK_INDEX.unpack(_recv_bytes(sock, CHUNK_INDEX.size))
-                verifier.begin_chunk(index, length - CHUNK_INDEX.size - extra)
-                landed = dest.segments(index)
-                _recv_scattered(sock, landed)
-                mac = _recv_bytes(sock, extra)
-                if pending is not None:
-                    pending.result()  # chunk index-1 is verified before index is handed on
-                pending = hasher.submit(verify, index, landed, mac)
-                if verifier.window_full:  # the seller waits: pay for what verified
-                    pending.result()
-                    pending = None
-                    due = verifier.payment_due()
-                    assert due is not None and pay is not None
-                    receipt = pay(due)
-                    if channel is None:
-                        _send_control(sock, receipt)
-                    else:
-                        sock.sendall(channel.frame(FrameTag.CONTROL, receipt))
+            sock = open_stream(self.address, self.timeout_s)
+        except OSError as exc:
+            raise RemoteProtocolError(
+                ErrorCode.UNAVAILABLE, f"cannot reach {self.address}: {exc}"
+            ) from None
+        with self._lock:
+            if self._done:  # cancelled while connecting
+                sock.close()
+                raise RemoteProtocolError(ErrorCode.TIMEOUT, "abandoned")
+            self._sock = sock
+        try:
+            self._receive(sock)
+        except (TimeoutError, BlockingIOError):  # SO_RCVTIMEO expired: EAGAIN
+            raise RemoteProtocolError(ErrorCode.TIMEOUT, "the stream stalled") from None
+        except OSError as exc:
+            raise RemoteProtocolError(
+                ErrorCode.STREAM_TRUNCATED, f"the stream broke: {exc}"
+            ) from None
         finally:
+            with self._lock:  # no shorten() sends on a closed socket
+                self._done = True
+                sock.close()
+
+    def shorten(self, stop: int, frame: bytes) -> bool:
+        """Send `frame`, a TRANSFER naming this stream with `last` = stop - 1; False when
+        the stream is over or already ends there."""
+        with self._lock:
+            v = self.verifier
+            if self._done or self._sock is None or not v.start < stop < v.asked:
+                return False
+            try:
+                self._send_control(self._sock, frame)
+            except OSError:
+                return False  # the stream is breaking: its receiving thread will say why
+            v.shorten(stop)
+        return True
+
+    def cancel(self) -> None:
+        """Abandon the stream: the receiving thread fails at once (STREAM_TRUNCATED)."""
+        with self._lock:
+            self._done = True
+            if self._sock is not None:
+                with contextlib.suppress(OSError):
+                    self._sock.shutdown(socket.SHUT_RDWR)
+
+    def _send_control(self, sock: socket.socket, frame: bytes) -> None:
+        if self.channel is None:
+            _send_control(sock, frame)
+        else:
+            sock.sendall(self.channel.frame(FrameTag.CONTROL, frame))
+
+    def _receive(self, sock: socket.socket) -> None:
+        verifier, dest, channel = self.verifier, self.dest, self.channel
+        sealed = channel is not None
+        extra = SEAL_BYTES if sealed else 0
+        _send_control(sock, self.opening)
+        tag, length = _read_header(sock, sealed=sealed)
+        if tag == FrameTag.CONTROL:  # refused at admission, before any key is in use
+            raise remote_error(_recv_bytes(sock, length))
+        if tag != FrameTag.CHUNK_LIST:
+            raise RemoteProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"{tag.name} before the list")
+        listing = _recv_bytes(sock, length)
+        verifier.chunk_list(listing if channel is None else channel.open(tag, listing))
+
+        with ThreadPoolExecutor(1, thread_name_prefix="kvx-verify") as hasher:
+            pending: Future[None] | None = None
+
+            def verify(index: int, landed: list[memoryview], mac: bytes) -> None:
+                if channel is not None:
+                    channel.open_chunk(index, landed, mac)
+                verifier.check(index, landed)
+                dest.commit(index, landed)
+
+            try:
+                while True:
+                    tag, length = _read_header(sock, sealed=sealed)
+                    if tag == FrameTag.END:
+                        if channel is not None:
+                            channel.open(tag, _recv_bytes(sock, length))
+                        break
+                    if tag == FrameTag.CONTROL:
+                        body = _recv_bytes(sock, length)
+                        raise remote_error(body if channel is None else channel.open(tag, body))
+                    if tag != FrameTag.CHUNK or length < CHUNK_INDEX.size + extra:
+                        raise RemoteProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"{tag.name} frame")
+                    (index,) = CHUNK_INDEX.unpack(_recv_bytes(sock, CHUNK_INDEX.size))
+                    verifier.begin_chunk(index, length - CHUNK_INDEX.size - extra)
+                    landed = dest.segments(index)
+                    _recv_scattered(sock, landed)
+                    mac = _recv_bytes(sock, extra)
+                    if pending is not None:
+                        pending.result()  # chunk index-1 is verified before index is handed on
+                    pending = hasher.submit(verify, index, landed, mac)
+                    if verifier.window_full:  # the seller may wait: pay for what verified
+                        pending.result()
+                        pending = None
+                        with self._lock:
+                            due = verifier.payment_due()
+                            if due is not None:
+                                assert self.pay is not None
+                                self._send_control(sock, self.pay(due))
+            finally:
+                if pending is not None:
+                    # Always join the hasher, so that `verified` is final when we return.
+                    with contextlib.suppress(ProtocolError):
+                        pending.result()
             if pending is not None:
-                # Always join the hasher, so that `verified` is final when we return.
-                with contextlib.suppress(ProtocolError):
-                    pending.result()
-        if pending is not None:
-            pending.result()
-    verifier.end()
-    dest.finish()
-
-
-@dataclass(frozen=True)
-class DataLimits:
-    """A seller's data-port budgets (spec §13.1); the node's config sets them."""
-
-    connections: int = 256
-    """Open data connections in total; past it, the oldest one not yet streaming is closed."""
-    streams: int = 8
-    """Streams served at once, each on a thread of the port's own pool."""
-    streams_per_buyer: int = 2
-    header_s: float = 5.0
-    """The opening TRANSFER must arrive whole within this, however it trickles."""
-    stall_s: float = 30.0
-    """No progress for this long ends a stream."""
-    min_rate: int = 1 << 20
-    """Bytes a second a stream must average: after `stall_s` of grace, and at once (after
-    its first second) while other streams wait for a thread."""
+                pending.result()
+        verifier.end()
+        dest.finish()
 
 
 def serve_stream(
-    sock: socket.socket,
-    offer: Offer,
-    first: int,
-    payments: Payments,
-    now_ms: Callable[[], int],
-    pace: Pace,
+    sock: socket.socket, serving: Serving, now_ms: Callable[[], int], pace: Pace
 ) -> bool:
-    """Stream an admitted offer from chunk `first`; True if it was sent whole.
+    """Send `serving`'s stream; True if it went whole, to its END.
 
     `pace` holds the stream to its deadline and minimum rate at every send, so a buyer
-    that reads a byte now and then cannot hold the thread; within the payment window the
-    seller sends on, past it it waits for the buyer's receipt (§9.4), and a receipt it
-    cannot take ends the stream with the ERROR that says why. A deal with a key is sealed
-    (§9.6), each chunk encrypted while the one before it is sent.
+    that reads a byte now and then cannot hold the thread. Before each chunk the seller
+    reads whatever the buyer sent (a receipt, or a TRANSFER that ends the stream sooner,
+    §9.7); past the payment window it waits for one (§9.4), and a frame it cannot take
+    ends the stream with the ERROR that says why. A deal with a key is sealed (§9.6),
+    each chunk encrypted while the one before it is sent.
     """
+    offer = serving.offer
     channel = None if offer.key is None else SealedChannel(offer.key, Direction.TO_BUYER)
     ahead = None if channel is None else _SealAhead(channel, offer)
 
@@ -270,32 +324,36 @@ def serve_stream(
         else:
             _send_all(sock, channel.frame(tag, payload), pace)
 
+    def take_control() -> bool:
+        tag, length = _read_header(sock, pace.deadline, sealed=channel is not None)
+        if tag != FrameTag.CONTROL:
+            return False
+        frame = _recv_bytes(sock, length, pace.deadline)
+        reply = serving.control(frame if channel is None else channel.open(tag, frame), now_ms())
+        if reply is not None:
+            send_frame(FrameTag.CONTROL, reply)
+        return serving.refused is None
+
     try:
         send_frame(FrameTag.CHUNK_LIST, b"".join(offer.hashes))
-        for index in range(first, offer.expected.needed):
-            if payments.blocked(index):
+        while (step := serving.next()) is not Next.END:
+            if step is Next.RECEIPT:
                 _await_receipt(sock, pace)
-                tag, length = _read_header(sock, pace.deadline, sealed=channel is not None)
-                if tag != FrameTag.CONTROL:
-                    return False
-                frame = _recv_bytes(sock, length, pace.deadline)
-                if channel is not None:
-                    frame = channel.open(tag, frame)
-                refusal = payments.receipt(frame, index, now_ms())
-                if payments.refused is not None:
-                    if refusal is not None:
-                        send_frame(FrameTag.CONTROL, refusal)
-                    return False
-            data = offer.chunk(index)
+            if (step is Next.RECEIPT or _readable(sock)) and not take_control():
+                return False
+            if serving.next() is not Next.CHUNK:
+                continue
+            index = serving.sent
             if channel is None:
+                data = offer.chunk(index)
                 head = frame_header(FrameTag.CHUNK, CHUNK_INDEX.size + len(data))
                 _send_all(sock, head + CHUNK_INDEX.pack(index), pace)
                 _send_all(sock, data, pace)
             else:
                 assert ahead is not None
-                for part in ahead.take(index):
+                for part in ahead.take(index, serving.stop):
                     _send_all(sock, part, pace)
-            payments.sent = index + 1
+            serving.chunk_sent()
         send_frame(FrameTag.END, b"")
     except (OSError, RemoteProtocolError):
         return False  # the buyer went away, stalled, or sent what is not a frame
@@ -303,6 +361,26 @@ def serve_stream(
         if ahead is not None:
             ahead.close()
     return True
+
+
+LINGER_S = 2.0
+"""How long a seller waits after END for the buyer to close."""
+
+
+async def _linger(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
+    """After END: read and drop what the buyer still sends until it closes. A request to
+    end sooner may cross the END (§9.7); closing on it unread would reset the connection,
+    and the buyer would lose the chunks still on their way."""
+    conn.setblocking(False)
+    conn.shutdown(socket.SHUT_WR)
+    async with asyncio.timeout(LINGER_S):
+        while await loop.sock_recv(conn, 1 << 16):
+            pass
+
+
+def _readable(sock: socket.socket) -> bool:
+    """Whether the buyer sent something (or closed) that the seller has not read."""
+    return bool(select.select([sock], [], [], 0)[0])
 
 
 class _SealAhead:
@@ -322,14 +400,15 @@ class _SealAhead:
         clear, mac = self.channel.chunk_frame(index, data, out)
         return clear, out, mac
 
-    def take(self, index: int) -> tuple[bytes, memoryview, bytes]:
-        """Chunk `index` sealed (header and index, ciphertext, tag); the next one starts."""
+    def take(self, index: int, stop: int) -> tuple[bytes, memoryview, bytes]:
+        """Chunk `index` sealed (header and index, ciphertext, tag); the next one starts
+        unless the stream ends before it (`stop`)."""
         if self._next is not None and self._next[0] == index:
             sealed = self._next[1].result()
         else:
             sealed = self._seal(index)
         following = index + 1
-        if following < self.offer.expected.needed:  # its buffer is not the one being sent
+        if following < stop:  # its buffer is not the one being sent
             self._next = (following, self._pool.submit(self._seal, following))
         return sealed
 
@@ -338,6 +417,8 @@ class _SealAhead:
 
 
 _SLICE = 1 << 20
+NOTSENT_LOWAT = 1 << 20
+"""Bytes a seller's data socket holds unsent at most, beyond those in flight."""
 
 
 def _await_receipt(sock: socket.socket, pace: Pace) -> None:
@@ -379,7 +460,7 @@ async def _read_opening(loop: asyncio.AbstractEventLoop, conn: socket.socket) ->
     return await exactly(length)
 
 
-class TcpDataServer:
+class TcpDataServer(DataPort):
     """A seller's TCP data port: accepts buyers and serves each stream on its own pool.
 
     Nothing a buyer does stops the port: connections past the budget push out the oldest
@@ -388,35 +469,15 @@ class TcpDataServer:
     off instead of ending the accept loop, and each stream has a deadline of its own.
     """
 
-    def __init__(
-        self,
-        sessions: Sessions,
-        inbox: Inbox,
-        signer: Signer,
-        *,
-        on_finished: Callable[[Offer, int, bool], None] | None = None,
-        on_receipt: Callable[[Statement], None] | None = None,
-        on_fault: Callable[[bytes, RemoteProtocolError], None] | None = None,
-        now_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
-        limits: DataLimits | None = None,
-    ) -> None:
-        self.sessions = sessions
-        self.inbox = inbox
-        self.signer = signer
-        self.on_finished = on_finished  # (offer, bytes sent, whole): every admitted stream
-        self.on_receipt = on_receipt  # records a window receipt, raising if it is refused
-        self.on_fault = on_fault  # (buyer key, what it broke): cut for its pace or receipt
-        self.now_ms = now_ms
-        self.limits = limits if limits is not None else DataLimits()
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.accept_errors = 0  # a metric: accept() failures survived
         self._listener: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
         self._opening: dict[socket.socket, asyncio.Task[None]] = {}  # oldest first
         self._streaming: set[socket.socket] = set()
-        self._per_buyer: dict[bytes, int] = {}
         self._queued = 0  # streams waiting for a thread of the pool
         self._tasks: set[asyncio.Task[None]] = set()
-        self._lock = threading.Lock()  # _per_buyer is counted from the pool's threads
         self._pool = ThreadPoolExecutor(self.limits.streams, thread_name_prefix="kvx-data")
 
     @property
@@ -483,59 +544,34 @@ class TcpDataServer:
             with self._lock:
                 self._queued += 1
             try:
-                ended = await loop.run_in_executor(self._pool, self._stream, conn, frame)
+                opening, whole, cut = await loop.run_in_executor(
+                    self._pool, self._stream, conn, frame
+                )
             finally:
                 self._streaming.discard(conn)
-        if ended is not None and self.on_finished is not None:
-            self.on_finished(*ended)
+            self.ended(opening, whole, cut)  # the books first: the buyer may pay at once
+            if whole:
+                with contextlib.suppress(OSError, TimeoutError):
+                    await _linger(loop, conn)
 
-    def _stream(self, conn: socket.socket, frame: bytes) -> tuple[Offer, int, bool] | None:
+    def _stream(self, conn: socket.socket, frame: bytes) -> tuple[Opening, bool, str | None]:
         """On a pool thread: admit the TRANSFER (it may wait for its ACCEPT), then stream.
-        Returns how the stream of an admitted offer ended: the bytes sent, and whether whole
-        (None: no offer was admitted)."""
+        Returns the opening, whether the stream went whole, and why its pace cut it."""
         with self._lock:
             self._queued -= 1
         set_stall_timeout(conn, self.limits.stall_s)
-        admission = admit(frame, self.sessions, self.inbox, self.signer, self.now_ms())
-        offer = admission.offer
-        if offer is None:
-            if admission.reply is not None:
-                with contextlib.suppress(OSError):
-                    _send_control(conn, admission.reply)
-            return None
-        buyer = offer.buyer
-        with self._lock:
-            busy = self._per_buyer.get(buyer, 0) >= self.limits.streams_per_buyer
-            if not busy:
-                self._per_buyer[buyer] = self._per_buyer.get(buyer, 0) + 1
-        if busy:
-            over = RemoteProtocolError(
-                ErrorCode.OVER_BUDGET,
-                f"at most {self.limits.streams_per_buyer} streams per buyer at once",
-            )
-            reply = self.signer.seal_error(
-                over, re=admission.seq, to=node_id(buyer), now_ms=self.now_ms()
-            )
+        # What the stream has sent is what it has handed to the kernel: keep that close to
+        # what left, so that a buyer's request to end sooner (§9.7) takes effect soon.
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
+        opening = self.open(frame)
+        if opening.reply is not None:
             with contextlib.suppress(OSError):
-                _send_control(conn, reply)
-            return offer, 0, False  # the token is spent: this deal will never stream
-        pace = Pace(
-            offer.expected.deliver, self.limits.stall_s, self.limits.min_rate, self._pressed
-        )
-        try:
-            payments = Payments(offer, admission.first, self.inbox, self.signer, self.on_receipt)
-            done = serve_stream(conn, offer, admission.first, payments, self.now_ms, pace)
-            fault = payments.refused
-            if pace.cut is not None:
-                fault = RemoteProtocolError(ErrorCode.TIMEOUT, pace.cut)
-            if fault is not None and self.on_fault is not None:
-                self.on_fault(buyer, fault)
-        finally:
-            with self._lock:
-                self._per_buyer[buyer] -= 1
-                if not self._per_buyer[buyer]:
-                    del self._per_buyer[buyer]
-        return offer, payments.sent_bytes, done
+                _send_control(conn, opening.reply)
+        if opening.serving is None:
+            return opening, False, None
+        serving = opening.serving
+        pace = Pace(serving.size, self.limits.stall_s, self.limits.min_rate, self._pressed)
+        return opening, serve_stream(conn, serving, self.now_ms, pace), pace.cut
 
     @property
     def streams(self) -> int:
@@ -569,28 +605,3 @@ def open_stream(address: str, timeout_s: float) -> socket.socket:
     sock = socket.create_connection(split_address(address), timeout=timeout_s)
     set_stall_timeout(sock, timeout_s)
     return sock
-
-
-def fetch_tcp(
-    address: str,
-    transfer_frame: bytes,
-    verifier: StreamVerifier,
-    dest: Destination,
-    timeout_s: float,
-    pay: Callable[[int], bytes] | None = None,
-    key: bytes | None = None,
-) -> None:
-    """Open a stream to `address` and receive it whole (blocking; run it in a thread)."""
-    try:
-        sock = open_stream(address, timeout_s)
-    except OSError as exc:
-        raise RemoteProtocolError(ErrorCode.UNAVAILABLE, f"cannot reach {address}: {exc}") from None
-    with sock:
-        try:
-            receive_stream(sock, transfer_frame, verifier, dest, pay, key)
-        except (TimeoutError, BlockingIOError):  # SO_RCVTIMEO expired: EAGAIN
-            raise RemoteProtocolError(ErrorCode.TIMEOUT, "the stream stalled") from None
-        except OSError as exc:
-            raise RemoteProtocolError(
-                ErrorCode.STREAM_TRUNCATED, f"the stream broke: {exc}"
-            ) from None

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -32,11 +31,11 @@ from kvx.protocol import (
     frame_header,
     parse_frame_header,
 )
-from kvx.trust import Inbox, Signer, Statement
 
 from ._destination import Destination
-from ._sessions import Offer, Payments, Sessions, admit
-from ._tcp import DataLimits, remote_error, split_address
+from ._port import DataPort
+from ._serving import Next, Serving
+from ._tcp import remote_error, split_address
 from ._verify import StreamVerifier
 
 
@@ -79,7 +78,7 @@ async def _recv_frame(
     return body if channel is None else channel.open(tag, body)
 
 
-async def receive_stream_ucx(
+async def _receive(
     ep: ucxx.Endpoint,
     transfer_frame: bytes,
     verifier: StreamVerifier,
@@ -87,11 +86,9 @@ async def receive_stream_ucx(
     pay: Callable[[int], bytes] | None = None,
     key: bytes | None = None,
 ) -> None:
-    """The UCX twin of `receive_stream`: same checks, same payment window, same sealing,
+    """The UCX twin of TcpReceiver's loop: same checks, same payment window, same sealing,
     same resume point on failure. A sealed chunk is three messages after its header: the
     index, the ciphertext (into the landing memory) and the tag."""
-    if verifier.expected.window and pay is None:
-        raise ValueError("a quote with a payment window needs `pay`")
     channel = None if key is None else SealedChannel(key, Direction.TO_SELLER)
     sealed = channel is not None
     await _send(ep, FrameTag.CONTROL, transfer_frame)
@@ -120,10 +117,7 @@ async def receive_stream_ucx(
             receives.append(ep.recv(mac))
         return index, head, idx, landed, mac, asyncio.gather(*receives)
 
-    expected = verifier.expected
-    window = [
-        post(i) for i in range(verifier.verified, min(verifier.verified + 2, expected.needed))
-    ]
+    window = [post(i) for i in range(verifier.verified, min(verifier.verified + 2, verifier.stop))]
     with ThreadPoolExecutor(1, thread_name_prefix="kvx-verify") as hasher:
         pending: asyncio.Future[None] | None = None
         try:
@@ -149,7 +143,7 @@ async def receive_stream_ucx(
                     due = verifier.payment_due()
                     assert due is not None and pay is not None
                     await _send_frame(ep, channel, FrameTag.CONTROL, pay(due))
-                if index + 2 < expected.needed:
+                if index + 2 < verifier.stop:
                     window.append(post(index + 2))
         finally:
             for *_, done in window:
@@ -170,50 +164,71 @@ async def receive_stream_ucx(
     await _send_frame(ep, channel, FrameTag.END)  # the seller may close: everything arrived
 
 
-async def fetch_ucx(
-    address: str,
-    transfer_frame: bytes,
-    verifier: StreamVerifier,
-    dest: Destination,
-    pay: Callable[[int], bytes] | None = None,
-    key: bytes | None = None,
-) -> None:
-    host, port = split_address(address)
-    try:
-        ep = await ucxx.create_endpoint(host, port)
-    except Exception as exc:  # ucxx raises its own error types for unreachable peers
-        raise RemoteProtocolError(ErrorCode.UNAVAILABLE, f"cannot reach {address}: {exc}") from None
-    try:
-        await receive_stream_ucx(ep, transfer_frame, verifier, dest, pay, key)
-    except ucxx.exceptions.UCXError as exc:
-        raise RemoteProtocolError(ErrorCode.STREAM_TRUNCATED, f"the stream broke: {exc}") from None
-    finally:
-        await ep.close()
-
-
-class UcxDataServer:
-    """A seller's UCX data port; serves each buyer's stream on the event loop."""
+class UcxReceiver:
+    """The buyer's end of one stream over UCX, as TcpReceiver is over TCP. Its chunks
+    are received ahead into posted buffers, so the buyer cannot take a shorter stream
+    than it asked for: `shorten` declines, and the buyer stripes UCX streams by the
+    ranges it opens them with (§9.7)."""
 
     def __init__(
         self,
-        sessions: Sessions,
-        inbox: Inbox,
-        signer: Signer,
-        *,
-        on_finished: Callable[[Offer, int, bool], None] | None = None,
-        on_receipt: Callable[[Statement], None] | None = None,
-        on_fault: Callable[[bytes, RemoteProtocolError], None] | None = None,
-        now_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
-        limits: DataLimits | None = None,
+        address: str,
+        opening: bytes,
+        verifier: StreamVerifier,
+        dest: Destination,
+        timeout_s: float,
+        pay: Callable[[int], bytes] | None = None,
+        key: bytes | None = None,
     ) -> None:
-        self.limits = limits if limits is not None else DataLimits()
-        self.sessions = sessions
-        self.inbox = inbox
-        self.signer = signer
-        self.on_finished = on_finished
-        self.on_receipt = on_receipt  # records a window receipt, raising if it is refused
-        self.on_fault = on_fault
-        self.now_ms = now_ms
+        if verifier.expected.window and pay is None:
+            raise ValueError("a quote with a payment window needs `pay`")
+        self.address, self.opening, self.verifier, self.dest = address, opening, verifier, dest
+        self.timeout_s, self.pay, self.key = timeout_s, pay, key
+        self._task: asyncio.Task[None] | None = None
+
+    async def run(self) -> None:
+        self._task = asyncio.ensure_future(self._run())
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise
+            raise RemoteProtocolError(ErrorCode.STREAM_TRUNCATED, "abandoned") from None
+
+    async def _run(self) -> None:
+        host, port = split_address(self.address)
+        try:
+            ep = await ucxx.create_endpoint(host, port)
+        except Exception as exc:  # ucxx raises its own error types for unreachable peers
+            raise RemoteProtocolError(
+                ErrorCode.UNAVAILABLE, f"cannot reach {self.address}: {exc}"
+            ) from None
+        try:
+            async with asyncio.timeout(self.timeout_s + self.verifier.carried / (1 << 20)):
+                await _receive(ep, self.opening, self.verifier, self.dest, self.pay, self.key)
+        except TimeoutError:
+            raise RemoteProtocolError(ErrorCode.TIMEOUT, "the stream stalled") from None
+        except ucxx.exceptions.UCXError as exc:
+            raise RemoteProtocolError(
+                ErrorCode.STREAM_TRUNCATED, f"the stream broke: {exc}"
+            ) from None
+        finally:
+            await ep.close()
+
+    def shorten(self, stop: int, frame: bytes) -> bool:
+        return False
+
+    def cancel(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+
+class UcxDataServer(DataPort):
+    """A seller's UCX data port; serves each buyer's stream on the event loop."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._listener: ucxx.Listener | None = None
         self._host = "127.0.0.1"
         self._active: set[asyncio.Task[None]] = set()
@@ -237,64 +252,65 @@ class UcxDataServer:
         self._active.add(task)
         task.add_done_callback(self._active.discard)
         try:
-            ended = await self._stream(ep)
+            await self._stream(ep)
         finally:
             await ep.close()
-        if ended is not None and self.on_finished is not None:
-            self.on_finished(*ended)
 
-    async def _stream(self, ep: ucxx.Endpoint) -> tuple[Offer, int, bool] | None:
-        """Admit the TRANSFER and stream; how an admitted offer's stream ended (bytes
-        sent, whether whole), or None when no offer was admitted."""
+    async def _stream(self, ep: ucxx.Endpoint) -> None:
+        """Admit the TRANSFER and stream it; tell how it ended."""
         try:
             tag, length = await _read_header(ep)
             if tag != FrameTag.CONTROL:
-                return None
+                return
             frame = await _recv(ep, length)
-            # admit() may wait for the quote's ACCEPT, which this very loop must process.
-            admission = await asyncio.to_thread(
-                admit, frame, self.sessions, self.inbox, self.signer, self.now_ms()
-            )
-            if admission.offer is None:
-                if admission.reply is not None:
-                    await _send(ep, FrameTag.CONTROL, admission.reply)
-                return None
+            # open() may wait for the quote's ACCEPT, which this very loop must process.
+            opening = await asyncio.to_thread(self.open, frame)
         except (ucxx.exceptions.UCXError, TimeoutError):
-            return None
-        offer = admission.offer
-        payments = Payments(offer, admission.first, self.inbox, self.signer, self.on_receipt)
-        # No thread is held here, but a task and its buffers are: the same deadline as
-        # TCP's for the whole stream, from its size and the minimum rate (§9.5).
-        size = offer.expected.deliver
+            return
+        whole, cut = False, None
         try:
-            async with asyncio.timeout(self.limits.stall_s + size / self.limits.min_rate):
-                whole = await self._send_stream(ep, offer, payments)
-        except (ucxx.exceptions.UCXError, TimeoutError):
-            whole = False  # the buyer went away, or read slower than the minimum rate
-        return offer, payments.sent_bytes, whole
+            if opening.reply is not None:
+                await _send(ep, FrameTag.CONTROL, opening.reply)
+            serving = opening.serving
+            if serving is not None:
+                # No thread is held here, but a task and its buffers are: the same deadline
+                # as TCP's for the whole stream, from its size and the minimum rate (§9.5).
+                deadline = self.limits.stall_s + serving.size / self.limits.min_rate
+                try:
+                    async with asyncio.timeout(deadline):
+                        whole = await self._send_stream(ep, serving)
+                except TimeoutError:
+                    cut = "the stream's deadline passed"
+        except ucxx.exceptions.UCXError:
+            pass  # the buyer went away
+        finally:
+            self.ended(opening, whole, cut)
 
-    async def _send_stream(self, ep: ucxx.Endpoint, offer: Offer, payments: Payments) -> bool:
+    async def _send_stream(self, ep: ucxx.Endpoint, serving: Serving) -> bool:
+        """The stream's frames; the buyer's are read when the window is full (over UCX a
+        TRANSFER that ends the stream sooner takes effect there, §9.7)."""
+        offer = serving.offer
         channel = None if offer.key is None else SealedChannel(offer.key, Direction.TO_BUYER)
         sealed = channel is not None
         await _send_frame(ep, channel, FrameTag.CHUNK_LIST, b"".join(offer.hashes))
         scratch = [bytearray(offer.expected.chunk if sealed else 0) for _ in range(3)]
         inflight: list[asyncio.Future] = []
-        for index in range(payments.sent, offer.expected.needed):
-            if payments.blocked(index):  # the window is used up: wait for the receipt
+        while (step := serving.next()) is not Next.END:
+            if step is Next.RECEIPT:  # the window is used up: wait for the buyer's frame
                 await asyncio.gather(*inflight)
                 inflight.clear()
                 tag, length = await _read_header(ep, sealed)
                 if tag != FrameTag.CONTROL:
                     return False
                 frame = await _recv_frame(ep, channel, tag, length)
-                # From a worker thread, as on TCP: `on_receipt` waits for the node's loop.
-                refusal = await asyncio.to_thread(payments.receipt, frame, index, self.now_ms())
-                if payments.refused is not None:  # the buyer gets no more
-                    if self.on_fault is not None:
-                        self.on_fault(offer.buyer, payments.refused)
-                    if refusal is not None:
-                        await _send_frame(ep, channel, FrameTag.CONTROL, refusal)
+                # From a worker thread, as on TCP: `record` waits for the node's loop.
+                reply = await asyncio.to_thread(serving.control, frame, self.now_ms())
+                if serving.refused is not None:  # the buyer gets no more
+                    if reply is not None:
+                        await _send_frame(ep, channel, FrameTag.CONTROL, reply)
                     return False
+                continue
+            index = serving.sent
             data = offer.chunk(index)
             if channel is None:
                 head = frame_header(FrameTag.CHUNK, CHUNK_INDEX.size + len(data))
@@ -313,16 +329,19 @@ class UcxDataServer:
             )
             if len(inflight) > 2:
                 await inflight.pop(0)
-            payments.sent = index + 1
+            serving.chunk_sent()
         await asyncio.gather(*inflight)
         await _send_frame(ep, channel, FrameTag.END)
         # A completed UCX send only means the buffer is free, not that it arrived: close
-        # after the buyer's END, or the last chunks may die with the endpoint.
-        tag, length = await _read_header(ep, sealed)
-        if tag != FrameTag.END:
-            return False
-        await _recv_frame(ep, channel, tag, length)
-        return True
+        # after the buyer's END, or the last chunks may die with the endpoint. A request
+        # to end sooner may cross the END (§9.7): it comes first, and is dropped.
+        while True:
+            tag, length = await _read_header(ep, sealed)
+            await _recv_frame(ep, channel, tag, length)  # opened: a sealed one must verify
+            if tag == FrameTag.END:
+                return True
+            if tag != FrameTag.CONTROL:
+                return False
 
     async def close(self) -> None:
         """Finish the streams under way, then stop listening."""

@@ -70,53 +70,63 @@ def _fail(code: ErrorCode, detail: str) -> RemoteProtocolError:
 
 
 class StreamVerifier:
-    """Tracks one stream from chunk `first`; `verified` is where a resumed stream starts."""
+    """One stream from chunk `first` up to (not including) chunk `stop` (§9.7); the
+    buyer may ask it to end sooner (`shorten`), and the seller then ends it at the chunk
+    asked for or after the chunks it had sent already. `verified` is the first chunk of
+    the stream not yet verified."""
 
-    def __init__(self, expected: Expected, first: int = 0) -> None:
-        if not 0 <= first <= expected.needed or expected.deliver > expected.size:
-            raise ValueError("first chunk or delivered size outside the payload")
+    def __init__(self, expected: Expected, first: int = 0, stop: int | None = None) -> None:
+        stop = expected.needed if stop is None else stop
+        if not 0 <= first < stop <= expected.needed or expected.deliver > expected.size:
+            raise ValueError("the stream's chunks lie outside the delivery")
         self.expected = expected
         self.verified = first
         self.start = first  # where this stream began: its receipts count from here (§9.4)
         self.paid = first  # chunks this stream's receipts cover (a window counts from here)
+        self.stop = stop  # the chunk after the last the seller may send
+        self.asked = stop  # the chunk after the last the buyer still wants
         self._next = first
         self._hashes: list[bytes] | None = None
 
-    def begin_stream(self, expected: Expected | None = None) -> None:
-        """A new stream (from this or another provider of the same content, whose quote
-        may set another window and price) resumes at the first unverified chunk."""
-        if expected is not None:
-            if expected.content != self.expected.content:
-                raise ValueError("a stream of another payload cannot resume this one")
-            self.expected = expected
-        self._next = self.verified
-        self.start = self.paid = self.verified
-        self._hashes = None
+    @property
+    def last(self) -> int:
+        """The stream's last chunk, as its TRANSFER names it."""
+        return self.stop - 1
+
+    def shorten(self, stop: int) -> None:
+        """The buyer asks the seller to end the stream before chunk `stop`. Window
+        receipts are decided by what was asked from then on: the seller reads the
+        request before it waits for a receipt it would not need (§9.7)."""
+        if not self.verified <= stop < self.asked:
+            raise ValueError("a stream is shortened to a chunk it has not yet passed")
+        self.asked = stop
 
     def payment_due(self) -> int | None:
-        """Bytes to receipt now, when every chunk of the window has verified and more are
-        needed: the seller sends no further chunk before that receipt (§9.4). They count
-        from this stream's first chunk: what another provider sent is not this one's."""
+        """Bytes to receipt now, when every chunk of the window has verified and the
+        stream goes on: the seller sends no further chunk before that receipt (§9.4).
+        They count from this stream's first chunk: what another provider sent is not
+        this one's."""
         window = self.expected.window
-        if window and self.verified == self.paid + window < self.expected.needed:
+        if window and self.verified == self.paid + window < self.asked:
             self.paid = self.verified
             return (self.verified - self.start) * self.expected.chunk
         return None
 
     @property
     def carried(self) -> int:
-        """Bytes of the delivery this stream carries, from its first chunk to the end."""
-        return self.expected.deliver - self.start * self.expected.chunk
+        """Bytes of the delivery this stream carries, from its first chunk to its end."""
+        chunk = self.expected.chunk
+        return min(self.stop * chunk, self.expected.deliver) - self.start * chunk
 
     @property
     def window_full(self) -> bool:
         """Whether the chunk just admitted is the last the seller sends before a receipt."""
         window = self.expected.window
-        return bool(window) and self._next == self.paid + window < self.expected.needed
+        return bool(window) and self._next == self.paid + window < self.asked
 
     @property
     def complete(self) -> bool:
-        return self.verified == self.expected.needed
+        return self.verified == self.stop
 
     def chunk_list(self, payload: bytes) -> None:
         """Check the seller's chunk list against the signed root before any chunk is read."""
@@ -140,7 +150,7 @@ class StreamVerifier:
         """Admit the header of the next chunk; its bytes may then be read."""
         if self._hashes is None:
             raise _fail(ErrorCode.UNEXPECTED_MESSAGE, "a chunk before the chunk list")
-        if index != self._next or index >= self.expected.needed:
+        if index != self._next or index >= self.stop:
             raise _fail(ErrorCode.SIZE_MISMATCH, f"chunk {index} where {self._next} was due")
         if length != self.expected.length(index):
             raise _fail(
@@ -160,9 +170,11 @@ class StreamVerifier:
         self.verified += 1
 
     def end(self) -> None:
-        """The seller said END: everything needed must have arrived and verified."""
-        if self._next != self.expected.needed:
+        """The seller said END: every chunk asked for must have arrived (a shortened
+        stream may bring the ones the seller sent before it read the request)."""
+        if not self.asked <= self._next <= self.stop:
             raise _fail(
                 ErrorCode.STREAM_TRUNCATED,
-                f"END after {self._next} of {self.expected.needed} chunks",
+                f"END after chunk {self._next - 1}; the stream runs to {self.asked - 1}",
             )
+        self.stop = self._next
