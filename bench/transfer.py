@@ -1,6 +1,6 @@
 """Moving a 256 MiB KV payload between two processes on loopback, against raw baselines.
 
-    python bench/transfer.py [--mib 256] [--repeats 2] [--rounds 3] [--json OUT]
+    python bench/transfer.py [--mib 256] [--repeats 2] [--rounds 5] [--json OUT]
 
 Six cases, each a seller process and a receiver process: raw socket sendall/recv_into,
 the TCP transport (chunk list, per-chunk BLAKE3 verification, placement), the same
@@ -256,7 +256,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mib", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=2, help="transfers per process")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved runs of every case")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved runs of every case")
     parser.add_argument("--json", metavar="OUT")
     parser.add_argument("--role", choices=["seller", "receiver"], help=argparse.SUPPRESS)
     parser.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)
@@ -286,9 +286,12 @@ def main() -> None:
     results: dict[str, dict] = {
         c: {"seconds": [], "peak_extra_mib": 0.0, "cpu_s": 0.0} for c in CASES
     }
+    per_round: list[dict[str, float]] = []  # each case's median seconds, round by round
     for _ in range(args.rounds):
+        per_round.append({})
         for case in CASES:
             run = run_case(case, size, args.repeats, root, digest)
+            per_round[-1][case] = statistics.median(run["seconds"])
             results[case]["seconds"] += run["seconds"]
             results[case]["cpu_s"] += run["seller_cpu_s"] + run["receiver_cpu_s"]
             results[case]["peak_extra_mib"] = max(
@@ -299,11 +302,17 @@ def main() -> None:
         # Both ends' CPU per GB moved: what a transport costs where cores are not shared.
         r["cpu_s_per_gb"] = r["cpu_s"] / (size * len(r["seconds"]) / 1e9)
     gbps = {case: r["gbps"] for case, r in results.items()}
-    ratios = {
-        "tcp_vs_raw_socket": gbps["tcp transport"] / gbps["raw socket"],
-        "ucx_vs_raw_ucxx": gbps["ucx transport"] / gbps["raw ucxx"],
-        "encrypted_vs_plain_tcp": gbps["sealed tcp"] / gbps["tcp transport"],
-        "encrypted_vs_plain_ucx": gbps["sealed ucx"] / gbps["ucx transport"],
+    pairs = {
+        "tcp_vs_raw_socket": ("tcp transport", "raw socket"),
+        "ucx_vs_raw_ucxx": ("ucx transport", "raw ucxx"),
+        "encrypted_vs_plain_tcp": ("sealed tcp", "tcp transport"),
+        "encrypted_vs_plain_ucx": ("sealed ucx", "ucx transport"),
+    }
+    ratios = {name: gbps[a] / gbps[b] for name, (a, b) in pairs.items()}
+    # The same ratio in each round alone: how far one run's figure can stray.
+    spread = {
+        name: (min(r[b] / r[a] for r in per_round), max(r[b] / r[a] for r in per_round))
+        for name, (a, b) in pairs.items()
     }
     print(
         f"{args.mib} MiB over loopback, chunk {DEFAULT_CHUNK_BYTES >> 20} MiB, "
@@ -315,8 +324,10 @@ def main() -> None:
         print(
             f"{case:<16} {r['gbps']:>7.2f} {r['cpu_s_per_gb']:>9.2f} {r['peak_extra_mib']:>15.1f}"
         )
+    print(f"{'ratio (median of all runs)':<28} {'value':>6}   rounds' spread")
     for name, value in ratios.items():
-        print(f"{name:<24} {value:.3f}")
+        low, high = spread[name]
+        print(f"{name:<28} {value:>6.3f}   {low:.3f} - {high:.3f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
@@ -327,6 +338,7 @@ def main() -> None:
                     "ucx_tls": os.environ["UCX_TLS"],
                     "results": results,
                     "ratios": ratios,
+                    "ratio_spread": spread,
                 },
                 f,
                 indent=2,

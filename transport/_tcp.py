@@ -417,7 +417,7 @@ class _SealAhead:
 
 
 _SLICE = 1 << 20
-NOTSENT_LOWAT = 1 << 20
+NOTSENT_LOWAT = 4 << 20
 """Bytes a seller's data socket holds unsent at most, beyond those in flight."""
 
 
