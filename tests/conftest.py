@@ -43,3 +43,19 @@ def peers():
     yield connect
     for p in made:
         p.close()
+
+
+@pytest.fixture
+def hostiles():
+    """Make hostile sellers (tests/sellers.py) of some data; each is closed at the end."""
+    from sellers import Hostile
+
+    made = []
+
+    def make(data: bytes, **lie) -> Hostile:
+        made.append(Hostile(data, **lie))
+        return made[-1]
+
+    yield make
+    for seller in made:
+        seller.close()

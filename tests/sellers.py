@@ -100,6 +100,23 @@ def now() -> int:
     return time.time_ns() // 1_000_000
 
 
+def offer_of(
+    data: bytes, expected: Expected, token: bytes = TOKEN, key=None, delay: float = 0.0
+) -> SlowOffer:
+    """An accepted quote of `data` to BUYER, ready to stream; each chunk read in `delay`."""
+    offer = SlowOffer.build(
+        quote=QUOTE,
+        token=token,
+        buyer=BUYER.public_key,
+        payload=data,
+        hashes=chunk_hashes(data, CHUNK),
+        expected=expected,
+        expires_ms=now() + 60_000,
+        key=key,
+    )
+    return dataclasses.replace(offer, delay=delay)
+
+
 async def honest_server(
     data: bytes,
     expected: Expected,
@@ -115,17 +132,7 @@ async def honest_server(
     `token` (and as many again for `more_tokens`), each chunk read in `delay` seconds."""
     sessions = Sessions()
     for each in (token, *more_tokens):
-        offer = SlowOffer.build(
-            quote=QUOTE,
-            token=each,
-            buyer=BUYER.public_key,
-            payload=data,
-            hashes=chunk_hashes(data, CHUNK),
-            expected=expected,
-            expires_ms=now() + 60_000,
-            key=key,
-        )
-        sessions.authorize(dataclasses.replace(offer, delay=delay))
+        sessions.authorize(offer_of(data, expected, each, key, delay))
     server = server_class(
         sessions, Inbox(SELLER.node_id), Signer(SELLER), on_receipt=on_receipt, **options
     )

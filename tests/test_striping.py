@@ -14,21 +14,20 @@ from sellers import (
     QUOTE,
     SELLER,
     TOKEN,
-    Hostile,
     expected_for,
     honest_server,
     now,
+    offer_of,
     payer,
     payload,
     source,
     transfer_maker,
 )
 
-from kvx.protocol import ErrorCode, Receipt, Transfer, chunk_hashes
+from kvx.protocol import ErrorCode, Receipt, Transfer
 from kvx.transport import (
     Destination,
     Expected,
-    Offer,
     StreamVerifier,
     Stripes,
     TcpReceiver,
@@ -52,17 +51,9 @@ def dest() -> torch.Tensor:
 
 
 @pytest.fixture
-def hostile24():
-    """Make hostile sellers of DATA; every one is closed when the test ends."""
-    made = []
-
-    def make(**lie) -> Hostile:
-        made.append(Hostile(DATA, **lie))
-        return made[-1]
-
-    yield make
-    for seller in made:
-        seller.close()
+def hostile24(hostiles):
+    """Make hostile sellers of DATA."""
+    return lambda **lie: hostiles(DATA, **lie)
 
 
 def renewing(address: str, expected: Expected, provider: bytes, tokens: list[bytes], made=None):
@@ -241,17 +232,8 @@ async def test_a_shortened_stream_ends_after_what_was_asked_or_already_sent():
 
 def serving(first: int = 0, last: int | None = None, window: int = 4) -> Serving:
     expected = windowed(window=window)
-    offer = Offer.build(
-        quote=QUOTE,
-        token=TOKEN,
-        buyer=BUYER.public_key,
-        payload=DATA,
-        hashes=chunk_hashes(DATA, CHUNK),
-        expected=expected,
-        expires_ms=now() + 60_000,
-    )
     transfer = Transfer(quote=QUOTE, token=TOKEN, first=first, last=last)
-    return Serving(offer, transfer, Inbox(SELLER.node_id), Signer(SELLER))
+    return Serving(offer_of(DATA, expected), transfer, Inbox(SELLER.node_id), Signer(SELLER))
 
 
 def send(s: Serving, chunks: int) -> None:

@@ -35,17 +35,9 @@ DATA = payload()
 
 
 @pytest.fixture
-def hostile():
-    """Make hostile sellers; every one is closed when the test ends."""
-    made = []
-
-    def make(**lie) -> Hostile:
-        made.append(Hostile(DATA, **lie))
-        return made[-1]
-
-    yield make
-    for seller in made:
-        seller.close()
+def hostile(hostiles):
+    """Make hostile sellers of DATA."""
+    return lambda **lie: hostiles(DATA, **lie)
 
 
 def dest_for(n: int) -> torch.Tensor:

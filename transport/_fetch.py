@@ -22,11 +22,12 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from kvx.protocol import ErrorCode, KvxError, RemoteProtocolError
 
 from ._destination import Destination
+from ._receiving import Receiving
 from ._stripes import Abandon, Shorten, Stripes
 from ._tcp import TcpReceiver
 from ._verify import Expected, StreamVerifier
@@ -125,17 +126,9 @@ class FetchMiss(KvxError):
         self.faults = tuple(faults)
 
 
-class Receiver(Protocol):
-    verifier: StreamVerifier
-
-    async def run(self) -> None: ...
-
-    def shorten(self, stop: int, frame: bytes) -> bool: ...
-
-    def cancel(self) -> None: ...
-
-
-def _receiver(source: Source, verifier: StreamVerifier, dest: Destination, timeout_s: float):
+def _receiver(
+    source: Source, verifier: StreamVerifier, dest: Destination, timeout_s: float
+) -> Receiving:
     opening = source.transfer(verifier.start, verifier.last)
     args = (source.address, opening, verifier, dest, timeout_s, source.pay, source.key)
     if source.transport == "tcp":
@@ -242,7 +235,7 @@ class _Lane:
     source: Source
     verifier: StreamVerifier
     task: asyncio.Task[None] | None = None
-    receiver: Receiver | None = None  # once its deal is accepted and its stream opens
+    receiver: Receiving | None = None  # once its deal is accepted and its stream opens
     abandoned: str | None = None  # why the buyer cut it
 
     def cancel(self) -> None:

@@ -36,12 +36,11 @@ from kvx.protocol import (
 )
 from kvx.trust import open_envelope
 
-from ._destination import Destination
 from ._pace import Pace
 from ._port import DataPort, Opening
+from ._receiving import Receiving
 from ._serving import Next, Serving
 from ._sessions import Offer
-from ._verify import StreamVerifier
 
 log = logging.getLogger("kvx.transport")
 
@@ -147,7 +146,7 @@ def _send_control(sock: socket.socket, frame: bytes) -> None:
     sock.sendall(frame_header(FrameTag.CONTROL, len(frame)) + frame)
 
 
-class TcpReceiver:
+class TcpReceiver(Receiving):
     """The buyer's end of one stream over TCP (§9.1, §9.2): `run` receives it to its END
     on a worker thread, verifying every chunk, and raises on the first fault, leaving
     `verifier.verified` at the first chunk not verified. From any other thread, `shorten`
@@ -161,25 +160,9 @@ class TcpReceiver:
     in that order, so both sides agree whether a window needs paying.
     """
 
-    def __init__(
-        self,
-        address: str,
-        opening: bytes,
-        verifier: StreamVerifier,
-        dest: Destination,
-        timeout_s: float,
-        pay: Callable[[int], bytes] | None = None,
-        key: bytes | None = None,
-    ) -> None:
-        if verifier.expected.window and pay is None:
-            raise ValueError("a quote with a payment window needs `pay`")
-        self.address = address
-        self.opening = opening
-        self.verifier = verifier
-        self.dest = dest
-        self.timeout_s = timeout_s
-        self.pay = pay
-        self.channel = None if key is None else SealedChannel(key, Direction.TO_SELLER)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.channel = None if self.key is None else SealedChannel(self.key, Direction.TO_SELLER)
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
         self._done = False

@@ -34,6 +34,7 @@ from kvx.protocol import (
 
 from ._destination import Destination
 from ._port import DataPort
+from ._receiving import Receiving
 from ._serving import Next, Serving
 from ._tcp import remote_error, split_address
 from ._verify import StreamVerifier
@@ -164,26 +165,14 @@ async def _receive(
     await _send_frame(ep, channel, FrameTag.END)  # the seller may close: everything arrived
 
 
-class UcxReceiver:
+class UcxReceiver(Receiving):
     """The buyer's end of one stream over UCX, as TcpReceiver is over TCP. Its chunks
     are received ahead into posted buffers, so the buyer cannot take a shorter stream
     than it asked for: `shorten` declines, and the buyer stripes UCX streams by the
     ranges it opens them with (§9.7)."""
 
-    def __init__(
-        self,
-        address: str,
-        opening: bytes,
-        verifier: StreamVerifier,
-        dest: Destination,
-        timeout_s: float,
-        pay: Callable[[int], bytes] | None = None,
-        key: bytes | None = None,
-    ) -> None:
-        if verifier.expected.window and pay is None:
-            raise ValueError("a quote with a payment window needs `pay`")
-        self.address, self.opening, self.verifier, self.dest = address, opening, verifier, dest
-        self.timeout_s, self.pay, self.key = timeout_s, pay, key
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._task: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
