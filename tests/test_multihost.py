@@ -110,29 +110,31 @@ def test_a_seller_killed_mid_transfer_is_replaced_and_a_restart_keeps_store_and_
     root, chain = publish(slow, "shared", big, blocks=32, params=10**6, chunk=1 << 20)
     assert publish(other, "shared", big, blocks=32, params=10**9, chunk=1 << 20)[0] == root
     eventually(lambda: root in roots(swarm[3]) and len(swarm[3].call("ads")["ads"]) == 2, 30)
-    # Throttle the cheap seller so that its 16 MiB take seconds, then kill it mid-stream.
-    throttle = subprocess.run(
-        [
-            *network.prefix(1),
-            "tc",
-            "qdisc",
-            "add",
-            "dev",
-            f"{network.tag}e1",
-            "root",
-            "tbf",
-            "rate",
-            "30mbit",
-            "burst",
-            "64kb",
-            "latency",
-            "400ms",
-        ],
-        capture_output=True,
-        text=True,
-    )
-    if throttle.returncode != 0:
-        pytest.skip(f"tc tbf is not available here: {throttle.stderr.strip()}")
+    # Throttle both sellers so that the buyer, streaming half from each (§9.7), takes
+    # seconds over it; then kill the cheap one mid-stream.
+    for host in (1, 2):
+        throttle = subprocess.run(
+            [
+                *network.prefix(host),
+                "tc",
+                "qdisc",
+                "add",
+                "dev",
+                f"{network.tag}e{host}",
+                "root",
+                "tbf",
+                "rate",
+                "30mbit",
+                "burst",
+                "64kb",
+                "latency",
+                "400ms",
+            ],
+            capture_output=True,
+            text=True,
+        )
+        if throttle.returncode != 0:
+            pytest.skip(f"tc tbf is not available here: {throttle.stderr.strip()}")
     buyer = subprocess.Popen(
         [
             *network.prefix(4),
