@@ -1,6 +1,6 @@
 """One purchase from 1, 2, 3 and 4 providers at once, over shaped links between hosts.
 
-    sudo python bench/swarm.py [--runs 2] [--rate 200] [--delay-ms 10] [--json OUT]
+    sudo .venv/bin/python bench/swarm.py [--runs 2] [--rate 200] [--delay-ms 10] [--json OUT]
 
 A buyer and six sellers, each on a host of its own (a network namespace on a bridge).
 Each seller's link to the bridge is shaped with tc netem: `--rate` Mbit/s and
