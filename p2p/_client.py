@@ -469,10 +469,12 @@ class PeerClient:
                 if deal.step is not Step.FAILED:
                     deal.advance(MessageType.ERROR)
                 faults.append(Fault(ad.signer_id, exc.code, exc.detail))
-                sock.close()
+                if known is None:  # an earlier deal's connection closes with that deal
+                    sock.close()
                 return None
             except asyncio.CancelledError:  # another provider answered first
-                sock.close()
+                if known is None:
+                    sock.close()
                 raise
             return Quoted(ad, quote, sock, deal, kx, key)
 

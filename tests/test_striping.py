@@ -2,6 +2,7 @@
 TCP data servers — honest, slow, stalling and lying — and the plan that assigns the
 chunks, in memory."""
 
+import asyncio
 import dataclasses
 
 import pytest
@@ -196,7 +197,14 @@ async def test_a_stream_of_a_range_carries_those_chunks_and_the_seller_books_the
     assert finished == [(4 * CHUNK, True)]
 
 
-async def test_a_shortened_stream_ends_after_what_was_asked_or_already_sent():
+@pytest.mark.parametrize(
+    ("after", "stop"),
+    [
+        (1, 3),  # asked before chunk 3 arrived
+        (5, 2),  # asked for less than has arrived already: it ends after what was sent
+    ],
+)
+async def test_a_shortened_stream_ends_after_what_was_asked_or_already_sent(after, stop):
     expected = windowed(window=4)
     finished = []
     server = await honest_server(
@@ -215,15 +223,13 @@ async def test_a_shortened_stream_ends_after_what_was_asked_or_already_sent():
         timeout_s=5,
         pay=payer(expected),
     )
-    import asyncio
-
     running = asyncio.ensure_future(receiver.run())
-    while verifier.verified < 1:
+    while verifier.verified < after:
         await asyncio.sleep(0.01)
-    assert receiver.shorten(3, make(0, 2))
+    assert receiver.shorten(stop, make(0, stop - 1))
     await running
     await server.close()
-    assert verifier.complete and 3 <= verifier.stop < 24
+    assert verifier.complete and max(stop, after) <= verifier.stop < 24
     assert finished == [(verifier.carried, True)]  # the seller booked what it carried
 
 

@@ -199,15 +199,13 @@ class TcpReceiver(Receiving):
     def shorten(self, stop: int, frame: bytes) -> bool:
         """Send `frame`, a TRANSFER naming this stream with `last` = stop - 1; False when
         the stream is over or already ends there."""
-        with self._lock:
-            v = self.verifier
-            if self._done or self._sock is None or not v.start < stop < v.asked:
+        with self._lock:  # decided and sent together, as window receipts are
+            if self._done or self._sock is None or not self.verifier.shorten(stop):
                 return False
             try:
                 self._send_control(self._sock, frame)
             except OSError:
                 return False  # the stream is breaking: its receiving thread will say why
-            v.shorten(stop)
         return True
 
     def cancel(self) -> None:

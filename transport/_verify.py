@@ -93,13 +93,17 @@ class StreamVerifier:
         """The stream's last chunk, as its TRANSFER names it."""
         return self.stop - 1
 
-    def shorten(self, stop: int) -> None:
-        """The buyer asks the seller to end the stream before chunk `stop`. Window
-        receipts are decided by what was asked from then on: the seller reads the
-        request before it waits for a receipt it would not need (§9.7)."""
-        if not self.verified <= stop < self.asked:
-            raise ValueError("a stream is shortened to a chunk it has not yet passed")
+    def shorten(self, stop: int) -> bool:
+        """The buyer asks the seller to end the stream before chunk `stop`; False when
+        the stream already ends there or `stop` leaves it nothing (a TRANSFER's `last` is
+        never before its `first`). Window receipts are decided by what was asked from then
+        on: the seller reads the request before it waits for a receipt it would not need.
+        A `stop` the stream has passed already is a request like any other: the seller
+        ends after what it has sent (§9.7)."""
+        if not self.start < stop < self.asked:
+            return False
         self.asked = stop
+        return True
 
     def payment_due(self) -> int | None:
         """Bytes to receipt now, when every chunk of the window has verified and the
