@@ -659,7 +659,7 @@ class PeerClient:
             saved_flops=prefill_flops(params, q.layout, q.blocks * q.layout.block),
             seller=seller,
             faults=fetched.faults,
-            delivered=_delivered(fetched),
+            delivered=fetched.delivered,
             seconds=time.monotonic() - started,
             timings=timings,
         )
@@ -810,14 +810,6 @@ def _evidence(
             for i in covering
         ),
     )
-
-
-def _delivered(fetched: Fetched) -> dict[bytes, int]:
-    out: dict[bytes, int] = {}
-    for streamed in fetched.streams:
-        provider = streamed.source.provider  # a node id
-        out[provider] = out.get(provider, 0) + streamed.carried
-    return out
 
 
 def _now() -> int:

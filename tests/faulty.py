@@ -6,7 +6,6 @@ Each fault is put in by patching the reference code in this process only, before
 node starts; nothing of it ships in kvx.
 """
 
-import sys
 import time
 
 
@@ -44,9 +43,6 @@ def _stall() -> None:
 FAULTS = {"lie": _lie, "stall": _stall}
 
 if __name__ == "__main__":
-    fault, sep, *command = sys.argv[1:]
-    assert sep == "--" and command[1:3] == ["-m", "kvx.cli"], command
-    FAULTS[fault]()
-    from kvx.cli import main
+    from mutant import launch  # beside this file, so on sys.path when it runs as a script
 
-    sys.exit(main(command[3:]))
+    launch(FAULTS)

@@ -92,10 +92,15 @@ def _ignore_leave_incarnations() -> None:
     _peers.PeerTable.left = lambda self, key, inc: original(self, key, 2**64)
 
 
-if __name__ == "__main__":
-    rule, sep, *command = sys.argv[1:]
+def launch(patches: dict) -> None:
+    """Run `python THIS_FILE NAME -- python -m kvx.cli ...` with patch NAME applied."""
+    name, sep, *command = sys.argv[1:]
     assert sep == "--" and command[1:3] == ["-m", "kvx.cli"], command
-    MUTATIONS[rule]()
+    patches[name]()
     from kvx.cli import main
 
     sys.exit(main(command[3:]))
+
+
+if __name__ == "__main__":
+    launch(MUTATIONS)

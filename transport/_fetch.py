@@ -116,6 +116,15 @@ class Fetched:
         """Those that delivered verified chunks the buyer keeps, in the payload's order."""
         return tuple(dict.fromkeys(s.source.provider for s in self.streams))
 
+    @property
+    def delivered(self) -> dict[bytes, int]:
+        """Bytes each provider delivered that the buyer keeps (and pays it for)."""
+        out: dict[bytes, int] = {}
+        for streamed in self.streams:
+            provider = streamed.source.provider
+            out[provider] = out.get(provider, 0) + streamed.carried
+        return out
+
 
 class FetchMiss(KvxError):
     """No provider delivered the whole payload; `faults` says what each one did."""
@@ -165,6 +174,11 @@ class Offers:
         """The next provider's negotiation (the one under way, if there is one)."""
         if self._pending is None:
             self._pending = asyncio.ensure_future(anext(self._it, None))
+        return self._pending
+
+    @property
+    def pending(self) -> asyncio.Task[Source | None] | None:
+        """The negotiation under way, if there is one."""
         return self._pending
 
     def took(self) -> Source | None:
@@ -268,7 +282,6 @@ class _Striping:
         self.sources: dict[bytes, Source] = {}
         self.ended: set[bytes] = set()
         self.parked: list[Source] = [first]  # deals waiting for chunks to stream
-        self.pulling: asyncio.Task[Source | None] | None = None
         self.renewing: set[asyncio.Task[Source | None]] = set()
         self.settling: set[asyncio.Task[None]] = set()
         self.hashes = b""
@@ -287,7 +300,7 @@ class _Striping:
                 if not (self.lanes or self.parked or self.renewing or pulling):
                     return None  # nobody left who could stream the rest
                 waiting = [lane.task for lane in self.lanes.values()] + list(self.renewing)
-                waiting += [self.pulling] if self.pulling is not None else []
+                waiting += [pulling] if pulling is not None else []
                 done, _ = await asyncio.wait(
                     waiting, timeout=TICK_S, return_when=asyncio.FIRST_COMPLETED
                 )
@@ -306,11 +319,12 @@ class _Striping:
             self.dest,
         )
 
-    def _pull(self, now: float) -> bool:
-        """Ask for one more provider when the plan wants one; False if none can come."""
-        if self.pulling is None and not self.offers.exhausted and self.plan.wants(now):
-            self.pulling = self.offers.pull()
-        return self.pulling is not None
+    def _pull(self, now: float) -> asyncio.Task[Source | None] | None:
+        """The negotiation with one more provider: under way, or begun now if the plan
+        wants one; None if none is."""
+        if self.offers.pending is None and not self.offers.exhausted and self.plan.wants(now):
+            self.offers.pull()
+        return self.offers.pending
 
     def _progress(self, now: float) -> None:
         for key, lane in self.lanes.items():
@@ -363,22 +377,18 @@ class _Striping:
 
     def _shorten(self, action: Shorten) -> None:
         lane = self.lanes[action.key]
-        receiver = lane.receiver
-        frame = (
-            None if receiver is None else lane.source.transfer(lane.verifier.start, action.stop - 1)
-        )
-        if receiver is None or frame is None or not receiver.shorten(action.stop, frame):
+        receiver = lane.receiver  # None while its deal is still being accepted
+        if receiver is None or not receiver.shorten(
+            action.stop, lane.source.transfer(lane.verifier.start, action.stop - 1)
+        ):
             self.plan.declined(action.key)
 
     def _took(self, task: asyncio.Task, now: float) -> None:
-        if task is self.pulling:
-            self.pulling = None
+        if task is self.offers.pending:
             source = self.offers.took()
-            if source is None:
-                pass
-            elif source.expected.content != self.expected.content:
+            if source is not None and source.expected.content != self.expected.content:
                 self.offers.standby.append(source)  # honest providers may hold other bytes
-            else:
+            elif source is not None:
                 self.parked.append(source)
             return
         if task in self.renewing:
@@ -395,10 +405,8 @@ class _Striping:
         self.plan.verified(key, v.verified, v.paid, now)
         if not self.hashes:
             self.hashes = v.chunk_list_bytes
-        exc = RemoteProtocolError(ErrorCode.TIMEOUT, "") if task.cancelled() else task.exception()
-        if exc is not None and lane.abandoned is not None:
-            exc = RemoteProtocolError(ErrorCode.TIMEOUT, lane.abandoned)
-        if exc is None:
+        # A lane's task is cancelled only when the buyer abandoned it while accepting.
+        if not task.cancelled() and task.exception() is None:
             self.ended.add(key)
             self.plan.ended(key, v.stop, now)
             paid = None
@@ -410,12 +418,13 @@ class _Striping:
             self.renewing.add(asyncio.ensure_future(self._renew(lane, paid)))
             return
         self.plan.failed(key)
-        if isinstance(exc, RemoteProtocolError):
-            self.faults.append(Fault(lane.source.provider, exc.code, exc.detail))
-        elif isinstance(exc, TimeoutError):
-            self.faults.append(Fault(lane.source.provider, ErrorCode.TIMEOUT, "the stream stalled"))
-        else:
-            raise exc
+        if lane.abandoned is not None:  # whatever the cut made the receiver raise
+            self.faults.append(Fault(lane.source.provider, ErrorCode.TIMEOUT, lane.abandoned))
+            return
+        error = task.exception()
+        if not isinstance(error, RemoteProtocolError):
+            raise error  # a fault of the buyer itself: receivers raise only protocol errors
+        self.faults.append(Fault(lane.source.provider, error.code, error.detail))
 
     async def _renew(self, lane: _Lane, paid: asyncio.Task[None] | None):
         """Ask a provider whose stream ended for another deal while there is work it may

@@ -36,12 +36,11 @@ class Lane:
     first: int
     stop: int  # the chunk after the last it was opened for: the seller may send up to here
     opened: float
-    asked: int = -1  # the chunk after the last the buyer still wants from it
-    verified: int = -1  # the first chunk not yet verified (set to `first` on open)
-    paid: int = -1  # the first chunk its window receipts do not cover
-    moved: float = 0.0  # when it last verified a chunk
+    asked: int = field(init=False)  # the chunk after the last the buyer still wants of it
+    verified: int = field(init=False)  # the first chunk not yet verified
+    paid: int = field(init=False)  # the first chunk its window receipts do not cover
+    moved: float = field(init=False)  # when it last verified a chunk
     shortened: float | None = None  # when it was asked to end sooner
-    end: int | None = None  # where it ended (its END), or None while it runs
 
     def __post_init__(self) -> None:
         self.verified = self.paid = self.first
@@ -90,10 +89,6 @@ class Stripes:
     def complete(self) -> bool:
         return not self.free and not self.lanes
 
-    @property
-    def kept(self) -> int:
-        return sum(stop - first for first, stop, _ in self.done)
-
     def wants(self, now: float) -> bool:
         """Whether another provider's stream would help now."""
         return bool(self.free) or (len(self.lanes) < self.width and self._victim(now) is not None)
@@ -135,7 +130,7 @@ class Stripes:
     def _victim(self, now: float, thief_rate: float | None = None) -> tuple[Lane, int] | None:
         """The stream whose rest would end last, and where to cut it so that it and a
         new stream of the rest end together; None when no cut is worth a new stream."""
-        best: tuple[float, Lane] | None = None
+        best: tuple[float, Lane, float] | None = None
         for lane in self.lanes.values():
             left = lane.asked - lane.verified
             if lane.shortened is not None or left < 2:
@@ -145,11 +140,10 @@ class Stripes:
                 continue  # nothing known of its pace yet
             eta = math.inf if rate <= 0 else left / rate
             if best is None or eta > best[0]:
-                best = (eta, lane)
+                best = (eta, lane, rate)
         if best is None:
             return None
-        lane = best[1]
-        mine = self._rate(lane, now) or 0.0
+        _, lane, mine = best
         theirs = thief_rate if thief_rate else max(mine, 1e-3)
         keep = math.floor((lane.asked - lane.verified) * mine / (mine + theirs))
         stop = lane.verified + max(1, keep)  # the chunk arriving now stays with it
