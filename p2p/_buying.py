@@ -1,10 +1,6 @@
-"""The buyer's side of a purchase, sans-I/O: which provider to try next, the steps of a
-deal with one provider as a state machine (the buyer's table of spec §10.4), what a
-quote must match, and what a failure says about the provider.
-
-PeerClient (p2p/_client.py) drives it over ZeroMQ and the data channel, for the async
-and the sync client alike; the simulator (p2p/_sim.py) drives the same walk in memory.
-"""
+"""The rules a purchase (p2p/_purchase.py) follows: which providers to try, the steps
+of a deal with one provider as a state machine (the buyer's table of spec §10.4), what
+an advertisement and a quote must match, and what a failure says about the provider."""
 
 from __future__ import annotations
 

@@ -10,43 +10,34 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import zmq
 import zmq.asyncio
 
 from kvx.protocol import (
     DEFAULT_CHUNK_BYTES,
-    Accept,
     Advertise,
     DataAddress,
-    Ephemeral,
     Error,
     ErrorCode,
     Hello,
     KVLayout,
     KvxError,
     Membership,
-    Message,
-    MessageType,
     Namespace,
     NamespaceProof,
     Peers,
     Quote,
-    QuoteRequest,
-    Receipt,
-    Reject,
     RemoteProtocolError,
-    Transfer,
-    channel_key,
 )
 from kvx.transport import (
-    MAX_STRIPES,
     Destination,
     Expected,
     Fault,
@@ -74,9 +65,23 @@ from kvx.trust import (
 )
 
 from ._admin import AdminError, admin_socket, request, result
-from ._buying import MAX_PROVIDERS, Deal, Step, Walk, blame, check_layout, check_quote
+from ._buying import MAX_PROVIDERS, blame
 from ._config import ADMIN_SOCKET, INFO_FILE, KEY_FILE, LEDGER_FILE, NodeConfig
 from ._pricing import PricePolicy, prefill_flops
+from ._purchase import (
+    Action,
+    Ask,
+    Close,
+    Exhausted,
+    Lookup,
+    Purchase,
+    Quoted,
+    Ready,
+    Renewed,
+    Report,
+    Send,
+    Want,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -132,10 +137,6 @@ class Bought:
 
 MAX_FETCH_BYTES = 16 << 30
 """The largest payload a client allocates unless told otherwise (spec §12.6)."""
-HEDGE_S = 0.25
-"""How long a buyer waits for a provider's quote before it asks the next one as well."""
-HEDGE_MAX = 16
-"""Providers asked for a quote at once, at most: as many as HEDGE_S apart fill 4 s."""
 
 
 class PeerClient:
@@ -308,12 +309,11 @@ class PeerClient:
         self,
         sock: zmq.asyncio.Socket,
         seller: Statement,
-        message: Message,
+        frame: bytes,
         want: type[T],
         timeout_s: float,
-    ) -> T | None:
-        """Send one statement to a seller and wait for its answer to it (or None)."""
-        frame = self.signer.seal(message, now_ms=_now(), to=seller.signer_id)
+    ) -> T:
+        """Send one sealed statement to a seller and wait for its answer to it."""
         await sock.send(frame)
         seq = open_envelope(frame).header.seq
         curve = curve_public_key(seller.signer)
@@ -380,201 +380,31 @@ class PeerClient:
         started = time.monotonic()
         timeout = self.timeout_s if timeout_s is None else timeout_s
         ns = None if namespace is None else namespace.id
+
+        def bid(offered: KVLayout, tokens: int) -> int:
+            return self.pricing.bid(params, offered, tokens) if max_price is None else max_price
+
+        want = Want(
+            fp=fp,
+            chain=tuple(chain),
+            ns=ns,
+            dtype=dtype,
+            layout=layout,
+            max_bytes=self.max_bytes,
+            bid=bid,
+            timeout_s=timeout,
+            transports=available_transports(),
+            seal=self.seal,
+        )
+        purchase = Purchase(want, self.signer, time.time())
+        driver = _Driver(self, purchase, namespace)
         # Every provider the node knows, best first: hedging walks through silent ones in
         # a moment each, and must not miss the honest one behind a page of liars.
-        matched, found, failed = await self._lookup(fp, chain, ns=ns, limit=MAX_PROVIDERS)
-        timings = {"lookup": time.monotonic() - started, "negotiation": 0.0}
-
-        # An advertisement whose delivery would pass our bound is skipped, not bought.
-        def fits(ad: Statement) -> bool:
-            return ad.message.layout.payload_bytes(matched) <= self.max_bytes
-
-        ads = [ad for ad in found if fits(ad)]
-        refused: set[bytes] = set()  # roots whose KV the buyer's own check refuted
-        if not matched or not ads:
+        nothing = await driver.perform(purchase.listed(*await driver.lookup(), time.time()))
+        timings = {"lookup": time.monotonic() - started, "check": 0.0}
+        if isinstance(nothing, Exhausted):
             await self._tell("missed", reason="nothing advertised")
-            raise Miss("no provider advertises any block of this prefix within the size bound")
-        faults: list[Fault] = []
-        reported = [0]  # faults the node has been told of
-        deals: dict[bytes, tuple[Statement, zmq.asyncio.Socket, Deal]] = {}  # by quote id
-        claims: dict[bytes, Statement] = {}  # seller -> the ADVERTISE it was bought by
-        paid: dict[bytes, bytes] = {}  # quote id -> the last receipt its seller was sent
-
-        # The timeout bounds each wait for a seller, over all providers together: a
-        # provider that never answers costs a hedge's delay, not the buyer's whole wait.
-        deadline = [time.monotonic() + timeout]
-
-        def left() -> float:
-            return max(0.0, deadline[0] - time.monotonic())
-
-        async def providers() -> AsyncIterator[Statement]:
-            walk, listed = Walk(lambda ad: ad.signer_id), ads
-            while batch := walk.take(listed):
-                for ad in batch:
-                    yield ad
-                await self._report(faults[reported[0] :])  # so that the node ranks them last
-                reported[0] = len(faults)
-                if not left():
-                    return
-                again, found = await self.lookup(fp, chain, ns=ns, limit=MAX_PROVIDERS)
-                listed = [ad for ad in found if fits(ad)] if again == matched else []
-
-        async def quote_from(
-            ad: Statement, known: zmq.asyncio.Socket | None = None
-        ) -> Quoted | None:
-            """One provider's quote we could take, or None (its fault recorded); `known`:
-            the connection of an earlier deal with it, whose receipt went ahead on it."""
-            if ad.message.root in refused and dtype is None:
-                return None  # it signed KV already refuted: no second chance in a purchase
-            try:
-                check_layout(ad, dtype, layout)
-            except RemoteProtocolError as exc:
-                faults.append(Fault(ad.signer_id, exc.code, exc.detail))
-                return None
-            ad_layout = ad.message.layout
-            tokens = matched * ad_layout.block
-            bid = self.pricing.bid(params, ad_layout, tokens) if max_price is None else max_price
-            request = QuoteRequest(
-                fp=fp,
-                blocks=tuple(chain[:matched]),
-                transports=available_transports(),
-                max_price=bid,
-                ns=ns,
-                dtype=dtype,
-                seal=True if self.seal else None,
-            )
-            sock = known if known is not None else self._dealer(ad)
-            deal = Deal()
-            try:
-                if namespace is not None and namespace.secret is not None:
-                    await self._prove(sock, ad, namespace, left())
-                quote = await self._ask(sock, ad, request, Quote, left())
-                deal.advance(MessageType.QUOTE)
-                q = quote.message
-                assert isinstance(q, Quote)
-                check_quote(ad, q, matched, dtype, layout)
-                if q.root in refused:
-                    raise RemoteProtocolError(ErrorCode.KV_MISMATCH, "a refuted root")
-                if q.price > bid:
-                    deal.advance(MessageType.REJECT)
-                    reject = Reject(quote=q.quote, reason=int(ErrorCode.PRICE_TOO_HIGH))
-                    await sock.send(self.signer.seal(reject, now_ms=_now(), to=ad.signer_id))
-                    raise RemoteProtocolError(ErrorCode.PRICE_TOO_HIGH, f"{q.price} > {bid}")
-                kx = key = None
-                if q.kx is not None:  # the stream will be sealed: agree on its key now
-                    ephemeral = Ephemeral()
-                    kx = ephemeral.public
-                    key = channel_key(ephemeral.shared(q.kx), q.quote, q.kx, kx)
-            except RemoteProtocolError as exc:
-                if deal.step is not Step.FAILED:
-                    deal.advance(MessageType.ERROR)
-                faults.append(Fault(ad.signer_id, exc.code, exc.detail))
-                if known is None:  # an earlier deal's connection closes with that deal
-                    sock.close()
-                return None
-            except asyncio.CancelledError:  # another provider answered first
-                if known is None:
-                    sock.close()
-                raise
-            return Quoted(ad, quote, sock, deal, kx, key)
-
-        def refuted(quoted: Quoted) -> bool:
-            if quoted.quote.message.root not in refused:
-                return False
-            quoted.deal.advance(MessageType.ERROR)
-            faults.append(Fault(quoted.ad.signer_id, ErrorCode.KV_MISMATCH, "a refuted root"))
-            quoted.sock.close()
-            return True
-
-        async def accept(quoted: Quoted) -> None:
-            """ACCEPT a quote: from here the buyer owes on verified delivery."""
-            ad, quote, sock, deal, kx, _ = quoted
-            q = quote.message
-            assert isinstance(q, Quote)
-            frame = self.signer.seal(
-                Accept(quote=q.quote, price=q.price, root=q.root, kx=kx),
-                now_ms=_now(),
-                to=ad.signer_id,
-            )
-            await sock.send(frame)
-            deal.advance(MessageType.ACCEPT)
-            self.ledger.record_accept(quote, open_envelope(frame), _now(), limit=0)
-            deals[q.quote] = (quote, sock, deal)
-            claims[ad.signer_id] = ad
-
-        def source(quoted: Quoted, accepting: bool) -> Source:
-            ad, quote, sock, deal, _, key = quoted
-            q = quote.message
-            assert isinstance(q, Quote)
-
-            async def renew() -> Source | None:
-                """A quote for another deal with this provider, for more of the payload
-                (§9.7), on the same connection, so that the receipt for the last deal
-                reaches it first; it is accepted only once there is a range for it."""
-                again = await quote_from(ad, sock)
-                return None if again is None else source(again, accepting=True)
-
-            async def accept_it() -> None:
-                await accept(quoted)
-
-            return Source(
-                ad.signer_id,
-                q.transport,
-                q.data,
-                Expected.from_quote(q),
-                self._transfer(q, ad.signer_id, deal),
-                self._payer(q, ad.signer_id, paid),
-                key=key,
-                deal=q.quote,
-                renew=renew,
-                accept=accept_it if accepting else None,
-            )
-
-        async def take(quoted: Quoted) -> Source:
-            await accept(quoted)
-            return source(quoted, accepting=False)
-
-        async def sources() -> AsyncIterator[Source]:
-            """Sellers in turn, each found by hedged quotes: the best provider is asked
-            first, and while no answer has come, one more every HEDGE_S (at most HEDGE_MAX
-            at once); the first quote we could take is taken."""
-            asking: set[asyncio.Task[Quoted | None]] = set()
-            ready: list[Quoted] = []  # quotes that came while another was being used
-            listed = providers()
-            more = True
-            try:
-                while True:
-                    # A quote that waited while another was used may be of a root the
-                    # buyer's check has refuted since: no second chance for that root.
-                    ready = [quoted for quoted in ready if not refuted(quoted)]
-                    negotiating = time.monotonic()
-                    while not ready and left() and (asking or more):
-                        if more and len(asking) < HEDGE_MAX:
-                            ad = await anext(listed, None)
-                            if ad is None:
-                                more = False
-                            else:
-                                asking.add(asyncio.ensure_future(quote_from(ad)))
-                        if not asking:
-                            continue
-                        wait = min(HEDGE_S, left()) if more and len(asking) < HEDGE_MAX else left()
-                        done, asking = await asyncio.wait(
-                            asking, timeout=wait, return_when=asyncio.FIRST_COMPLETED
-                        )
-                        ready += [quoted for task in done if (quoted := task.result())]
-                    timings["negotiation"] += time.monotonic() - negotiating
-                    if not ready:
-                        return  # every provider failed, or none answered in time
-                    yield await take(ready.pop(0))
-                    deadline[0] = time.monotonic() + timeout  # a new wait for a seller
-            finally:
-                for task in asking:
-                    task.cancel()
-                await asyncio.gather(*asking, return_exceptions=True)
-                for quoted in ready:
-                    quoted.sock.close()
-                await listed.aclose()
-
+            raise Miss(nothing.reason)
         allocated: list[torch.Tensor | None] = [None]
 
         def allocate(expected: Expected) -> torch.Tensor | Destination:
@@ -583,14 +413,7 @@ class PeerClient:
             allocated[:] = [torch.empty(expected.deliver, dtype=torch.uint8, device=device)]
             return allocated[0]
 
-        async def settle(streamed: Streamed) -> None:
-            await self._settle(streamed, deals[streamed.source.deal], paid)
-
-        offers = Offers(sources())
-        timings["check"] = 0.0
-        # Providers streamed from at once (§9.7): those in good standing, up to the cap; one
-        # that failed this node before is tried only when nobody else is left.
-        width = min(MAX_STRIPES, max(1, sum(ad.signer_id not in failed for ad in ads)))
+        offers = Offers(driver.sources())
         try:
             streaming = time.monotonic()
             while True:
@@ -600,15 +423,14 @@ class PeerClient:
                     offers,
                     allocate,
                     timeout_s=timeout,
-                    faults=faults,
-                    width=width,
-                    settle=settle if check is None else None,
+                    faults=purchase.faults,
+                    width=purchase.width,
+                    settle=driver.settle if check is None else None,
                 )
                 # The provider that carried most stands for the purchase in what it reports.
                 main = max(fetched.streams, key=lambda s: s.carried).source
                 seller = main.provider
-                q = deals[main.deal][0].message
-                assert isinstance(q, Quote)
+                q = purchase.deals[main.deal].terms
                 if check is None:
                     break
                 checking = time.monotonic()
@@ -616,46 +438,39 @@ class PeerClient:
                 timings["check"] += time.monotonic() - checking
                 if refusal is None:
                     break
-                refused.add(q.root)
-                evidence = _evidence(claims[seller], q, fetched, refusal)
+                evidence = _evidence(purchase.claims[seller], q, fetched, refusal)
                 fetched.destination.scrub(0)  # none of it may be read by anyone now
                 # Every provider of this root signed it: each is a liar, none is paid more.
-                for provider in fetched.providers:
-                    faults.append(Fault(provider, ErrorCode.KV_MISMATCH, str(refusal)))
+                purchase.refute(q.root, fetched.providers, str(refusal))
                 await self._tell("refused", seller=seller, check=refusal.check, detail=str(refusal))
                 if evidence is not None:
                     await self._tell("accuse", evidence=evidence.encode())
+            timings["negotiation"] = driver.negotiating
             timings["transfer"] = (
-                time.monotonic() - streaming - timings["negotiation"] - timings["check"]
+                time.monotonic() - streaming - driver.negotiating - timings["check"]
             )
             receipting = time.monotonic()
             # Each stream that ended is paid for what it carried, at its own quote's price;
             # one that broke, by the window receipts it got (§9.4, §9.7).
             for streamed in fetched.streams:
-                if streamed.ended and deals[streamed.source.deal][2].step is Step.STREAMING:
-                    await self._settle(streamed, deals[streamed.source.deal], paid)
+                if streamed.ended:
+                    await driver.settle(streamed)
             timings["receipt"] = time.monotonic() - receipting
         except FetchMiss as miss:
-            await self._report(miss.faults[reported[0] :])
+            await driver.report()
             await self._tell("missed", reason="every provider failed")
             raise Miss("every provider failed", miss.faults) from None
         finally:
             await offers.aclose()  # the providers not reached: no deal is opened with them
-            for _, sock, deal in deals.values():
-                if deal.step in (Step.ACCEPTED, Step.STREAMING):  # it failed mid-way
-                    deal.advance(MessageType.ERROR)
-                sock.close(linger=2000)  # the receipt must leave before the socket goes
-            for frame in paid.values():  # what we owe those that streamed part of it
-                with contextlib.suppress(RemoteProtocolError):
-                    self.ledger.record_receipt(open_envelope(frame), _now())
-        await self._report(fetched.faults[reported[0] :])
+            await driver.close()
+        await driver.report()
         bought = Bought(
             tensor=allocated[0],
             layout=q.layout,
             blocks=q.blocks,
             tokens=q.blocks * q.layout.block,
             bytes=q.deliver,
-            price=sum(open_envelope(frame).message.price for frame in paid.values()),
+            price=sum(open_envelope(frame).message.price for frame in purchase.paid.values()),
             saved_flops=prefill_flops(params, q.layout, q.blocks * q.layout.block),
             seller=seller,
             faults=fetched.faults,
@@ -700,7 +515,8 @@ class PeerClient:
             data=tuple(DataAddress(**d) for d in info["data"]),
             inc=info["incarnation"],
         )
-        peers = (await self._ask(sock, seller, hello, Peers, timeout)).message
+        frame = self.signer.seal(hello, now_ms=_now(), to=seller.signer_id)
+        peers = (await self._ask(sock, seller, frame, Peers, timeout)).message
         assert isinstance(peers, Peers)
         if peers.challenge is None:
             raise RemoteProtocolError(ErrorCode.NOT_A_MEMBER, "the seller gave no challenge")
@@ -710,57 +526,6 @@ class PeerClient:
             challenge=peers.challenge, proofs=(NamespaceProof(ns=namespace.id, mac=mac),)
         )
         await sock.send(self.signer.seal(proof, now_ms=_now(), to=seller.signer_id))
-
-    async def _settle(
-        self,
-        streamed: Streamed,
-        deal: tuple[Statement, zmq.asyncio.Socket, Deal],
-        paid: dict[bytes, bytes],
-    ) -> None:
-        """The final RECEIPT of a stream that ended, on the control channel (§10.6)."""
-        quote, sock, steps = deal
-        q = quote.message
-        assert isinstance(q, Quote)
-        pay = self._payer(q, streamed.source.provider, paid)
-        await sock.send(pay(streamed.carried))
-        steps.advance(MessageType.RECEIPT)
-
-    def _payer(self, quote: Quote, seller: bytes, paid: dict[bytes, bytes]):
-        """Seals the receipts that pay a seller: each window (§9.4), and at the end what
-        its stream carried; `paid` keeps the last one of each deal."""
-        expected = Expected.from_quote(quote)
-
-        def pay(size: int) -> bytes:
-            frame = self.signer.seal(
-                Receipt(
-                    quote=quote.quote,
-                    seller=seller,
-                    root=quote.root,
-                    bytes=size,
-                    price=expected.paid_price(size),
-                ),
-                now_ms=_now(),
-                to=seller,
-            )
-            paid[quote.quote] = frame
-            return frame
-
-        return pay
-
-    def _transfer(self, quote: Quote, seller: bytes, deal: Deal):
-        """Seals the TRANSFER that opens the deal's stream of chunks first … last, and
-        those that ask it to end sooner (§9.7)."""
-
-        def make(first: int, last: int | None) -> bytes:
-            if deal.step is Step.ACCEPTED:  # asking a stream to end sooner is the same step
-                deal.advance(MessageType.TRANSFER)
-            return self.signer.seal(
-                Transfer(quote=quote.quote, token=quote.token, first=first, last=last),
-                now_ms=_now(),
-                to=seller,
-            )
-
-        return make
 
     async def _report(self, faults: tuple[Fault, ...] | list[Fault]) -> None:
         """Tell our node what each provider did wrong, so that it scores them."""
@@ -775,15 +540,132 @@ class PeerClient:
             await self._admin(op, **args)
 
 
-class Quoted(NamedTuple):
-    """A quote a provider gave that the buyer could take, with its connection."""
+class _Driver:
+    """Drives one Purchase over ZeroMQ: a connection to each provider asked, its asks
+    and the node's lookups as tasks whose results go back in, with the time."""
 
-    ad: Statement
-    quote: Statement
-    sock: zmq.asyncio.Socket
-    deal: Deal
-    kx: bytes | None  # our half of the channel key, to go in the ACCEPT (§9.6)
-    key: bytes | None  # the deal's channel key, when the seller seals the stream
+    def __init__(self, client: PeerClient, purchase: Purchase, namespace: Namespace | None):
+        self.client, self.purchase, self.namespace = client, purchase, namespace
+        self.socks: dict[bytes, zmq.asyncio.Socket] = {}
+        self.tasks: set[asyncio.Task[Callable[[float], list[Action]]]] = set()
+        self.negotiating = 0.0  # seconds the stream layer waited for a provider
+
+    async def perform(self, actions: list[Action]) -> Ready | Renewed | Exhausted | None:
+        """Carry out what the purchase asked for; returns its outcome, if it gave one."""
+        outcome = None
+        for action in actions:
+            match action:
+                case Ask():
+                    self.tasks.add(asyncio.ensure_future(self._ask(action)))
+                case Send():
+                    await self.socks[action.provider].send(action.frame)
+                case Close():
+                    if (sock := self.socks.pop(action.provider, None)) is not None:
+                        sock.close()
+                case Lookup():
+                    self.tasks.add(asyncio.ensure_future(self._relist()))
+                case Report():
+                    await self.client._report(action.faults)
+                case Ready() | Renewed() | Exhausted():
+                    outcome = action
+        return outcome
+
+    async def sources(self) -> AsyncIterator[Source]:
+        """The providers the stream layer asks for, each found by hedged quotes."""
+        purchase = self.purchase
+        while True:
+            started = time.monotonic()
+            outcome = await self.perform(purchase.wanted(time.time()))
+            while outcome is None:
+                assert self.tasks, "a purchase waits on nothing"
+                done, self.tasks = await asyncio.wait(
+                    self.tasks,
+                    timeout=purchase.wait(time.time()),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                now = time.time()
+                actions = [a for task in done for a in task.result()(now)]
+                outcome = await self.perform(actions + purchase.tick(now))
+            self.negotiating += time.monotonic() - started
+            if isinstance(outcome, Exhausted):
+                return
+            await self.accept(outcome.quoted)
+            yield self.source(outcome.quoted, accepting=False)
+
+    def source(self, quoted: Quoted, accepting: bool) -> Source:
+        """What the stream layer needs of a deal; `accepting`: a renewal, accepted only
+        once it gets a range to stream (§9.7)."""
+        q, purchase = quoted.terms, self.purchase
+        return Source(
+            quoted.provider,
+            q.transport,
+            q.data,
+            Expected.from_quote(q),
+            lambda first, last: purchase.transfer(q.quote, first, last, time.time()),
+            lambda size: purchase.receipt(q.quote, size, time.time()),
+            key=quoted.key,
+            deal=q.quote,
+            renew=functools.partial(self.renew, quoted.provider),
+            accept=functools.partial(self.accept, quoted) if accepting else None,
+        )
+
+    async def accept(self, quoted: Quoted) -> None:
+        frame = self.purchase.accept(quoted, time.time())
+        await self.socks[quoted.provider].send(frame)
+        self.client.ledger.record_accept(quoted.quote, open_envelope(frame), _now(), limit=0)
+
+    async def renew(self, provider: bytes) -> Source | None:
+        """Another deal with a provider whose stream ended, asked on the same connection,
+        so that the receipt for the last deal reaches it first."""
+        ask = self.purchase.renew(provider, time.time())
+        if ask is None:
+            return None
+        answer = await self._ask(ask)
+        outcome = await self.perform(answer(time.time()))
+        return self.source(outcome.quoted, accepting=True) if isinstance(outcome, Renewed) else None
+
+    async def settle(self, streamed: Streamed) -> None:
+        """The final RECEIPT of a stream that ended (§10.6)."""
+        send = self.purchase.settle(streamed.source.deal, streamed.carried, time.time())
+        if send is not None:
+            await self.perform([send])
+
+    async def lookup(self) -> tuple[int, list[Statement], set[bytes]]:
+        want = self.purchase.want
+        return await self.client._lookup(want.fp, list(want.chain), ns=want.ns, limit=MAX_PROVIDERS)
+
+    async def report(self) -> None:
+        if (report := self.purchase.unreported()) is not None:
+            await self.client._report(report.faults)
+
+    async def close(self) -> None:
+        """Nothing is asked any more; every deal is booked, and its connection closes once
+        its last receipt has left."""
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        receipts = self.purchase.close()
+        for sock in self.socks.values():
+            sock.close(linger=2000)
+        for frame in receipts:  # what we owe those that streamed part of it
+            with contextlib.suppress(RemoteProtocolError):
+                self.client.ledger.record_receipt(open_envelope(frame), _now())
+
+    async def _relist(self) -> Callable[[float], list[Action]]:
+        return functools.partial(self.purchase.listed, *await self.lookup())
+
+    async def _ask(self, ask: Ask) -> Callable[[float], list[Action]]:
+        """One provider's answer to an Ask, to be fed back with the time it is read."""
+        sock = self.socks.get(ask.provider)
+        if sock is None:
+            sock = self.socks[ask.provider] = self.client._dealer(ask.ad)
+        try:
+            if self.namespace is not None and self.namespace.secret is not None:
+                await self.client._prove(sock, ask.ad, self.namespace, ask.timeout_s)
+            quote = await self.client._ask(sock, ask.ad, ask.frame, Quote, ask.timeout_s)
+        except RemoteProtocolError as exc:
+            return functools.partial(self.purchase.failed, ask.provider, exc.code, exc.detail)
+        return functools.partial(self.purchase.answered, ask.provider, quote)
 
 
 def _evidence(

@@ -11,6 +11,7 @@ same run, event for event.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import heapq
 import itertools
 import random
@@ -23,19 +24,28 @@ from kvx.protocol import (
     Advertise,
     DataAddress,
     DigestEntry,
+    ErrorCode,
     KVLayout,
     MessageType,
     PeerEntry,
-    node_id,
+    Quote,
 )
-from kvx.trust import Event, Identity, Ledger, PeerScores, Statement, curve_public_key
+from kvx.trust import (
+    Event,
+    Identity,
+    Ledger,
+    PeerScores,
+    Statement,
+    curve_public_key,
+    open_envelope,
+)
 
-from ._buying import Walk
+from ._buying import blame
 from ._clock import Clock
 from ._config import NodeConfig
 from ._core import Disconnect, NodeCore, Reply, Send
 from ._gossip import RECENT_MAX
-from ._index import Advert
+from ._purchase import Action, Ask, Exhausted, Lookup, Purchase, Ready, Report, Want
 from ._store import Entry, LocalStore
 
 
@@ -370,21 +380,77 @@ class Simulation:
         return st.signer, st.header.seq
 
     def purchase(self, i: int, fp: bytes, chain: tuple[bytes, ...]) -> int:
-        """Node `i` buys `chain` as a PeerClient does: it looks it up at its own node,
-        tries the providers in the order given, then those a new lookup lists, until one
-        delivers (p2p/_buying.py's Walk), and its node scores each (a failure
-        UNSERVABLE_AD, a delivery GOOD_DELIVERY). No KV moves here: a hostile provider's
-        delivery fails (it holds nothing), an honest one's verifies. Returns the
-        attempts it took, or 0 when no provider could deliver."""
-        core = self.cores[i]
-        walk: Walk[Advert] = Walk(lambda advert: advert.signer)
-        attempts = 0
-        while batch := walk.take(core.lookup(fp, None, chain, 8, asker=core.id)[1]):
-            for advert in batch:
-                attempts += 1
-                liar = self.index[advert.signer] in self.hostile
-                event = Event.UNSERVABLE_AD if liar else Event.GOOD_DELIVERY
-                core.scores.record(node_id(advert.signer), event, self.clock.time())
-                if not liar:
-                    return attempts
+        """Node `i` buys `chain` through the Purchase a PeerClient drives (p2p/_purchase.py):
+        it looks the chain up at its own node, asks the providers listed, then those a
+        new lookup lists, until one quotes, and its node scores each provider by what the
+        purchase reports (a failure by its code, a quote taken GOOD_DELIVERY). No KV moves
+        and no time passes here: a hostile provider, which holds nothing, answers
+        NOT_FOUND; an honest one quotes what it advertised. Returns the providers asked,
+        or 0 when none could deliver."""
+        core, now = self.cores[i], self.clock.time()
+        want = Want(
+            fp=fp,
+            chain=chain,
+            ns=None,
+            dtype=None,
+            layout=None,
+            max_bytes=1 << 40,
+            bid=lambda layout, tokens: 1 << 62,
+            timeout_s=30.0,
+            transports=("tcp",),
+            seal=False,
+        )
+        buyer = Purchase(want, core.signer, now)
+
+        def lookup() -> list[Action]:
+            matched, adverts = core.lookup(fp, None, chain, 8, asker=core.id)
+            return buyer.listed(matched, [open_envelope(a.frame) for a in adverts], (), now)
+
+        def score(report: Report | None) -> None:
+            for fault in () if report is None else report.faults:
+                if (event := blame(fault.code)) is not None:
+                    core.scores.record(fault.provider, event, now)
+
+        actions, asked = [*lookup(), *buyer.wanted(now)], 0
+        while actions:
+            match actions.pop(0):
+                case Ask(provider=provider, ad=ad, frame=frame):
+                    asked += 1
+                    actions += self._quote(buyer, provider, ad, frame, now)
+                case Lookup():
+                    actions += lookup()
+                case Report() as report:
+                    score(report)
+                case Ready(quoted=quoted):
+                    score(buyer.unreported())
+                    core.scores.record(quoted.provider, Event.GOOD_DELIVERY, now)
+                    return asked
+                case Exhausted():
+                    score(buyer.unreported())
+                    return 0
         return 0
+
+    def _quote(
+        self, buyer: Purchase, provider: bytes, ad: Statement, request: bytes, now: float
+    ) -> list[Action]:
+        """A provider's answer to a QUOTE_REQUEST, fed to the buyer's purchase."""
+        seller = self.index[ad.signer]
+        if seller in self.hostile:
+            return buyer.failed(provider, ErrorCode.NOT_FOUND, "it holds nothing", now)
+        a = ad.message
+        assert isinstance(a, Advertise)
+        quote = Quote(
+            re=open_envelope(request).header.seq,
+            quote=hashlib.blake2b(request, digest_size=16).digest(),
+            blocks=buyer.matched,
+            stored=len(a.blocks),
+            layout=a.layout,
+            root=a.root,
+            chunk=a.chunk,
+            price=a.price,
+            transport=a.data[0].t,
+            data=a.data[0].addr,
+            token=bytes(32),
+        )
+        frame = self.cores[seller].signer.seal(quote, now_ms=int(now * 1000), to=provider)
+        return buyer.answered(provider, open_envelope(frame), now)

@@ -14,6 +14,7 @@ ROOT = Path(__file__).parent.parent
 CORE = [
     "p2p/_core.py",
     "p2p/_buying.py",
+    "p2p/_purchase.py",
     "p2p/_gossip.py",
     "p2p/_liveness.py",
     "p2p/_trading.py",
