@@ -19,7 +19,7 @@ from sellers import (
     transfer_maker,
 )
 
-from kvx.protocol import ErrorCode, RemoteProtocolError, chunk_hashes
+from kvx.protocol import ErrorCode, FrameTag, RemoteProtocolError, chunk_hashes
 from kvx.transport import (
     FetchMiss,
     StreamVerifier,
@@ -203,10 +203,20 @@ async def test_no_providers_is_a_miss():
 def test_verifier_refuses_frames_out_of_order():
     expected = expected_for(DATA)
     v = StreamVerifier(expected)
+    for early in (FrameTag.CHUNK, FrameTag.END):
+        with pytest.raises(RemoteProtocolError) as err:
+            v.frame(early)
+        assert err.value.code == ErrorCode.UNEXPECTED_MESSAGE
     with pytest.raises(RemoteProtocolError) as err:
         v.begin_chunk(0, CHUNK)
     assert err.value.code == ErrorCode.UNEXPECTED_MESSAGE
+    assert v.frame(FrameTag.CONTROL) == FrameTag.CONTROL  # a refusal may come at any time
+    assert v.frame(FrameTag.CHUNK_LIST) == FrameTag.CHUNK_LIST
     v.chunk_list(b"".join(chunk_hashes(DATA, CHUNK)))
+    with pytest.raises(RemoteProtocolError) as err:
+        v.frame(FrameTag.CHUNK_LIST)
+    assert err.value.code == ErrorCode.UNEXPECTED_MESSAGE
+    assert v.frame(FrameTag.CHUNK) == FrameTag.CHUNK
     with pytest.raises(RemoteProtocolError) as err:
         v.begin_chunk(1, CHUNK)  # chunk 0 is due
     assert err.value.code == ErrorCode.SIZE_MISMATCH

@@ -228,10 +228,8 @@ class TcpReceiver(Receiving):
         extra = SEAL_BYTES if sealed else 0
         _send_control(sock, self.opening)
         tag, length = _read_header(sock, sealed=sealed)
-        if tag == FrameTag.CONTROL:  # refused at admission, before any key is in use
+        if verifier.frame(tag) == FrameTag.CONTROL:  # refused at admission, before any key
             raise remote_error(_recv_bytes(sock, length))
-        if tag != FrameTag.CHUNK_LIST:
-            raise RemoteProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"{tag.name} before the list")
         listing = _recv_bytes(sock, length)
         verifier.chunk_list(listing if channel is None else channel.open(tag, listing))
 
@@ -247,15 +245,15 @@ class TcpReceiver(Receiving):
             try:
                 while True:
                     tag, length = _read_header(sock, sealed=sealed)
-                    if tag == FrameTag.END:
+                    if verifier.frame(tag) == FrameTag.END:
                         if channel is not None:
                             channel.open(tag, _recv_bytes(sock, length))
                         break
                     if tag == FrameTag.CONTROL:
                         body = _recv_bytes(sock, length)
                         raise remote_error(body if channel is None else channel.open(tag, body))
-                    if tag != FrameTag.CHUNK or length < CHUNK_INDEX.size + extra:
-                        raise RemoteProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"{tag.name} frame")
+                    if length < CHUNK_INDEX.size + extra:
+                        raise RemoteProtocolError(ErrorCode.SIZE_MISMATCH, f"{length}-byte chunk")
                     (index,) = CHUNK_INDEX.unpack(_recv_bytes(sock, CHUNK_INDEX.size))
                     verifier.begin_chunk(index, length - CHUNK_INDEX.size - extra)
                     landed = dest.segments(index)

@@ -94,10 +94,8 @@ async def _receive(
     sealed = channel is not None
     await _send(ep, FrameTag.CONTROL, transfer_frame)
     tag, length = await _read_header(ep, sealed)
-    if tag == FrameTag.CONTROL:  # refused at admission, before any key is in use
+    if verifier.frame(tag) == FrameTag.CONTROL:  # refused at admission, before any key
         raise remote_error(await _recv(ep, length))
-    if tag != FrameTag.CHUNK_LIST:
-        raise RemoteProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"{tag.name} before the list")
     verifier.chunk_list(await _recv_frame(ep, channel, tag, length))
 
     loop = asyncio.get_running_loop()
@@ -131,7 +129,9 @@ async def _receive(
                         ErrorCode.SIZE_MISMATCH, f"chunk {index} is longer than announced"
                     ) from None
                 tag, length = parse_frame_header(head.tobytes(), sealed)
-                if tag != FrameTag.CHUNK:
+                if verifier.frame(tag) == FrameTag.END:
+                    verifier.end()  # before every chunk came: STREAM_TRUNCATED
+                if tag != FrameTag.CHUNK:  # a refusal's body went to posted buffers
                     raise RemoteProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"{tag.name} frame")
                 (sent_index,) = CHUNK_INDEX.unpack(idx.tobytes())
                 verifier.begin_chunk(sent_index, length - CHUNK_INDEX.size - mac.size)
@@ -157,7 +157,7 @@ async def _receive(
         if pending is not None:
             await pending
     tag, length = await _read_header(ep, sealed)
-    if tag != FrameTag.END:
+    if verifier.frame(tag) != FrameTag.END:
         raise RemoteProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"{tag.name} instead of END")
     await _recv_frame(ep, channel, tag, length)
     verifier.end()

@@ -12,6 +12,7 @@ import blake3
 
 from kvx.protocol import (
     ErrorCode,
+    FrameTag,
     Quote,
     RemoteProtocolError,
     chunk_count,
@@ -131,6 +132,15 @@ class StreamVerifier:
     @property
     def complete(self) -> bool:
         return self.verified == self.stop
+
+    def frame(self, tag: FrameTag) -> FrameTag:
+        """Admit the tag of the seller's next frame (§9.2): its refusal (CONTROL) at any
+        time, the chunk list first, then chunks, then END."""
+        due = (FrameTag.CHUNK_LIST,) if self._hashes is None else (FrameTag.CHUNK, FrameTag.END)
+        if tag != FrameTag.CONTROL and tag not in due:
+            expected = " or ".join(t.name for t in due)
+            raise _fail(ErrorCode.UNEXPECTED_MESSAGE, f"{tag.name} where {expected} was due")
+        return tag
 
     def chunk_list(self, payload: bytes) -> None:
         """Check the seller's chunk list against the signed root before any chunk is read."""
