@@ -54,7 +54,7 @@ from ._fraud import Fraud, Judge
 from ._gossip import RECENT_MAX, SEND_BURST, SEND_RATE_PER_S, Gossip
 from ._index import AdId, AdIndex
 from ._liveness import Liveness
-from ._market import Market
+from ._market import Authorize, Market
 from ._metrics import Metrics
 from ._peers import PeerTable
 from ._pricing import PricePolicy
@@ -98,7 +98,7 @@ class Disconnect:
     key: bytes
 
 
-Output = Send | Reply | Disconnect | Judge
+Output = Send | Reply | Disconnect | Judge | Authorize
 
 
 class NodeCore(Liveness, Gossip, Trading, Fraud):

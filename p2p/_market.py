@@ -32,7 +32,7 @@ from kvx.trust import Ledger, Memberships, Policy, Receipted, Signer, Statement,
 from ._clock import Clock
 from ._negotiation import Phase, advance
 from ._pricing import PricePolicy
-from ._store import Entry, LocalStore
+from ._store import Entry, LocalStore, Payload
 
 CONVERTIBLE = ("float32", "float16", "bfloat16")
 QUOTE_TTL_MS = 30_000
@@ -49,6 +49,21 @@ def convert(data: bytes, src: str, dst: str) -> bytes:
 
     tensor = torch.frombuffer(bytearray(data), dtype=getattr(torch, src))
     return tensor.to(getattr(torch, dst)).view(torch.uint8).numpy().tobytes()
+
+
+@dataclass(frozen=True)
+class Authorize:
+    """A deal is recorded: load its payload (read it, check it against its root, convert
+    its dtype) off the event loop with Market.load, then open its stream with
+    NodeCore.loaded — or NodeCore.unservable if the payload failed. A payload of GiBs
+    takes a second to read and hash; on the loop, that second is every peer's."""
+
+    quote: Quote
+    buyer: bytes  # its Ed25519 public key: only it may open the stream
+    entry: Entry
+    layout: KVLayout  # as delivered
+    expires_ms: int  # the stream's token lapses then
+    key: bytes | None  # the deal's channel key, when the stream is sealed (§9.6)
 
 
 @dataclass
@@ -175,19 +190,24 @@ class Market:
         self.sessions.expect(quote.token)
         return frame
 
-    def _converted(self, entry: Entry, layout: KVLayout) -> tuple[bytes, bytes, list[bytes]]:
+    def _converted(
+        self, entry: Entry, layout: KVLayout, payload: Payload | None = None
+    ) -> tuple[bytes, bytes, list[bytes]]:
         """(data, root, hashes) of a stored payload in another dtype.
 
         The QUOTE needs the root and its ACCEPT the data: one slot keeps the latest
-        conversion so the pair converts and hashes once, and memory holds one payload at most.
+        conversion so the pair converts and hashes once, and memory holds one payload at
+        most. The slot is replaced whole, so a load off the loop reads it safely.
         """
         key = (entry.root, layout.dtype)
-        if self._conversion is None or self._conversion[0] != key:
-            data = convert(self.store.get(entry.root).data, entry.layout.dtype, layout.dtype)
+        slot = self._conversion
+        if slot is None or slot[0] != key:
+            source = self.store.get(entry.root) if payload is None else payload
+            data = convert(source.data, entry.layout.dtype, layout.dtype)
             hashes = chunk_hashes(data, entry.chunk)
             root = content_root(len(data), entry.chunk, hashes)
-            self._conversion = (key, (data, root, hashes))
-        return self._conversion[1]
+            slot = self._conversion = (key, (data, root, hashes))
+        return slot[1]
 
     def _step(self, st: Statement, quote_id: bytes, now_ms: int) -> tuple[_Pending, Phase]:
         """The quote a buyer's ACCEPT or REJECT names, and the phase it would move to."""
@@ -200,8 +220,9 @@ class Market:
         assert pending is not None  # advance refuses a quote that is not held
         return pending, after
 
-    def accept(self, st: Statement, now_ms: int, network: str = "") -> None:
-        """Record the deal atomically with the credit checks, then open the stream to it."""
+    def accept(self, st: Statement, now_ms: int, network: str = "") -> Authorize:
+        """Record the deal atomically with the credit checks; its stream opens once its
+        payload is loaded (Authorize)."""
         accept = st.message
         assert isinstance(accept, Accept)
         pending, accepted = self._step(st, accept.quote, now_ms)
@@ -223,23 +244,49 @@ class Market:
         )
         pending.phase = accepted  # kept until its exp, to answer what comes after it
         pending.ephemeral = None  # the key is derived: the secret half is needed no more
-        if pending.layout == pending.entry.layout:
-            payload = self.store.get(pending.entry.root)  # verified as it is read
-            data, hashes = payload.data, list(payload.hashes)
-        else:
-            data, _, hashes = self._converted(pending.entry, pending.layout)
+        return Authorize(
+            quote, st.signer, pending.entry, pending.layout, pending.quote.header.exp + 60_000, key
+        )
+
+    def load(self, deal: Authorize) -> tuple[Payload | None, bytes, list[bytes]]:
+        """(the stored payload if it was read, bytes to serve, their chunk list) of a deal,
+        or IntegrityError. It reads no index and changes nothing but the conversion slot
+        (replaced whole), so it runs off the loop. Deals of one payload share its bytes
+        while one of them waits for its stream: not a copy each."""
+        live = self.sessions.serving(deal.quote.root)
+        if live is not None:
+            return None, live.payload, list(live.hashes)
+        payload = self.store.read(deal.entry)
+        if deal.layout == deal.entry.layout:
+            return payload, payload.data, list(payload.hashes)
+        data, _, hashes = self._converted(deal.entry, deal.layout, payload)
+        return payload, data, hashes
+
+    def serve(
+        self, deal: Authorize, payload: Payload | None, data: bytes, hashes: list[bytes]
+    ) -> None:
+        """Open the stream to a deal whose payload loaded (then note the read, which may
+        fail with the disk: the stream is served all the same)."""
         self.sessions.authorize(
             Offer.build(
-                quote=quote.quote,
-                token=quote.token,
-                buyer=st.signer,
+                quote=deal.quote.quote,
+                token=deal.quote.token,
+                buyer=deal.buyer,
                 payload=data,
                 hashes=hashes,
-                expected=Expected.from_quote(quote),
-                expires_ms=pending.quote.header.exp + 60_000,
-                key=key,
+                expected=Expected.from_quote(deal.quote),
+                expires_ms=deal.expires_ms,
+                key=deal.key,
             )
         )
+        self.store.used(deal.entry, payload)
+
+    def unservable(self, deal: Authorize, now_ms: int, why: str) -> None:
+        """A deal whose payload failed its root: its stream is refused at once (BAD_TOKEN,
+        not after the wait for a late ACCEPT), and the deal is over undelivered."""
+        self.sessions.forget(deal.quote.token)
+        self.store.drop(deal.entry.root)
+        self.ledger.record_expiry(deal.quote.quote, now_ms, why, 0)
 
     def reject(self, st: Statement, now_ms: int) -> bytes | None:
         """A counter-offer at or above our floor gets a new QUOTE; anything else ends it."""

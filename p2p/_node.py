@@ -26,6 +26,7 @@ from kvx.protocol import (
     ConfigError,
     DataAddress,
     ErrorCode,
+    IntegrityError,
     RemoteProtocolError,
     node_id,
 )
@@ -52,6 +53,7 @@ from ._core import Disconnect, NodeCore, Reply, Send
 from ._datadir import DataDirLock
 from ._dials import Dials
 from ._fraud import Judge
+from ._market import Authorize
 from ._pricing import PricePolicy
 from ._rates import RateLimits
 from ._reach import advertised, check_reach
@@ -292,6 +294,20 @@ class Node:
                 self._drop_dealer(out.key)
             elif isinstance(out, Judge):
                 self._spawn(self._judge(out))
+            elif isinstance(out, Authorize):
+                self._spawn(self._authorize(out))
+
+    async def _authorize(self, deal: Authorize) -> None:
+        """Load a sold payload off the loop — read from disk, hashed against its root,
+        perhaps converted — then let its stream open; the buyer's TRANSFER waits for it
+        (§9.2)."""
+        try:
+            loaded = await asyncio.to_thread(self.core.market.load, deal)
+        except IntegrityError as exc:
+            self.core.unservable(deal, str(exc))
+        else:
+            self.core.loaded(deal, *loaded)
+        await self._flush()
 
     async def _judge(self, out: Judge) -> None:
         """Judge evidence with the weights, off the loop (a forward of the model)."""

@@ -96,7 +96,7 @@ class LocalStore:
         }
         # An index row whose file is gone cannot be served: forget it now.
         for root in [r for r in self._entries if not self._path(r).exists()]:
-            self._forget(root)
+            self.drop(root)
 
     @staticmethod
     def _entry(row: tuple) -> Entry:
@@ -153,7 +153,7 @@ class LocalStore:
         while self.disk_used() + entry.size > self.disk_bytes:
             victim = self._least_used()
             evicted.append(self._entries[victim])
-            self._forget(victim)
+            self.drop(victim)
         blob = self.cipher.seal(data) if self.cipher else data
         tmp = self._path(root).with_suffix(".tmp")
         with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
@@ -182,7 +182,8 @@ class LocalStore:
     def _least_used(self) -> bytes:
         return self._db.execute("SELECT root FROM entries ORDER BY used LIMIT 1").fetchone()[0]
 
-    def _forget(self, root: bytes) -> None:
+    def drop(self, root: bytes) -> None:
+        """Forget a payload (evicted, or failed its root): it is never served again."""
         self._memory.pop(root, None)
         self._entries.pop(root, None)
         self._db.execute("DELETE FROM entries WHERE root = ?", (root,))
@@ -200,47 +201,56 @@ class LocalStore:
         dropped = []
         for entry in self.entries():
             try:
-                self._load(entry)
+                self.read(entry)
             except IntegrityError:
+                self.drop(entry.root)
                 dropped.append(entry)
         return dropped
 
-    def _load(self, entry: Entry) -> Payload:
+    def read(self, entry: Entry) -> Payload:
+        """The payload of an entry, read and checked against its root, or IntegrityError.
+        Touches neither the index nor the memory tier's order, so that a driver may call
+        it off the event loop; `used` then records the read, or `drop` forgets a failure."""
+        payload = self._memory.get(entry.root)
+        if payload is not None:
+            return payload
         root = entry.root
         try:
             data = self._path(root).read_bytes()
             data = self.cipher.open(data) if self.cipher else data
         except (OSError, IntegrityError) as exc:
-            self._forget(root)
             raise IntegrityError(f"stored payload {root.hex()[:16]} is unreadable: {exc}") from None
         hashes = tuple(chunk_hashes(data, entry.chunk)) if len(data) == entry.size else ()
         if not hashes or content_root(len(data), entry.chunk, hashes) != root:
-            self._forget(root)
             raise IntegrityError(f"stored payload {root.hex()[:16]} failed its content root")
         return Payload(entry, data, hashes)
 
+    def used(self, entry: Entry, payload: Payload | None = None) -> None:
+        """An entry was sold: the last to be evicted; its payload, if it was read for it,
+        kept in memory if it fits."""
+        if payload is not None:
+            self._remember(payload)
+        # When it was read orders eviction, nothing more: not worth a flush to disk on
+        # every sale (the next durable write carries it).
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            self._db.execute(
+                "UPDATE entries SET used = ? WHERE root = ?", (time.time(), entry.root)
+            )
+        finally:
+            self._db.execute("PRAGMA synchronous=FULL")
+
     def get(self, root: bytes) -> Payload:
         """The payload with this root, verified; IntegrityError (and it is dropped) if corrupt."""
-        payload = self._memory.get(root)
-        if payload is None:
-            entry = self._entries.get(root)
-            if entry is None:
-                raise KeyError(root.hex())
-            try:
-                data = self._path(root).read_bytes()
-                data = self.cipher.open(data) if self.cipher else data
-            except (OSError, IntegrityError) as exc:
-                self._forget(root)
-                raise IntegrityError(
-                    f"stored payload {root.hex()[:16]} is unreadable: {exc}"
-                ) from None
-            hashes = tuple(chunk_hashes(data, entry.chunk)) if len(data) == entry.size else ()
-            if not hashes or content_root(len(data), entry.chunk, hashes) != root:
-                self._forget(root)
-                raise IntegrityError(f"stored payload {root.hex()[:16]} failed its content root")
-            payload = Payload(entry, data, hashes)
-        self._remember(payload)
-        self._db.execute("UPDATE entries SET used = ? WHERE root = ?", (time.time(), root))
+        entry = self._entries.get(root)
+        if entry is None:
+            raise KeyError(root.hex())
+        try:
+            payload = self.read(entry)
+        except IntegrityError:
+            self.drop(root)
+            raise
+        self.used(entry, payload)
         return payload
 
     def best_match(

@@ -9,6 +9,9 @@ uses.
 
 from __future__ import annotations
 
+import logging
+import sqlite3
+
 from kvx.protocol import (
     MAX_FRAME_BYTES,
     Lookup,
@@ -20,8 +23,10 @@ from kvx.protocol import (
 from kvx.trust import Statement
 
 from ._index import Advert
+from ._market import Authorize
 from ._peers import State
 from ._state import CoreState
+from ._store import Payload
 
 
 class Trading(CoreState):
@@ -98,7 +103,26 @@ class Trading(CoreState):
             self._reply_frame(routing, frame, MessageType.QUOTE)
 
     def _on_accept(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
-        self.market.accept(st, self.clock.now_ms(), self.source_network)
+        self._out.append(self.market.accept(st, self.clock.now_ms(), self.source_network))
+
+    def loaded(
+        self, deal: Authorize, payload: Payload | None, data: bytes, hashes: list[bytes]
+    ) -> None:
+        """The driver loaded a sold payload: its stream may open."""
+        try:
+            self.market.serve(deal, payload, data, hashes)
+        except sqlite3.Error as exc:
+            self._ledger_failed(exc)
+
+    def unservable(self, deal: Authorize, why: str) -> None:
+        """A sold payload failed its root when the driver loaded it: that deal is over
+        undelivered, and the payload is neither served nor advertised again."""
+        self.event("store_dropped", logging.WARNING, root=deal.entry.root.hex()[:16], reason=why)
+        try:
+            self.market.unservable(deal, self.clock.now_ms(), why)
+        except sqlite3.Error as exc:
+            self._ledger_failed(exc)
+        self.withdraw(deal.entry.root)
 
     def _on_reject(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
         frame = self.market.reject(st, self.clock.now_ms())

@@ -5,7 +5,7 @@ import blake3
 import pytest
 
 from kvx.p2p._clock import Clock
-from kvx.p2p._market import QUOTE_TTL_MS, Market
+from kvx.p2p._market import QUOTE_TTL_MS, Authorize, Market
 from kvx.p2p._pricing import PricePolicy
 from kvx.p2p._store import LocalStore
 from kvx.protocol import Accept, KVLayout, Quote, QuoteRequest
@@ -54,14 +54,22 @@ def books(tmp_path):
     store.close()
 
 
-def accepted(market: Market, clock: Frozen) -> Quote:
+def deal(market: Market, clock: Frozen) -> Authorize:
+    """A deal recorded: what the core asks its driver to load and serve."""
     buyer = Signer(BUYER)
     ask = QuoteRequest(fp=FP, blocks=CHAIN, transports=("tcp",), max_price=10**12)
     request = open_envelope(buyer.seal(ask, now_ms=clock.ms, to=SELLER.node_id))
     q = open_envelope(market.quote_request(request, clock.ms)).message
     accept = Accept(quote=q.quote, price=q.price, root=q.root)
-    market.accept(open_envelope(buyer.seal(accept, now_ms=clock.ms, to=SELLER.node_id)), clock.ms)
-    return q
+    return market.accept(
+        open_envelope(buyer.seal(accept, now_ms=clock.ms, to=SELLER.node_id)), clock.ms
+    )
+
+
+def accepted(market: Market, clock: Frozen) -> Quote:
+    made = deal(market, clock)
+    market.serve(made, *market.load(made))  # what the node does off its loop
+    return made.quote
 
 
 def test_a_deal_no_stream_opened_expires_with_its_token(books):
@@ -88,3 +96,16 @@ def test_a_seller_that_restarts_ends_the_deals_it_left_open(books):
     assert [e.ended for e in ledger.audit()] == ["the seller restarted"]
     # What it may have streamed unpaid still counts against the buyer for the hour.
     assert ledger.unpaid_bytes(0, buyer=BUYER.node_id) == q.deliver
+
+
+def test_deals_of_one_payload_share_its_bytes_while_they_wait_for_their_streams(books):
+    """A seller holds one copy of a payload however many buyers accepted it at once: the
+    second deal's load reads nothing from disk."""
+    make, _, clock = books
+    market = make()
+    deals = [deal(market, clock) for _ in range(2)]
+    first = market.load(deals[0])
+    market.serve(deals[0], *first)
+    payload, data, hashes = market.load(deals[1])
+    assert payload is None  # nothing was read for it
+    assert data.obj is first[1] and hashes == first[2]

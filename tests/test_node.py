@@ -1,10 +1,13 @@
 """Node daemons as real processes on loopback: membership, gossip, death, rejoin, restart."""
 
+import time
+
 import blake3
 import pytest
 from swarm import NodeProcess, eventually
 
-from kvx.protocol import KVLayout
+from kvx.protocol import ErrorCode, FrameTag, KVLayout
+from kvx.trust import Ledger
 
 LAYOUT = KVLayout(dtype="float16", layers=2, kv_heads=2, head_dim=8, block=16)
 FP = b"\x0f" * 32
@@ -116,6 +119,43 @@ def test_a_corrupted_stored_payload_is_not_advertised_after_restart(tmp_path):
     assert roots(node) == {good}
     assert "store_dropped" in (node.dir / "node.log").read_text()
     node.stop()
+
+
+def test_a_sold_payload_that_fails_its_root_on_disk_ends_its_deal_and_its_ad(tmp_path):
+    """The payload is read for a sale off the event loop; one that fails its root there is
+    not streamed: the buyer's TRANSFER is refused at once, the deal ends undelivered, and
+    the payload is dropped and its advertisement withdrawn."""
+    from rawbuy import RawBuyer, error_of, read_frame
+
+    node = NodeProcess(tmp_path / "seller", memory_bytes=1).start()  # nothing kept in memory
+    node.wait_ready()
+    d = doc("rotting")
+    root = node.call("publish", **d)["root"]
+    path = node.dir / "store" / f"{root.hex()}.kv"
+    data = bytearray(path.read_bytes())
+    data[100] ^= 1
+    path.write_bytes(bytes(data))
+    buyer = RawBuyer(node)
+    try:
+        q = buyer.quote(FP, d["blocks"])
+        buyer.accept(q)
+        stream = buyer.open(q)
+        started = time.monotonic()
+        tag, body = read_frame(stream)
+        assert tag == FrameTag.CONTROL and error_of(body).code == ErrorCode.BAD_TOKEN
+        assert time.monotonic() - started < 4.0  # not the wait for a late ACCEPT (5 s)
+        stream.close()
+        eventually(lambda: root not in roots(node))
+        assert not path.exists()
+        (dropped,) = node.events("store_dropped")
+        assert "content root" in dropped["reason"]
+        ledger = Ledger(node.dir / "ledger.db", bytes.fromhex(node.info["node_id"]))
+        (deal,) = ledger.audit()
+        ledger.close()
+        assert "content root" in deal.ended and not deal.receipted
+    finally:
+        buyer.close()
+        node.stop()
 
 
 def test_metrics_endpoint_and_cli_tables_of_a_running_node(tmp_path):

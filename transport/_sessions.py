@@ -100,6 +100,12 @@ class Sessions:
             )
         return offer
 
+    def serving(self, root: bytes) -> Offer | None:
+        """An accepted offer of the payload with this root, if one waits for its stream:
+        deals of one payload share its bytes, not one copy each."""
+        with self._changed:
+            return next((o for o in self._offers.values() if o.expected.root == root), None)
+
     def expired(self, now_ms: int) -> list[Offer]:
         """Remove and return the accepted offers whose token's life passed unclaimed."""
         with self._changed:
