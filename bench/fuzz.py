@@ -20,8 +20,8 @@ from pathlib import Path
 import zmq
 
 from kvx.conformance.fuzz import frames
-from kvx.p2p import NodeProcess
 from kvx.protocol import Hello
+from kvx.testing import NodeProcess
 from kvx.trust import Identity, Signer, make_curve_client
 
 LENIENT = "\n[scores]\nthreshold = -1e18\n"

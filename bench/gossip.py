@@ -24,8 +24,8 @@ from pathlib import Path
 
 import blake3
 
-from kvx.p2p import NodeProcess, wait_for
 from kvx.protocol import KVLayout
+from kvx.testing import NodeProcess, wait_for
 
 LAYOUT = KVLayout(dtype="float16", layers=1, kv_heads=1, head_dim=8, block=16)
 FANOUT = 3

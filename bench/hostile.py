@@ -52,7 +52,7 @@ import torch
 import zmq
 
 from kvx.conformance.fuzz import signed_with
-from kvx.p2p import Miss, NodeProcess, PeerClient, wait_for
+from kvx.p2p import Miss, PeerClient
 from kvx.protocol import (
     Accept,
     Advertise,
@@ -74,6 +74,7 @@ from kvx.protocol import (
     Withdraw,
     frame_header,
 )
+from kvx.testing import NodeProcess, wait_for
 from kvx.transport import Destination, Expected, StreamVerifier, TcpReceiver
 from kvx.trust import Identity, Signer, make_curve_client, open_envelope, seal
 

@@ -23,8 +23,9 @@ from pathlib import Path
 
 import blake3
 
-from kvx.p2p import Miss, NodeProcess, PeerClient, wait_for
+from kvx.p2p import Miss, PeerClient
 from kvx.protocol import KVLayout, KvxError
+from kvx.testing import NodeProcess, wait_for
 
 LAYOUT = KVLayout(dtype="float16", layers=2, kv_heads=2, head_dim=8, block=16)  # 2 KiB/block
 FP = b"\x0f" * 32

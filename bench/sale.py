@@ -29,7 +29,6 @@ from pathlib import Path
 
 import zmq
 
-from kvx.p2p import NodeProcess
 from kvx.protocol import (
     Accept,
     FrameTag,
@@ -41,6 +40,7 @@ from kvx.protocol import (
     frame_header,
     parse_frame_header,
 )
+from kvx.testing import NodeProcess
 from kvx.trust import Identity, Signer, make_curve_client, open_envelope
 
 LAYOUT = KVLayout(dtype="float32", layers=30, kv_heads=3, head_dim=64, block=256)

@@ -32,7 +32,8 @@ import torch
 
 from kvx.demo import Swarm, document_ids, raw_socket_seconds
 from kvx.integrations import hf
-from kvx.p2p import PeerClient, wait_for
+from kvx.p2p import PeerClient
+from kvx.testing import wait_for
 
 CONTINUATION = 16
 SHAPES = {

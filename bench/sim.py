@@ -34,10 +34,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from kvx.p2p import NodeConfig, State
+from kvx.p2p import NodeConfig
 from kvx.p2p._buying import MAX_PROVIDERS
-from kvx.p2p._sim import Network, Simulation
+from kvx.p2p._peers import State
 from kvx.protocol import Advertise, KVLayout, MessageType, node_id, parse_envelope
+from kvx.testing._sim import Network, Simulation
 from kvx.trust import open_envelope
 
 WARM_S = 2.0  # the swarm runs this long before the advertisement is published
@@ -167,7 +168,7 @@ def churn(n: int, seed: int, share: float = 0.1) -> dict:
 
 
 def hostile(n: int, seed: int, share: float = 0.1, buyers: int = 200) -> dict:
-    """A tenth of the nodes cheat (p2p/_sim.py's HostileCore: they withhold gossip and
+    """A tenth of the nodes cheat (kvx/testing/_sim.py's HostileCore: they withhold gossip and
     DIGEST answers, name only each other in PEERS, make up news, and advertise every
     chain they hear of at price 0 without holding it). How far and fast does an honest
     advertisement still go among the honest nodes, and can honest buyers buy it?"""

@@ -35,8 +35,8 @@ from pathlib import Path
 
 import blake3
 
-from kvx.p2p import NodeProcess
 from kvx.protocol import DEFAULT_CHUNK_BYTES, KVLayout, prefix_chain
+from kvx.testing import NodeProcess
 
 LAYOUT = KVLayout(dtype="float32", layers=30, kv_heads=3, head_dim=64, block=32)
 TOKENS = 4096
@@ -205,7 +205,8 @@ def run_case(hosts: Hosts, name: str, roles: tuple[str, ...], runs: int, work: P
 
 def buyer_role(data_dir: Path, runs: int, providers: int) -> None:
     """Inside the buyer's host: wait until the node lists every provider, then buy."""
-    from kvx.p2p import SyncPeerClient, wait_for
+    from kvx.p2p import SyncPeerClient
+    from kvx.testing import wait_for
 
     chain = prefix_chain(FP, list(range(TOKENS)), LAYOUT.block)
     client = SyncPeerClient(data_dir, timeout_s=30)

@@ -49,7 +49,8 @@ from kvx.integrations.verify import (
     relative_errors,
     spot_errors,
 )
-from kvx.p2p import PeerClient, wait_for
+from kvx.p2p import PeerClient
+from kvx.testing import wait_for
 from kvx.trust import DEFAULT_VERIFY
 
 # bench/vllm.py, by path: as a module named `vllm` it would hide vLLM itself.
@@ -272,7 +273,8 @@ def honest_vllm(model_path: Path, root: Path, docs: int, rounds: int) -> dict:
     vLLM buys what Hugging Face sold with spot:64 in its connector. Refusals are what
     the buyer's node logged; a purchase that missed for any other reason is a failure of
     the bench, not a refusal, and stops it."""
-    from kvx.p2p import NodeProcess, SyncPeerClient
+    from kvx.p2p import SyncPeerClient
+    from kvx.testing import NodeProcess
 
     loaded = hf.load_model(model_path)
     texts, _ = BENCH_VLLM.prompts(model_path, [1024] * (2 * docs))

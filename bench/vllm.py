@@ -77,7 +77,7 @@ def engine(model: Path, data_dir: Path | None, prompts: list, **options) -> dict
 
 
 def measure(lengths: list[int], root: Path) -> list[dict]:
-    from kvx.p2p import NodeProcess, wait_for
+    from kvx.testing import NodeProcess, wait_for
 
     model = smollm2_dir()
     docs, asked = prompts(model, lengths)

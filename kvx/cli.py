@@ -18,8 +18,8 @@ from rich.table import Table
 from kvx import __version__
 from kvx.p2p import Bootstrap, NodeConfig, admin_call, load_node_config, run_node
 from kvx.p2p._config import KEY_FILE, LEDGER_FILE
+from kvx.p2p._dialcheck import KEY_HINT, Probe, check_public_key, probe
 from kvx.p2p._logs import LEVELS, setup_logging
-from kvx.p2p._probe import KEY_HINT, Probe, check_public_key, probe
 from kvx.protocol import ConfigError, KvxError, Namespace
 from kvx.trust import Identity, Ledger, read_secret, write_private
 

@@ -30,7 +30,8 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from kvx.integrations import hf
-from kvx.p2p import Bought, NodeProcess, PeerClient, wait_for
+from kvx.p2p import Bought, PeerClient
+from kvx.testing import NodeProcess, wait_for
 
 DOCUMENT = files("kvx.conformance") / "PROTOCOL.md"  # a real document that ships with kvx
 QUESTION = "\n\nQuestion: what does a buyer send after it has verified every chunk?\nAnswer:"

@@ -15,11 +15,12 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 import zmq
 
-from kvx.protocol import ErrorCode, KVLayout, KvxError, MessageType, RemoteProtocolError, node_id
+from kvx.protocol import ErrorCode, KvxError, MessageType, RemoteProtocolError, node_id
 from kvx.trust import Event
 
 from ._config import ADMIN_SOCKET, INFO_FILE
 from ._peers import State
+from ._store import PublishRequest
 
 if TYPE_CHECKING:
     from ._node import Node
@@ -198,15 +199,7 @@ def answer(node: Node, req: dict) -> dict:
             ]
         }
     if op == "publish":
-        entry = core.publish(
-            fp=req["fp"],
-            ns=req.get("ns"),
-            layout=KVLayout(**req["layout"]),
-            blocks=tuple(req["blocks"]),
-            payload=req["payload"],
-            chunk=req["chunk"],
-            params=req.get("params", 0),
-        )
+        entry = core.publish(PublishRequest.from_admin(req))
         return {"root": entry.root}
     if op == "lookup":
         matched, ads = core.lookup(

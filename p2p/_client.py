@@ -82,6 +82,7 @@ from ._purchase import (
     Send,
     Want,
 )
+from ._store import PublishRequest
 
 if TYPE_CHECKING:
     import torch
@@ -262,17 +263,8 @@ class PeerClient:
         chunk: int = DEFAULT_CHUNK_BYTES,
     ) -> bytes:
         """Store a payload in the local node and advertise it; returns its content root."""
-        reply = await self._admin(
-            "publish",
-            fp=fp,
-            ns=ns,
-            layout=layout.__dict__,
-            blocks=list(blocks),
-            payload=payload,
-            chunk=chunk,
-            params=params,
-        )
-        return reply["root"]
+        request = PublishRequest(fp, layout, tuple(blocks), payload, params, ns, chunk)
+        return (await self._admin("publish", **request.to_admin()))["root"]
 
     async def lookup(
         self, fp: bytes, chain: list[bytes], *, ns: bytes | None = None, limit: int = 8

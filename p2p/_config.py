@@ -16,8 +16,8 @@ from kvx.transport import DataLimits
 from kvx.trust import ConfigFile, Policy, load_policy
 from kvx.trust._config import Section
 
+from ._dialcheck import check_public_key
 from ._index import IndexBudget
-from ._probe import check_public_key
 
 KEY_FILE = "node.key"
 INFO_FILE = "node.json"

@@ -15,7 +15,6 @@ from kvx.protocol import (
     Digest,
     DigestEntry,
     ErrorCode,
-    KVLayout,
     MessageType,
     RemoteProtocolError,
     Withdraw,
@@ -27,7 +26,7 @@ from kvx.trust import Statement, open_envelope
 
 from ._peers import Peer, State
 from ._state import CoreState
-from ._store import Entry
+from ._store import Entry, PublishRequest
 
 RECENT_S = 10.0
 """How long a relayable statement a node took counts as news it tells each prober of."""
@@ -207,22 +206,10 @@ class Gossip(CoreState):
         self.metrics.ads.set(len(self.index))
         self._push(frame, MessageType.WITHDRAW, set(), st.message.ns)
 
-    def publish(
-        self,
-        *,
-        fp: bytes,
-        ns: bytes | None,
-        layout: KVLayout,
-        blocks: tuple[bytes, ...],
-        payload: object,
-        chunk: int,
-        params: int = 0,
-    ) -> Entry:
-        if ns is not None and self.policy.namespace(ns) is None:
+    def publish(self, request: PublishRequest) -> Entry:
+        if request.ns is not None and self.policy.namespace(request.ns) is None:
             raise RemoteProtocolError(ErrorCode.NOT_FOUND, "this node is not in that namespace")
-        entry, evicted = self.store.put(
-            fp=fp, ns=ns, layout=layout, blocks=blocks, payload=payload, chunk=chunk, params=params
-        )
+        entry, evicted = self.store.put(request)
         for old in evicted:
             self.withdraw(old.root)
         self._advertise(entry)

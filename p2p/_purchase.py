@@ -6,7 +6,7 @@ quote against its advertisement and the buyer's model, holds one Deal per quote,
 what the buyer sends (QUOTE_REQUEST, REJECT, ACCEPT, TRANSFER, RECEIPT) and records each
 provider's faults. It never waits and never reads a clock: every input carries `now`,
 and `wait` says when it next needs one. PeerClient (p2p/_client.py) drives it over
-ZeroMQ and the data channel; the simulator (p2p/_sim.py) drives it in memory.
+ZeroMQ and the data channel; the simulator (kvx/testing/_sim.py) drives it in memory.
 """
 
 from __future__ import annotations

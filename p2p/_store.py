@@ -59,6 +59,44 @@ class Payload:
     hashes: tuple[bytes, ...]
 
 
+@dataclass(frozen=True)
+class PublishRequest:
+    """What publishing a payload takes: one list of fields from the client's call through
+    the admin socket and the node core to the store."""
+
+    fp: bytes  # the model fingerprint
+    layout: KVLayout
+    blocks: tuple[bytes, ...]  # the prefix chain the payload holds the KV of
+    payload: object  # bytes, or a tensor: the KV of every block, in the layout's order
+    params: int = 0  # the model's parameters, from which the node prices it
+    ns: bytes | None = None  # a private namespace to sell it in (None: public)
+    chunk: int = DEFAULT_CHUNK_BYTES
+
+    def to_admin(self) -> dict[str, object]:
+        """The admin request's arguments (msgpack: plain types)."""
+        return {
+            "fp": self.fp,
+            "ns": self.ns,
+            "layout": self.layout.__dict__,
+            "blocks": list(self.blocks),
+            "payload": bytes(byte_view(self.payload)),
+            "chunk": self.chunk,
+            "params": self.params,
+        }
+
+    @classmethod
+    def from_admin(cls, args: dict) -> PublishRequest:
+        return cls(
+            fp=args["fp"],
+            layout=KVLayout(**args["layout"]),
+            blocks=tuple(args["blocks"]),
+            payload=args["payload"],
+            params=args.get("params", 0),
+            ns=args.get("ns"),
+            chunk=args.get("chunk", DEFAULT_CHUNK_BYTES),
+        )
+
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
     root BLOB PRIMARY KEY, fp BLOB NOT NULL, ns BLOB, layout TEXT NOT NULL,
@@ -126,19 +164,16 @@ class LocalStore:
     def memory_used(self) -> int:
         return sum(p.entry.size for p in self._memory.values())
 
-    def put(
-        self,
-        *,
-        fp: bytes,
-        ns: bytes | None,
-        layout: KVLayout,
-        blocks: tuple[bytes, ...],
-        payload: object,
-        chunk: int = DEFAULT_CHUNK_BYTES,
-        params: int = 0,
-    ) -> tuple[Entry, list[Entry]]:
+    def put(self, request: PublishRequest) -> tuple[Entry, list[Entry]]:
         """Store a payload under its content root; returns it and what was evicted for it."""
-        data = bytes(byte_view(payload))
+        fp, ns, layout, blocks, chunk = (
+            request.fp,
+            request.ns,
+            request.layout,
+            request.blocks,
+            request.chunk,
+        )
+        data = bytes(byte_view(request.payload))
         if len(data) != layout.payload_bytes(len(blocks)):
             raise ValueError(
                 f"{len(data)} bytes, but {len(blocks)} blocks of this layout "
@@ -148,7 +183,7 @@ class LocalStore:
             raise ValueError("the payload is larger than the whole disk tier")
         hashes = tuple(chunk_hashes(data, chunk))
         root = content_root(len(data), chunk, hashes)
-        entry = Entry(root, fp, ns, layout, tuple(blocks), chunk, params)
+        entry = Entry(root, fp, ns, layout, tuple(blocks), chunk, request.params)
         evicted = []
         while self.disk_used() + entry.size > self.disk_bytes:
             victim = self._least_used()
@@ -172,7 +207,7 @@ class LocalStore:
                 chunk,
                 len(data),
                 time.time(),
-                params,
+                request.params,
             ),
         )
         self._entries[root] = entry

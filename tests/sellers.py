@@ -257,7 +257,7 @@ def scattered(size: int, piece: int = 1000):
 def tamper_stored(seller, root: bytes) -> None:
     """Flip one bit of a payload an embedded node (`PeerClient.embedded`) holds, keeping
     the chunk hashes and root it advertised: what a lying seller serves."""
-    from kvx.p2p import Payload
+    from kvx.p2p._store import Payload
 
     node, _task = seller._embedded
     honest = node.core.store.get(root)

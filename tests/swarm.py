@@ -1,7 +1,7 @@
-"""A hand-driven peer for node tests (the node processes come from kvx.p2p)."""
+"""A hand-driven peer for node tests (the node processes come from kvx.testing)."""
 
-from kvx.p2p import NodeProcess
-from kvx.p2p import wait_for as eventually
+from kvx.testing import NodeProcess
+from kvx.testing import wait_for as eventually
 
 __all__ = ["NodeProcess", "TestPeer", "eventually"]
 

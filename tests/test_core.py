@@ -1,4 +1,4 @@
-"""The node core without I/O: cores driven in memory by the simulator (p2p/_sim.py), the
+"""The node core without I/O: cores driven in memory by the simulator (kvx/testing/_sim.py), the
 same code the daemon runs, over simulated links and simulated time."""
 
 import logging
@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 from imports import imported
 
-from kvx.p2p import NodeConfig, State
-from kvx.p2p._sim import Network, Simulation
+from kvx.p2p import NodeConfig
+from kvx.p2p._peers import State
+from kvx.testing._sim import Network, Simulation
 
 ROOT = Path(__file__).parent.parent
 CORE = [
@@ -27,7 +28,7 @@ CORE = [
     "p2p/_pricing.py",
     "p2p/_probing.py",
     "p2p/_store.py",
-    "p2p/_sim.py",
+    "kvx/testing/_sim.py",
     "p2p/_state.py",
     "transport/_sessions.py",
 ]
@@ -235,7 +236,7 @@ def test_hostile_nodes_neither_stop_an_ad_nor_keep_honest_buyers_from_buying():
     """A tenth of the swarm withholds gossip, eclipses, makes up news and advertises the
     chain at price 0 without holding it: every honest node still gets the honest ad,
     and a buyer walks past each liar once, then buys from the honest provider first."""
-    from kvx.p2p._sim import HostileCore
+    from kvx.testing._sim import HostileCore
 
     cheats = frozenset(range(50, 60))
     with Simulation(60, seed=37, hostile=cheats) as sim:

@@ -4,6 +4,7 @@ clock the test moves: what no live node can show without waiting out a token's l
 import blake3
 import pytest
 
+from kvx.p2p import PublishRequest
 from kvx.p2p._clock import Clock
 from kvx.p2p._market import QUOTE_TTL_MS, Authorize, Market
 from kvx.p2p._pricing import PricePolicy
@@ -33,7 +34,7 @@ class Frozen(Clock):
 def books(tmp_path):
     clock = Frozen(1_800_000_000_000)
     store = LocalStore(tmp_path / "store", memory_bytes=1 << 20, disk_bytes=1 << 20)
-    store.put(fp=FP, ns=None, layout=LAYOUT, blocks=CHAIN, payload=bytes(6144), params=10**9)
+    store.put(PublishRequest(FP, LAYOUT, CHAIN, bytes(6144), params=10**9))
     ledger = Ledger(tmp_path / "ledger.db", SELLER.node_id)
 
     def market() -> Market:

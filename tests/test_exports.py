@@ -9,7 +9,15 @@ import pytest
 
 from kvx.protocol import MESSAGE_CLASSES, Header
 
-PACKAGES = ["kvx", "kvx.protocol", "kvx.trust", "kvx.transport", "kvx.p2p", "kvx.conformance"]
+PACKAGES = [
+    "kvx",
+    "kvx.protocol",
+    "kvx.trust",
+    "kvx.transport",
+    "kvx.p2p",
+    "kvx.conformance",
+    "kvx.testing",
+]
 
 
 @pytest.mark.parametrize("name", PACKAGES)
@@ -40,3 +48,18 @@ def test_message_fields_never_shadow_header_fields():
     header = {f.name for f in dataclasses.fields(Header)}
     for cls in MESSAGE_CLASSES.values():
         assert not header & {f.name for f in dataclasses.fields(cls)}, cls
+
+
+def test_what_an_agent_catches_and_passes_is_named_by_kvx_itself():
+    import kvx
+
+    assert issubclass(kvx.AdminError, kvx.KvxError) and issubclass(kvx.Miss, kvx.KvxError)
+    for name in ("Namespace", "KVLayout", "ModelFingerprint", "Fault"):  # fetch/publish take them
+        assert name in kvx.__all__
+
+
+def test_the_node_package_exports_no_internals():
+    import kvx.p2p
+
+    internals = {"AdIndex", "PeerTable", "LocalStore", "NodeProcess", "wait_for", "Simulation"}
+    assert not internals & set(kvx.p2p.__all__)

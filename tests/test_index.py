@@ -1,6 +1,6 @@
 """The advertisement index: longest-prefix lookup, duplicates, withdrawals, expiry, digests."""
 
-from kvx.p2p import AdIndex
+from kvx.p2p._index import AdIndex
 from kvx.protocol import Advertise, DataAddress, DigestEntry, Header, KVLayout, Withdraw
 from kvx.trust import Identity, open_envelope, seal
 

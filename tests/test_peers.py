@@ -1,6 +1,6 @@
 """The membership table: suspicion before death, rejoin by incarnation, bounds."""
 
-from kvx.p2p import PeerTable, State
+from kvx.p2p._peers import PeerTable, State
 from kvx.protocol import PeerEntry
 
 A, B, C, ME = b"\x0a" * 32, b"\x0b" * 32, b"\x0c" * 32, b"\x00" * 32

@@ -3,7 +3,8 @@
 import blake3
 import pytest
 
-from kvx.p2p import LocalStore
+from kvx.p2p import PublishRequest
+from kvx.p2p._store import LocalStore
 from kvx.protocol import IntegrityError, KVLayout
 from kvx.trust import AtRestCipher
 
@@ -14,9 +15,7 @@ FP = b"\x0f" * 32
 def put(store: LocalStore, label: str, blocks: int = 2):
     chain = tuple(blake3.blake3(f"{label}{i}".encode()).digest() for i in range(blocks))
     data = blake3.blake3(label.encode()).digest(length=LAYOUT.payload_bytes(blocks))
-    entry, evicted = store.put(
-        fp=FP, ns=None, layout=LAYOUT, blocks=chain, payload=data, chunk=1 << 16
-    )
+    entry, evicted = store.put(PublishRequest(FP, LAYOUT, chain, data, chunk=1 << 16))
     return entry, evicted, data
 
 
@@ -73,4 +72,4 @@ def test_encrypted_at_rest(tmp_path):
 def test_a_payload_of_the_wrong_size_is_refused(tmp_path):
     store = LocalStore(tmp_path, memory_bytes=1 << 20, disk_bytes=1 << 20)
     with pytest.raises(ValueError):
-        store.put(fp=FP, ns=None, layout=LAYOUT, blocks=(b"\x00" * 32,), payload=b"x" * 10)
+        store.put(PublishRequest(FP, LAYOUT, (b"\x00" * 32,), b"x" * 10))

@@ -20,6 +20,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvx.p2p._buying import blame
+from kvx.p2p._clock import Clock
+from kvx.p2p._config import NodeConfig
+from kvx.p2p._core import Disconnect, NodeCore, Reply, Send
+from kvx.p2p._gossip import RECENT_MAX
+from kvx.p2p._purchase import Action, Ask, Exhausted, Lookup, Purchase, Ready, Report, Want
+from kvx.p2p._store import Entry, LocalStore, PublishRequest
 from kvx.protocol import (
     Advertise,
     DataAddress,
@@ -39,14 +46,6 @@ from kvx.trust import (
     curve_public_key,
     open_envelope,
 )
-
-from ._buying import blame
-from ._clock import Clock
-from ._config import NodeConfig
-from ._core import Disconnect, NodeCore, Reply, Send
-from ._gossip import RECENT_MAX
-from ._purchase import Action, Ask, Exhausted, Lookup, Purchase, Ready, Report, Want
-from ._store import Entry, LocalStore
 
 
 class SimClock(Clock):
@@ -367,14 +366,8 @@ class Simulation:
             self.rng.randbytes(32),
             tuple(self.rng.randbytes(32) for _ in range(blocks)),
         )
-        entry = core.publish(
-            fp=fp,
-            ns=None,
-            layout=layout,
-            blocks=chain,
-            payload=bytes(layout.payload_bytes(len(chain))),
-            chunk=1 << 16,
-        )
+        payload = bytes(layout.payload_bytes(len(chain)))
+        entry = core.publish(PublishRequest(fp, layout, chain, payload, chunk=1 << 16))
         st = core.advertisement(entry.root)
         self._drain(i)
         return st.signer, st.header.seq

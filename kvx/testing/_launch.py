@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ._admin import admin_call
+from kvx.p2p import admin_call
 
 T = TypeVar("T")
 
