@@ -202,7 +202,9 @@ def hostile(n: int, seed: int, share: float = 0.1, buyers: int = 200) -> dict:
         first_listed = sum(
             any(
                 sim.index[a.signer] not in cheats
-                for a in sim.cores[b].lookup(document[0], None, document[1], 8, asker=b"")[1]
+                for a in sim.cores[b].lookup(
+                    document[0], None, document[1], 8, asker=b"", now=sim.clock.at()
+                )[1]
             )
             for b in sample
         )

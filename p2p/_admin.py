@@ -18,6 +18,7 @@ import zmq
 from kvx.protocol import ErrorCode, KvxError, MessageType, RemoteProtocolError, node_id
 from kvx.trust import Event
 
+from ._clock import Now
 from ._config import ADMIN_SOCKET, INFO_FILE
 from ._peers import State
 from ._store import PublishRequest
@@ -109,11 +110,12 @@ def _verdict(core: Any, peer: bytes) -> str:
     return f"accused, unchecked {accused[1].hex()}" if accused else ""
 
 
-def answer(node: Node, req: dict) -> dict:
-    """The node's answer to one local admin request (the ops the CLI and clients use)."""
+def answer(node: Node, req: dict, at: Now) -> dict:
+    """The node's answer to one local admin request (the ops the CLI and clients use),
+    at the time `at`."""
     op = req.get("op")
     core = node.core
-    now = core.clock.time()
+    now = at.wall
     if op == "status":
         return {
             "node_id": node.id.hex(),
@@ -182,7 +184,7 @@ def answer(node: Node, req: dict) -> dict:
             row["verdict"] = _verdict(core, peer)
         return {"peers": rows}
     if op == "accuse":  # a local client's evidence that a seller's KV is not its model's
-        return {"proof": core.accuse(req["evidence"])}
+        return {"proof": core.accuse(req["evidence"], at)}
     if op == "ads":
         return {
             "ads": [
@@ -199,11 +201,16 @@ def answer(node: Node, req: dict) -> dict:
             ]
         }
     if op == "publish":
-        entry = core.publish(PublishRequest.from_admin(req))
+        entry = core.publish(PublishRequest.from_admin(req), at)
         return {"root": entry.root}
     if op == "lookup":
         matched, ads = core.lookup(
-            req["fp"], req.get("ns"), tuple(req["blocks"]), req.get("limit", 8), asker=core.id
+            req["fp"],
+            req.get("ns"),
+            tuple(req["blocks"]),
+            req.get("limit", 8),
+            asker=core.id,
+            now=at,
         )
         # Providers that failed this node (ranked last): a buyer tries them only when
         # nobody else is left, and never streams from them beside the others (§9.7).
@@ -251,6 +258,6 @@ def answer(node: Node, req: dict) -> dict:
         core.scores.record(req["peer"], Event[req["event"]], now)
         return {}
     if op == "withdraw":
-        core.withdraw(req["root"])
+        core.withdraw(req["root"], at)
         return {}
     raise RemoteProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"unknown admin op {op!r}")

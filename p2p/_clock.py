@@ -1,19 +1,26 @@
-"""The clock a node reads, injected so that a simulation can run its own."""
+"""The time of an input, which the driver passes to the core with it.
+
+The core reads no clock: the node's driver passes the host's time with every input, the
+simulator its own, so that a simulated run is a function of its seed and its inputs."""
 
 from __future__ import annotations
 
-import time
+from dataclasses import dataclass
 
 
-class Clock:
-    """The one clock a node reads: wall time for statements and scores, monotonic time
-    for liveness and timers. The simulator gives the core a clock of its own."""
+@dataclass(frozen=True)
+class Now:
+    """Monotonic seconds, for timers and liveness; wall seconds, for what is signed and
+    scored."""
+
+    mono: float
+    wall: float
 
     def monotonic(self) -> float:
-        return time.monotonic()
+        return self.mono
 
     def time(self) -> float:
-        return time.time()
+        return self.wall
 
     def now_ms(self) -> int:
-        return int(self.time() * 1000)
+        return int(self.wall * 1000)

@@ -12,12 +12,11 @@ the clock is injected, and storage (ledger, scores, store) comes in as objects.
 from __future__ import annotations
 
 import logging
-import random
 import sqlite3
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvx.protocol import (
     RELAYABLE,
@@ -48,7 +47,7 @@ from kvx.trust import (
     verify_envelope,
 )
 
-from ._clock import Clock
+from ._clock import Now
 from ._config import NodeConfig
 from ._fraud import Fraud, Judge
 from ._gossip import RECENT_MAX, SEND_BURST, SEND_RATE_PER_S, Gossip
@@ -62,6 +61,9 @@ from ._probing import IndirectProbes
 from ._rates import RateLimits
 from ._store import LocalStore
 from ._trading import Trading
+
+if TYPE_CHECKING:
+    import random
 
 log = logging.getLogger("kvx.node")
 
@@ -116,18 +118,21 @@ class NodeCore(Liveness, Gossip, Trading, Fraud):
         scores: PeerScores,
         ledger: Ledger,
         store: LocalStore,
-        clock: Clock | None = None,
-        rng: random.Random | None = None,
+        now: Now,
+        rng: random.Random,
+        tokens: Callable[[int], bytes],
+        seqs: Callable[[], int] | None = None,
         pricing: PricePolicy | None = None,
         metrics: Metrics | None = None,
         judges: frozenset[bytes] = frozenset(),
     ) -> None:
         self.config = config
-        self.clock = clock or Clock()
-        self.random = rng or random.Random()
+        self.clock = now
+        self.random = rng  # seeded in a simulation
+        self.tokens = tokens  # session tokens, quote ids, challenges: unguessable in a node
         self.identity = identity
         self.id = identity.node_id
-        self.signer = Signer(identity)
+        self.signer = Signer(identity, seqs=seqs)
         self.inbox = Inbox(
             self.id,
             ReplayGuard(max_per_signer=config.replay_per_signer, max_total=config.replay_total),
@@ -145,7 +150,7 @@ class NodeCore(Liveness, Gossip, Trading, Fraud):
             rng=self.random,  # a seeded run evicts the same peers
         )
         self.index = AdIndex(config.index_budget, standing=self._standing)
-        self.memberships = Memberships(self.id, self.policy)
+        self.memberships = Memberships(self.id, self.policy, tokens=tokens)
         self.metrics = metrics or Metrics()
         self.pricing = pricing or PricePolicy()
         self.incarnation = self.clock.now_ms()
@@ -195,8 +200,9 @@ class NodeCore(Liveness, Gossip, Trading, Fraud):
 
     # ---- what the driver calls ---------------------------------------------------------
 
-    def serve(self, ctl: str, data: tuple[DataAddress, ...]) -> None:
+    def serve(self, ctl: str, data: tuple[DataAddress, ...], now: Now) -> None:
         """The driver listens at `ctl` and serves KV at `data`: sell, advertise, join."""
+        self.clock = now
         self.ctl, self.data = ctl, data
         self.market = Market(
             signer=self.signer,
@@ -209,7 +215,8 @@ class NodeCore(Liveness, Gossip, Trading, Fraud):
             data={d.t: d.addr for d in data},
             window_bytes=self.config.payment_window_bytes,
             selling=self.selling,
-            clock=self.clock,
+            tokens=self.tokens,
+            now_ms=now.now_ms(),
         )
         for entry in self.store.verify_all():  # never advertise what cannot be served
             self.event(
@@ -222,8 +229,7 @@ class NodeCore(Liveness, Gossip, Trading, Fraud):
             self._advertise(entry)
         for boot in self.config.bootstrap:
             self._send(boot.key, self._hello())
-        now = self.clock.monotonic()
-        self._due = {name: now + self._period(name) for name in self._rounds}
+        self._due = {name: now.mono + self._period(name) for name in self._rounds}
 
     def drain(self) -> list[Output]:
         """What to send and drop, in order, since the last call."""
@@ -234,12 +240,13 @@ class NodeCore(Liveness, Gossip, Trading, Fraud):
         """The monotonic time at which handle_timer has work to do."""
         return min(self._due.values())
 
-    def handle_timer(self, now: float) -> None:
+    def handle_timer(self, now: Now) -> None:
         """Run the rounds that are due; one that fails is logged and counted, not fatal."""
+        self.clock = now
         for name, run in self._rounds.items():
-            if self._due.get(name, float("inf")) > now:
+            if self._due.get(name, float("inf")) > now.mono:
                 continue
-            self._due[name] = now + self._period(name)
+            self._due[name] = now.mono + self._period(name)
             if self.leaving and name != "housekeeping":  # probes, gossip: "it is back"
                 continue
             try:
@@ -318,10 +325,13 @@ class NodeCore(Liveness, Gossip, Trading, Fraud):
         routing: bytes | None,
         server_key: bytes | None,
         source: str = "",
+        *,
+        now: Now,
     ) -> None:
         """One frame from a connection whose CURVE key is `curve`: on the ROUTER (answers
         go back by `routing`, `source` is the address it came from), or on this node's
         own connection to `server_key`."""
+        self.clock = now
         self.source_network = source_network(source) if source else ""
         self.metrics.bytes_in.inc(len(frame))
         if not self._rates.take(curve, self.clock.monotonic()):
@@ -387,9 +397,10 @@ class NodeCore(Liveness, Gossip, Trading, Fraud):
         self.metrics.degraded.labels("ledger").set(1)
         self.event("degraded", logging.ERROR, what="ledger", error=str(exc)[:200])
 
-    def window_receipt(self, st: Statement) -> None:
+    def window_receipt(self, st: Statement, now: Now) -> None:
         """A receipt a buyer paid mid-stream (§9.4): the stream moves on only once it is
         recorded, so a refusal here (the ledger's code, or UNAVAILABLE) ends the stream."""
+        self.clock = now
         try:
             self._earned(self.market.receipt(st, self.clock.now_ms(), window=True))
         except sqlite3.Error as exc:
@@ -400,19 +411,21 @@ class NodeCore(Liveness, Gossip, Trading, Fraud):
         self.metrics.credits_earned.inc(paid.credits)
         self.metrics.sold_tokens.inc(paid.tokens)
 
-    def stream_finished(self, offer: Offer, sent: int, whole: bool) -> None:
+    def stream_finished(self, offer: Offer, sent: int, whole: bool, now: Now) -> None:
         """A stream of one of our deals ended: delivered, or the deal is over (§10.7)."""
+        self.clock = now
         self.metrics.data_bytes_sent.inc(sent)
         try:
-            self.market.finished(offer, sent, whole)
+            self.market.finished(offer, sent, whole, now.now_ms())
         except sqlite3.Error as exc:
             self._ledger_failed(exc)
 
-    def stream_fault(self, buyer: bytes, exc: RemoteProtocolError) -> None:
+    def stream_fault(self, buyer: bytes, exc: RemoteProtocolError, now: Now) -> None:
         """A seller's stream ended for what its buyer did: read below the minimum rate
         (§9.5), holding a thread others needed, or sent a window receipt the seller could
         not take (§9.4). Either breaks a rule of the spec, so the buyer is scored for it;
         a ledger that cannot write is nobody's fault."""
+        self.clock = now
         if exc.code == ErrorCode.UNAVAILABLE:
             return
         event = Event.TIMEOUT if exc.code == ErrorCode.TIMEOUT else Event.BAD_RECEIPT

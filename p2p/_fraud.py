@@ -28,6 +28,7 @@ from kvx.protocol import (
 )
 from kvx.trust import Event, Evidence, Statement, bind, evidence_id, open_envelope
 
+from ._clock import Now
 from ._state import CoreState
 
 MAX_PULLS = 2
@@ -74,9 +75,10 @@ class Fraud(CoreState):
 
     # ---- a local client's evidence ---------------------------------------------------
 
-    def accuse(self, data: bytes) -> bytes:
+    def accuse(self, data: bytes, now: Now) -> bytes:
         """Evidence from this node's own client, whose model refuted the seller: convict,
         sign an ACCUSE and tell every live peer. Returns the proof id."""
+        self.clock = now
         bound = bind(Evidence.decode(data))  # nothing unbound is signed in our name
         proof = evidence_id(data)
         message = Accuse(
@@ -180,11 +182,12 @@ class Fraud(CoreState):
 
     # ---- the driver's verdict --------------------------------------------------------
 
-    def judged(self, proof: bytes, verdict: str, detail: str, seller_key: bytes) -> None:
+    def judged(self, proof: bytes, verdict: str, detail: str, seller_key: bytes, now: Now) -> None:
         """The driver judged evidence: "lie" convicts the seller it bound (its public key
         `seller_key`, the one the ACCUSE named), "honest" (the weights compute these bytes)
         or "invalid" (it binds nobody, or not the seller and root the ACCUSE named) the
         accuser."""
+        self.clock = now
         pull = self._pulls.pop(proof, None)
         if pull is None:
             return

@@ -24,6 +24,7 @@ from kvx.protocol import (
 )
 from kvx.trust import Statement, open_envelope
 
+from ._clock import Now
 from ._peers import Peer, State
 from ._state import CoreState
 from ._store import Entry, PublishRequest
@@ -190,8 +191,13 @@ class Gossip(CoreState):
         )
         self._push(frame, MessageType.ADVERTISE, set(), entry.ns)
 
-    def withdraw(self, root: bytes) -> None:
-        """Withdraw our advertisement of a payload (evicted, or on request)."""
+    def withdraw(self, root: bytes, now: Now) -> None:
+        """Withdraw our advertisement of a payload, as asked (the admin socket)."""
+        self.clock = now
+        self._withdraw(root)
+
+    def _withdraw(self, root: bytes) -> None:
+        """Withdraw our advertisement of a payload (evicted, failed, or asked)."""
         st = self._own.pop(root, None)
         if st is None:
             return
@@ -206,12 +212,13 @@ class Gossip(CoreState):
         self.metrics.ads.set(len(self.index))
         self._push(frame, MessageType.WITHDRAW, set(), st.message.ns)
 
-    def publish(self, request: PublishRequest) -> Entry:
+    def publish(self, request: PublishRequest, now: Now) -> Entry:
+        self.clock = now
         if request.ns is not None and self.policy.namespace(request.ns) is None:
             raise RemoteProtocolError(ErrorCode.NOT_FOUND, "this node is not in that namespace")
         entry, evicted = self.store.put(request)
         for old in evicted:
-            self.withdraw(old.root)
+            self._withdraw(old.root)
         self._advertise(entry)
         return entry
 

@@ -26,6 +26,7 @@ from kvx.protocol import (
 )
 from kvx.trust import Statement, open_envelope
 
+from ._clock import Now
 from ._index import Standing
 from ._peers import State
 from ._probing import Waiting
@@ -97,11 +98,12 @@ class Liveness(CoreState):
         self.metrics.ads.set(len(self.index))
         self.event("peer_left", peer=st.signer_id.hex()[:12], ads=gone)
 
-    def leave(self) -> set[bytes]:
+    def leave(self, now: Now) -> set[bytes]:
         """This node stops serving: every peer that heard from it is told so (§8.22);
         returns their keys. From now on it only finishes the deals it made; it probes,
         gossips and answers nothing else, since any statement of its own would tell a
         peer it is back."""
+        self.clock = now
         self.leaving = True
         told = {p.key for p in self.peers.all() if p.proven and p.state != State.DEAD}
         for key in told:

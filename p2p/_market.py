@@ -7,7 +7,6 @@ credit — each is refused with its code at QUOTE_REQUEST time.
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -29,7 +28,6 @@ from kvx.protocol import (
 from kvx.transport import Expected, Offer, Sessions, choose_transport
 from kvx.trust import Ledger, Memberships, Policy, Receipted, Signer, Statement, open_envelope
 
-from ._clock import Clock
 from ._negotiation import Phase, advance
 from ._pricing import PricePolicy
 from ._store import Entry, LocalStore, Payload
@@ -92,7 +90,8 @@ class Market:
         data: dict[str, str],  # transport -> data address
         window_bytes: int = 64 << 20,
         selling: Callable[[], bool] = lambda: True,
-        clock: Clock | None = None,
+        tokens: Callable[[int], bytes],
+        now_ms: int,
     ) -> None:
         self.signer = signer
         self.store = store
@@ -104,10 +103,10 @@ class Market:
         self.data = data
         self.window_bytes = window_bytes
         self.selling = selling
-        self.clock = clock or Clock()
+        self.tokens = tokens  # quote ids and session tokens: unguessable in a node
         self._pending: dict[bytes, _Pending] = {}
         # No stream outlives the process that served it: deals left open are over.
-        self.ledger.expire_undelivered(self.clock.now_ms(), "the seller restarted")
+        self.ledger.expire_undelivered(now_ms, "the seller restarted")
         self._conversion: tuple[tuple[bytes, str], tuple[bytes, bytes, list[bytes]]] | None = None
 
     def quote_request(self, st: Statement, now_ms: int, network: str = "") -> bytes:
@@ -121,7 +120,7 @@ class Market:
         if req.ns is not None:
             try:
                 self.policy.check_namespace(buyer, req.ns, publish=False)
-                self.memberships.require(buyer, req.ns, self.clock.time())
+                self.memberships.require(buyer, req.ns, now_ms / 1000)
             except RemoteProtocolError:
                 # One answer whether or not we are in it: no oracle for outsiders (§7.6).
                 raise _fail(ErrorCode.NOT_FOUND, "no block of that chain is held here") from None
@@ -158,7 +157,7 @@ class Market:
         ephemeral = Ephemeral() if req.seal or req.ns is not None else None
         quote = Quote(
             re=st.header.seq,
-            quote=secrets.token_bytes(16),
+            quote=self.tokens(16),
             blocks=matched,
             stored=len(entry.blocks),
             layout=layout,
@@ -167,7 +166,7 @@ class Market:
             price=price,
             transport=transport,
             data=self.data[transport],
-            token=secrets.token_bytes(32),
+            token=self.tokens(32),
             window=window,
             kx=None if ephemeral is None else ephemeral.public,
         )
@@ -307,9 +306,9 @@ class Market:
         quote = replace(
             old,
             re=st.header.seq,
-            quote=secrets.token_bytes(16),
+            quote=self.tokens(16),
             price=reject.counter,
-            token=secrets.token_bytes(32),
+            token=self.tokens(32),
             kx=None if ephemeral is None else ephemeral.public,
         )
         return self._offer(
@@ -328,10 +327,9 @@ class Market:
         assert isinstance(st.message, Receipt)
         return self.ledger.record_receipt(st, now_ms, partial=window)
 
-    def finished(self, offer: Offer, sent: int, whole: bool) -> None:
+    def finished(self, offer: Offer, sent: int, whole: bool, now_ms: int) -> None:
         """A stream of a deal ended: delivered, or — whatever cut it — the deal's life is
         over undelivered, with `sent` bytes gone out (§10.7)."""
-        now_ms = self.clock.now_ms()
         if whole:
             self.ledger.record_delivery(offer.quote, now_ms, sent)
         else:

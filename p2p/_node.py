@@ -14,7 +14,10 @@ import contextlib
 import json
 import logging
 import os
+import random
+import secrets
 import signal
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TypeVar
 
@@ -47,7 +50,7 @@ from kvx.trust import (
 )
 
 from ._admin import answer, pack, unpack
-from ._clock import Clock
+from ._clock import Now
 from ._config import ADMIN_SOCKET, INFO_FILE, LEDGER_FILE, SCORES_FILE, STORE_DIR, NodeConfig
 from ._core import Disconnect, NodeCore, Reply, Send
 from ._datadir import DataDirLock
@@ -85,7 +88,6 @@ class Node:
         identity = Identity.load(config.key_file)
         policy = config.policy
         cipher = AtRestCipher.from_key_file(data / "atrest.key") if policy.encrypt_at_rest else None
-        self.clock = Clock()
         self.core = NodeCore(
             config,
             identity,
@@ -97,7 +99,9 @@ class Node:
                 disk_bytes=config.disk_bytes,
                 cipher=cipher,
             ),
-            clock=self.clock,
+            now=now(),
+            rng=random.Random(),
+            tokens=secrets.token_bytes,
             pricing=pricing,
             judges=frozenset(self.judges),
         )
@@ -153,15 +157,8 @@ class Node:
         self.admin.linger = 0
         _bind(self.admin, cfg.admin_address)
         os.chmod(cfg.data_dir / ADMIN_SOCKET, 0o600)  # the local API is its owner's only
-        loop = asyncio.get_running_loop()
         self.tcp = TcpDataServer(
-            core.sessions,
-            core.inbox,
-            core.signer,
-            on_finished=core.stream_finished,
-            on_receipt=lambda st: on_loop(loop, core.window_receipt, st),
-            on_fault=core.stream_fault,
-            limits=cfg.data_limits,
+            core.sessions, core.inbox, core.signer, limits=cfg.data_limits, **self._told_by_ports()
         )
         try:
             await self.tcp.start(cfg.data_host, cfg.data_port)
@@ -177,10 +174,8 @@ class Node:
                 core.sessions,
                 core.inbox,
                 core.signer,
-                on_finished=core.stream_finished,
-                on_receipt=lambda st: on_loop(loop, core.window_receipt, st),
-                on_fault=core.stream_fault,
                 limits=cfg.data_limits,
+                **self._told_by_ports(),
             )
             await self.ucx.start(cfg.data_host, cfg.ucx_port)
             ucx = DataAddress(t="ucx", addr=advertised(self.ucx.address, cfg.advertise))
@@ -196,7 +191,7 @@ class Node:
                     f"cannot serve metrics on 127.0.0.1:{cfg.metrics_port}: {exc.strerror}"
                 ) from None
             metrics_url = f"http://127.0.0.1:{port}/metrics"
-        core.serve(ctl, data)
+        core.serve(ctl, data, now())
         for coro in (self._receive(self.router, None), self._admin_loop(), self._timers()):
             self._spawn(coro)
         await self._flush()
@@ -224,11 +219,11 @@ class Node:
         `leave_grace_s` to finish; the receive loops run meanwhile, so their receipts
         are still taken. Peers then drop this node at once, not after seconds of
         suspicion while their buyers try it."""
-        self._told = self.core.leave()
+        self._told = self.core.leave(now())
         await self._flush()
         servers = [s for s in (getattr(self, "tcp", None), getattr(self, "ucx", None)) if s]
-        deadline = self.clock.monotonic() + self.config.leave_grace_s
-        while any(s.streams for s in servers) and self.clock.monotonic() < deadline:
+        deadline = time.monotonic() + self.config.leave_grace_s
+        while any(s.streams for s in servers) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         await self._flush()
 
@@ -256,9 +251,22 @@ class Node:
         if self._served:  # a node that never started did not stop either: its error says why
             self.core.event("stopped")
 
+    def _told_by_ports(self) -> dict[str, Callable[..., object]]:
+        """What a data port tells the core, each with the time it happens: streams run on
+        worker threads, and a window receipt is booked on the loop before the stream goes
+        on (the ledger belongs to the loop's thread)."""
+        loop, core = asyncio.get_running_loop(), self.core
+        return {
+            "on_finished": lambda offer, sent, whole: core.stream_finished(
+                offer, sent, whole, now()
+            ),
+            "on_receipt": lambda st: on_loop(loop, lambda: core.window_receipt(st, now())),
+            "on_fault": lambda buyer, exc: core.stream_fault(buyer, exc, now()),
+        }
+
     def _admit(self, address: str) -> bool:
         """Whether a new CURVE connection from `address` is admitted (spec §12.6)."""
-        if self._handshakes.take(address.encode(), self.clock.monotonic()):
+        if self._handshakes.take(address.encode(), time.monotonic()):
             return True
         self.core.metrics.shed.labels("handshake").inc()
         return False
@@ -304,9 +312,9 @@ class Node:
         try:
             loaded = await asyncio.to_thread(self.core.market.load, deal)
         except IntegrityError as exc:
-            self.core.unservable(deal, str(exc))
+            self.core.unservable(deal, str(exc), now())
         else:
-            self.core.loaded(deal, *loaded)
+            self.core.loaded(deal, *loaded, now=now())
         await self._flush()
 
     async def _judge(self, out: Judge) -> None:
@@ -316,7 +324,7 @@ class Node:
         except Exception:
             self.core.internal_error("judge")
             return
-        self.core.judged(out.evidence, verdict, detail, seller_key)
+        self.core.judged(out.evidence, verdict, detail, seller_key, now())
         await self._flush()
 
     def _verdict(self, out: Judge) -> tuple[str, str, bytes]:
@@ -365,7 +373,7 @@ class Node:
                 if not proven:
                     return None
                 self._drop_dealer(other)
-            if not (proven or self._dials.allow(ctl, self.clock.monotonic())):
+            if not (proven or self._dials.allow(ctl, time.monotonic())):
                 return None
             sock = self._ctx.socket(zmq.DEALER)
             make_curve_client(sock, self.identity, key)
@@ -434,7 +442,9 @@ class Node:
                     else:
                         routing, frame, curve = None, parts[0], expected_curve
                     try:
-                        self.core.receive(frame.bytes, curve, routing, server_key, source)
+                        self.core.receive(
+                            frame.bytes, curve, routing, server_key, source, now=now()
+                        )
                     except Exception:
                         self.core.internal_error("receive")
                     await self._flush()
@@ -459,12 +469,12 @@ class Node:
 
     async def _timers(self) -> None:
         while True:
-            await asyncio.sleep(max(0.0, self.core.next_timer() - self.clock.monotonic()))
-            self.core.handle_timer(self.clock.monotonic())
+            await asyncio.sleep(max(0.0, self.core.next_timer() - time.monotonic()))
+            self.core.handle_timer(now())
             for key in [k for k in self._dealers if not self.core.wants_connection(k)]:
                 self._drop_dealer(key)  # forgotten or evicted: its connection goes too
-            self._dials.prune(self.clock.monotonic())
-            self._handshakes.prune(self.clock.monotonic())
+            self._dials.prune(time.monotonic())
+            self._handshakes.prune(time.monotonic())
             await self._flush()
 
     def held(self) -> dict[str, int]:
@@ -505,7 +515,7 @@ class Node:
                 req = unpack(request)
                 if not isinstance(req, dict):
                     raise RemoteProtocolError(ErrorCode.MALFORMED, "a request is a map")
-                reply = {"ok": True, **answer(self, req)}
+                reply = {"ok": True, **answer(self, req, now())}
             except RemoteProtocolError as exc:
                 reply = {"ok": False, "code": int(exc.code), "error": exc.detail}
             except Exception as exc:  # a bad local request must not stop the node
@@ -517,14 +527,19 @@ class Node:
 _T = TypeVar("_T")
 
 
-def on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[..., _T], *args: object) -> _T:
+def now() -> Now:
+    """The host's time, which the driver passes to the core with every input."""
+    return Now(time.monotonic(), time.time())
+
+
+def on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[[], _T]) -> _T:
     """Run `fn` on the node's loop from a data-channel worker thread and wait for it: the
     ledger and the scores belong to the loop's thread, and the stream waits on the answer."""
     done: concurrent.futures.Future[_T] = concurrent.futures.Future()
 
     def run() -> None:
         try:
-            done.set_result(fn(*args))
+            done.set_result(fn())
         except BaseException as exc:  # handed to the waiting thread, which raises it
             done.set_exception(exc)
 

@@ -23,12 +23,15 @@ one per address, and forgotten rather than probed once they die unheard.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import TYPE_CHECKING
 
 from kvx.protocol import PeerEntry
+
+if TYPE_CHECKING:
+    import random
 
 
 class State(IntEnum):
@@ -63,7 +66,7 @@ class PeerTable:
         forget_dead_after_s: float = 600.0,
         keep: Callable[[bytes], bool] = lambda key: False,
         evict_every_s: float = 1.0,
-        rng: random.Random | None = None,
+        rng: random.Random,
     ) -> None:
         self.me = me
         self.suspect_after_s = suspect_after_s
@@ -75,7 +78,7 @@ class PeerTable:
         self.evict_every_s = evict_every_s
         self.evicted = 0  # live peers evicted for newcomers (a metric)
         self._last_eviction = float("-inf")
-        self._rng = rng if rng is not None else random.Random()
+        self._rng = rng
         self._peers: dict[bytes, Peer] = {}
 
     def __contains__(self, key: bytes) -> bool:

@@ -4,12 +4,12 @@ change it, so each declares no attribute of its own here."""
 
 from __future__ import annotations
 
-import random
 from collections import deque
+from typing import TYPE_CHECKING
 
 from kvx.trust import Identity, Memberships, PeerScores, Policy, Signer, Statement
 
-from ._clock import Clock
+from ._clock import Now
 from ._config import NodeConfig
 from ._index import AdId, AdIndex
 from ._market import Market
@@ -20,10 +20,13 @@ from ._probing import IndirectProbes
 from ._rates import RateLimits
 from ._store import LocalStore
 
+if TYPE_CHECKING:
+    import random
+
 
 class CoreState:
     config: NodeConfig
-    clock: Clock
+    clock: Now  # the time of the input being handled
     random: random.Random
     identity: Identity
     id: bytes  # our node id

@@ -22,6 +22,7 @@ from kvx.protocol import (
 )
 from kvx.trust import Statement
 
+from ._clock import Now
 from ._index import Advert
 from ._market import Authorize
 from ._peers import State
@@ -43,7 +44,7 @@ class Trading(CoreState):
         assert isinstance(lookup, Lookup)
         if routing is None:
             return
-        matched, ads = self.lookup(
+        matched, ads = self._lookup(
             lookup.fp, lookup.ns, lookup.blocks, lookup.limit, asker=st.signer_id
         )
         frames, total = [], 0
@@ -59,6 +60,20 @@ class Trading(CoreState):
         )
 
     def lookup(
+        self,
+        fp: bytes,
+        ns: bytes | None,
+        chain: tuple[bytes, ...],
+        limit: int,
+        *,
+        asker: bytes,
+        now: Now,
+    ) -> tuple[int, list[Advert]]:
+        """A local client's lookup (the admin socket); see _lookup."""
+        self.clock = now
+        return self._lookup(fp, ns, chain, limit, asker=asker)
+
+    def _lookup(
         self, fp: bytes, ns: bytes | None, chain: tuple[bytes, ...], limit: int, *, asker: bytes
     ) -> tuple[int, list[Advert]]:
         """Longest prefix held by a usable provider, best first: those that delivered
@@ -106,23 +121,31 @@ class Trading(CoreState):
         self._out.append(self.market.accept(st, self.clock.now_ms(), self.source_network))
 
     def loaded(
-        self, deal: Authorize, payload: Payload | None, data: bytes, hashes: list[bytes]
+        self,
+        deal: Authorize,
+        payload: Payload | None,
+        data: bytes,
+        hashes: list[bytes],
+        *,
+        now: Now,
     ) -> None:
         """The driver loaded a sold payload: its stream may open."""
+        self.clock = now
         try:
             self.market.serve(deal, payload, data, hashes)
         except sqlite3.Error as exc:
             self._ledger_failed(exc)
 
-    def unservable(self, deal: Authorize, why: str) -> None:
+    def unservable(self, deal: Authorize, why: str, now: Now) -> None:
         """A sold payload failed its root when the driver loaded it: that deal is over
         undelivered, and the payload is neither served nor advertised again."""
+        self.clock = now
         self.event("store_dropped", logging.WARNING, root=deal.entry.root.hex()[:16], reason=why)
         try:
             self.market.unservable(deal, self.clock.now_ms(), why)
         except sqlite3.Error as exc:
             self._ledger_failed(exc)
-        self.withdraw(deal.entry.root)
+        self._withdraw(deal.entry.root)
 
     def _on_reject(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
         frame = self.market.reject(st, self.clock.now_ms())

@@ -49,6 +49,15 @@ def test_no_module_of_the_core_imports_asyncio_or_zmq():
             assert name.split(".")[0] not in ("asyncio", "zmq", "socket"), (path, name)
 
 
+def test_the_core_reads_no_clock_random_source_or_file_of_its_own():
+    """Time comes with each input, randomness from the driver's sources; the store is the
+    one part that holds files, and the simulator is a driver."""
+    forbidden = {"time", "secrets", "random", "os", "pathlib", "tempfile", "socket"}
+    for path in set(CORE) - {"p2p/_store.py", "kvx/testing/_sim.py"}:
+        for name in imported(ROOT / path, at_runtime=True):
+            assert name.split(".")[0] not in forbidden, (path, name)
+
+
 def spread(seed: int, n: int = 40, loss: float = 0.0) -> tuple[dict[int, float], dict]:
     with Simulation(n, seed=seed, network=Network(loss=loss)) as sim:
         sim.start(known=6)
@@ -133,9 +142,9 @@ def test_made_up_news_in_peers_pulls_at_most_one_digest_a_second():
         for k in range(50):
             sim.clock.now = 5.0 + k * 0.01  # 50 within half a second
             frame = liar.signer.seal(
-                Peers(peers=(), recent=fake), now_ms=sim.clock.now_ms(), to=victim.id
+                Peers(peers=(), recent=fake), now_ms=sim.clock.at().now_ms(), to=victim.id
             )
-            victim.receive(frame, sim.curve[1], None, liar.identity.public_key)
+            victim.receive(frame, sim.curve[1], None, liar.identity.public_key, now=sim.clock.at())
             digests += sum(1 for out in victim.drain() if getattr(out, "mtype", None) == T.DIGEST)
         assert digests == 1
 
@@ -170,7 +179,7 @@ def test_a_probe_ack_counts_only_with_the_targets_own_fresh_words_to_the_helper(
         sim.run_until(1.0)
         asker, helper, target = sim.cores
         t_key, h_key = target.identity.public_key, helper.identity.public_key
-        now = sim.clock.now_ms()
+        now = sim.clock.at().now_ms()
 
         def ack(seq: int, proof: bytes) -> bool:
             """Node 0 asked the helper (PROBE `seq`), and gets this proof back: taken?"""
@@ -180,7 +189,7 @@ def test_a_probe_ack_counts_only_with_the_targets_own_fresh_words_to_the_helper(
             frame = helper.signer.seal(
                 ProbeAck(re=seq, target=t_key, proof=proof), now_ms=now, to=asker.id
             )
-            asker.receive(frame, sim.curve[1], None, h_key)
+            asker.receive(frame, sim.curve[1], None, h_key, now=sim.clock.at())
             return peer.state == State.ALIVE
 
         def said(by, to, at=now) -> bytes:
@@ -201,7 +210,7 @@ def test_a_probe_ack_counts_only_with_the_targets_own_fresh_words_to_the_helper(
         unasked = helper.signer.seal(
             ProbeAck(re=99, target=t_key, proof=said(target, helper)), now_ms=now, to=asker.id
         )
-        asker.receive(unasked, sim.curve[1], None, h_key)
+        asker.receive(unasked, sim.curve[1], None, h_key, now=sim.clock.at())
         assert peer.state == State.SUSPECT and not asker.drain()  # ignored, not answered
 
 
@@ -217,8 +226,10 @@ def test_a_helper_probes_only_its_own_live_peers_and_holds_few_askers():
         a_key, t_key = asker.identity.public_key, target.identity.public_key
 
         def probe(key: bytes) -> list:
-            frame = asker.signer.seal(Probe(target=key), now_ms=sim.clock.now_ms(), to=helper.id)
-            helper.receive(frame, sim.curve[0], b"\0\0\0\0", None)
+            frame = asker.signer.seal(
+                Probe(target=key), now_ms=sim.clock.at().now_ms(), to=helper.id
+            )
+            helper.receive(frame, sim.curve[0], b"\0\0\0\0", None, now=sim.clock.at())
             return helper.drain()
 
         for key in (Identity.generate().public_key, a_key):  # a stranger; the asker itself
@@ -248,7 +259,9 @@ def test_hostile_nodes_neither_stop_an_ad_nor_keep_honest_buyers_from_buying():
         sim.run_until(8.0)
         assert all(ad in sim.cores[i].index for i in range(50))
         liars = {sim.cores[i].identity.public_key for i in cheats}
-        _, listed = sim.cores[7].lookup(document[0], None, document[1], 8, asker=b"")
+        _, listed = sim.cores[7].lookup(
+            document[0], None, document[1], 8, asker=b"", now=sim.clock.at()
+        )
         assert {a.signer for a in listed} <= liars  # price 0 comes first among strangers
         first = sim.purchase(7, *document)
         assert first == len(liars) + 1  # each liar once, then the honest provider
@@ -289,8 +302,8 @@ def test_every_illegal_step_of_a_quote_has_its_spec_code_in_memory():
         outputs: list = []
 
         def ask(message) -> object:
-            frame = buyer.signer.seal(message, now_ms=sim.clock.now_ms(), to=seller.id)
-            seller.receive(frame, sim.curve[1], routing, None)
+            frame = buyer.signer.seal(message, now_ms=sim.clock.at().now_ms(), to=seller.id)
+            seller.receive(frame, sim.curve[1], routing, None, now=sim.clock.at())
             outputs[:] = seller.drain()
             answers = [open_envelope(o.frame).message for o in outputs if isinstance(o, Reply)]
             return answers[0] if answers else None
@@ -324,3 +337,27 @@ def test_every_illegal_step_of_a_quote_has_its_spec_code_in_memory():
         assert ask(Reject(quote=q.quote, reason=0)) is None  # OFFERED -> REJECTED
         assert code(accept(q)) == ErrorCode.UNEXPECTED_MESSAGE
         assert code(Reject(quote=q.quote, reason=0, counter=1)) == ErrorCode.UNEXPECTED_MESSAGE
+
+
+def test_a_seed_and_its_inputs_give_the_same_run_frame_for_frame():
+    """The core reads no clock and no random source of its own: the simulator's time,
+    seed and sequence numbers are all it gets, so a run replays byte for byte."""
+
+    def run(seed: int) -> list[tuple[int, int, bytes]]:
+        frames: list[tuple[int, int, bytes]] = []
+        with Simulation(20, seed=seed, publishers=frozenset({0, 1})) as sim:
+            sim.on_receive = lambda to, sender, frame: frames.append((to, sender, frame))
+            sim.start(known=6)
+            sim.run_until(1.0)
+            sim.publish(0)
+            sim.crash(5)
+            sim.run_until(4.0)
+            sim.restart(5, known=6)
+            sim.publish(1)
+            sim.run_until(8.0)
+        return frames
+
+    first = run(11)
+    assert len(first) > 1000
+    assert run(11) == first
+    assert run(12) != first

@@ -1,11 +1,12 @@
 """A deal's life (spec §10.7), on the seller's market with a real store and ledger and a
 clock the test moves: what no live node can show without waiting out a token's life."""
 
+import secrets
+
 import blake3
 import pytest
 
 from kvx.p2p import PublishRequest
-from kvx.p2p._clock import Clock
 from kvx.p2p._market import QUOTE_TTL_MS, Authorize, Market
 from kvx.p2p._pricing import PricePolicy
 from kvx.p2p._store import LocalStore
@@ -19,15 +20,11 @@ CHAIN = tuple(blake3.blake3(f"doc/{i}".encode()).digest() for i in range(3))
 SELLER, BUYER = Identity.generate(), Identity.generate()
 
 
-class Frozen(Clock):
+class Frozen:
+    """The time the test sets, in ms, which it passes to the market with each call."""
+
     def __init__(self, ms: int) -> None:
         self.ms = ms
-
-    def time(self) -> float:
-        return self.ms / 1000
-
-    def monotonic(self) -> float:
-        return self.ms / 1000
 
 
 @pytest.fixture
@@ -47,7 +44,8 @@ def books(tmp_path):
             memberships=Memberships(SELLER.node_id, Policy()),
             pricing=PricePolicy(),
             data={"tcp": "127.0.0.1:9"},
-            clock=clock,
+            tokens=secrets.token_bytes,
+            now_ms=clock.ms,
         )
 
     yield market, ledger, clock

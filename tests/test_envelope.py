@@ -1,5 +1,7 @@
 """Sealing and opening signed envelopes; the receive-side checks in their order."""
 
+import itertools
+
 import pytest
 
 from kvx.protocol import (
@@ -55,7 +57,7 @@ def test_a_key_that_is_no_curve_point_is_a_bad_signature():
 
 
 def test_signer_sequence_numbers_strictly_increase():
-    signer = Signer(ALICE, first_seq=100)
+    signer = Signer(ALICE, seqs=itertools.count(100).__next__)
     seqs = [
         open_envelope(signer.seal(HELLO, now_ms=NOW, to=BOB.node_id)).header.seq for _ in range(3)
     ]
@@ -68,11 +70,19 @@ def test_signer_default_ttl_respects_each_type():
     assert st.header.exp - st.header.iat == 60_000
 
 
-def test_a_failed_seal_does_not_burn_a_sequence_number():
-    signer = Signer(ALICE, first_seq=1)
+def test_a_failed_seal_never_lets_a_sequence_number_repeat():
+    signer = Signer(ALICE, seqs=itertools.count(1).__next__)
+    first = open_envelope(signer.seal(HELLO, now_ms=NOW, to=BOB.node_id)).header.seq
     with pytest.raises(LocalProtocolError):
         signer.seal(HELLO, now_ms=NOW)  # no recipient
-    assert open_envelope(signer.seal(HELLO, now_ms=NOW, to=BOB.node_id)).header.seq == 1
+    assert open_envelope(signer.seal(HELLO, now_ms=NOW, to=BOB.node_id)).header.seq > first
+
+
+def test_signers_of_one_identity_share_one_sequence_by_default():
+    """Clients of one node in one process never sign two statements with one number."""
+    a, b = Signer(ALICE), Signer(ALICE)
+    seqs = [open_envelope(s.seal(HELLO, now_ms=NOW, to=BOB.node_id)).header.seq for s in (a, b, a)]
+    assert seqs == sorted(set(seqs))
 
 
 def make_inbox() -> Inbox:

@@ -1,5 +1,7 @@
 """The membership table: suspicion before death, rejoin by incarnation, bounds."""
 
+import random
+
 from kvx.p2p._peers import PeerTable, State
 from kvx.protocol import PeerEntry
 
@@ -7,7 +9,8 @@ A, B, C, ME = b"\x0a" * 32, b"\x0b" * 32, b"\x0c" * 32, b"\x00" * 32
 
 
 def table(**kw) -> PeerTable:
-    return PeerTable(ME, **{"suspect_after_s": 2, "dead_after_s": 5, "max_peers": 3, **kw})
+    settings = {"suspect_after_s": 2, "dead_after_s": 5, "max_peers": 3, "rng": random.Random(0)}
+    return PeerTable(ME, **{**settings, **kw})
 
 
 def test_an_unanswered_probe_makes_a_peer_suspect_then_dead_and_silence_does_not():

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from nacl.exceptions import CryptoError
@@ -80,6 +82,13 @@ _COUNTERS: dict[bytes, list[int]] = {}
 _COUNTERS_LOCK = threading.Lock()
 
 
+def _shared_seq(key: bytes) -> int:
+    with _COUNTERS_LOCK:
+        counter = _COUNTERS.setdefault(key, [0])
+        counter[0] = max(counter[0] + 1, time.time_ns() // 1000)
+        return counter[0]
+
+
 class Signer:
     """Seals statements under one identity with sequence numbers it never repeats.
 
@@ -90,28 +99,18 @@ class Signer:
     same microsecond.
     """
 
-    def __init__(self, identity: Identity, *, first_seq: int | None = None) -> None:
+    def __init__(self, identity: Identity, *, seqs: Callable[[], int] | None = None) -> None:
+        """`seqs`, if given, draws the sequence numbers instead: a simulation's, or a
+        test's that pins them."""
         self.identity = identity
-        self._fixed = first_seq is not None  # tests pin the sequence
-        self._next = first_seq if first_seq is not None else 0
-
-    def _take_seq(self) -> int:
-        if self._fixed:
-            return self._next
-        with _COUNTERS_LOCK:
-            counter = _COUNTERS.setdefault(self.identity.public_key, [0])
-            counter[0] = max(counter[0] + 1, time.time_ns() // 1000)
-            return counter[0]
+        self._seqs = seqs or functools.partial(_shared_seq, identity.public_key)
 
     def seal(
         self, message: Message, *, now_ms: int, to: bytes | None = None, ttl_ms: int | None = None
     ) -> bytes:
         ttl = min(DEFAULT_TTL_MS, max_lifetime_ms(message.TYPE)) if ttl_ms is None else ttl_ms
-        header = Header(iat=now_ms, exp=now_ms + ttl, seq=self._take_seq(), to=to)
-        frame = seal(self.identity, message, header)
-        if self._fixed:
-            self._next += 1
-        return frame
+        header = Header(iat=now_ms, exp=now_ms + ttl, seq=self._seqs(), to=to)
+        return seal(self.identity, message, header)
 
     def seal_error(
         self, exc: RemoteProtocolError, *, re: int | None, to: bytes, now_ms: int

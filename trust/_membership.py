@@ -31,9 +31,16 @@ class Memberships:
     """One node's challenges to its peers and the namespaces each peer has proved."""
 
     def __init__(
-        self, me: bytes, policy: Policy, *, ttl_s: float = 3600.0, max_sessions: int = 4096
+        self,
+        me: bytes,
+        policy: Policy,
+        *,
+        ttl_s: float = 3600.0,
+        max_sessions: int = 4096,
+        tokens: Callable[[int], bytes] = secrets.token_bytes,
     ) -> None:
         self.me = me
+        self.tokens = tokens  # a simulation passes a seeded source
         self.policy = policy
         self.ttl_s = ttl_s
         self.max_sessions = max_sessions
@@ -52,7 +59,7 @@ class Memberships:
         if session is None or now - session.issued > self.ttl_s:
             if len(self._sessions) >= self.max_sessions:  # the oldest session goes
                 del self._sessions[next(iter(self._sessions))]
-            session = _Session(secrets.token_bytes(16), now)
+            session = _Session(self.tokens(16), now)
             self._sessions.pop(peer, None)
             self._sessions[peer] = session
         return session.challenge

@@ -11,6 +11,7 @@ same run, event for event.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import heapq
 import itertools
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvx.p2p._buying import blame
-from kvx.p2p._clock import Clock
+from kvx.p2p._clock import Now
 from kvx.p2p._config import NodeConfig
 from kvx.p2p._core import Disconnect, NodeCore, Reply, Send
 from kvx.p2p._gossip import RECENT_MAX
@@ -48,7 +49,7 @@ from kvx.trust import (
 )
 
 
-class SimClock(Clock):
+class SimClock:
     """Simulated time, shared by every core of a simulation (wall = epoch + elapsed)."""
 
     EPOCH = 1_800_000_000.0
@@ -56,11 +57,9 @@ class SimClock(Clock):
     def __init__(self) -> None:
         self.now = 0.0
 
-    def monotonic(self) -> float:
-        return self.now
-
-    def time(self) -> float:
-        return self.EPOCH + self.now
+    def at(self) -> Now:
+        """The time passed to a core with an input."""
+        return Now(self.now, self.EPOCH + self.now)
 
 
 @dataclass(frozen=True)
@@ -175,6 +174,9 @@ class Simulation:
         hostile: frozenset[int] = frozenset(),
     ) -> None:
         self.rng = random.Random(seed)
+        self.seed = seed
+        self._seq: dict[bytes, int] = {}  # signer -> its last sequence number, across restarts
+        self._generation: dict[int, int] = {}  # node -> restarts, to drop stale timers
         self.network = network or Network()
         self.clock = SimClock()
         self.traffic = Traffic()
@@ -198,7 +200,6 @@ class Simulation:
         self.curve = [curve_public_key(core.identity.public_key) for core in self.cores]
         self.down: set[int] = set()
         self._timers: list[tuple[float, int, int]] = []  # (due, node, its generation)
-        self._generation: dict[int, int] = {}  # node -> restarts, to drop stale timers
         self.on_receive: Callable[[int, int, bytes], None] | None = None
         self._links: dict[frozenset[int], float] = {}  # loss of one link, over the network's
         self._side: dict[int, int] = {}  # node -> its side of a partition
@@ -218,9 +219,20 @@ class Simulation:
             scores=PeerScores(":memory:"),
             ledger=Ledger(":memory:", identity.node_id),
             store=store,
-            clock=self.clock,
+            now=self.clock.at(),
             rng=random.Random(self.rng.getrandbits(64)),
+            seqs=functools.partial(self._next_seq, identity.public_key),
+            # Tokens and challenges from a source of their own: the main RNG's draws (and so
+            # every figure of a run) are the same whether or not a node draws tokens.
+            tokens=random.Random(f"{self.seed}/{i}/{self._generation.get(i, 0)}").randbytes,
         )
+
+    def _next_seq(self, key: bytes) -> int:
+        """A node's next sequence number: above its last, and at least simulated time in
+        microseconds, as a node's own are (trust/_envelope.py), so that a restarted node
+        is not taken for a replay."""
+        seq = self._seq[key] = max(self._seq.get(key, 0) + 1, int(self.clock.at().wall * 1e6))
+        return seq
 
     def __enter__(self) -> Simulation:
         return self
@@ -241,7 +253,7 @@ class Simulation:
         """Serve every core, each knowing `known` random others as alive peers (a swarm
         that has already formed: joining is the subject of other runs)."""
         for i, core in enumerate(self.cores):
-            core.serve(self.address(i), self._data(i))
+            core.serve(self.address(i), self._data(i), self.clock.at())
         for i in range(len(self.cores)):
             self._introduce(i, known)
         self._timers = [(core.next_timer(), i, 0) for i, core in enumerate(self.cores)]
@@ -272,7 +284,7 @@ class Simulation:
         old.scores.close()
         old.store.close()
         self.cores[i] = core = self._core(i, old.config, old.identity)
-        core.serve(self.address(i), self._data(i))
+        core.serve(self.address(i), self._data(i), self.clock.at())
         self._introduce(i, known)
         self.down.discard(i)
         heapq.heappush(self._timers, (core.next_timer(), i, self._generation.get(i, 0)))
@@ -317,7 +329,7 @@ class Simulation:
             _, i, generation = heapq.heappop(self._timers)
             if i in self.down or generation != self._generation.get(i, 0):
                 continue  # a crashed node's timers stop; restart() sets them again
-            self.cores[i].handle_timer(at)
+            self.cores[i].handle_timer(self.clock.at())
             heapq.heappush(self._timers, (self.cores[i].next_timer(), i, generation))
             self._drain(i)
 
@@ -326,11 +338,11 @@ class Simulation:
             return
         core = self.cores[d.to]
         if d.reply:  # an answer on the receiver's own connection to the sender
-            core.receive(
-                d.frame, self.curve[d.sender], None, self.cores[d.sender].identity.public_key
-            )
+            sender = self.cores[d.sender].identity.public_key
+            core.receive(d.frame, self.curve[d.sender], None, sender, now=self.clock.at())
         else:
-            core.receive(d.frame, self.curve[d.sender], d.sender.to_bytes(4, "big"), None)
+            routing = d.sender.to_bytes(4, "big")
+            core.receive(d.frame, self.curve[d.sender], routing, None, now=self.clock.at())
         if self.on_receive is not None:
             self.on_receive(d.to, d.sender, d.frame)
         self._drain(d.to)
@@ -367,7 +379,8 @@ class Simulation:
             tuple(self.rng.randbytes(32) for _ in range(blocks)),
         )
         payload = bytes(layout.payload_bytes(len(chain)))
-        entry = core.publish(PublishRequest(fp, layout, chain, payload, chunk=1 << 16))
+        request = PublishRequest(fp, layout, chain, payload, chunk=1 << 16)
+        entry = core.publish(request, self.clock.at())
         st = core.advertisement(entry.root)
         self._drain(i)
         return st.signer, st.header.seq
@@ -380,7 +393,7 @@ class Simulation:
         and no time passes here: a hostile provider, which holds nothing, answers
         NOT_FOUND; an honest one quotes what it advertised. Returns the providers asked,
         or 0 when none could deliver."""
-        core, now = self.cores[i], self.clock.time()
+        core, now = self.cores[i], self.clock.at().wall
         want = Want(
             fp=fp,
             chain=chain,
@@ -396,7 +409,7 @@ class Simulation:
         buyer = Purchase(want, core.signer, now)
 
         def lookup() -> list[Action]:
-            matched, adverts = core.lookup(fp, None, chain, 8, asker=core.id)
+            matched, adverts = core.lookup(fp, None, chain, 8, asker=core.id, now=self.clock.at())
             return buyer.listed(matched, [open_envelope(a.frame) for a in adverts], (), now)
 
         def score(report: Report | None) -> None:
