@@ -10,9 +10,14 @@ from kvx.protocol._address import CtlAddress
 from kvx.protocol._messages import ADDRESS
 from kvx.protocol._schema import Array, Bin, Bool, OneOf, Str, Struct, UInt
 
-ips = st.ip_addresses().filter(
-    lambda ip: not (ip.is_unspecified or ip.is_multicast or str(ip) == "255.255.255.255")
-)
+
+def _reachable(ip) -> bool:
+    """As §8.1a judges it: an IPv4-mapped IPv6 address by the IPv4 address it maps."""
+    judged = ip.ipv4_mapped if ip.version == 6 and ip.ipv4_mapped else ip
+    return not (judged.is_unspecified or judged.is_multicast or str(judged) == "255.255.255.255")
+
+
+ips = st.ip_addresses().filter(_reachable)
 host_ports = st.builds(
     lambda ip, port: f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}",
     ips,
