@@ -49,6 +49,7 @@ from kvx.trust import (
 
 from ._clock import Now
 from ._config import NodeConfig
+from ._dials import Connect, Connections
 from ._fraud import Fraud, Judge
 from ._gossip import RECENT_MAX, SEND_BURST, SEND_RATE_PER_S, Gossip
 from ._index import AdId, AdIndex
@@ -100,7 +101,7 @@ class Disconnect:
     key: bytes
 
 
-Output = Send | Reply | Disconnect | Judge | Authorize
+Output = Connect | Send | Reply | Disconnect | Judge | Authorize
 
 
 class NodeCore(Liveness, Gossip, Trading, Fraud):
@@ -168,6 +169,7 @@ class NodeCore(Liveness, Gossip, Trading, Fraud):
         self.probes = IndirectProbes()
         self._rates = RateLimits(config.rate_per_s, config.burst)
         self._curve_to_key: dict[bytes, bytes] = {}
+        self.connections = Connections()  # this node's own, to its peers (§8.1a)
         self._ledger_failed_at = float("-inf")
         self._fraud_init(judges)
         self._out: list[Output] = []
@@ -255,6 +257,7 @@ class NodeCore(Liveness, Gossip, Trading, Fraud):
                 self._ledger_failed(exc)
             except Exception:
                 self.internal_error(name)
+        self._sweep_connections()
 
     def _period(self, name: str) -> float:
         if name == "heartbeat":
@@ -267,10 +270,13 @@ class NodeCore(Liveness, Gossip, Trading, Fraud):
         """The driver dropped a ZeroMQ message of more than one frame (spec §4.2)."""
         self.metrics.rejections.labels(ErrorCode.MALFORMED.name).inc()
 
-    def wants_connection(self, key: bytes) -> bool:
-        """Whether a connection to `key` is still of use: a peer in the table, or one the
-        table keeps (bootstrap, proven sellers). The driver drops the others."""
-        return key in self.peers or self._keeps(key)
+    def _sweep_connections(self) -> None:
+        """Drop the connections no longer of use: to a key neither in the peer table nor
+        kept by it (bootstrap, proven sellers)."""
+        for key in self.connections.connected():
+            if key not in self.peers and not self._keeps(key):
+                self._disconnect(key)
+        self.connections.dials.prune(self.clock.mono)
 
     def held(self) -> dict[str, int]:
         """What the core holds for its peers, each against a budget (spec §13.1)."""
@@ -283,6 +289,8 @@ class NodeCore(Liveness, Gossip, Trading, Fraud):
             "sessions": len(self.memberships),
             "peers": len(self.peers.all()),
             "peers_evicted": self.peers.evicted,
+            "dealers": len(self.connections),
+            "dial_backoffs": len(self.connections.dials),
             "ads": len(self.index),
             "ad_bytes": self.index.bytes,
             "ad_signers": self.index.signers(),
@@ -296,12 +304,30 @@ class NodeCore(Liveness, Gossip, Trading, Fraud):
     # ---- outputs ---------------------------------------------------------------------
 
     def _send_frame(self, key: bytes, frame: bytes, mtype: MessageType) -> None:
-        self._out.append(Send(key, frame, mtype))
+        """Send over this node's own connection to `key`, opening it if §8.1a allows;
+        a statement to a key it may not dial now is dropped."""
+        peer = self.peers.get(key)
+        boot = next((b.ctl for b in self.config.bootstrap if b.key == key), None)
+        proven = boot is not None or (peer is not None and peer.proven)
+        ctl = peer.ctl if peer is not None else boot
+        drop, connect, ok = self.connections.reach(key, ctl, proven, self.clock.mono)
+        self._out.extend(Disconnect(k) for k in drop)
+        if connect is not None:
+            self._out.append(connect)
+        if ok:
+            self._out.append(Send(key, frame, mtype))
+
+    def connect_failed(self, key: bytes, error: str, now: Now) -> None:
+        """The driver could not open the connection a Connect asked for."""
+        self.clock = now
+        self.connections.forget(key)
+        self.event("connect_failed", logging.WARNING, peer=node_id(key).hex()[:12], error=error)
 
     def _reply_frame(self, routing: bytes, frame: bytes, mtype: MessageType) -> None:
         self._out.append(Reply(routing, frame, mtype))
 
     def _disconnect(self, key: bytes) -> None:
+        self.connections.forget(key)
         self._out.append(Disconnect(key))
 
     def event(self, name: str, level: int = logging.INFO, **fields: Any) -> None:

@@ -31,7 +31,6 @@ from kvx.protocol import (
     ErrorCode,
     IntegrityError,
     RemoteProtocolError,
-    node_id,
 )
 from kvx.transport import TcpDataServer
 from kvx.trust import (
@@ -54,7 +53,7 @@ from ._clock import Now
 from ._config import ADMIN_SOCKET, INFO_FILE, LEDGER_FILE, SCORES_FILE, STORE_DIR, NodeConfig
 from ._core import Disconnect, NodeCore, Reply, Send
 from ._datadir import DataDirLock
-from ._dials import Dials
+from ._dials import Connect
 from ._fraud import Judge
 from ._market import Authorize
 from ._pricing import PricePolicy
@@ -108,9 +107,6 @@ class Node:
         self.identity = identity
         self.id = identity.node_id
         self._dealers: dict[bytes, zmq.asyncio.Socket] = {}
-        self._dealer_ctl: dict[str, bytes] = {}  # address -> the key its dealer speaks to
-        self._trial: dict[bytes, str] = {}  # key -> address, of dealers to unproven keys
-        self._dials = Dials()
         self._readers: dict[bytes, asyncio.Future[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
@@ -288,9 +284,11 @@ class Node:
 
     async def _flush(self) -> None:
         for out in self.core.drain():
-            if isinstance(out, Send):
-                sock = self._dealer(out.key)
-                if sock is None:
+            if isinstance(out, Connect):
+                self._connect(out)
+            elif isinstance(out, Send):
+                sock = self._dealers.get(out.key)
+                if sock is None:  # its connection could not be made
                     continue
                 with contextlib.suppress(zmq.Again):
                     await sock.send(out.frame, flags=zmq.NOBLOCK)
@@ -345,65 +343,29 @@ class Node:
         self.core.metrics.sent.labels(mtype).inc()
         self.core.metrics.bytes_out.inc(size)
 
-    def _dealer(self, key: bytes) -> zmq.asyncio.Socket | None:
-        """The connection to a peer, made on first use.
-
-        One connection per address: a second key claiming an address that another key's
-        connection uses gets none until it has spoken for itself, so a listing of many
-        keys at one victim's address costs the victim one connection, not one per key.
-        An address no key has proven gets one attempt per connection (libzmq does not
-        reconnect it) and new connections with a backoff of its own (p2p/_dials.py),
-        however the far end answers (spec §8.1a).
-        """
-        peer = self.core.peers.get(key)
-        boot = next((b.ctl for b in self.config.bootstrap if b.key == key), None)
-        proven = boot is not None or (peer is not None and peer.proven)
-        sock = self._dealers.get(key)
-        if sock is not None and key in self._trial and proven:
-            # It spoke: from now on a connection that libzmq keeps, reconnecting.
-            self._dials.proven(self._trial[key])
-            self._drop_dealer(key)
-            sock = None
-        if sock is None:
-            ctl = peer.ctl if peer else boot
-            if ctl is None:
-                return None
-            other = self._dealer_ctl.get(ctl)
-            if other is not None and other != key:
-                if not proven:
-                    return None
-                self._drop_dealer(other)
-            if not (proven or self._dials.allow(ctl, time.monotonic())):
-                return None
-            sock = self._ctx.socket(zmq.DEALER)
-            make_curve_client(sock, self.identity, key)
-            sock.maxmsgsize = MAX_FRAME_BYTES
-            sock.linger = 0
-            sock.sndhwm = 1000
-            if proven:
-                sock.reconnect_ivl = int(self.config.reconnect_s * 1000)
-                sock.reconnect_ivl_max = int(self.config.reconnect_max_s * 1000)
-            else:
-                sock.reconnect_ivl = -1  # one attempt: the next is ours to allow
-            try:
-                sock.connect(ctl)
-            except zmq.ZMQError as exc:  # decoded addresses connect; config ones may not
-                sock.close(linger=0)
-                self.core.event(
-                    "connect_failed", logging.WARNING, peer=node_id(key).hex()[:12], error=str(exc)
-                )
-                return None
-            self._dealers[key] = sock
-            self._dealer_ctl[ctl] = key
-            if not proven:
-                self._trial[key] = ctl
-            self._readers[key] = self._spawn(self._receive(sock, key))
-        return sock
+    def _connect(self, out: Connect) -> None:
+        """Open the connection the core decided on (spec §8.1a): to a proven key one that
+        libzmq keeps reconnecting, to any other one attempt."""
+        sock = self._ctx.socket(zmq.DEALER)
+        make_curve_client(sock, self.identity, out.key)
+        sock.maxmsgsize = MAX_FRAME_BYTES
+        sock.linger = 0
+        sock.sndhwm = 1000
+        if out.proven:
+            sock.reconnect_ivl = int(self.config.reconnect_s * 1000)
+            sock.reconnect_ivl_max = int(self.config.reconnect_max_s * 1000)
+        else:
+            sock.reconnect_ivl = -1  # one attempt: the next is the core's to allow
+        try:
+            sock.connect(out.ctl)
+        except zmq.ZMQError as exc:  # decoded addresses connect; config ones may not
+            sock.close(linger=0)
+            self.core.connect_failed(out.key, str(exc), now())
+            return
+        self._dealers[out.key] = sock
+        self._readers[out.key] = self._spawn(self._receive(sock, out.key))
 
     def _drop_dealer(self, key: bytes) -> None:
-        self._trial.pop(key, None)
-        for ctl in [c for c, k in self._dealer_ctl.items() if k == key]:
-            del self._dealer_ctl[ctl]
         sock = self._dealers.pop(key, None)
         reader = self._readers.pop(key, None)
         if reader is not None:
@@ -471,9 +433,6 @@ class Node:
         while True:
             await asyncio.sleep(max(0.0, self.core.next_timer() - time.monotonic()))
             self.core.handle_timer(now())
-            for key in [k for k in self._dealers if not self.core.wants_connection(k)]:
-                self._drop_dealer(key)  # forgotten or evicted: its connection goes too
-            self._dials.prune(time.monotonic())
             self._handshakes.prune(time.monotonic())
             await self._flush()
 
@@ -483,8 +442,6 @@ class Node:
             **self.core.held(),
             "data_connections": self.tcp.connections,
             "data_accept_errors": self.tcp.accept_errors,
-            "dealers": len(self._dealers),
-            "dial_backoffs": len(self._dials),
         }
 
     def budgets(self) -> dict[str, dict[str, int]]:

@@ -361,3 +361,34 @@ def test_a_seed_and_its_inputs_give_the_same_run_frame_for_frame():
     assert len(first) > 1000
     assert run(11) == first
     assert run(12) != first
+
+
+def test_many_keys_at_one_address_cost_that_address_one_connection_in_memory():
+    """Spec §8.1a, in the core: a PEERS listing many keys at one victim's address opens
+    one connection there, whatever more keys later listings name there."""
+    from kvx.p2p._clock import Now
+    from kvx.p2p._dials import Connect
+    from kvx.protocol import PeerEntry, Peers
+    from kvx.trust import Identity
+
+    with Simulation(3, seed=47) as sim:
+        sim.start(known=2)
+        sim.run_until(1.0)
+        core, liar = sim.cores[0], sim.cores[1]
+        victim = "tcp://10.9.9.9:7000"
+        start = sim.clock.at()
+        dials: list[float] = []  # when the core opened a connection to the victim
+        for k in range(40):  # a new listing of 20 fresh keys there every half second
+            now = Now(start.mono + k * 0.5, start.wall + k * 0.5)
+            keys = [Identity.generate().public_key for _ in range(20)]
+            listing = Peers(peers=tuple(PeerEntry(key, victim, 0, 0) for key in keys))
+            frame = liar.signer.seal(listing, now_ms=now.now_ms(), to=core.id)
+            core.receive(frame, sim.curve[1], None, liar.identity.public_key, now=now)
+            core.handle_timer(now)
+            opened = [o for o in core.drain() if isinstance(o, Connect) and o.ctl == victim]
+            assert len(opened) <= 1  # twenty HELLOs, one connection at most
+            assert all(not o.proven for o in opened)  # one attempt each, no reconnecting
+            dials += [now.mono - start.mono] * len(opened)
+        # The first key's connection holds the address until that key is forgotten; only
+        # then may another key there be dialed, and then within the address's backoff.
+        assert dials[0] == 0.0 and len(dials) <= 3, dials

@@ -25,6 +25,7 @@ from kvx.p2p._buying import blame
 from kvx.p2p._clock import Now
 from kvx.p2p._config import NodeConfig
 from kvx.p2p._core import Disconnect, NodeCore, Reply, Send
+from kvx.p2p._dials import Connect
 from kvx.p2p._gossip import RECENT_MAX
 from kvx.p2p._purchase import Action, Ask, Exhausted, Lookup, Purchase, Ready, Report, Want
 from kvx.p2p._store import Entry, LocalStore, PublishRequest
@@ -199,6 +200,7 @@ class Simulation:
             self.cores[i].accomplices = accomplices
         self.curve = [curve_public_key(core.identity.public_key) for core in self.cores]
         self.down: set[int] = set()
+        self._connected: list[set[bytes]] = [set() for _ in self.cores]  # keys each dialed
         self._timers: list[tuple[float, int, int]] = []  # (due, node, its generation)
         self.on_receive: Callable[[int, int, bytes], None] | None = None
         self._links: dict[frozenset[int], float] = {}  # loss of one link, over the network's
@@ -284,6 +286,7 @@ class Simulation:
         old.scores.close()
         old.store.close()
         self.cores[i] = core = self._core(i, old.config, old.identity)
+        self._connected[i] = set()  # a new process holds no connection
         core.serve(self.address(i), self._data(i), self.clock.at())
         self._introduce(i, known)
         self.down.discard(i)
@@ -349,9 +352,18 @@ class Simulation:
 
     def _drain(self, i: int) -> None:
         for out in self.cores[i].drain():
+            if isinstance(out, Connect):
+                # The CURVE handshake fails unless the key is the one at that address.
+                to = self.index.get(out.key)
+                if to is not None and self.address(to) == out.ctl:
+                    self._connected[i].add(out.key)
+                continue
             if isinstance(out, Disconnect):
+                self._connected[i].discard(out.key)
                 continue
             if isinstance(out, Send):
+                if out.key not in self._connected[i]:
+                    continue  # no connection carries it
                 to, reply = self.index.get(out.key), False
             else:
                 assert isinstance(out, Reply)
