@@ -672,7 +672,7 @@ def _evidence(
         return None
     layout, chunk = ad.layout, ad.chunk
     covering = covering_chunks(layout, chunk, refusal.position)
-    if min(covering.stop * chunk, ad.size) > fetched.bytes:
+    if min(covering.stop * chunk, ad.size) > fetched.size:
         return None  # part of a chunk lies past what was delivered: not ours to show
     return Evidence(
         claim=claim.frame,

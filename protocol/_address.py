@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ._errors import RemoteProtocolError
@@ -76,7 +77,9 @@ def _ctl(text: str, path: str) -> tuple[IPAddress, int]:
     return _host_port(text[len(CTL_SCHEME) :], path)
 
 
-def _remote(split, text: str, path: str) -> tuple[IPAddress, int]:
+def _remote(
+    split: Callable[[str, str], tuple[IPAddress, int]], text: str, path: str
+) -> tuple[IPAddress, int]:
     try:
         return split(text, path)
     except Invalid as exc:

@@ -58,7 +58,8 @@ def _unpack(data: bytes, what: str) -> object:
 
 
 def _pack(obj: object) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
+    packed: bytes = msgpack.packb(obj, use_bin_type=True)
+    return packed
 
 
 @dataclass(frozen=True)

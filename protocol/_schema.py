@@ -194,7 +194,8 @@ def decode_struct(cls: type, value: object, path: str) -> Any:
 def encode_struct(obj: Any, path: str) -> dict[str, object]:
     """The map for `obj`; optional fields left at None are omitted, never sent as nil."""
     out: dict[str, object] = {}
-    for name, wire, _, optional in _fields(type(obj)):
+    cls: type = type(obj)
+    for name, wire, _, optional in _fields(cls):
         value = getattr(obj, name)
         if value is None and optional:
             continue
@@ -203,7 +204,7 @@ def encode_struct(obj: Any, path: str) -> dict[str, object]:
     return out
 
 
-def unknown_bytes(cls: type, value: dict, *also: type) -> int:
+def unknown_bytes(cls: type, value: dict[str, Any], *also: type) -> int:
     """Encoded size of the keys (with their values) in a decoded map, and in the maps
     nested in its known fields, that `cls` (and `also`) do not define."""
     known = {f.name: f.metadata["wire"] for c in (cls, *also) for f in dataclasses.fields(c)}

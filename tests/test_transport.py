@@ -55,7 +55,7 @@ async def test_a_whole_payload_arrives_verified():
     got = await fetch([source(server.address, expected, P1, transfer_maker())], dest)
     await server.close()
     assert as_bytes(dest) == DATA
-    assert (got.bytes, got.providers, got.faults) == (len(DATA), (P1,), ())
+    assert (got.size, got.providers, got.faults) == (len(DATA), (P1,), ())
 
 
 async def test_a_prefix_that_ends_mid_chunk_lands_in_a_larger_bf16_tensor():

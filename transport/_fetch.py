@@ -22,7 +22,7 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kvx.protocol import ErrorCode, KvxError, RemoteProtocolError
 
@@ -105,7 +105,7 @@ class Streamed:
 
 @dataclass(frozen=True)
 class Fetched:
-    bytes: int
+    size: int  # bytes of the delivery
     streams: tuple[Streamed, ...]  # every stream the buyer keeps chunks of, by first chunk
     faults: tuple[Fault, ...]  # those that failed, for the caller to score
     hashes: bytes  # the payload's chunk list, verified against the root
@@ -299,8 +299,9 @@ class _Striping:
                 pulling = self._pull(now)
                 if not (self.lanes or self.parked or self.renewing or pulling):
                     return None  # nobody left who could stream the rest
-                waiting = [lane.task for lane in self.lanes.values()] + list(self.renewing)
-                waiting += [pulling] if pulling is not None else []
+                waiting: list[asyncio.Task[Any]] = [*self._tasks(), *self.renewing]
+                if pulling is not None:
+                    waiting.append(pulling)
                 done, _ = await asyncio.wait(
                     waiting, timeout=TICK_S, return_when=asyncio.FIRST_COMPLETED
                 )
@@ -383,7 +384,7 @@ class _Striping:
         ):
             self.plan.declined(action.key)
 
-    def _took(self, task: asyncio.Task, now: float) -> None:
+    def _took(self, task: asyncio.Task[Any], now: float) -> None:
         if task is self.offers.pending:
             source = self.offers.took()
             if source is not None and source.expected.content != self.expected.content:
@@ -393,8 +394,8 @@ class _Striping:
             return
         if task in self.renewing:
             self.renewing.discard(task)
-            if task.exception() is not None:
-                raise task.exception()  # a provider's refusal is a fault, not an exception
+            if (error := task.exception()) is not None:
+                raise error  # a provider's refusal is a fault, not an exception
             source = task.result()
             if source is not None and source.expected.content == self.expected.content:
                 self.parked.append(source)
@@ -423,10 +424,11 @@ class _Striping:
             return
         error = task.exception()
         if not isinstance(error, RemoteProtocolError):
+            assert error is not None  # a task that ended well was taken above
             raise error  # a fault of the buyer itself: receivers raise only protocol errors
         self.faults.append(Fault(lane.source.provider, error.code, error.detail))
 
-    async def _renew(self, lane: _Lane, paid: asyncio.Task[None] | None):
+    async def _renew(self, lane: _Lane, paid: asyncio.Task[None] | None) -> Source | None:
         """Ask a provider whose stream ended for another deal while there is work it may
         take (free chunks, or a running stream's rest), once that stream was paid."""
         if paid is not None:
@@ -435,10 +437,14 @@ class _Striping:
             return None  # nothing is left that it could take, now or later
         return await lane.source.renew()
 
+    def _tasks(self) -> list[asyncio.Task[None]]:
+        """The lanes' tasks (a lane has one from the moment it opens)."""
+        return [lane.task for lane in self.lanes.values() if lane.task is not None]
+
     async def _stop(self) -> None:
         """Nothing runs on once the fetch is over: streams (none, after a success) and
         renewals. A negotiation under way stays with the offers, for a next fetch."""
-        tasks = [lane.task for lane in self.lanes.values()] + list(self.renewing)
+        tasks: list[asyncio.Task[Any]] = [*self._tasks(), *self.renewing]
         for lane in self.lanes.values():
             lane.cancel()
         for task in tasks:

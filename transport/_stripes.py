@@ -12,7 +12,6 @@ stream that stops moving is abandoned, its rest taken by the others. Time comes 
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 STALL_MIN_S = 1.0
@@ -31,7 +30,7 @@ another before it is this old."""
 class Lane:
     """One stream: chunks [first, stop) asked of one deal."""
 
-    key: Hashable  # the deal it streams
+    key: bytes  # the deal it streams
     provider: bytes
     first: int
     stop: int  # the chunk after the last it was opened for: the seller may send up to here
@@ -56,7 +55,7 @@ class Lane:
 class Shorten:
     """Ask `key`'s stream to end before chunk `stop`."""
 
-    key: Hashable
+    key: bytes
     stop: int
 
 
@@ -64,7 +63,7 @@ class Shorten:
 class Abandon:
     """Give up `key`'s stream: it stalled."""
 
-    key: Hashable
+    key: bytes
     why: str
 
 
@@ -75,8 +74,8 @@ class Stripes:
     needed: int
     width: int = 1  # streams the buyer means to run at once
     free: list[tuple[int, int]] = field(default_factory=list)  # ranges nobody holds
-    lanes: dict[Hashable, Lane] = field(default_factory=dict)  # streams that run
-    done: list[tuple[int, int, Hashable]] = field(default_factory=list)  # kept: (first, stop, key)
+    lanes: dict[bytes, Lane] = field(default_factory=dict)  # streams that run
+    done: list[tuple[int, int, bytes]] = field(default_factory=list)  # kept: (first, stop, key)
     rates: dict[bytes, float] = field(default_factory=dict)  # chunks/s a provider reached
     opened: int = 0  # streams opened so far
 
@@ -96,7 +95,7 @@ class Stripes:
     # ---- opening ---------------------------------------------------------------------
 
     def open(
-        self, key: Hashable, provider: bytes, now: float, sharing: int = 1
+        self, key: bytes, provider: bytes, now: float, sharing: int = 1
     ) -> tuple[int, int] | Shorten | None:
         """A range [first, stop) for a new stream of `key`; or a Shorten to send first,
         after whose END `open` is asked again; or None: nothing left to share. `sharing`:
@@ -158,18 +157,18 @@ class Stripes:
 
     # ---- progress --------------------------------------------------------------------
 
-    def verified(self, key: Hashable, verified: int, paid: int, now: float) -> None:
+    def verified(self, key: bytes, verified: int, paid: int, now: float) -> None:
         lane = self.lanes[key]
         if verified > lane.verified:
             lane.moved = now
         lane.verified, lane.paid = verified, paid
 
-    def declined(self, key: Hashable) -> None:
+    def declined(self, key: bytes) -> None:
         """The stream could not be shortened (over UCX, or it ended meanwhile)."""
         lane = self.lanes[key]
         lane.asked, lane.shortened = lane.stop, None
 
-    def ended(self, key: Hashable, end: int, now: float) -> None:
+    def ended(self, key: bytes, end: int, now: float) -> None:
         """The stream sent END after chunk `end` - 1: it keeps [first, end), and what it
         was opened for beyond that is free again."""
         lane = self.lanes.pop(key)
@@ -177,7 +176,7 @@ class Stripes:
         self.rates[lane.provider] = (end - lane.first) / max(now - lane.opened, 1e-3)
         self._give_back(end, lane.stop)
 
-    def failed(self, key: Hashable) -> None:
+    def failed(self, key: bytes) -> None:
         """The stream broke: the buyer keeps what its receipts paid for, no more, and every
         other chunk of its range is free again."""
         lane = self.lanes.pop(key)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import select
 import socket
@@ -507,7 +508,7 @@ class TcpDataServer(DataPort):
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             # A task cancelled before its first step never enters `with conn`: close here.
-            task.add_done_callback(lambda _, conn=conn: conn.close())
+            task.add_done_callback(functools.partial(_close_when_done, conn))
 
     async def _serve(self, conn: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -575,7 +576,11 @@ class TcpDataServer(DataPort):
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _close_accepted(accepting: asyncio.Future) -> None:
+def _close_when_done(conn: socket.socket, _: asyncio.Task[None]) -> None:
+    conn.close()
+
+
+def _close_accepted(accepting: asyncio.Future[tuple[socket.socket, Any]]) -> None:
     if not accepting.cancelled() and accepting.exception() is None:
         accepting.result()[0].close()
 

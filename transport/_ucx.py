@@ -283,7 +283,7 @@ class UcxDataServer(DataPort):
         sealed = channel is not None
         await _send_frame(ep, channel, FrameTag.CHUNK_LIST, b"".join(offer.hashes))
         scratch = [bytearray(offer.expected.chunk if sealed else 0) for _ in range(3)]
-        inflight: list[asyncio.Future] = []
+        inflight: list[asyncio.Future[list[Any]]] = []
         while (step := serving.next()) is not Next.END:
             if step is Next.RECEIPT:  # the window is used up: wait for the buyer's frame
                 await asyncio.gather(*inflight)
@@ -303,7 +303,7 @@ class UcxDataServer(DataPort):
             data = offer.chunk(index)
             if channel is None:
                 head = frame_header(FrameTag.CHUNK, CHUNK_INDEX.size + len(data))
-                parts = [head + CHUNK_INDEX.pack(index), data]
+                parts: list[bytes | memoryview] = [head + CHUNK_INDEX.pack(index), data]
             else:  # three buffers rotate with the three sends that may be in flight
                 out = memoryview(scratch[index % 3])[: len(data)]
                 clear, mac = channel.chunk_frame(index, data, out)

@@ -22,7 +22,7 @@ _HEADER = re.compile(r"^\s*\[(\[)?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
 
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B|B)?\s*$")
-_UNITS = {"B": 1} | {
+_UNITS: dict[str, int] = {"B": 1} | {
     f"{p}{i}B": (1024 if i else 1000) ** n for n, p in enumerate("KMGT", 1) for i in ("i", "")
 }
 

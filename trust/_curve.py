@@ -7,6 +7,7 @@ signer of what it sends one identity, which Inbox checks per statement.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import zmq
 import zmq.asyncio
@@ -18,19 +19,19 @@ from zmq.utils import z85
 from ._identity import Identity, curve_public_key
 
 
-def _own_keys(sock: zmq.Socket, identity: Identity) -> None:
+def _own_keys(sock: zmq.Socket[Any], identity: Identity) -> None:
     public, secret = identity.curve_keypair()
     sock.curve_publickey = z85.encode(public)
     sock.curve_secretkey = z85.encode(secret)
 
 
-def make_curve_server(sock: zmq.Socket, identity: Identity) -> None:
+def make_curve_server(sock: zmq.Socket[Any], identity: Identity) -> None:
     """Configure a socket, before bind, to accept only CURVE-encrypted connections."""
     _own_keys(sock, identity)
     sock.curve_server = True
 
 
-def make_curve_client(sock: zmq.Socket, identity: Identity, server_public_key: bytes) -> None:
+def make_curve_client(sock: zmq.Socket[Any], identity: Identity, server_public_key: bytes) -> None:
     """Configure a socket, before connect, to reach the node whose Ed25519 key is given."""
     _own_keys(sock, identity)
     sock.curve_serverkey = z85.encode(curve_public_key(server_public_key))
@@ -53,7 +54,7 @@ class _Admitting(AsyncioAuthenticator):
 
 
 def start_authenticator(
-    ctx: zmq.Context, admit: Callable[[str], bool] | None = None
+    ctx: zmq.Context[Any], admit: Callable[[str], bool] | None = None
 ) -> ThreadAuthenticator | AsyncioAuthenticator:
     """Let any CURVE client connect and tag its messages with its key as User-Id; with
     `admit` (an asyncio context), only handshakes from source addresses it admits.
@@ -75,4 +76,6 @@ def start_authenticator(
 
 def peer_curve_key(frame: zmq.Frame) -> bytes:
     """The CURVE public key of the connection a frame (received with copy=False) came on."""
-    return z85.decode(frame.get("User-Id"))
+    user = frame.get("User-Id")
+    assert isinstance(user, str)  # the authenticator sets it on every CURVE connection
+    return z85.decode(user)

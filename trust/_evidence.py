@@ -53,7 +53,7 @@ class Evidence:
     chunks: tuple[tuple[int, bytes], ...]
 
     def encode(self) -> bytes:
-        return msgpack.packb(
+        packed: bytes = msgpack.packb(
             {
                 "claim": self.claim,
                 "tokens": struct.pack(f"<{len(self.tokens)}I", *self.tokens),
@@ -63,6 +63,7 @@ class Evidence:
             },
             use_bin_type=True,
         )
+        return packed
 
     @classmethod
     def decode(cls, data: bytes) -> Evidence:

@@ -137,21 +137,25 @@ class Ledger:
     def close(self) -> None:
         self._db.close()
 
+    def _sum(self, query: str, args: tuple[object, ...] | dict[str, object] = ()) -> int:
+        """The one number a SUM or COUNT query gives."""
+        return int(self._db.execute(query, args).fetchone()[0])
+
     def exposure(self, peer: bytes) -> int:
         """What `peer` owes this node, counting accepted deals not yet receipted; a deal
         that expired undelivered counts what its receipts paid, no more (§10.7)."""
-        sold = self._db.execute(
+        sold = self._sum(
             "SELECT COALESCE(SUM(CASE WHEN d.ended_ms IS NULL THEN d.price"
             " ELSE COALESCE(r.price, 0) END), 0)"
             " FROM deals d LEFT JOIN receipts r USING (quote_id)"
             " WHERE d.seller = ? AND d.buyer = ?",
             (self.me, peer),
-        ).fetchone()[0]
-        bought = self._db.execute(
+        )
+        bought = self._sum(
             "SELECT COALESCE(SUM(r.price), 0) FROM deals d JOIN receipts r USING (quote_id)"
             " WHERE d.seller = ? AND d.buyer = ?",
             (peer, self.me),
-        ).fetchone()[0]
+        )
         return sold - bought
 
     def check_credit(self, buyer: bytes, price: int, limit: int) -> None:
@@ -165,11 +169,11 @@ class Ledger:
 
     def paid_bytes(self, buyer: bytes) -> int:
         """Bytes `buyer` has receipted to this node, ever: the history a stranger lacks."""
-        return self._db.execute(
+        return self._sum(
             "SELECT COALESCE(SUM(r.bytes), 0) FROM deals d JOIN receipts r USING (quote_id)"
             " WHERE d.seller = ? AND d.buyer = ?",
             (self.me, buyer),
-        ).fetchone()[0]
+        )
 
     def unpaid_bytes(
         self, since_ms: int, *, buyer: bytes | None = None, network: str | None = None
@@ -183,7 +187,7 @@ class Ledger:
         if network is not None:
             query += f" AND d.network = :network AND {_STRANGER}"
             args["network"] = network
-        return self._db.execute(query, args).fetchone()[0]
+        return self._sum(query, args)
 
     def check_unpaid(
         self,
@@ -375,6 +379,7 @@ class Ledger:
         tokens = 0
         if r.bytes == whole:  # the delivery receipted: its share of the tokens sold
             quote = open_envelope(quote_frame).message
+            assert isinstance(quote, Quote)
             tokens = quote.blocks * quote.layout.block * r.bytes // size
         return Receipted(r.price - before_price, tokens)
 
@@ -427,5 +432,7 @@ class Ledger:
             statements = [open_envelope(f) for f in frames]
             kinds = [s.type for s in statements]
             expected = [MessageType.QUOTE, MessageType.ACCEPT, MessageType.RECEIPT]
-            if kinds != expected[: len(kinds)] or any(s.message.quote != qid for s in statements):
+            if kinds != expected[: len(kinds)] or any(
+                getattr(s.message, "quote", None) != qid for s in statements
+            ):
                 raise _fail(ErrorCode.INTERNAL, f"deal {qid.hex()} holds mismatched frames")
