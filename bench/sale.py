@@ -29,6 +29,7 @@ from pathlib import Path
 
 import zmq
 
+from kvx.p2p import PublishRequest
 from kvx.protocol import (
     Accept,
     FrameTag,
@@ -167,16 +168,9 @@ def run(seconds: float) -> dict:
         try:
             info = node.wait_ready()
             payload = bytes(range(256)) * (LAYOUT.payload_bytes(BLOCKS) // 256)
-            node.call(
-                "publish",
-                fp=FP,
-                layout=LAYOUT.__dict__,
-                blocks=CHAIN,
-                payload=payload,
-                chunk=4 << 20,
-                params=135_000_000,
-            )
-            del payload
+            document = PublishRequest(FP, LAYOUT, tuple(CHAIN), payload, 135_000_000, chunk=4 << 20)
+            node.call("publish", **document.to_admin())
+            del payload, document
             quiet = hellos(node.dir, seconds)
             stop, sales = threading.Event(), []
             selling = threading.Thread(target=buyer, args=(info, stop, sales))

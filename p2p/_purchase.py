@@ -47,14 +47,14 @@ class Want:
 
     fp: bytes
     chain: tuple[bytes, ...]
-    ns: bytes | None  # the private namespace it buys in (None: public)
-    dtype: str | None  # the dtype it asks the seller to convert to
-    layout: KVLayout | None  # what its own model implies for `fp` (None: unchecked)
-    max_bytes: int  # a larger delivery is not bought
     bid: Callable[[KVLayout, int], int]  # its highest price for so many tokens of a layout
+    max_bytes: int  # a larger delivery is not bought
     timeout_s: float  # each wait for a seller, over all providers together
-    transports: tuple[str, ...]
-    seal: bool  # ask for a sealed stream (§9.6)
+    transports: tuple[str, ...] = ("tcp",)
+    ns: bytes | None = None  # the private namespace it buys in (None: public)
+    dtype: str | None = None  # the dtype it asks the seller to convert to
+    layout: KVLayout | None = None  # what its own model implies for `fp` (None: unchecked)
+    seal: bool = False  # ask for a sealed stream (§9.6)
 
 
 @dataclass(frozen=True)

@@ -83,18 +83,7 @@ def sellers():
 
 
 def purchase(buyer, timeout_s: float = 5.0, layout: KVLayout | None = None) -> Purchase:
-    want = Want(
-        fp=FP,
-        chain=CHAIN,
-        ns=None,
-        dtype=None,
-        layout=layout,
-        max_bytes=1 << 30,
-        bid=lambda layout, tokens: BID,
-        timeout_s=timeout_s,
-        transports=("tcp",),
-        seal=False,
-    )
+    want = Want(FP, CHAIN, lambda layout, tokens: BID, 1 << 30, timeout_s=timeout_s, layout=layout)
     return Purchase(want, Signer(buyer), T0)
 
 

@@ -406,18 +406,7 @@ class Simulation:
         NOT_FOUND; an honest one quotes what it advertised. Returns the providers asked,
         or 0 when none could deliver."""
         core, now = self.cores[i], self.clock.at().wall
-        want = Want(
-            fp=fp,
-            chain=chain,
-            ns=None,
-            dtype=None,
-            layout=None,
-            max_bytes=1 << 40,
-            bid=lambda layout, tokens: 1 << 62,
-            timeout_s=30.0,
-            transports=("tcp",),
-            seal=False,
-        )
+        want = Want(fp, chain, bid=lambda layout, tokens: 1 << 62, max_bytes=1 << 40, timeout_s=30)
         buyer = Purchase(want, core.signer, now)
 
         def lookup() -> list[Action]:
