@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 import zmq
 import zmq.asyncio
@@ -90,6 +90,7 @@ if TYPE_CHECKING:
     from ._node import Node
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 @dataclass(frozen=True)
@@ -690,6 +691,18 @@ def _now() -> int:
     return time.time_ns() // 1_000_000
 
 
+def _blocking(
+    method: Callable[Concatenate[PeerClient, P], Coroutine[Any, Any, T]],
+) -> Callable[Concatenate[SyncPeerClient, P], T]:
+    """The blocking twin of a PeerClient coroutine method, with its very signature."""
+
+    def run(self: SyncPeerClient, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return self._run(method(self._client, *args, **kwargs))
+
+    functools.update_wrapper(run, method)  # its name, docstring and signature
+    return run
+
+
 class SyncPeerClient:
     """The same client for code without an event loop: each call runs on a private loop."""
 
@@ -706,22 +719,20 @@ class SyncPeerClient:
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         return self._loop.run_until_complete(coro)
 
-    def call(self, helper: Callable[..., Coroutine[Any, Any, T]], *args: Any, **kwargs: Any) -> T:
+    def call(
+        self,
+        helper: Callable[Concatenate[PeerClient, P], Coroutine[Any, Any, T]],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
         """Run an async helper whose first argument is a PeerClient (those of
         kvx.integrations.hf) with this client, on its loop."""
         return self._run(helper(self._client, *args, **kwargs))
 
-    def publish(self, **kwargs: Any) -> bytes:
-        return self._run(self._client.publish(**kwargs))
-
-    def lookup(self, fp: bytes, chain: list[bytes], **kwargs: Any) -> tuple[int, list[Statement]]:
-        return self._run(self._client.lookup(fp, chain, **kwargs))
-
-    def fetch(self, fp: bytes, chain: list[bytes], **kwargs: Any) -> Bought:
-        return self._run(self._client.fetch(fp, chain, **kwargs))
-
-    def report_first_token(self, seconds: float, **kwargs: Any) -> None:
-        self._run(self._client.report_first_token(seconds, **kwargs))
+    publish = _blocking(PeerClient.publish)
+    lookup = _blocking(PeerClient.lookup)
+    fetch = _blocking(PeerClient.fetch)
+    report_first_token = _blocking(PeerClient.report_first_token)
 
     @property
     def verify(self) -> VerifyPolicy:
