@@ -10,7 +10,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgpack
 import zmq
@@ -24,7 +24,21 @@ from ._peers import State
 from ._store import PublishRequest
 
 if TYPE_CHECKING:
-    from ._node import Node
+    from kvx.trust import Identity
+
+    from ._core import NodeCore
+
+
+class Served(Protocol):
+    """What the admin API reads of the node it serves (p2p/_node.py's Node)."""
+
+    id: bytes
+    identity: Identity
+    core: NodeCore
+
+    def held(self) -> dict[str, int]: ...
+
+    def budgets(self) -> dict[str, dict[str, int]]: ...
 
 
 class AdminError(KvxError):
@@ -110,7 +124,7 @@ def _verdict(core: Any, peer: bytes) -> str:
     return f"accused, unchecked {accused[1].hex()}" if accused else ""
 
 
-def answer(node: Node, req: dict, at: Now) -> dict:
+def answer(node: Served, req: dict, at: Now) -> dict:
     """The node's answer to one local admin request (the ops the CLI and clients use),
     at the time `at`."""
     op = req.get("op")
