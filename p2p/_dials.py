@@ -66,17 +66,14 @@ class Connect:
 class Connections:
     """The connections a node holds to its peers, by key, and the rule that opens them."""
 
-    def __init__(self, dials: Dials | None = None) -> None:
-        self.dials = dials or Dials()
+    def __init__(self) -> None:
+        self.dials = Dials()
         self._ctl: dict[bytes, str] = {}  # key -> the address its connection dials
         self._key: dict[str, bytes] = {}  # address -> the key its connection speaks to
         self._trial: set[bytes] = set()  # keys connected to before they were proven
 
     def __len__(self) -> int:
         return len(self._ctl)
-
-    def __contains__(self, key: bytes) -> bool:
-        return key in self._ctl
 
     def connected(self) -> list[bytes]:
         return list(self._ctl)
