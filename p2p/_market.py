@@ -219,9 +219,10 @@ class Market:
         assert pending is not None  # advance refuses a quote that is not held
         return pending, after
 
-    def accept(self, st: Statement, now_ms: int, network: str = "") -> Authorize:
-        """Record the deal atomically with the credit checks; its stream opens once its
-        payload is loaded (Authorize)."""
+    def accept(self, st: Statement, now_ms: int, network: str = "") -> Authorize | None:
+        """Record the deal atomically with the credit checks, and open its stream at once
+        when its payload is at hand (in memory); else it opens once the driver has loaded
+        it (Authorize). A loop turn less matters when the loop is busy."""
         accept = st.message
         assert isinstance(accept, Accept)
         pending, accepted = self._step(st, accept.quote, now_ms)
@@ -243,18 +244,34 @@ class Market:
         )
         pending.phase = accepted  # kept until its exp, to answer what comes after it
         pending.ephemeral = None  # the key is derived: the secret half is needed no more
-        return Authorize(
+        deal = Authorize(
             quote, st.signer, pending.entry, pending.layout, pending.quote.header.exp + 60_000, key
         )
+        at_hand = self._at_hand(deal)
+        if at_hand is None:
+            return deal
+        self.serve(deal, *at_hand)
+        return None
+
+    def _at_hand(self, deal: Authorize) -> tuple[Payload | None, bytes, list[bytes]] | None:
+        """A deal's payload without I/O: shared with a deal waiting for its stream, or in
+        the memory tier in the stored dtype."""
+        live = self.sessions.serving(deal.quote.root)
+        if live is not None:
+            return None, live.payload, list(live.hashes)
+        payload = self.store.cached(deal.entry.root)
+        if payload is None or deal.layout != deal.entry.layout:
+            return None
+        return payload, payload.data, list(payload.hashes)
 
     def load(self, deal: Authorize) -> tuple[Payload | None, bytes, list[bytes]]:
         """(the stored payload if it was read, bytes to serve, their chunk list) of a deal,
         or IntegrityError. It reads no index and changes nothing but the conversion slot
         (replaced whole), so it runs off the loop. Deals of one payload share its bytes
         while one of them waits for its stream: not a copy each."""
-        live = self.sessions.serving(deal.quote.root)
-        if live is not None:
-            return None, live.payload, list(live.hashes)
+        at_hand = self._at_hand(deal)
+        if at_hand is not None:
+            return at_hand
         payload = self.store.read(deal.entry)
         if deal.layout == deal.entry.layout:
             return payload, payload.data, list(payload.hashes)

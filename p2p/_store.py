@@ -260,6 +260,10 @@ class LocalStore:
             raise IntegrityError(f"stored payload {root.hex()[:16]} failed its content root")
         return Payload(entry, data, hashes)
 
+    def cached(self, root: bytes) -> Payload | None:
+        """The payload if the memory tier holds it (verified when it was put or read)."""
+        return self._memory.get(root)
+
     def used(self, entry: Entry, payload: Payload | None = None) -> None:
         """An entry was sold: the last to be evicted; its payload, if it was read for it,
         kept in memory if it fits."""

@@ -118,7 +118,9 @@ class Trading(CoreState):
             self._reply_frame(routing, frame, MessageType.QUOTE)
 
     def _on_accept(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
-        self._out.append(self.market.accept(st, self.clock.now_ms(), self.source_network))
+        deal = self.market.accept(st, self.clock.now_ms(), self.source_network)
+        if deal is not None:  # its payload is not at hand: the driver loads it
+            self._out.append(deal)
 
     def loaded(
         self,

@@ -30,7 +30,8 @@ class Frozen:
 @pytest.fixture
 def books(tmp_path):
     clock = Frozen(1_800_000_000_000)
-    store = LocalStore(tmp_path / "store", memory_bytes=1 << 20, disk_bytes=1 << 20)
+    # No memory tier: a deal's payload is read from disk, off the node's loop.
+    store = LocalStore(tmp_path / "store", memory_bytes=1, disk_bytes=1 << 20)
     store.put(PublishRequest(FP, LAYOUT, CHAIN, bytes(6144), params=10**9))
     ledger = Ledger(tmp_path / "ledger.db", SELLER.node_id)
 
