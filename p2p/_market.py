@@ -219,10 +219,9 @@ class Market:
         assert pending is not None  # advance refuses a quote that is not held
         return pending, after
 
-    def accept(self, st: Statement, now_ms: int, network: str = "") -> Authorize | None:
-        """Record the deal atomically with the credit checks, and open its stream at once
-        when its payload is at hand (in memory); else it opens once the driver has loaded
-        it (Authorize). A loop turn less matters when the loop is busy."""
+    def accept(self, st: Statement, now_ms: int, network: str = "") -> Authorize:
+        """Record the deal atomically with the credit checks: what is left is to serve it,
+        from what is at hand or once the driver has loaded it."""
         accept = st.message
         assert isinstance(accept, Accept)
         pending, accepted = self._step(st, accept.quote, now_ms)
@@ -244,16 +243,11 @@ class Market:
         )
         pending.phase = accepted  # kept until its exp, to answer what comes after it
         pending.ephemeral = None  # the key is derived: the secret half is needed no more
-        deal = Authorize(
+        return Authorize(
             quote, st.signer, pending.entry, pending.layout, pending.quote.header.exp + 60_000, key
         )
-        at_hand = self._at_hand(deal)
-        if at_hand is None:
-            return deal
-        self.serve(deal, *at_hand)
-        return None
 
-    def _at_hand(self, deal: Authorize) -> tuple[Payload | None, bytes, list[bytes]] | None:
+    def at_hand(self, deal: Authorize) -> tuple[Payload | None, bytes, list[bytes]] | None:
         """A deal's payload without I/O: shared with a deal waiting for its stream, or in
         the memory tier in the stored dtype."""
         live = self.sessions.serving(deal.quote.root)
@@ -269,7 +263,7 @@ class Market:
         or IntegrityError. It reads no index and changes nothing but the conversion slot
         (replaced whole), so it runs off the loop. Deals of one payload share its bytes
         while one of them waits for its stream: not a copy each."""
-        at_hand = self._at_hand(deal)
+        at_hand = self.at_hand(deal)
         if at_hand is not None:
             return at_hand
         payload = self.store.read(deal.entry)
@@ -278,11 +272,8 @@ class Market:
         data, _, hashes = self._converted(deal.entry, deal.layout, payload)
         return payload, data, hashes
 
-    def serve(
-        self, deal: Authorize, payload: Payload | None, data: bytes, hashes: list[bytes]
-    ) -> None:
-        """Open the stream to a deal whose payload loaded (then note the read, which may
-        fail with the disk: the stream is served all the same)."""
+    def serve(self, deal: Authorize, data: bytes, hashes: list[bytes]) -> None:
+        """Open the stream to a deal whose payload is at hand or loaded."""
         self.sessions.authorize(
             Offer.build(
                 quote=deal.quote.quote,
@@ -295,7 +286,6 @@ class Market:
                 key=deal.key,
             )
         )
-        self.store.used(deal.entry, payload)
 
     def unservable(self, deal: Authorize, now_ms: int, why: str) -> None:
         """A deal whose payload failed its root: its stream is refused at once (BAD_TOKEN,

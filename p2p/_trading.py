@@ -119,8 +119,11 @@ class Trading(CoreState):
 
     def _on_accept(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
         deal = self.market.accept(st, self.clock.now_ms(), self.source_network)
-        if deal is not None:  # its payload is not at hand: the driver loads it
+        at_hand = self.market.at_hand(deal)
+        if at_hand is None:  # the driver loads it, off the loop
             self._out.append(deal)
+        else:  # a loop turn less matters when the loop is busy
+            self._serve(deal, *at_hand)
 
     def loaded(
         self,
@@ -133,10 +136,18 @@ class Trading(CoreState):
     ) -> None:
         """The driver loaded a sold payload: its stream may open."""
         self.clock = now
+        self._serve(deal, payload, data, hashes)
+
+    def _serve(
+        self, deal: Authorize, payload: Payload | None, data: bytes, hashes: list[bytes]
+    ) -> None:
+        """Open the deal's stream, then note the sale in the store's index. The note only
+        orders eviction: when the disk refuses it, the deal is served all the same."""
+        self.market.serve(deal, data, hashes)
         try:
-            self.market.serve(deal, payload, data, hashes)
+            self.store.used(deal.entry, payload)
         except sqlite3.Error as exc:
-            self._ledger_failed(exc)
+            self.event("store_note_failed", logging.WARNING, error=str(exc)[:200])
 
     def unservable(self, deal: Authorize, why: str, now: Now) -> None:
         """A sold payload failed its root when the driver loaded it: that deal is over

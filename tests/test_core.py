@@ -335,6 +335,12 @@ def test_every_illegal_step_of_a_quote_has_its_spec_code_in_memory():
         assert ask(Reject(quote=q.quote, reason=0)) is None  # OFFERED -> REJECTED
         assert code(accept(q)) == ErrorCode.UNEXPECTED_MESSAGE
         assert code(Reject(quote=q.quote, reason=0, counter=1)) == ErrorCode.UNEXPECTED_MESSAGE
+        # The store's index cannot note the sale (a full disk, here a read-only index):
+        # the deal is recorded and its stream opens all the same; selling goes on.
+        seller.store._db.execute("PRAGMA query_only=ON")
+        q = quote()
+        assert ask(accept(q)) is None and len(seller.sessions) == 2
+        assert seller.selling()
 
 
 def test_a_seed_and_its_inputs_give_the_same_run_frame_for_frame():
