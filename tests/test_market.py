@@ -1,12 +1,14 @@
-"""Negotiation against a real seller node: quotes, counter-offers, refusals."""
+"""Negotiation: the rules against a seller core in memory (tests/pair.py), purchases
+against a real seller node."""
 
 import time
 
 import blake3
 import pytest
+from pair import Pair
 from swarm import NodeProcess, TestPeer, eventually
 
-from kvx.p2p import Miss, SyncPeerClient
+from kvx.p2p import Miss, PublishRequest, SyncPeerClient
 from kvx.protocol import (
     Accept,
     Error,
@@ -46,109 +48,102 @@ def seller(tmp_path):
 
 
 @pytest.fixture
-def buyer(seller):
-    peer = TestPeer(seller, Identity.generate())
-    yield peer, Signer(peer.identity)
-    peer.close()
-
-
-def ask(buyer, message):
-    peer, signer = buyer
-    peer.send(signer.seal(message, now_ms=now(), to=peer.node_id))
-    return peer.recv().message
+def market():
+    """A seller core holding the payload, and a buyer it has never met, in memory."""
+    with Pair() as pair:
+        pair.publish(
+            PublishRequest(FP, LAYOUT, tuple(CHAIN), bytes(LAYOUT.payload_bytes(3)), PARAMS)
+        )
+        yield pair, pair.stranger()
 
 
 def request(max_price: int = 10**12, **kw) -> QuoteRequest:
     return QuoteRequest(fp=FP, blocks=tuple(CHAIN), transports=("tcp",), max_price=max_price, **kw)
 
 
-def test_counter_offers_down_to_the_floor_and_no_further(buyer):
-    quote = ask(buyer, request())
+def refused(market, message, code: ErrorCode) -> None:
+    pair, buyer = market
+    answer = pair.ask(buyer, message)
+    assert isinstance(answer, Error) and answer.code == code, answer
+
+
+def test_counter_offers_down_to_the_floor_and_no_further(market):
+    pair, buyer = market
+    quote = pair.ask(buyer, request())
     assert isinstance(quote, Quote) and quote.blocks == 3 and quote.price > 2
-    too_low = ask(buyer, Reject(quote=quote.quote, reason=int(ErrorCode.PRICE_TOO_HIGH), counter=1))
-    assert isinstance(too_low, Error) and too_low.code == ErrorCode.PRICE_TOO_HIGH
-    quote = ask(buyer, request())
+    refused(market, Reject(quote=quote.quote, reason=0, counter=1), ErrorCode.PRICE_TOO_HIGH)
+    quote = pair.ask(buyer, request())
     floor = -(-quote.price // 2)  # the default floor is half the ask
-    countered = ask(buyer, Reject(quote=quote.quote, reason=0, counter=floor))
+    countered = pair.ask(buyer, Reject(quote=quote.quote, reason=0, counter=floor))
     assert isinstance(countered, Quote) and countered.price == floor
     assert countered.quote != quote.quote and countered.root == quote.root
+    # A counter-offer bids the price down, never up (§10.1).
+    refused(
+        market, Reject(quote=countered.quote, reason=0, counter=floor + 1), ErrorCode.INVALID_FIELD
+    )
 
 
-def test_at_most_three_counter_offers(buyer):
-    quote = ask(buyer, request())
+def test_at_most_three_counter_offers(market):
+    pair, buyer = market
+    quote = pair.ask(buyer, request())
     for _ in range(3):
-        quote = ask(buyer, Reject(quote=quote.quote, reason=0, counter=quote.price))
+        quote = pair.ask(buyer, Reject(quote=quote.quote, reason=0, counter=quote.price))
         assert isinstance(quote, Quote)
-    fourth = ask(buyer, Reject(quote=quote.quote, reason=0, counter=quote.price))
-    assert isinstance(fourth, Error) and fourth.code == ErrorCode.PRICE_TOO_HIGH
+    refused(
+        market, Reject(quote=quote.quote, reason=0, counter=quote.price), ErrorCode.PRICE_TOO_HIGH
+    )
 
 
-def test_a_bid_below_the_floor_is_refused_before_any_quote(buyer):
-    answer = ask(buyer, request(max_price=1))
-    assert isinstance(answer, Error) and answer.code == ErrorCode.PRICE_TOO_HIGH
+def test_a_bid_below_the_floor_is_refused_before_any_quote(market):
+    refused(market, request(max_price=1), ErrorCode.PRICE_TOO_HIGH)
 
 
-def test_a_quote_never_exceeds_the_bid(buyer):
-    ask_price = ask(buyer, request()).price
-    lower = ask(buyer, request(max_price=ask_price - 1))
+def test_a_quote_never_exceeds_the_bid(market):
+    pair, buyer = market
+    ask_price = pair.ask(buyer, request()).price
+    lower = pair.ask(buyer, request(max_price=ask_price - 1))
     assert isinstance(lower, Quote) and lower.price == ask_price - 1
 
 
-@pytest.mark.parametrize(("dtype", "code"), [("float8_e4m3fn", ErrorCode.UNSUPPORTED_CONVERSION)])
-def test_a_conversion_the_seller_cannot_make_is_refused(buyer, dtype, code):
-    answer = ask(buyer, request(dtype=dtype))
-    assert isinstance(answer, Error) and answer.code == code
+def test_a_conversion_the_seller_cannot_make_is_refused(market):
+    refused(market, request(dtype="float8_e4m3fn"), ErrorCode.UNSUPPORTED_CONVERSION)
 
 
-def test_a_conversion_it_can_make_is_named_in_the_quote(buyer):
-    quote = ask(buyer, request(dtype="float32"))
+def test_a_conversion_it_can_make_is_named_in_the_quote(market):
+    pair, buyer = market
+    quote = pair.ask(buyer, request(dtype="float32"))
     assert isinstance(quote, Quote) and quote.layout.dtype == "float32"
     assert quote.deliver == 2 * LAYOUT.payload_bytes(3)  # twice the bytes of float16
-
-
-def send(buyer, message) -> None:
-    peer, signer = buyer
-    peer.send(signer.seal(message, now_ms=now(), to=peer.node_id))
-
-
-def refused(buyer, message, code: ErrorCode) -> None:
-    answer = ask(buyer, message)
-    assert isinstance(answer, Error) and answer.code == code, answer
 
 
 def accept(q: Quote, **over) -> Accept:
     return Accept(**{"quote": q.quote, "price": q.price, "root": q.root, **over})
 
 
-def test_every_illegal_step_of_a_quote_has_its_spec_code(seller, buyer):
-    """Spec §10.4's table, against a live seller."""
-    refused(buyer, accept(ask(buyer, request()), quote=b"\x00" * 16), ErrorCode.UNKNOWN_QUOTE)
-    refused(buyer, Reject(quote=b"\x00" * 16, reason=0), ErrorCode.UNKNOWN_QUOTE)
+def test_every_illegal_step_of_a_quote_has_its_spec_code(market):
+    """Spec §10.4's table."""
+    pair, buyer = market
+    refused(market, accept(pair.ask(buyer, request()), quote=b"\x00" * 16), ErrorCode.UNKNOWN_QUOTE)
+    refused(market, Reject(quote=b"\x00" * 16, reason=0), ErrorCode.UNKNOWN_QUOTE)
     # An ACCEPT whose terms differ names no quote that was issued.
-    quote = ask(buyer, request())
-    refused(buyer, accept(quote, price=quote.price - 1), ErrorCode.UNKNOWN_QUOTE)
+    quote = pair.ask(buyer, request())
+    refused(market, accept(quote, price=quote.price - 1), ErrorCode.UNKNOWN_QUOTE)
     # A quote made to another buyer is not held for this one.
-    other = TestPeer(seller, Identity.generate())
-    try:
-        refused((other, Signer(other.identity)), accept(quote), ErrorCode.UNKNOWN_QUOTE)
-    finally:
-        other.close()
+    refused((pair, pair.stranger()), accept(quote), ErrorCode.UNKNOWN_QUOTE)
     # ACCEPTED: neither a second ACCEPT nor a REJECT.
-    send(buyer, accept(quote))
-    refused(buyer, accept(quote), ErrorCode.UNEXPECTED_MESSAGE)
-    refused(buyer, Reject(quote=quote.quote, reason=0), ErrorCode.UNEXPECTED_MESSAGE)
+    assert pair.roundtrip(buyer, accept(quote)) == []
+    refused(market, accept(quote), ErrorCode.UNEXPECTED_MESSAGE)
+    refused(market, Reject(quote=quote.quote, reason=0), ErrorCode.UNEXPECTED_MESSAGE)
     # REJECTED: neither an ACCEPT nor another REJECT.
-    quote = ask(buyer, request())
-    send(buyer, Reject(quote=quote.quote, reason=0))
-    refused(buyer, accept(quote), ErrorCode.UNEXPECTED_MESSAGE)
-    refused(buyer, Reject(quote=quote.quote, reason=0, counter=1), ErrorCode.UNEXPECTED_MESSAGE)
+    quote = pair.ask(buyer, request())
+    assert pair.roundtrip(buyer, Reject(quote=quote.quote, reason=0)) == []
+    refused(market, accept(quote), ErrorCode.UNEXPECTED_MESSAGE)
+    refused(market, Reject(quote=quote.quote, reason=0, counter=1), ErrorCode.UNEXPECTED_MESSAGE)
 
 
-def test_no_common_transport(buyer):
-    answer = ask(
-        buyer, QuoteRequest(fp=FP, blocks=tuple(CHAIN), transports=("rdma-x",), max_price=10**12)
-    )
-    assert isinstance(answer, Error) and answer.code == ErrorCode.NO_COMMON_TRANSPORT
+def test_no_common_transport(market):
+    message = QuoteRequest(fp=FP, blocks=tuple(CHAIN), transports=("rdma-x",), max_price=10**12)
+    refused(market, message, ErrorCode.NO_COMMON_TRANSPORT)
 
 
 def test_the_sync_client_buys_and_reports_a_price_too_high(seller, tmp_path):
@@ -182,8 +177,10 @@ def test_a_seller_serving_ucx_delivers_over_ucx(tmp_path):
     )
     assert [d["t"] for d in seller.info["data"]] == ["ucx", "tcp"]
     peer = TestPeer(seller, Identity.generate())
+    signer = Signer(peer.identity)
     both = QuoteRequest(fp=FP, blocks=tuple(CHAIN), transports=("ucx", "tcp"), max_price=10**12)
-    quote = ask((peer, Signer(peer.identity)), both)
+    peer.send(signer.seal(both, now_ms=now(), to=peer.node_id))
+    quote = peer.recv().message
     peer.close()
     assert isinstance(quote, Quote) and quote.transport == "ucx"
     agent = NodeProcess(tmp_path / "agent", [seller.dir / "node.json"]).start()
