@@ -7,8 +7,8 @@ part of the peer protocol, and the data dir's 0700 mode is what guards it.
 from __future__ import annotations
 
 import json
-import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -20,6 +20,7 @@ from kvx.trust import Event
 
 from ._clock import Now
 from ._config import ADMIN_SOCKET, INFO_FILE
+from ._events import Bought, Happening, Missed, Refused
 from ._peers import State
 from ._store import PublishRequest
 
@@ -39,6 +40,8 @@ class Served(Protocol):
     def held(self) -> dict[str, int]: ...
 
     def budgets(self) -> dict[str, dict[str, int]]: ...
+
+    def happened(self, happening: Happening) -> None: ...
 
 
 class AdminError(KvxError):
@@ -114,164 +117,192 @@ def admin_call(data_dir: str | Path, op: str, timeout_s: float = 10.0, **args: A
     return result(data)
 
 
-def _verdict(core: Any, peer: bytes) -> str:
-    """What this node holds against a peer, with the proof's id (spec §8.19)."""
-    conviction = core.scores.conviction(peer)
-    if conviction is not None:
-        kind, proof = conviction
-        return f"{'convicted' if kind == 'lied' else 'false accuser'} {proof.hex()}"
-    accused = core.unchecked.get(peer)
-    return f"accused, unchecked {accused[1].hex()}" if accused else ""
+Handler = Callable[["Served", dict[str, Any], Now], dict[str, Any]]
+"""One admin op: the node, the request, and the time it is answered at."""
 
 
-def answer(node: Served, req: dict, at: Now) -> dict:
-    """The node's answer to one local admin request (the ops the CLI and clients use),
-    at the time `at`."""
-    op = req.get("op")
+def _status(node: Served, req: dict[str, Any], at: Now) -> dict[str, Any]:
     core = node.core
-    now = at.wall
-    if op == "status":
-        return {
-            "node_id": node.id.hex(),
-            "public_key": node.identity.public_key.hex(),
-            "ctl": core.ctl,
-            "data": [d.addr for d in core.data],
-            "incarnation": core.incarnation,
-            "peers": {s.name.lower(): sum(p.state == s for p in core.peers.all()) for s in State},
-            "ads": len(core.index),
-            "stored": len(core.store.entries()),
-            "sent": {
-                t.name: core.metrics.count("kvx_messages_sent_total", type=t.name)
-                for t in MessageType
-            },
-            "received": {
-                t.name: core.metrics.count("kvx_messages_received_total", type=t.name)
-                for t in MessageType
-            },
-            "rejected": {
-                c.name: core.metrics.count("kvx_rejections_total", code=c.name)
-                for c in ErrorCode
-                if core.metrics.count("kvx_rejections_total", code=c.name)
-            },
-            "shed": {
-                s.labels["what"]: int(s.value)
-                for metric in core.metrics.shed.collect()
-                for s in metric.samples
-                if s.name.endswith("_total")
-            },
-            "internal_errors": sum(
-                int(s.value)
-                for metric in core.metrics.internal_errors.collect()
-                for s in metric.samples
-                if s.name.endswith("_total")
-            ),
-            "held": node.held(),
-            "budgets": node.budgets(),
-            "degraded": [
-                w for w in ("ledger", "scores") if core.metrics.value("kvx_degraded", what=w)
-            ],
-            "pid": os.getpid(),
+    metrics = core.metrics
+    return {
+        "node_id": node.id.hex(),
+        "public_key": node.identity.public_key.hex(),
+        "ctl": core.ctl,
+        "data": [d.addr for d in core.data],
+        "incarnation": core.incarnation,
+        "peers": {s.name.lower(): sum(p.state == s for p in core.peers.all()) for s in State},
+        "ads": len(core.index),
+        "stored": len(core.store.entries()),
+        "sent": {
+            t.name: metrics.count("kvx_messages_sent_total", type=t.name) for t in MessageType
+        },
+        "received": {
+            t.name: metrics.count("kvx_messages_received_total", type=t.name) for t in MessageType
+        },
+        "rejected": {
+            c.name: n
+            for c in ErrorCode
+            if (n := metrics.count("kvx_rejections_total", code=c.name))
+        },
+        "shed": {
+            s.labels["what"]: int(s.value)
+            for metric in metrics.shed.collect()
+            for s in metric.samples
+            if s.name.endswith("_total")
+        },
+        "internal_errors": sum(
+            int(s.value)
+            for metric in metrics.internal_errors.collect()
+            for s in metric.samples
+            if s.name.endswith("_total")
+        ),
+        "held": node.held(),
+        "budgets": node.budgets(),
+        "degraded": [w for w in ("ledger", "scores") if metrics.value("kvx_degraded", what=w)],
+        "pid": os.getpid(),
+    }
+
+
+def _savings(node: Served, req: dict[str, Any], at: Now) -> dict[str, Any]:
+    return node.core.metrics.savings()
+
+
+def _peers(node: Served, req: dict[str, Any], at: Now) -> dict[str, Any]:
+    core, now = node.core, at.wall
+    rows = [
+        {
+            "node_id": node_id(p.key).hex(),
+            "key": p.key.hex(),
+            "ctl": p.ctl,
+            "state": "left" if p.left else p.state.name.lower(),
+            "inc": p.inc,
         }
-    if op == "savings":
-        return core.metrics.savings()
-    if op == "peers":
-        rows = [
+        for p in core.peers.all()
+    ]
+    listed = {bytes.fromhex(r["node_id"]) for r in rows}
+    # Verdicts outlive the peer table: a convicted seller is listed even when gone.
+    for peer in [*core.scores.convicted(), *core.unchecked]:
+        if peer not in listed:
+            listed.add(peer)
+            rows.append({"node_id": peer.hex(), "key": "", "ctl": "", "state": "-", "inc": 0})
+    for row in rows:
+        peer = bytes.fromhex(row["node_id"])
+        row["score"] = round(core.scores.score(peer, now), 2)
+        row["banned"] = core.scores.is_banned(peer, now)
+        row["verdict"] = core.verdict(peer)
+    return {"peers": rows}
+
+
+def _accuse(node: Served, req: dict[str, Any], at: Now) -> dict[str, Any]:
+    """A local client's evidence that a seller's KV is not its model's."""
+    return {"proof": node.core.accuse(req["evidence"], at)}
+
+
+def _ads(node: Served, req: dict[str, Any], at: Now) -> dict[str, Any]:
+    return {
+        "ads": [
             {
-                "node_id": node_id(p.key).hex(),
-                "key": p.key.hex(),
-                "ctl": p.ctl,
-                "state": "left" if p.left else p.state.name.lower(),
-                "inc": p.inc,
+                "signer": node_id(a.signer).hex(),
+                "seq": a.seq,
+                "root": a.message.root.hex(),
+                "blocks": len(a.message.blocks),
+                "price": a.message.price,
+                "ns": a.message.ns.hex() if a.message.ns else None,
+                "exp_ms": a.exp_ms,
             }
-            for p in core.peers.all()
+            for a in node.core.index.ads()
         ]
-        listed = {bytes.fromhex(r["node_id"]) for r in rows}
-        # Verdicts outlive the peer table: a convicted seller is listed even when gone.
-        for peer in [*core.scores.convicted(), *core.unchecked]:
-            if peer not in listed:
-                listed.add(peer)
-                rows.append({"node_id": peer.hex(), "key": "", "ctl": "", "state": "-", "inc": 0})
-        for row in rows:
-            peer = bytes.fromhex(row["node_id"])
-            row["score"] = round(core.scores.score(peer, now), 2)
-            row["banned"] = core.scores.is_banned(peer, now)
-            row["verdict"] = _verdict(core, peer)
-        return {"peers": rows}
-    if op == "accuse":  # a local client's evidence that a seller's KV is not its model's
-        return {"proof": core.accuse(req["evidence"], at)}
-    if op == "ads":
-        return {
-            "ads": [
-                {
-                    "signer": node_id(a.signer).hex(),
-                    "seq": a.seq,
-                    "root": a.message.root.hex(),
-                    "blocks": len(a.message.blocks),
-                    "price": a.message.price,
-                    "ns": a.message.ns.hex() if a.message.ns else None,
-                    "exp_ms": a.exp_ms,
-                }
-                for a in core.index.ads()
-            ]
-        }
-    if op == "publish":
-        entry = core.publish(PublishRequest.from_admin(req), at)
-        return {"root": entry.root}
-    if op == "lookup":
-        matched, ads = core.lookup(
-            req["fp"],
-            req.get("ns"),
-            tuple(req["blocks"]),
-            req.get("limit", 8),
-            asker=core.id,
-            now=at,
+    }
+
+
+def _publish(node: Served, req: dict[str, Any], at: Now) -> dict[str, Any]:
+    return {"root": node.core.publish(PublishRequest.from_admin(req), at).root}
+
+
+def _lookup(node: Served, req: dict[str, Any], at: Now) -> dict[str, Any]:
+    core = node.core
+    fp, ns, blocks, limit = req["fp"], req.get("ns"), tuple(req["blocks"]), req.get("limit", 8)
+    matched, ads = core.lookup(fp, ns, blocks, limit, asker=core.id, now=at)
+    # Providers that failed this node (ranked last): a buyer tries them only when
+    # nobody else is left, and never streams from them beside the others (§9.7).
+    failed = [node_id(a.signer) for a in ads if core.scores.score(node_id(a.signer), at.wall) < 0]
+    return {"matched": matched, "ads": [a.frame for a in ads], "failed": failed}
+
+
+def _bought(node: Served, req: dict[str, Any], at: Now) -> dict[str, Any]:
+    """A local client's purchase: logged and measured here."""
+    core, metrics = node.core, node.core.metrics
+    for stage, seconds in req["timings"].items():
+        if stage in metrics.stage:
+            metrics.stage[stage].observe(seconds)
+    for seller in req.get("sellers", [req["seller"]]):  # first in line next time
+        core.scores.record(seller, Event.GOOD_DELIVERY, at.wall)
+    metrics.purchases.labels("bought").inc()
+    metrics.purchased_bytes.inc(req["bytes"])
+    metrics.bought_tokens.inc(req["tokens"])
+    metrics.credits_spent.inc(req["price"])
+    metrics.prefill_saved(float(req.get("saved_flops", 0.0)))
+    seconds = round(req["seconds"], 4)
+    seller = req["seller"].hex()[:12]
+    node.happened(Bought(seller, req["bytes"], req["tokens"], req["price"], seconds))
+    return {}
+
+
+def _missed(node: Served, req: dict[str, Any], at: Now) -> dict[str, Any]:
+    """A local client found nothing it could buy."""
+    node.core.metrics.purchases.labels("missed").inc()
+    node.happened(Missed(reason=str(req["reason"])[:200]))
+    return {}
+
+
+def _refused(node: Served, req: dict[str, Any], at: Now) -> dict[str, Any]:
+    """A local client's model refuted KV that matched its root."""
+    check = str(req["check"])[:16]
+    node.core.metrics.verify_failures.labels(check).inc()
+    node.happened(Refused(req["seller"].hex()[:12], check, str(req["detail"])[:200]))
+    return {}
+
+
+def _first_token(node: Served, req: dict[str, Any], at: Now) -> dict[str, Any]:
+    metrics = node.core.metrics
+    metrics.time_to_first_token.labels(req["source"]).observe(req["seconds"])
+    metrics.prefill_measured(float(req.get("flops", 0.0)), req["seconds"])
+    return {}
+
+
+def _report(node: Served, req: dict[str, Any], at: Now) -> dict[str, Any]:
+    """A local client's verdict on a provider it dealt with."""
+    node.core.scores.record(req["peer"], Event[req["event"]], at.wall)
+    return {}
+
+
+def _withdraw(node: Served, req: dict[str, Any], at: Now) -> dict[str, Any]:
+    node.core.withdraw(req["root"], at)
+    return {}
+
+
+HANDLERS: dict[str, Handler] = {
+    "status": _status,
+    "savings": _savings,
+    "peers": _peers,
+    "accuse": _accuse,
+    "ads": _ads,
+    "publish": _publish,
+    "lookup": _lookup,
+    "bought": _bought,
+    "missed": _missed,
+    "refused": _refused,
+    "first_token": _first_token,
+    "report": _report,
+    "withdraw": _withdraw,
+}
+
+
+def answer(node: Served, req: dict[str, Any], at: Now) -> dict[str, Any]:
+    """The node's answer to one local admin request, at the time `at`."""
+    handler = HANDLERS.get(req.get("op", ""))
+    if handler is None:
+        raise RemoteProtocolError(
+            ErrorCode.UNEXPECTED_MESSAGE, f"unknown admin op {req.get('op')!r}"
         )
-        # Providers that failed this node (ranked last): a buyer tries them only when
-        # nobody else is left, and never streams from them beside the others (§9.7).
-        failed = [node_id(a.signer) for a in ads if core.scores.score(node_id(a.signer), now) < 0]
-        return {"matched": matched, "ads": [a.frame for a in ads], "failed": failed}
-    if op == "bought":  # a local client's purchase: logged and measured here
-        for stage, seconds in req["timings"].items():
-            if stage in core.metrics.stage:
-                core.metrics.stage[stage].observe(seconds)
-        for seller in req.get("sellers", [req["seller"]]):  # first in line next time
-            core.scores.record(seller, Event.GOOD_DELIVERY, now)
-        core.metrics.purchases.labels("bought").inc()
-        core.metrics.purchased_bytes.inc(req["bytes"])
-        core.metrics.bought_tokens.inc(req["tokens"])
-        core.metrics.credits_spent.inc(req["price"])
-        core.metrics.prefill_saved(float(req.get("saved_flops", 0.0)))
-        core.event(
-            "bought",
-            seller=req["seller"].hex()[:12],
-            bytes=req["bytes"],
-            tokens=req["tokens"],
-            price=req["price"],
-            seconds=round(req["seconds"], 4),
-        )
-        return {}
-    if op == "missed":  # a local client found nothing it could buy
-        core.metrics.purchases.labels("missed").inc()
-        core.event("missed", reason=str(req["reason"])[:200])
-        return {}
-    if op == "refused":  # a local client's model refuted KV that matched its root
-        core.metrics.verify_failures.labels(str(req["check"])[:16]).inc()
-        core.event(
-            "refused",
-            logging.WARNING,
-            seller=req["seller"].hex()[:12],
-            check=str(req["check"])[:16],
-            detail=str(req["detail"])[:200],
-        )
-        return {}
-    if op == "first_token":
-        core.metrics.time_to_first_token.labels(req["source"]).observe(req["seconds"])
-        core.metrics.prefill_measured(float(req.get("flops", 0.0)), req["seconds"])
-        return {}
-    if op == "report":  # a local client's verdict on a provider it dealt with
-        core.scores.record(req["peer"], Event[req["event"]], now)
-        return {}
-    if op == "withdraw":
-        core.withdraw(req["root"], at)
-        return {}
-    raise RemoteProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"unknown admin op {op!r}")
+    return handler(node, req, at)

@@ -16,7 +16,7 @@ import sqlite3
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from kvx.protocol import (
     RELAYABLE,
@@ -50,6 +50,16 @@ from kvx.trust import (
 from ._clock import Now
 from ._config import NodeConfig
 from ._dials import Connect, Connections
+from ._events import (
+    ConnectFailed,
+    Degraded,
+    Happening,
+    PeerBack,
+    PeerError,
+    Rejected,
+    StoreDropped,
+    StreamCut,
+)
 from ._fraud import Fraud, Judge
 from ._gossip import RECENT_MAX, SEND_BURST, SEND_RATE_PER_S, Gossip
 from ._index import AdId, AdIndex
@@ -101,7 +111,7 @@ class Disconnect:
     key: bytes
 
 
-Output = Connect | Send | Reply | Disconnect | Judge | Authorize
+Output = Connect | Send | Reply | Disconnect | Judge | Authorize | Happening
 
 
 class NodeCore(Liveness, Gossip, Trading, Fraud):
@@ -221,12 +231,7 @@ class NodeCore(Liveness, Gossip, Trading, Fraud):
             now_ms=now.now_ms(),
         )
         for entry in self.store.verify_all():  # never advertise what cannot be served
-            self.event(
-                "store_dropped",
-                logging.WARNING,
-                root=entry.root.hex()[:16],
-                reason="failed its root",
-            )
+            self.event(StoreDropped(root=entry.root.hex()[:16], reason="failed its root"))
         for entry in self.store.entries():
             self._advertise(entry)
         for boot in self.config.bootstrap:
@@ -321,7 +326,7 @@ class NodeCore(Liveness, Gossip, Trading, Fraud):
         """The driver could not open the connection a Connect asked for."""
         self.clock = now
         self.connections.forget(key)
-        self.event("connect_failed", logging.WARNING, peer=node_id(key).hex()[:12], error=error)
+        self.event(ConnectFailed(peer=node_id(key).hex()[:12], error=error))
 
     def _reply_frame(self, routing: bytes, frame: bytes, mtype: MessageType) -> None:
         self._out.append(Reply(routing, frame, mtype))
@@ -330,9 +335,9 @@ class NodeCore(Liveness, Gossip, Trading, Fraud):
         self.connections.forget(key)
         self._out.append(Disconnect(key))
 
-    def event(self, name: str, level: int = logging.INFO, **fields: Any) -> None:
-        """One structured log line (p2p/_logs.py writes it as JSON)."""
-        log.log(level, {"node": self.id.hex()[:12], "event": name, **fields})
+    def event(self, happening: Happening) -> None:
+        """Note what happened, for the driver to log."""
+        self._out.append(happening)
 
     def internal_error(self, where: str) -> None:
         """A fault of kvx itself while handling one frame or one timer round: it costs that
@@ -391,7 +396,7 @@ class NodeCore(Liveness, Gossip, Trading, Fraud):
             return
         if st.type in DIRECT_LIFE and self.peers.alive_again(st.signer, self.clock.monotonic()):
             # Only a statement the peer itself sent proves it lives (a relayed ad does not).
-            self.event("peer_back", peer=signer_id.hex()[:12])
+            self.event(PeerBack(peer=signer_id.hex()[:12]))
             self._disconnect(st.signer)
             self._pull_news(st.signer)
         if st.type not in RELAYABLE:
@@ -421,7 +426,7 @@ class NodeCore(Liveness, Gossip, Trading, Fraud):
         """Selling needs the ledger: for a while the node quotes nothing, and says why."""
         self._ledger_failed_at = self.clock.monotonic()
         self.metrics.degraded.labels("ledger").set(1)
-        self.event("degraded", logging.ERROR, what="ledger", error=str(exc)[:200])
+        self.event(Degraded(what="ledger", error=str(exc)[:200]))
 
     def window_receipt(self, st: Statement, now: Now) -> None:
         """A receipt a buyer paid mid-stream (§9.4): the stream moves on only once it is
@@ -457,11 +462,7 @@ class NodeCore(Liveness, Gossip, Trading, Fraud):
         event = Event.TIMEOUT if exc.code == ErrorCode.TIMEOUT else Event.BAD_RECEIPT
         self.scores.record(node_id(buyer), event, self.clock.time())
         self.event(
-            "stream_cut",
-            logging.WARNING,
-            buyer=node_id(buyer).hex()[:12],
-            code=exc.code.name,
-            why=exc.detail[:120],
+            StreamCut(buyer=node_id(buyer).hex()[:12], code=exc.code.name, why=exc.detail[:120])
         )
 
     def _rejected(
@@ -478,7 +479,7 @@ class NodeCore(Liveness, Gossip, Trading, Fraud):
         event = Event.for_code(exc.code)
         if key is not None and event is not None:
             self.scores.record(node_id(key), event, self.clock.time())
-        self.event("rejected", code=exc.code.name, detail=exc.detail[:120])
+        self.event(Rejected(code=exc.code.name, detail=exc.detail[:120]))
         # Answer (spec §6.5) only a direct frame whose signer is this connection's peer:
         # anyone else is nobody we can address.
         if raw is not None and curve_public_key(raw.signer) == curve:
@@ -508,7 +509,7 @@ class NodeCore(Liveness, Gossip, Trading, Fraud):
     def _on_error(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
         assert isinstance(st.message, Error)
         self.event(
-            "peer_error", peer=st.signer_id.hex()[:12], code=st.message.code, msg=st.message.msg
+            PeerError(peer=st.signer_id.hex()[:12], code=st.message.code, msg=st.message.msg)
         )
 
     def _housekeeping_round(self) -> None:

@@ -12,7 +12,6 @@ free identity could de-list any seller. A mixin of NodeCore (p2p/_core.py).
 
 from __future__ import annotations
 
-import logging
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -29,6 +28,7 @@ from kvx.protocol import (
 from kvx.trust import Event, Evidence, Statement, bind, evidence_id, open_envelope
 
 from ._clock import Now
+from ._events import Accused, Convicted, EvidenceAbandoned, FalseAccusation
 from ._state import CoreState
 
 MAX_PULLS = 2
@@ -73,6 +73,15 @@ class Fraud(CoreState):
         self.unchecked: dict[bytes, tuple[bytes, bytes]] = {}  # seller -> (accuser, proof)
         self._served: dict[bytes, tuple[float, int]] = {}  # peer -> (minute start, bytes)
 
+    def verdict(self, peer: bytes) -> str:
+        """What this node holds against a peer, with the proof's id (spec §8.19)."""
+        conviction = self.scores.conviction(peer)
+        if conviction is not None:
+            kind, proof = conviction
+            return f"{'convicted' if kind == 'lied' else 'false accuser'} {proof.hex()}"
+        accused = self.unchecked.get(peer)
+        return f"accused, unchecked {accused[1].hex()}" if accused else ""
+
     # ---- a local client's evidence ---------------------------------------------------
 
     def accuse(self, data: bytes, now: Now) -> bytes:
@@ -107,7 +116,7 @@ class Fraud(CoreState):
             if len(self.unchecked) < MAX_UNCHECKED:
                 self.unchecked.setdefault(a.seller, (st.signer_id, a.evidence))
             self.event(
-                "accused", seller=a.seller.hex()[:12], accuser=st.signer_id.hex()[:12], checked=0
+                Accused(seller=a.seller.hex()[:12], accuser=st.signer_id.hex()[:12], checked=0)
             )
             return
         if not relayer:
@@ -202,11 +211,9 @@ class Fraud(CoreState):
                 st.signer_id, "false accusation", proof, st.frame, data, self.clock.time()
             )
             self.event(
-                "false_accusation",
-                logging.WARNING,
-                accuser=st.signer_id.hex()[:12],
-                seller=a.seller.hex()[:12],
-                why=detail[:160],
+                FalseAccusation(
+                    accuser=st.signer_id.hex()[:12], seller=a.seller.hex()[:12], why=detail[:160]
+                )
             )
         self._next_pull()
 
@@ -216,7 +223,7 @@ class Fraud(CoreState):
         self._pulls.pop(a.evidence, None)
         if blame is not None:
             self.scores.record(node_id(pull.source), blame, self.clock.time())
-        self.event("evidence_abandoned", source=node_id(pull.source).hex()[:12], why=why)
+        self.event(EvidenceAbandoned(source=node_id(pull.source).hex()[:12], why=why))
         self._next_pull()
 
     def _next_pull(self) -> None:
@@ -244,10 +251,4 @@ class Fraud(CoreState):
         self.unchecked.pop(seller, None)
         dropped = self.index.drop_signer(seller_key)
         self.metrics.ads.set(len(self.index))
-        self.event(
-            "convicted",
-            logging.WARNING,
-            seller=seller.hex()[:12],
-            proof=proof.hex()[:16],
-            ads_dropped=dropped,
-        )
+        self.event(Convicted(seller=seller.hex()[:12], proof=proof.hex()[:16], ads_dropped=dropped))

@@ -25,6 +25,7 @@ from kvx.protocol import (
 from kvx.trust import Statement, open_envelope
 
 from ._clock import Now
+from ._events import AdPublished, AdReceived
 from ._peers import Peer, State
 from ._state import CoreState
 from ._store import Entry, PublishRequest
@@ -97,10 +98,11 @@ class Gossip(CoreState):
         self.inbox.guard.remember(st.signer, st.header)
         self._took(st, ad.ns)
         self.event(
-            "ad_received",
-            signer=st.signer_id.hex()[:12],
-            seq=st.header.seq,
-            via=node_id(relayer).hex()[:12] if relayer else "",
+            AdReceived(
+                signer=st.signer_id.hex()[:12],
+                seq=st.header.seq,
+                via=node_id(relayer).hex()[:12] if relayer else "",
+            )
         )
         self.metrics.ads.set(len(self.index))
         if st.signer not in self.peers:
@@ -187,7 +189,7 @@ class Gossip(CoreState):
         self._own[entry.root] = st
         self.metrics.ads.set(len(self.index))
         self.event(
-            "ad_published", root=entry.root.hex()[:16], seq=st.header.seq, blocks=len(entry.blocks)
+            AdPublished(root=entry.root.hex()[:16], seq=st.header.seq, blocks=len(entry.blocks))
         )
         self._push(frame, MessageType.ADVERTISE, set(), entry.ns)
 

@@ -9,8 +9,6 @@ NodeCore (p2p/_core.py), whose state and outputs it uses.
 
 from __future__ import annotations
 
-import logging
-
 from kvx.protocol import (
     ErrorCode,
     Hello,
@@ -27,6 +25,7 @@ from kvx.protocol import (
 from kvx.trust import Statement, open_envelope
 
 from ._clock import Now
+from ._events import Leaving, PeerDead, PeerJoined, PeerLeft, PeerSuspect, PeerVouched
 from ._index import Standing
 from ._peers import State
 from ._probing import Waiting
@@ -69,7 +68,7 @@ class Liveness(CoreState):
         self.policy.check_address(split_ctl(hello.ctl)[0])
         if self.peers.heard_from(st.signer, hello.ctl, hello.inc, now):
             self._disconnect(st.signer)  # it may have restarted on a new address
-            self.event("peer_joined", peer=st.signer_id.hex()[:12], ctl=hello.ctl)
+            self.event(PeerJoined(peer=st.signer_id.hex()[:12], ctl=hello.ctl))
             self._pull_news(st.signer)
         if routing is not None:
             challenge = self.memberships.challenge(st.signer_id, self.clock.time())
@@ -96,7 +95,7 @@ class Liveness(CoreState):
         self.memberships.forget(st.signer_id)
         self._disconnect(st.signer)
         self.metrics.ads.set(len(self.index))
-        self.event("peer_left", peer=st.signer_id.hex()[:12], ads=gone)
+        self.event(PeerLeft(peer=st.signer_id.hex()[:12], ads=gone))
 
     def leave(self, now: Now) -> set[bytes]:
         """This node stops serving: every peer that heard from it is told so (§8.22);
@@ -108,7 +107,7 @@ class Liveness(CoreState):
         told = {p.key for p in self.peers.all() if p.proven and p.state != State.DEAD}
         for key in told:
             self._send(key, Leave(inc=self.incarnation))
-        self.event("leaving", peers=len(told))
+        self.event(Leaving(peers=len(told)))
         return told
 
     def _on_peers(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
@@ -174,7 +173,7 @@ class Liveness(CoreState):
     def _on_probe_ack(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
         target = self.probes.take_ack(st)
         if target is not None and self.peers.vouched(target):
-            self.event("peer_vouched", peer=node_id(target).hex()[:12], by=st.signer_id.hex()[:12])
+            self.event(PeerVouched(peer=node_id(target).hex()[:12], by=st.signer_id.hex()[:12]))
 
     def _ask_help(self, target: bytes) -> None:
         """Our probe of `target` went unanswered for half the suspicion time: ask
@@ -191,9 +190,9 @@ class Liveness(CoreState):
         now = self.clock.monotonic()
         suspect, dead = self.peers.tick(now)
         for peer in suspect:
-            self.event("peer_suspect", logging.WARNING, peer=node_id(peer.key).hex()[:12])
+            self.event(PeerSuspect(peer=node_id(peer.key).hex()[:12]))
         for peer in dead:
-            self.event("peer_dead", logging.WARNING, peer=node_id(peer.key).hex()[:12])
+            self.event(PeerDead(peer=node_id(peer.key).hex()[:12]))
             self.memberships.forget(node_id(peer.key))
             self._disconnect(peer.key)
         for peer in self.peers.to_probe(self.config.probes_per_heartbeat, now):

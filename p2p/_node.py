@@ -54,6 +54,7 @@ from ._config import ADMIN_SOCKET, INFO_FILE, LEDGER_FILE, SCORES_FILE, STORE_DI
 from ._core import Disconnect, NodeCore, Reply, Send
 from ._datadir import DataDirLock
 from ._dials import Connect
+from ._events import Happening, Ready, Stopped, TaskFailed
 from ._fraud import Judge
 from ._market import Authorize
 from ._pricing import PricePolicy
@@ -67,6 +68,8 @@ LEAVE_LINGER_MS = 1000
 Judgement = Callable[[Bound], object | None]
 """A holder of one fingerprint's weights: judges bound evidence, returning what refutes
 the seller (kvx.integrations.verify.judge) or None when the weights compute its bytes."""
+
+log = logging.getLogger("kvx.node")
 
 
 class Node:
@@ -207,7 +210,7 @@ class Node:
         with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
             f.write(json.dumps(info, indent=1))
         tmp.replace(cfg.data_dir / INFO_FILE)
-        core.event("ready", ctl=ctl, data=self.tcp.address, peers=len(cfg.bootstrap))
+        self.happened(Ready(ctl=ctl, data=self.tcp.address, peers=len(cfg.bootstrap)))
         self._served = True
 
     async def _leave(self) -> None:
@@ -245,7 +248,7 @@ class Node:
         self.core.scores.close()
         self._lock.release()
         if self._served:  # a node that never started did not stop either: its error says why
-            self.core.event("stopped")
+            self.happened(Stopped())
 
     def _told_by_ports(self) -> dict[str, Callable[..., object]]:
         """What a data port tells the core, each with the time it happens: streams run on
@@ -276,7 +279,7 @@ class Node:
 
     def _crashed(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
-            self.core.event("task_failed", logging.ERROR, error=repr(task.exception()))
+            self.happened(TaskFailed(error=repr(task.exception())))
             self._crash = self._crash or task.exception()
             self._stop.set()  # a broken loop must not leave a half-working node
 
@@ -302,6 +305,13 @@ class Node:
                 self._spawn(self._judge(out))
             elif isinstance(out, Authorize):
                 self._spawn(self._authorize(out))
+            elif isinstance(out, Happening):
+                self.happened(out)
+
+    def happened(self, happening: Happening) -> None:
+        """One JSON line in the log (p2p/_logs.py)."""
+        fields = {"node": self.id.hex()[:12], "event": happening.name, **happening.fields()}
+        log.log(happening.level, fields)
 
     async def _authorize(self, deal: Authorize) -> None:
         """Load a sold payload off the loop — read from disk, hashed against its root,

@@ -9,7 +9,6 @@ uses.
 
 from __future__ import annotations
 
-import logging
 import sqlite3
 
 from kvx.protocol import (
@@ -23,6 +22,7 @@ from kvx.protocol import (
 from kvx.trust import Statement
 
 from ._clock import Now
+from ._events import Sold, StoreDropped, StoreNoteFailed
 from ._index import Advert
 from ._market import Authorize
 from ._peers import State
@@ -147,13 +147,13 @@ class Trading(CoreState):
         try:
             self.store.used(deal.entry, payload)
         except sqlite3.Error as exc:
-            self.event("store_note_failed", logging.WARNING, error=str(exc)[:200])
+            self.event(StoreNoteFailed(error=str(exc)[:200]))
 
     def unservable(self, deal: Authorize, why: str, now: Now) -> None:
         """A sold payload failed its root when the driver loaded it: that deal is over
         undelivered, and the payload is neither served nor advertised again."""
         self.clock = now
-        self.event("store_dropped", logging.WARNING, root=deal.entry.root.hex()[:16], reason=why)
+        self.event(StoreDropped(root=deal.entry.root.hex()[:16], reason=why))
         try:
             self.market.unservable(deal, self.clock.now_ms(), why)
         except sqlite3.Error as exc:
@@ -167,4 +167,4 @@ class Trading(CoreState):
 
     def _on_receipt(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
         self._earned(self.market.receipt(st, self.clock.now_ms()))
-        self.event("sold", buyer=st.signer_id.hex()[:12], price=st.message.price)
+        self.event(Sold(buyer=st.signer_id.hex()[:12], price=st.message.price))

@@ -210,6 +210,7 @@ def test_a_probe_ack_counts_only_with_the_targets_own_fresh_words_to_the_helper(
         unasked = helper.signer.seal(
             ProbeAck(re=99, target=t_key, proof=said(target, helper)), now_ms=now, to=asker.id
         )
+        asker.drain()  # what the acks above made it say and note
         asker.receive(unasked, sim.curve[1], None, h_key, now=sim.clock.at())
         assert peer.state == State.SUSPECT and not asker.drain()  # ignored, not answered
 
@@ -341,6 +342,7 @@ def test_every_illegal_step_of_a_quote_has_its_spec_code_in_memory():
         q = quote()
         assert ask(accept(q)) is None and len(seller.sessions) == 2
         assert seller.selling()
+        assert [type(o).__name__ for o in outputs] == ["StoreNoteFailed"]  # for the log
 
 
 def test_a_seed_and_its_inputs_give_the_same_run_frame_for_frame():

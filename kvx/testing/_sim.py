@@ -26,6 +26,7 @@ from kvx.p2p._clock import Now
 from kvx.p2p._config import NodeConfig
 from kvx.p2p._core import Disconnect, NodeCore, Reply, Send
 from kvx.p2p._dials import Connect
+from kvx.p2p._events import Happening
 from kvx.p2p._gossip import RECENT_MAX
 from kvx.p2p._purchase import Action, Ask, Exhausted, Lookup, Purchase, Ready, Report, Want
 from kvx.p2p._store import Entry, LocalStore, PublishRequest
@@ -361,6 +362,8 @@ class Simulation:
             if isinstance(out, Disconnect):
                 self._connected[i].discard(out.key)
                 continue
+            if isinstance(out, Happening):
+                continue  # a log line; what a run measures is counted by its own means
             if isinstance(out, Send):
                 if out.key not in self._connected[i]:
                     continue  # no connection carries it
