@@ -51,7 +51,8 @@ class AdminError(KvxError):
 
 
 def pack(obj: Any) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
+    packed: bytes = msgpack.packb(obj, use_bin_type=True)
+    return packed
 
 
 def unpack(data: bytes) -> Any:
@@ -62,9 +63,9 @@ def request(op: str, args: dict[str, Any]) -> bytes:
     return pack({"op": op, **args})
 
 
-def result(data: bytes) -> dict:
+def result(data: bytes) -> dict[str, Any]:
     """The node's reply, or AdminError with its code and reason."""
-    reply = unpack(data)
+    reply: dict[str, Any] = unpack(data)
     if not reply.get("ok"):
         raise AdminError(reply.get("code", int(ErrorCode.INTERNAL)), reply.get("error", "failed"))
     return reply
@@ -96,11 +97,12 @@ def admin_socket(data_dir: str | Path) -> str:
     return f"ipc://{info.parent / ADMIN_SOCKET}"
 
 
-def admin_call(data_dir: str | Path, op: str, timeout_s: float = 10.0, **args: Any) -> dict:
+def admin_call(
+    data_dir: str | Path, op: str, timeout_s: float = 10.0, **args: Any
+) -> dict[str, Any]:
     """One request to the node running in `data_dir`; raises AdminError on its refusal."""
     address = admin_socket(data_dir)
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.REQ)
+    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.REQ)
     sock.linger = 0
     sock.rcvtimeo = sock.sndtimeo = int(timeout_s * 1000)
     try:
@@ -169,7 +171,7 @@ def _savings(node: Served, req: dict[str, Any], at: Now) -> dict[str, Any]:
 
 def _peers(node: Served, req: dict[str, Any], at: Now) -> dict[str, Any]:
     core, now = node.core, at.wall
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "node_id": node_id(p.key).hex(),
             "key": p.key.hex(),

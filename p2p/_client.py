@@ -9,6 +9,7 @@ agent's own tensor. Without a node to talk to, it starts one inside its event lo
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import functools
 import json
@@ -31,10 +32,12 @@ from kvx.protocol import (
     KVLayout,
     KvxError,
     Membership,
+    Message,
     Namespace,
     NamespaceProof,
     Peers,
     Quote,
+    Receipt,
     RemoteProtocolError,
 )
 from kvx.transport import (
@@ -130,9 +133,10 @@ class Bought:
     bytes: int
     price: int  # micro-credits paid, to every provider that streamed part of it
     saved_flops: float  # the prefill the buyer did not run
-    seller: bytes  # node id of the provider that carried the most of it
+    # `bytes` is a field here: the type is named builtins.bytes below it.
+    seller: builtins.bytes  # node id of the provider that carried the most of it
     faults: tuple[Fault, ...]  # providers that failed on the way
-    delivered: dict[bytes, int]  # bytes each provider delivered, kept and paid for (§9.7)
+    delivered: dict[builtins.bytes, int]  # bytes each provider delivered, kept and paid for
     seconds: float
     timings: dict[str, float]  # where the seconds went: lookup, negotiation, transfer, receipt
 
@@ -209,7 +213,7 @@ class PeerClient:
 
     # ---- the local node --------------------------------------------------------------
 
-    async def _admin(self, op: str, **args: Any) -> dict:
+    async def _admin(self, op: str, **args: Any) -> dict[str, Any]:
         address = admin_socket(self.data_dir)
         sock = self._ctx.socket(zmq.REQ)
         sock.linger = 0
@@ -265,7 +269,8 @@ class PeerClient:
     ) -> bytes:
         """Store a payload in the local node and advertise it; returns its content root."""
         request = PublishRequest(fp, layout, tuple(blocks), payload, params, ns, chunk)
-        return (await self._admin("publish", **request.to_admin()))["root"]
+        root: bytes = (await self._admin("publish", **request.to_admin()))["root"]
+        return root
 
     async def lookup(
         self, fp: bytes, chain: list[bytes], *, ns: bytes | None = None, limit: int = 8
@@ -303,10 +308,10 @@ class PeerClient:
         sock: zmq.asyncio.Socket,
         seller: Statement,
         frame: bytes,
-        want: type[T],
+        want: type[Message],
         timeout_s: float,
-    ) -> T:
-        """Send one sealed statement to a seller and wait for its answer to it."""
+    ) -> Statement:
+        """Send one sealed statement to a seller and wait for its answer to it, a `want`."""
         await sock.send(frame)
         seq = open_envelope(frame).header.seq
         curve = curve_public_key(seller.signer)
@@ -325,7 +330,7 @@ class PeerClient:
                 )
                 raise RemoteProtocolError(code, st.message.msg)
             if isinstance(st.message, want):
-                return st  # type: ignore[return-value]
+                return st
         raise RemoteProtocolError(ErrorCode.TIMEOUT, "the seller did not answer")
 
     def _dealer(self, seller: Statement) -> zmq.asyncio.Socket:
@@ -403,8 +408,9 @@ class PeerClient:
         def allocate(expected: Expected) -> torch.Tensor | Destination:
             if into is not None:
                 return into(expected)
-            allocated[:] = [torch.empty(expected.deliver, dtype=torch.uint8, device=device)]
-            return allocated[0]
+            tensor = torch.empty(expected.deliver, dtype=torch.uint8, device=device)
+            allocated[:] = [tensor]
+            return tensor
 
         offers = Offers(driver.sources())
         try:
@@ -463,7 +469,7 @@ class PeerClient:
             blocks=q.blocks,
             tokens=q.blocks * q.layout.block,
             bytes=q.deliver,
-            price=sum(open_envelope(frame).message.price for frame in purchase.paid.values()),
+            price=sum(_price(frame) for frame in purchase.paid.values()),
             saved_flops=prefill_flops(params, q.layout, q.blocks * q.layout.block),
             seller=seller,
             faults=fetched.faults,
@@ -659,6 +665,13 @@ class _Driver:
         except RemoteProtocolError as exc:
             return functools.partial(self.purchase.failed, ask.provider, exc.code, exc.detail)
         return functools.partial(self.purchase.answered, ask.provider, quote)
+
+
+def _price(receipt: bytes) -> int:
+    """What a sealed RECEIPT pays."""
+    message = open_envelope(receipt).message
+    assert isinstance(message, Receipt)
+    return message.price
 
 
 def _evidence(

@@ -10,6 +10,7 @@ import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from kvx.protocol import DEFAULT_BLOCK_TOKENS, ConfigError, RemoteProtocolError, split_ctl
 from kvx.transport import DataLimits
@@ -134,7 +135,7 @@ class NodeConfig:
             min_rate=self.data_min_rate,
         )
 
-    def with_args(self, **changes: object) -> NodeConfig:
+    def with_args(self, **changes: Any) -> NodeConfig:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 

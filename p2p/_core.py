@@ -170,7 +170,6 @@ class NodeCore(Liveness, Gossip, Trading, Fraud):
         self.ctl = ""
         self.source_network = ""  # of the frame being handled: what its sender spoke from
         self.data: tuple[DataAddress, ...] = ()
-        self.market: Market | None = None
         self._own: dict[bytes, Statement] = {}  # content root -> our ADVERTISE
         self._recent: deque[tuple[float, AdId, bytes | None]] = deque(maxlen=RECENT_MAX)
         self._pulled: dict[bytes, float] = {}  # peer -> when its news was last pulled
@@ -297,7 +296,7 @@ class NodeCore(Liveness, Gossip, Trading, Fraud):
             "dealers": len(self.connections),
             "dial_backoffs": len(self.connections.dials),
             "ads": len(self.index),
-            "ad_bytes": self.index.bytes,
+            "ad_bytes": self.index.held_bytes,
             "ad_signers": self.index.signers(),
             "ads_forgotten": self.index.forgotten,
             "withdrawals": self.index.withdrawals(),

@@ -16,6 +16,9 @@ from typing import Any, ClassVar
 
 @dataclass(frozen=True)
 class Happening:
+    """One thing that happened: a value, so that the core reads no logger and a test can
+    compare it; its class says how loud it is in the log."""
+
     level: ClassVar[int] = logging.INFO
 
     @property

@@ -9,6 +9,8 @@ A mixin of NodeCore (p2p/_core.py), whose state and outputs it uses.
 
 from __future__ import annotations
 
+import ipaddress
+
 from kvx.protocol import (
     ENDPOINT_TRANSPORTS,
     Advertise,
@@ -113,7 +115,7 @@ class Gossip(CoreState):
         self._push(st.frame, MessageType.ADVERTISE, {relayer, st.signer}, ad.ns)
 
     @staticmethod
-    def _data_hosts(ad: Advertise) -> list:
+    def _data_hosts(ad: Advertise) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
         return [split_host_port(d.addr)[0] for d in ad.data if d.t in ENDPOINT_TRANSPORTS]
 
     def _on_withdraw(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
@@ -208,11 +210,12 @@ class Gossip(CoreState):
             now_ms=self.clock.now_ms(),
             ttl_ms=int(self.config.advert_ttl_s * 1000),
         )
-        withdrawal = open_envelope(frame)
+        withdrawal, ad = open_envelope(frame), st.message
+        assert isinstance(ad, Advertise)
         self.index.withdraw(withdrawal)
-        self._took(withdrawal, st.message.ns)
+        self._took(withdrawal, ad.ns)
         self.metrics.ads.set(len(self.index))
-        self._push(frame, MessageType.WITHDRAW, set(), st.message.ns)
+        self._push(frame, MessageType.WITHDRAW, set(), ad.ns)
 
     def publish(self, request: PublishRequest, now: Now) -> Entry:
         self.clock = now

@@ -181,7 +181,8 @@ class AdIndex:
         return len(self._tombstones)
 
     @property
-    def bytes(self) -> int:
+    def held_bytes(self) -> int:
+        """Bytes of the advertisements held, against the budget's `bytes`."""
         return self._bytes
 
     def withdraw(self, statement: Statement) -> tuple[bool, bytes | None]:
@@ -292,10 +293,10 @@ class AdIndex:
             if not ids:
                 del self._by_signer[advert.signer], self._held[advert.signer]
             for block in advert.message.blocks:
-                ids = self._by_block.get(block)
-                if ids is not None:
-                    ids.discard(ad_id)
-                    if not ids:
+                holders = self._by_block.get(block)
+                if holders is not None:
+                    holders.discard(ad_id)
+                    if not holders:
                         del self._by_block[block]
         return advert
 
@@ -325,7 +326,7 @@ class AdIndex:
         limit: int,
         *,
         usable: Callable[[Advert], bool],
-        rank: Callable[[Advert], tuple],
+        rank: Callable[[Advert], tuple[float, ...]],
     ) -> tuple[int, list[Advert]]:
         """The longest prefix of `chain` any usable advertisement holds, and the best of them."""
         for matched in range(len(chain), 0, -1):

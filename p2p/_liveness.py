@@ -153,7 +153,7 @@ class Liveness(CoreState):
         """A peer spoke: send its statement to whoever asked us to probe it — if nothing
         in it belongs to a private namespace, since the asker need not be a member (§8.17):
         a HELLO, or a PEERS whose news are public advertisements this node holds."""
-        if st.type == MessageType.PEERS:
+        if isinstance(st.message, Peers):
             recent = st.message.recent or ()
             if not all(self.index.public((e.key, e.seq)) for e in recent):
                 return  # the askers wait for the target's next words

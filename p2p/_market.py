@@ -41,6 +41,11 @@ def _fail(code: ErrorCode, detail: str) -> RemoteProtocolError:
     return RemoteProtocolError(code, detail)
 
 
+Loaded = tuple["Payload | None", bytes | memoryview, list[bytes]]
+"""A sold payload made ready: the stored payload if it was read, the bytes to serve (a
+view of ones another deal serves, or a conversion), and their chunk list."""
+
+
 def convert(data: bytes, src: str, dst: str) -> bytes:
     """KV bytes from one float type to another (the conversions a quote may name)."""
     import torch  # only a seller that converts needs it
@@ -247,7 +252,7 @@ class Market:
             quote, st.signer, pending.entry, pending.layout, pending.quote.header.exp + 60_000, key
         )
 
-    def at_hand(self, deal: Authorize) -> tuple[Payload | None, bytes, list[bytes]] | None:
+    def at_hand(self, deal: Authorize) -> Loaded | None:
         """A deal's payload without I/O: shared with a deal waiting for its stream, or in
         the memory tier in the stored dtype."""
         live = self.sessions.serving(deal.quote.root)
@@ -258,7 +263,7 @@ class Market:
             return None
         return payload, payload.data, list(payload.hashes)
 
-    def load(self, deal: Authorize) -> tuple[Payload | None, bytes, list[bytes]]:
+    def load(self, deal: Authorize) -> Loaded:
         """(the stored payload if it was read, bytes to serve, their chunk list) of a deal,
         or IntegrityError. It reads no index and changes nothing but the conversion slot
         (replaced whole), so it runs off the loop. Deals of one payload share its bytes
@@ -272,7 +277,7 @@ class Market:
         data, _, hashes = self._converted(deal.entry, deal.layout, payload)
         return payload, data, hashes
 
-    def serve(self, deal: Authorize, data: bytes, hashes: list[bytes]) -> None:
+    def serve(self, deal: Authorize, data: bytes | memoryview, hashes: list[bytes]) -> None:
         """Open the stream to a deal whose payload is at hand or loaded."""
         self.sessions.authorize(
             Offer.build(
@@ -345,7 +350,9 @@ class Market:
     def expire(self, now_ms: int) -> None:
         for quote_id in [q for q, p in self._pending.items() if p.quote.header.exp < now_ms]:
             pending = self._pending.pop(quote_id)
+            quote = pending.quote.message
+            assert isinstance(quote, Quote)
             if pending.phase is Phase.OFFERED:  # an accepted one's stream has its own expiry
-                self.sessions.forget(pending.quote.message.token)
+                self.sessions.forget(quote.token)
         for offer in self.sessions.expired(now_ms):
             self.ledger.record_expiry(offer.quote, now_ms, "no stream opened it in time", 0)

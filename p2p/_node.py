@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ import secrets
 import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import zmq
 import zmq.asyncio
@@ -151,7 +152,7 @@ class Node:
         _bind(
             self.router, cfg.listen.replace(":0", ":*") if cfg.listen.endswith(":0") else cfg.listen
         )
-        ctl = advertised(self.router.last_endpoint.decode(), cfg.advertise)
+        ctl = advertised(self.router.getsockopt_string(zmq.LAST_ENDPOINT), cfg.advertise)
         self.admin = self._ctx.socket(zmq.ROUTER)
         self.admin.linger = 0
         _bind(self.admin, cfg.admin_address)
@@ -180,7 +181,7 @@ class Node:
             ucx = DataAddress(t="ucx", addr=advertised(self.ucx.address, cfg.advertise))
             data = (ucx, *data)
         for what in self.held():  # read when scraped, never stale
-            core.metrics.held.labels(what).set_function(lambda what=what: self.held()[what])
+            core.metrics.held.labels(what).set_function(functools.partial(self._held_of, what))
         metrics_url = None
         if cfg.metrics_port is not None:
             try:
@@ -394,12 +395,14 @@ class Node:
         messages waiting, and a connection whose queue is full is pushed back by TCP, not
         served ahead of others (spec §12.6).
         """
-        expected_curve = None if server_key is None else curve_public_key(server_key)
+        expected_curve = b"" if server_key is None else curve_public_key(server_key)
         wanted = 2 if server_key is None else 1  # the ROUTER prepends the routing id
-        shadow = zmq.Socket.shadow(sock.underlying)  # non-blocking reads of whole messages
+        shadow: zmq.Socket[bytes] = zmq.Socket.shadow(
+            sock.underlying
+        )  # non-blocking reads of whole messages
         while not sock.closed:  # a dropped dealer's reader ends here, even from within
             try:
-                await sock.poll(None, zmq.POLLIN)
+                await sock.poll()  # until a message can be read
             except zmq.ZMQError:
                 if sock.closed:
                     return
@@ -410,7 +413,7 @@ class Node:
                     if server_key is None:
                         routing, frame = parts[0].bytes, parts[1]
                         curve = peer_curve_key(frame)
-                        source = frame.get("Peer-Address")
+                        source = str(frame.get("Peer-Address"))
                     else:
                         routing, frame, curve = None, parts[0], expected_curve
                     try:
@@ -422,7 +425,7 @@ class Node:
                     await self._flush()
                 await asyncio.sleep(0)
 
-    def _read(self, sock: zmq.Socket, wanted: int) -> list[zmq.Frame] | None:
+    def _read(self, sock: zmq.Socket[bytes], wanted: int) -> list[zmq.Frame] | None:
         """One whole message if one is ready (None if not), as its parts — or [] for one
         of another number of parts, refused (spec §4.2). Parts past the expected count
         are dropped as they are read, so a many-part message never sits in a list here."""
@@ -454,6 +457,9 @@ class Node:
             "data_accept_errors": self.tcp.accept_errors,
         }
 
+    def _held_of(self, what: str) -> int:
+        return self.held()[what]
+
     def budgets(self) -> dict[str, dict[str, int]]:
         """Each bounded holding beside its limit, so an operator sees how full it is."""
         cfg, core = self.config, self.core
@@ -461,7 +467,7 @@ class Node:
             "store_disk_bytes": (core.store.disk_used(), cfg.disk_bytes),
             "store_memory_bytes": (core.store.memory_used(), cfg.memory_bytes),
             "ads": (len(core.index), cfg.max_ads),
-            "ad_bytes": (core.index.bytes, cfg.max_ad_bytes),
+            "ad_bytes": (core.index.held_bytes, cfg.max_ad_bytes),
             "withdrawals": (core.index.withdrawals(), cfg.max_ads),
             "replay_entries": (len(core.inbox.guard), cfg.replay_total),
             "peers": (len(core.peers.all()), cfg.max_peers),
@@ -514,12 +520,12 @@ def on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[[], _T]) -> _T:
     return done.result()
 
 
-def _bind(sock: zmq.Socket, address: str) -> None:
+def _bind(sock: zmq.Socket[Any], address: str) -> None:
     """Bind, or say in one line why not (a port in use is a user's mistake, not a crash)."""
     try:
         sock.bind(address)
     except zmq.ZMQError as exc:
-        raise ConfigError(f"cannot listen on {address}: {zmq.strerror(exc.errno)}") from None
+        raise ConfigError(f"cannot listen on {address}: {exc.strerror}") from None
 
 
 def run_node(config: NodeConfig, judges: Mapping[bytes, Judgement] | None = None) -> None:

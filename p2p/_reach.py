@@ -49,7 +49,7 @@ def check_reach(config: NodeConfig) -> None:
                     f"{name} {binds[name]}: a wildcard binds every interface but is no address"
                     " a peer can dial; name the one peers dial with --advertise IP"
                 )
-        named = ips.values()
+        named = list(ips.values())
         what = "listen/data_host"
     else:
         named = [_ip(config.advertise, "advertise")]

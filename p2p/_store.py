@@ -12,6 +12,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from kvx.protocol import (
     DEFAULT_CHUNK_BYTES,
@@ -85,7 +86,7 @@ class PublishRequest:
         }
 
     @classmethod
-    def from_admin(cls, args: dict) -> PublishRequest:
+    def from_admin(cls, args: dict[str, Any]) -> PublishRequest:
         return cls(
             fp=args["fp"],
             layout=KVLayout(**args["layout"]),
@@ -137,7 +138,7 @@ class LocalStore:
             self.drop(root)
 
     @staticmethod
-    def _entry(row: tuple) -> Entry:
+    def _entry(row: tuple[Any, ...]) -> Entry:
         root, fp, ns, layout, blocks, chunk, params = row
         return Entry(
             root,
@@ -215,7 +216,10 @@ class LocalStore:
         return entry, evicted
 
     def _least_used(self) -> bytes:
-        return self._db.execute("SELECT root FROM entries ORDER BY used LIMIT 1").fetchone()[0]
+        root: bytes = self._db.execute("SELECT root FROM entries ORDER BY used LIMIT 1").fetchone()[
+            0
+        ]
+        return root
 
     def drop(self, root: bytes) -> None:
         """Forget a payload (evicted, or failed its root): it is never served again."""

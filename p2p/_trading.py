@@ -16,6 +16,7 @@ from kvx.protocol import (
     Lookup,
     LookupResult,
     MessageType,
+    Receipt,
     RemoteProtocolError,
     node_id,
 )
@@ -99,7 +100,7 @@ class Trading(CoreState):
                 node_id(advert.signer), now
             )
 
-        def rank(advert: Advert) -> tuple:
+        def rank(advert: Advert) -> tuple[float, ...]:
             # Standing before price, since a price is the one thing a liar sets for free:
             # a provider that delivered to us first, then live peers that speak for
             # themselves, then strangers, and one that failed us last.
@@ -112,7 +113,7 @@ class Trading(CoreState):
         (self.metrics.hits if matched else self.metrics.misses).inc()
         return matched, ads
 
-    def _on_quote_request(self, st: Statement, routing: bytes | None, relayer: bytes):
+    def _on_quote_request(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
         if routing is not None:
             frame = self.market.quote_request(st, self.clock.now_ms(), self.source_network)
             self._reply_frame(routing, frame, MessageType.QUOTE)
@@ -129,7 +130,7 @@ class Trading(CoreState):
         self,
         deal: Authorize,
         payload: Payload | None,
-        data: bytes,
+        data: bytes | memoryview,
         hashes: list[bytes],
         *,
         now: Now,
@@ -139,7 +140,11 @@ class Trading(CoreState):
         self._serve(deal, payload, data, hashes)
 
     def _serve(
-        self, deal: Authorize, payload: Payload | None, data: bytes, hashes: list[bytes]
+        self,
+        deal: Authorize,
+        payload: Payload | None,
+        data: bytes | memoryview,
+        hashes: list[bytes],
     ) -> None:
         """Open the deal's stream, then note the sale in the store's index. The note only
         orders eviction: when the disk refuses it, the deal is served all the same."""
@@ -166,5 +171,7 @@ class Trading(CoreState):
             self._reply_frame(routing, frame, MessageType.QUOTE)
 
     def _on_receipt(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
+        receipt = st.message
+        assert isinstance(receipt, Receipt)
         self._earned(self.market.receipt(st, self.clock.now_ms()))
-        self.event(Sold(buyer=st.signer_id.hex()[:12], price=st.message.price))
+        self.event(Sold(buyer=st.signer_id.hex()[:12], price=receipt.price))

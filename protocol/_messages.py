@@ -358,6 +358,7 @@ Message = (
     | Peers
     | Advertise
     | Withdraw
+    | Leave
     | Digest
     | Lookup
     | LookupResult
