@@ -25,6 +25,8 @@ from kvx.protocol import (
     LookupResult,
     Namespace,
     Peers,
+    Probe,
+    ProbeAck,
     prefix_chain,
 )
 from kvx.trust import NamespaceRule, Policy, open_envelope, seal
@@ -191,3 +193,25 @@ def test_outsiders_learn_nothing_of_a_private_namespace():
         pair.send(outsider, seal(outsider.identity, ad, relayable(pair)))
         assert len(pair.core().index.ads()) == 1  # only the seller's own
         assert serves_newcomers(pair)
+
+
+def test_a_stranger_probing_a_member_through_a_member_learns_no_private_news():
+    team = Namespace(blake3.blake3(b"team").digest())
+    with Pair(policy=Policy(namespaces=(NamespaceRule("team", team),))) as pair:
+        seller, agent = pair.cores  # both members
+        pair.advance(2.0)  # they prove it to each other
+        chain = prefix_chain(FP, list(range(3 * LAYOUT.block)), LAYOUT.block, team)
+        pair.publish(PublishRequest(FP, LAYOUT, chain, PAYLOAD, 10**6, ns=team.id))
+        pair.advance(1.0)
+        private = {(a.signer, a.seq) for a in agent.index.ads()}
+        assert len(private) == 1  # news the seller tells members
+        stranger, proofs = pair.stranger(), []
+        for _ in range(12):  # past the 10 s the news stays in the seller's PEERS to members
+            said = pair.roundtrip(stranger, Probe(target=seller.identity.public_key), to=1)
+            pair.advance(1.0)
+            said += pair.answers(stranger)
+            proofs += [open_envelope(m.proof) for m in said if isinstance(m, ProbeAck)]
+        assert proofs  # the agent vouches for the seller, and with what names nothing private
+        for proof in proofs:
+            recent = getattr(proof.message, "recent", None) or ()
+            assert not {(e.key, e.seq) for e in recent} & private, proof.type.name

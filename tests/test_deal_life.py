@@ -68,7 +68,8 @@ def deal(market: Market, clock: Frozen) -> Authorize:
 
 def accepted(market: Market, clock: Frozen) -> Quote:
     made = deal(market, clock)
-    market.serve(made, *market.load(made))  # what the node does off its loop
+    _, data, hashes = market.load(made)  # what the node does off its loop
+    market.serve(made, data, hashes)
     return made.quote
 
 
@@ -105,7 +106,7 @@ def test_deals_of_one_payload_share_its_bytes_while_they_wait_for_their_streams(
     market = make()
     deals = [deal(market, clock) for _ in range(2)]
     first = market.load(deals[0])
-    market.serve(deals[0], *first)
+    market.serve(deals[0], first[1], first[2])
     payload, data, hashes = market.load(deals[1])
     assert payload is None  # nothing was read for it
     assert data.obj is first[1] and hashes == first[2]

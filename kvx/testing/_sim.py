@@ -204,6 +204,7 @@ class Simulation:
         self._connected: list[set[bytes]] = [set() for _ in self.cores]  # keys each dialed
         self._timers: list[tuple[float, int, int]] = []  # (due, node, its generation)
         self.on_receive: Callable[[int, int, bytes], None] | None = None
+        self.outside: list[Reply] = []  # answers to connections no core opened
         self._links: dict[frozenset[int], float] = {}  # loss of one link, over the network's
         self._side: dict[int, int] = {}  # node -> its side of a partition
 
@@ -371,6 +372,9 @@ class Simulation:
             else:
                 assert isinstance(out, Reply)
                 to, reply = int.from_bytes(out.routing, "big"), True
+                if to >= len(self.cores):  # to a peer that is no core: a test's own
+                    self.outside.append(out)
+                    continue
             if to is None:
                 continue
             self.traffic.count(out.mtype, len(out.frame))
