@@ -46,7 +46,7 @@ class Stranger:
 class Pair:
     """`n` cores (two by default, each knowing the others) on one simulated clock, and
     strangers that talk to them. Core 0 has a store; `config` are NodeConfig fields
-    every core gets."""
+    every core gets, `own` those of one core (by its index) over them."""
 
     def __init__(
         self,
@@ -54,10 +54,12 @@ class Pair:
         *,
         seed: int = 0,
         publishers: frozenset[int] = frozenset({0}),
+        own: dict[int, dict[str, Any]] | None = None,
         **config: Any,
     ) -> None:
         def make(data_dir: Path) -> NodeConfig:
-            return NodeConfig(data_dir=data_dir, metrics_port=None, **config)
+            mine = (own or {}).get(int(data_dir.name), {})
+            return NodeConfig(data_dir=data_dir, metrics_port=None, **{**config, **mine})
 
         self.sim = Simulation(n, seed=seed, config=make, publishers=publishers)
         self.sim.start(known=n - 1)

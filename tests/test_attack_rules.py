@@ -215,3 +215,66 @@ def test_a_stranger_probing_a_member_through_a_member_learns_no_private_news():
         for proof in proofs:
             recent = getattr(proof.message, "recent", None) or ()
             assert not {(e.key, e.seq) for e in recent} & private, proof.type.name
+
+
+# ---- honest volume is no flood (spec §8.7, §12.6) ------------------------------------
+
+BUSY = {"rate_per_s": 1e6, "burst": 10**6}  # a node that takes a test's ads at once
+
+
+def flood(pair: Pair, count: int, signers: int) -> int:
+    """Core 0 takes `count` valid ADVERTISEs of `signers` strangers, each of its own
+    chain, from a peer that relays them; returns how many it holds."""
+    relayer, keys = pair.stranger(), [pair.stranger().identity for _ in range(signers)]
+    for i in range(count):
+        block = blake3.blake3(f"flood/{i}".encode()).digest()
+        ad = advert(root=block, blocks=(block,))
+        pair.send(relayer, seal(keys[i % signers], ad, relayable(pair, seq=i)))
+    return len(pair.core(0).index)
+
+
+def regard(pair: Pair, of: int, by: int) -> tuple[float, bool]:
+    """Core `by`'s score of core `of`, and whether it bans it."""
+    peer = pair.core(of).id
+    return pair.core(by).scores.score(peer, pair.time()), pair.core(by).scores.is_banned(
+        peer, pair.time()
+    )
+
+
+def test_a_node_joining_a_peer_with_thousands_of_ads_gets_them_all_and_bans_nobody():
+    """The joiner's first DIGEST used to bring back every ad at once; its rate limit
+    scored the honest holder as a flooder and banned it within seconds."""
+    with Pair(own={0: BUSY}) as pair:  # the joiner keeps the default limits
+        pair.sim.crash(1)  # not yet there
+        assert flood(pair, 2500, signers=2) == 2500
+        pair.sim.restart(1, known=1)
+        joiner = pair.core(1)
+        lows = []
+        for _ in range(90):
+            pair.advance(1.0)
+            lows.append(regard(pair, of=0, by=1))
+            if len(joiner.index) == 2500:
+                break
+        assert len(joiner.index) == 2500
+        assert min(score for score, _ in lows) >= 0 and not any(ban for _, ban in lows)
+        # Paced: the holder answered in pages, so the joiner's limit dropped almost nothing.
+        assert joiner.metrics.value("kvx_rejections_total", code="RATE_LIMITED") < 100
+        assert pair.sim.traffic.frames["DIGEST"] >= 2500 // 200  # pulled page by page
+
+
+def test_a_relay_pushing_thousands_of_strangers_ads_is_never_banned():
+    """A node that takes thousands of valid ads at once pushes them on at the pace its
+    neighbour accepts; the neighbour pulls the rest and bans nobody."""
+    with Pair(own={0: BUSY}) as pair:
+        relay, neighbour = pair.cores
+        pair.advance(2.0)
+        assert flood(pair, 3000, signers=3) == 3000
+        lows = []
+        for _ in range(90):
+            pair.advance(1.0)
+            lows.append(regard(pair, of=0, by=1))
+            if len(neighbour.index) == 3000:
+                break
+        assert len(neighbour.index) == 3000
+        assert min(score for score, _ in lows) >= 0 and not any(ban for _, ban in lows)
+        assert relay.metrics.value("kvx_shed_total", what="push") > 0  # paced, not at once
