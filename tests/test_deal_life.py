@@ -110,3 +110,30 @@ def test_deals_of_one_payload_share_its_bytes_while_they_wait_for_their_streams(
     payload, data, hashes = market.load(deals[1])
     assert payload is None  # nothing was read for it
     assert data.obj is first[1] and hashes == first[2]
+
+
+def test_a_transfer_waiting_for_its_accept_is_refused_as_soon_as_the_deal_is_off():
+    """A TRANSFER may overtake its ACCEPT, so the data port waits for the token; a deal
+    called off meanwhile (rejected, expired, a payload that failed its root) refuses the
+    waiting TRANSFER then, not when the wait runs out."""
+    import threading
+
+    from kvx.protocol import ErrorCode, RemoteProtocolError, Transfer
+
+    sessions = Sessions(accept_wait_s=3600.0)  # a wait no test outlives
+    token = secrets.token_bytes(32)
+    sessions.expect(token)
+    refused: list[RemoteProtocolError] = []
+
+    def claim() -> None:
+        try:
+            sessions.claim(Transfer(quote=b"\0" * 16, token=token, first=0), BUYER.public_key, 0)
+        except RemoteProtocolError as exc:
+            refused.append(exc)
+
+    waiting = threading.Thread(target=claim, daemon=True)
+    waiting.start()
+    sessions.forget(token)
+    waiting.join(timeout=60)
+    assert not waiting.is_alive(), "the TRANSFER still waits for an ACCEPT that cannot come"
+    assert [e.code for e in refused] == [ErrorCode.BAD_TOKEN]

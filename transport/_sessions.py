@@ -70,9 +70,12 @@ class Sessions:
             self._expected.add(token)
 
     def forget(self, token: bytes) -> None:
+        """The deal is off (rejected, expired, or its payload failed its root): a TRANSFER
+        that waits for its ACCEPT is refused now, not when its wait runs out."""
         with self._changed:
             self._expected.discard(token)
             self._offers.pop(token, None)
+            self._changed.notify_all()
 
     def authorize(self, offer: Offer) -> None:
         with self._changed:
