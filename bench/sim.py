@@ -20,15 +20,12 @@ gossip predicts: log2(N) rounds. `--parts` runs some of these only."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import logging
 import math
 import random
 import resource
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 from rich.console import Console
@@ -36,6 +33,7 @@ from rich.table import Table
 
 from kvx.p2p import NodeConfig
 from kvx.p2p._buying import MAX_PROVIDERS
+from kvx.p2p._events import Happening, PeerSuspect
 from kvx.p2p._peers import State
 from kvx.protocol import Advertise, KVLayout, MessageType, node_id, parse_envelope
 from kvx.testing._sim import Network, Simulation
@@ -48,30 +46,16 @@ SUSPICION_NODES, SUSPICION_S = 50, 300.0
 LINK_S = 120.0
 
 
-class Suspicions(logging.Handler):
-    """Counts the cores' peer_suspect events: every node in these runs is healthy."""
+class Suspicions:
+    """Counts the cores' suspicions of a peer: every node in these runs is healthy."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, sim: Simulation) -> None:
         self.count = 0
+        sim.on_happening = self._happened
 
-    def emit(self, record: logging.LogRecord) -> None:
-        if isinstance(record.msg, dict) and record.msg.get("event") == "peer_suspect":
+    def _happened(self, node: int, happening: Happening) -> None:
+        if isinstance(happening, PeerSuspect):
             self.count += 1
-
-
-@contextlib.contextmanager
-def counting_suspicions() -> Iterator[Suspicions]:
-    """Count the cores' suspicions, and keep their thousands of log lines off the output."""
-    suspicions = Suspicions()
-    log = logging.getLogger("kvx.node")
-    log.addHandler(suspicions)
-    log.propagate = False
-    try:
-        yield suspicions
-    finally:
-        log.removeHandler(suspicions)
-        log.propagate = True
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -82,7 +66,8 @@ def percentile(values: list[float], p: float) -> float:
 def spread(n: int, seed: int, loss: float) -> dict:
     started = time.perf_counter()
     sim = Simulation(n, seed=seed, network=Network(loss=loss))
-    with sim, counting_suspicions() as suspicions:
+    with sim:
+        suspicions = Suspicions(sim)
         sim.start(known=KNOWN)
         sim.run_until(WARM_S)
         suspicions.count = 0
@@ -136,7 +121,7 @@ def churn(n: int, seed: int, share: float = 0.1) -> dict:
     later with nothing but their identity: how soon does every node hold it?"""
     started = time.perf_counter()
     sim = Simulation(n, seed=seed)
-    with sim, counting_suspicions():
+    with sim:
         sim.start(known=KNOWN)
         sim.run_until(WARM_S)
         churned = sim.rng.sample(range(1, n), int(share * n))
@@ -177,7 +162,7 @@ def hostile(n: int, seed: int, share: float = 0.1, buyers: int = 200) -> dict:
     cheats = frozenset(rng.sample(range(1, n), int(share * n)))
     honest = [i for i in range(n) if i not in cheats]
     sim = Simulation(n, seed=seed, hostile=cheats)
-    with sim, counting_suspicions():
+    with sim:
         sim.start(known=KNOWN)
         sim.run_until(WARM_S)
         document = (rng.randbytes(32), (rng.randbytes(32), rng.randbytes(32)))
@@ -246,7 +231,7 @@ def floods(n: int, seed: int, held: int = 2000, share: float = 0.1, seconds: flo
     started = time.perf_counter()
     rng = random.Random(seed)
     sim = Simulation(n, seed=seed)
-    with sim, counting_suspicions():
+    with sim:
         sim.start(known=KNOWN)
         layout = KVLayout(dtype="float16", layers=1, kv_heads=1, head_dim=8, block=16)
         signers = range(1, 1 + held // 10)  # ten advertisements each
@@ -332,7 +317,7 @@ def partition(n: int, seed: int, cut_s: float = 20.0) -> dict:
     the network heals. How soon does every node hold the advertisement again?"""
     started = time.perf_counter()
     sim = Simulation(n, seed=seed)
-    with sim, counting_suspicions():
+    with sim:
         sim.start(known=KNOWN)
         sim.run_until(WARM_S)
         side = set(range(n // 2))
@@ -363,7 +348,8 @@ def one_dead_link(seed: int, indirect_probes: int) -> dict:
         data_dir=d, metrics_port=None, indirect_probes=indirect_probes
     )
     sim = Simulation(SUSPICION_NODES, seed=seed, config=config)
-    with sim, counting_suspicions() as suspicions:
+    with sim:
+        suspicions = Suspicions(sim)
         sim.start(known=16)
         a = sim.cores[0]
         b = a.peers.alive()[0].key
@@ -384,7 +370,8 @@ def false_suspicions(seed: int) -> dict:
     """Healthy nodes, 1% of frames lost: every suspicion is a false one."""
     started = time.perf_counter()
     sim = Simulation(SUSPICION_NODES, seed=seed, network=Network(loss=0.01))
-    with sim, counting_suspicions() as suspicions:
+    with sim:
+        suspicions = Suspicions(sim)
         sim.start(known=KNOWN)
         sim.run_until(SUSPICION_S)
     node_hours = SUSPICION_NODES * SUSPICION_S / 3600

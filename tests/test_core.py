@@ -1,10 +1,8 @@
 """The node core without I/O: cores driven in memory by the simulator (kvx/testing/_sim.py), the
 same code the daemon runs, over simulated links and simulated time."""
 
-import logging
 from pathlib import Path
 
-import pytest
 from imports import imported
 
 from kvx.p2p import NodeConfig
@@ -32,15 +30,6 @@ CORE = [
     "p2p/_state.py",
     "transport/_sessions.py",
 ]
-
-
-@pytest.fixture(autouse=True)
-def quiet():
-    """Thousands of peer events are logged by simulated nodes: keep them off the output."""
-    log = logging.getLogger("kvx.node")
-    log.propagate = False
-    yield
-    log.propagate = True
 
 
 def test_no_module_of_the_core_imports_asyncio_or_zmq():

@@ -204,6 +204,7 @@ class Simulation:
         self._connected: list[set[bytes]] = [set() for _ in self.cores]  # keys each dialed
         self._timers: list[tuple[float, int, int]] = []  # (due, node, its generation)
         self.on_receive: Callable[[int, int, bytes], None] | None = None
+        self.on_happening: Callable[[int, Happening], None] | None = None  # node, what
         self.outside: list[Reply] = []  # answers to connections no core opened
         self._links: dict[frozenset[int], float] = {}  # loss of one link, over the network's
         self._side: dict[int, int] = {}  # node -> its side of a partition
@@ -364,7 +365,9 @@ class Simulation:
                 self._connected[i].discard(out.key)
                 continue
             if isinstance(out, Happening):
-                continue  # a log line; what a run measures is counted by its own means
+                if self.on_happening is not None:
+                    self.on_happening(i, out)
+                continue
             if isinstance(out, Send):
                 if out.key not in self._connected[i]:
                     continue  # no connection carries it
