@@ -295,7 +295,7 @@ class Market:
     def unservable(self, deal: Authorize, now_ms: int, why: str) -> None:
         """A deal whose payload failed its root: its stream is refused at once (BAD_TOKEN,
         not after the wait for a late ACCEPT), and the deal is over undelivered."""
-        self.sessions.forget(deal.quote.token)
+        self.sessions.forget(deal.quote.token, why)
         self.store.drop(deal.entry.root)
         self.ledger.record_expiry(deal.quote.quote, now_ms, why, 0)
 
@@ -307,7 +307,7 @@ class Market:
         pending.phase = rejected
         old = pending.quote.message
         assert isinstance(old, Quote)
-        self.sessions.forget(old.token)
+        self.sessions.forget(old.token, "the buyer rejected the quote")
         if reject.counter is None:
             return None
         if reject.counter > old.price:  # a counter-offer bids the price down, never up
@@ -353,6 +353,6 @@ class Market:
             quote = pending.quote.message
             assert isinstance(quote, Quote)
             if pending.phase is Phase.OFFERED:  # an accepted one's stream has its own expiry
-                self.sessions.forget(quote.token)
+                self.sessions.forget(quote.token, "its quote expired unaccepted")
         for offer in self.sessions.expired(now_ms):
             self.ledger.record_expiry(offer.quote, now_ms, "no stream opened it in time", 0)

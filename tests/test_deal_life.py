@@ -133,7 +133,8 @@ def test_a_transfer_waiting_for_its_accept_is_refused_as_soon_as_the_deal_is_off
 
     waiting = threading.Thread(target=claim, daemon=True)
     waiting.start()
-    sessions.forget(token)
+    sessions.forget(token, "its payload failed its content root")
     waiting.join(timeout=60)
     assert not waiting.is_alive(), "the TRANSFER still waits for an ACCEPT that cannot come"
     assert [e.code for e in refused] == [ErrorCode.BAD_TOKEN]
+    assert "failed its content root" in refused[0].detail

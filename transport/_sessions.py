@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from kvx.protocol import ErrorCode, RemoteProtocolError, Transfer, byte_view
@@ -46,6 +47,11 @@ class Offer:
         return self.payload[start : start + self.expected.length(index)]
 
 
+OFF_KEPT = 4096
+"""Tokens of deals called off whose reason a late TRANSFER is told; older ones are
+refused as unknown."""
+
+
 def _bad_token(detail: str) -> RemoteProtocolError:
     return RemoteProtocolError(ErrorCode.BAD_TOKEN, detail)
 
@@ -62,6 +68,7 @@ class Sessions:
         self.accept_wait_s = accept_wait_s
         self._offers: dict[bytes, Offer] = {}
         self._expected: set[bytes] = set()
+        self._off: OrderedDict[bytes, str] = OrderedDict()  # token -> why its deal is off
         self._changed = threading.Condition()  # streams are served from worker threads
 
     def expect(self, token: bytes) -> None:
@@ -69,12 +76,15 @@ class Sessions:
         with self._changed:
             self._expected.add(token)
 
-    def forget(self, token: bytes) -> None:
+    def forget(self, token: bytes, why: str) -> None:
         """The deal is off (rejected, expired, or its payload failed its root): a TRANSFER
-        that waits for its ACCEPT is refused now, not when its wait runs out."""
+        that waits for its ACCEPT is refused now, not when its wait runs out, and told why."""
         with self._changed:
             self._expected.discard(token)
             self._offers.pop(token, None)
+            self._off[token] = why
+            while len(self._off) > OFF_KEPT:
+                self._off.popitem(last=False)
             self._changed.notify_all()
 
     def authorize(self, offer: Offer) -> None:
@@ -91,6 +101,9 @@ class Sessions:
             )
             offer = self._offers.get(transfer.token)
             if offer is None:
+                why = self._off.get(transfer.token)
+                if why is not None:
+                    raise _bad_token(f"the deal is off: {why}")
                 raise _bad_token("unknown, unaccepted or already used session token")
             if offer.quote != transfer.quote or offer.buyer != signer:
                 raise _bad_token("the token belongs to another quote or buyer")
