@@ -41,6 +41,7 @@ from kvx.trust import (
     Identity,
     Ledger,
     PeerScores,
+    Statement,
     bind,
     curve_public_key,
     make_curve_client,
@@ -256,13 +257,29 @@ class Node:
         worker threads, and a window receipt is booked on the loop before the stream goes
         on (the ledger belongs to the loop's thread)."""
         loop, core = asyncio.get_running_loop(), self.core
+
+        def told(what: Callable[[], None]) -> None:
+            try:
+                what()
+            finally:
+                self._flush_from(loop)  # what the core emitted for it (a StreamCut, say)
+
+        def receipt(st: Statement) -> None:
+            told(lambda: core.window_receipt(st, now()))
+
         return {
-            "on_finished": lambda offer, sent, whole: core.stream_finished(
-                offer, sent, whole, now()
+            "on_finished": lambda offer, sent, whole: told(
+                lambda: core.stream_finished(offer, sent, whole, now())
             ),
-            "on_receipt": lambda st: on_loop(loop, lambda: core.window_receipt(st, now())),
-            "on_fault": lambda buyer, exc: core.stream_fault(buyer, exc, now()),
+            "on_receipt": lambda st: on_loop(loop, lambda: receipt(st)),
+            "on_fault": lambda buyer, exc: told(lambda: core.stream_fault(buyer, exc, now())),
         }
+
+    def _flush_from(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Carry out the core's outputs on the loop, soon, from whichever thread told the
+        core something; a loop already closed has nobody left to tell."""
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(lambda: self._spawn(self._flush()))
 
     def _admit(self, address: str) -> bool:
         """Whether a new CURVE connection from `address` is admitted (spec §12.6)."""
@@ -287,27 +304,30 @@ class Node:
     # ---- carrying out what the core decided --------------------------------------------
 
     async def _flush(self) -> None:
-        for out in self.core.drain():
-            if isinstance(out, Connect):
-                self._connect(out)
-            elif isinstance(out, Send):
-                sock = self._dealers.get(out.key)
-                if sock is None:  # its connection could not be made
-                    continue
-                with contextlib.suppress(zmq.Again):
-                    await sock.send(out.frame, flags=zmq.NOBLOCK)
+        """Carry out what the core decided, and what it decided meanwhile (a connection
+        that could not be made is the core's to hear of): until it has nothing left."""
+        while outputs := self.core.drain():
+            for out in outputs:
+                if isinstance(out, Connect):
+                    self._connect(out)
+                elif isinstance(out, Send):
+                    sock = self._dealers.get(out.key)
+                    if sock is None:  # its connection could not be made
+                        continue
+                    with contextlib.suppress(zmq.Again):
+                        await sock.send(out.frame, flags=zmq.NOBLOCK)
+                        self._sent(out.mtype.name, len(out.frame))
+                elif isinstance(out, Reply):
+                    await self.router.send_multipart([out.routing, out.frame])
                     self._sent(out.mtype.name, len(out.frame))
-            elif isinstance(out, Reply):
-                await self.router.send_multipart([out.routing, out.frame])
-                self._sent(out.mtype.name, len(out.frame))
-            elif isinstance(out, Disconnect):
-                self._drop_dealer(out.key)
-            elif isinstance(out, Judge):
-                self._spawn(self._judge(out))
-            elif isinstance(out, Authorize):
-                self._spawn(self._authorize(out))
-            elif isinstance(out, Happening):
-                self.happened(out)
+                elif isinstance(out, Disconnect):
+                    self._drop_dealer(out.key)
+                elif isinstance(out, Judge):
+                    self._spawn(self._judge(out))
+                elif isinstance(out, Authorize):
+                    self._spawn(self._authorize(out))
+                elif isinstance(out, Happening):
+                    self.happened(out)
 
     def happened(self, happening: Happening) -> None:
         """One JSON line in the log (p2p/_logs.py)."""
