@@ -118,13 +118,12 @@ class Pair:
             if isinstance(o, Reply) and o.routing == by.routing
         ]
 
-    def advance(self, seconds: float) -> list[Reply]:
+    def advance(self, seconds: float) -> None:
         """Move the clock; every core's timers that fall due fire, and cores' frames to
-        one another are delivered, in time order. Returns what the cores answered
-        strangers meanwhile (read them with `answers`)."""
+        one another are delivered, in time order. What the cores answered strangers
+        meanwhile is read with `answers`."""
         self.sim.run_until(self.sim.clock.now + seconds)
         self.outputs, self.sim.outside = list(self.sim.outside), []
-        return [o for o in self.outputs if isinstance(o, Reply)]
 
     def publish(self, request: PublishRequest, i: int = 0) -> Entry:
         """Core `i` stores and advertises a payload; its gossip waits for `advance`."""
