@@ -21,9 +21,12 @@ from typing import Any
 from kvx.p2p import NodeConfig, PublishRequest
 from kvx.p2p._core import NodeCore, Output, Reply
 from kvx.p2p._store import Entry
-from kvx.protocol import Message
+from kvx.protocol import Hello, Message, Peers
 from kvx.testing import Simulation
 from kvx.trust import Identity, Signer, curve_public_key, open_envelope
+
+HELLO = Hello(ctl="tcp://127.0.0.1:9", data=(), inc=1)
+"""A newcomer's HELLO: it names an address nobody dials."""
 
 
 @dataclass
@@ -117,6 +120,17 @@ class Pair:
             for o in self.outputs
             if isinstance(o, Reply) and o.routing == by.routing
         ]
+
+    def welcomed(self, by: Stranger, to: int = 0) -> bool:
+        """Whether core `to` answers `by`'s HELLO with PEERS, as it answers a newcomer."""
+        return [type(m) for m in self.roundtrip(by, HELLO, to)] == [Peers]
+
+    def score(self, node_id: bytes, by: int = 0) -> float:
+        """Core `by`'s score of a peer, now."""
+        return self.core(by).scores.score(node_id, self.time())
+
+    def banned(self, node_id: bytes, by: int = 0) -> bool:
+        return self.core(by).scores.is_banned(node_id, self.time())
 
     def advance(self, seconds: float) -> None:
         """Move the clock; every core's timers that fall due fire, and cores' frames to

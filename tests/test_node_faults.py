@@ -5,7 +5,7 @@ import time
 
 import msgpack
 import pytest
-from pair import Pair, Stranger
+from pair import Pair
 from swarm import eventually
 
 from kvx.protocol import (
@@ -50,14 +50,6 @@ def advert(blocks: int = 1, tag: bytes = b"\x01") -> Advertise:
 LOOKUP = Lookup(fp=b"\x0f" * 32, blocks=(b"\x01" * 32,), limit=1)
 
 
-def joined(pair: Pair, peer: Stranger) -> bool:
-    return [type(m) for m in pair.roundtrip(peer, hello())] == [Peers]
-
-
-def score_of(pair: Pair, peer: Stranger) -> float:
-    return pair.core().scores.score(peer.node_id, pair.time())
-
-
 def rejected(pair: Pair, code: ErrorCode) -> float:
     return pair.core().metrics.value("kvx_rejections_total", code=code.name)
 
@@ -67,45 +59,45 @@ def test_a_peer_not_on_the_allow_list_is_denied():
     with Pair(policy=Policy(allow=frozenset({friend.node_id}))) as pair:
         [answer] = pair.roundtrip(pair.stranger(), hello())
         assert isinstance(answer, Error) and answer.code == ErrorCode.DENIED
-        assert joined(pair, pair.stranger(friend))
+        assert pair.welcomed(pair.stranger(friend))
 
 
 def test_a_banned_peer_is_ignored_and_others_are_served():
     with Pair() as pair:
         bad = pair.stranger()
-        assert joined(pair, bad)
+        assert pair.welcomed(bad)
         now = pair.now_ms()
         # Forged: a valid body under a signature of zeros.
         body = encode_body(Header(iat=now, exp=now + 10_000, seq=1, to=pair.core().id), hello())
         for _ in range(4):  # four forgeries: -80, below the -50 threshold
             pair.send(bad, encode_envelope(Hello.TYPE, body, bad.identity.public_key, bytes(64)))
-        assert score_of(pair, bad) <= -50
+        assert pair.score(bad.node_id) <= -50
         assert pair.roundtrip(bad, LOOKUP) == []  # silence for the banned
         good = pair.stranger()
-        assert joined(pair, good)
+        assert pair.welcomed(good)
         assert isinstance(pair.ask(good, LOOKUP), LookupResult)
 
 
 def test_a_flood_is_dropped_and_others_are_still_served():
     with Pair(rate_per_s=50.0, burst=50) as pair:
         flooder, good = pair.stranger(), pair.stranger()
-        assert joined(pair, flooder) and joined(pair, good)
+        assert pair.welcomed(flooder) and pair.welcomed(good)
         answers = sum(len(pair.roundtrip(flooder, hello())) for _ in range(1000))
         assert answers <= 50  # the burst, and then nothing: the clock stands still
         assert isinstance(pair.ask(good, LOOKUP), LookupResult)
         # Flow control, not blame (§12.6): valid statements over the rate are dropped, and
         # their sender is not scored, since an honest relay may run over as well.
         assert rejected(pair, ErrorCode.RATE_LIMITED) >= 950
-        assert score_of(pair, flooder) == 0
+        assert pair.score(flooder.node_id) == 0
         pair.advance(1.0)  # the bucket refills at the rate
-        assert joined(pair, flooder)
+        assert pair.welcomed(flooder)
 
 
 @pytest.mark.parametrize("lie", ["bad signature", "expired", "replayed", "too many blocks"])
 def test_a_lying_advertisement_is_dropped_and_a_faulty_one_scored_down(lie):
     with Pair() as pair:
         peer = pair.stranger()
-        assert joined(pair, peer)
+        assert pair.welcomed(peer)
         ad, now = advert(tag=b"\x07"), pair.now_ms()
         if lie == "bad signature":
             body = encode_body(Header(iat=now, exp=now + 60_000, seq=5), ad)
@@ -128,9 +120,9 @@ def test_a_lying_advertisement_is_dropped_and_a_faulty_one_scored_down(lie):
         if lie == "replayed":
             # A relayed statement seen twice is a duplicate whoever sends it (spec §6.3):
             # indexed once, and counted against nobody.
-            assert len(ads) == 1 and score_of(pair, peer) == 0
+            assert len(ads) == 1 and pair.score(peer.node_id) == 0
             return
-        assert score_of(pair, peer) < 0 and ads == []
+        assert pair.score(peer.node_id) < 0 and ads == []
 
 
 def test_an_oversized_frame_is_never_read_and_the_node_keeps_serving(node, peers):
