@@ -79,7 +79,7 @@ def spread(n: int, seed: int, loss: float) -> dict:
             if parse_envelope(frame).type == MessageType.ADVERTISE:
                 sent["frames"] += 1
                 sent["bytes"] += len(frame)
-            if to not in reached and ad in sim.cores[to].index:
+            if to not in reached and ad in sim.cores[to].gossip.index:
                 hops = reached.get(sender, (0.0, 0))[1] + 1
                 reached[to] = (sim.clock.now - WARM_S, hops)
 
@@ -108,7 +108,7 @@ def holders(sim: Simulation, ad: tuple[bytes, int], group: set[int], seconds: fl
     since, got = sim.clock.now, {}
 
     def seen(to: int, sender: int, frame: bytes) -> None:
-        if to in group and to not in got and ad in sim.cores[to].index:
+        if to in group and to not in got and ad in sim.cores[to].gossip.index:
             got[to] = sim.clock.now - since
 
     sim.on_receive = seen
@@ -133,7 +133,7 @@ def churn(n: int, seed: int, share: float = 0.1) -> dict:
         for i in churned:
             sim.restart(i, known=16)
         got = holders(sim, ad, set(churned), 10.0)
-        reach = sum(ad in core.index for core in sim.cores) / n
+        reach = sum(ad in core.gossip.index for core in sim.cores) / n
         frames, size = (
             now.get("ADVERTISE", 0) - then.get("ADVERTISE", 0)
             for now, then in zip((sim.traffic.frames, sim.traffic.bytes), before, strict=True)
@@ -167,7 +167,7 @@ def hostile(n: int, seed: int, share: float = 0.1, buyers: int = 200) -> dict:
         sim.run_until(WARM_S)
         document = (rng.randbytes(32), (rng.randbytes(32), rng.randbytes(32)))
         ad = sim.publish(0, document=document)
-        frame = next(a.frame for a in sim.cores[0].index.ads() if a.id == ad)
+        frame = next(a.frame for a in sim.cores[0].gossip.index.ads() if a.id == ad)
         reached: dict[int, float] = {0: 0.0}
         sent = {"frames": 0, "bytes": 0, "all": 0}
 
@@ -177,7 +177,7 @@ def hostile(n: int, seed: int, share: float = 0.1, buyers: int = 200) -> dict:
                 if delivered == frame:
                     sent["frames"] += 1
                     sent["bytes"] += len(delivered)
-            if to not in reached and ad in sim.cores[to].index:
+            if to not in reached and ad in sim.cores[to].gossip.index:
                 reached[to] = sim.clock.now - WARM_S
 
         sim.on_receive = seen
@@ -253,7 +253,7 @@ def floods(n: int, seed: int, held: int = 2000, share: float = 0.1, seconds: flo
             ads.append(open_envelope(sim.cores[i].signer.seal(ad, now_ms=now_ms, ttl_ms=3_600_000)))
         for core in sim.cores:
             for st in ads:
-                core.index.add(st)
+                core.gossip.index.add(st)
         sim.run_until(WARM_S)
         flooders = rng.sample(range(1, n), int(share * n))
         rejoining = rng.sample([i for i in range(1, n) if i not in flooders], int(share * n))
@@ -267,11 +267,13 @@ def floods(n: int, seed: int, held: int = 2000, share: float = 0.1, seconds: flo
         reached: dict[int, float] = {0: 0.0}
 
         def seen(to: int, sender: int, frame: bytes) -> None:
-            if to not in reached and ad in sim.cores[to].index:
+            if to not in reached and ad in sim.cores[to].gossip.index:
                 reached[to] = sim.clock.now - WARM_S - 0.5
 
         sim.on_receive = seen
-        targets = {f: rng.sample([p.key for p in sim.cores[f].peers.alive()], 1) for f in flooders}
+        targets = {
+            f: rng.sample([p.key for p in sim.cores[f].liveness.peers.alive()], 1) for f in flooders
+        }
         sim.down.update(flooders)  # they send; what they would read is not simulated
         t = sim.clock.now
         while t < WARM_S + 0.5 + seconds:
@@ -280,12 +282,12 @@ def floods(n: int, seed: int, held: int = 2000, share: float = 0.1, seconds: flo
                     core = sim.cores[f]
                     for key in targets[f]:
                         for _ in range(18):
-                            core._send(key, core._hello())
+                            core.out.send(key, core.liveness.hello())
                     sim._drain(f)
             t += 0.1
             sim.run_until(t)
         honest_reached = [s for i, s in reached.items() if i not in flooders]
-        back = [len(sim.cores[i].index) for i in rejoining]
+        back = [len(sim.cores[i].gossip.index) for i in rejoining]
         keys = {sim.cores[i].identity.public_key for i in honest}
         banned = sum(
             sim.cores[i].scores.is_banned(node_id(k), sim.clock.time())
@@ -324,10 +326,10 @@ def partition(n: int, seed: int, cut_s: float = 20.0) -> dict:
         sim.partition(side)
         ad = sim.publish(0)
         sim.run_until(WARM_S + cut_s)
-        during = sum(ad in core.index for core in sim.cores) / n
+        during = sum(ad in core.gossip.index for core in sim.cores) / n
         sim.heal()
         got = holders(sim, ad, set(range(n)) - side, 20.0)
-        reach = sum(ad in core.index for core in sim.cores) / n
+        reach = sum(ad in core.gossip.index for core in sim.cores) / n
     seconds = list(got.values()) or [float("inf")]
     return {
         "nodes": n,
@@ -352,12 +354,12 @@ def one_dead_link(seed: int, indirect_probes: int) -> dict:
         suspicions = Suspicions(sim)
         sim.start(known=16)
         a = sim.cores[0]
-        b = a.peers.alive()[0].key
+        b = a.liveness.peers.alive()[0].key
         sim.link(0, sim.index[b], loss=1.0)
         bad = 0
         for t in range(1, int(LINK_S) + 1):
             sim.run_until(float(t))
-            bad += a.peers.get(b).state != State.ALIVE
+            bad += a.liveness.peers.get(b).state != State.ALIVE
     return {
         "indirect_probes": indirect_probes,
         "seconds": LINK_S,

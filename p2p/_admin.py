@@ -21,13 +21,13 @@ from kvx.trust import Event
 from ._clock import Now
 from ._config import ADMIN_SOCKET, INFO_FILE
 from ._events import Bought, Happening, Missed, Refused
-from ._peers import State
 from ._store import PublishRequest
 
 if TYPE_CHECKING:
     from kvx.trust import Identity
 
     from ._core import NodeCore
+    from ._metrics import Metrics
 
 
 class Served(Protocol):
@@ -36,6 +36,7 @@ class Served(Protocol):
     id: bytes
     identity: Identity
     core: NodeCore
+    metrics: Metrics
 
     def held(self) -> dict[str, int]: ...
 
@@ -124,16 +125,15 @@ Handler = Callable[["Served", dict[str, Any], Now], dict[str, Any]]
 
 
 def _status(node: Served, req: dict[str, Any], at: Now) -> dict[str, Any]:
-    core = node.core
-    metrics = core.metrics
+    core, metrics = node.core, node.metrics
     return {
         "node_id": node.id.hex(),
         "public_key": node.identity.public_key.hex(),
-        "ctl": core.ctl,
-        "data": [d.addr for d in core.data],
-        "incarnation": core.incarnation,
-        "peers": {s.name.lower(): sum(p.state == s for p in core.peers.all()) for s in State},
-        "ads": len(core.index),
+        "ctl": core.liveness.ctl,
+        "data": [d.addr for d in core.liveness.data],
+        "incarnation": core.liveness.incarnation,
+        "peers": core.liveness.counts(),
+        "ads": len(core.gossip.index),
         "stored": len(core.store.entries()),
         "sent": {
             t.name: metrics.count("kvx_messages_sent_total", type=t.name) for t in MessageType
@@ -166,7 +166,7 @@ def _status(node: Served, req: dict[str, Any], at: Now) -> dict[str, Any]:
 
 
 def _savings(node: Served, req: dict[str, Any], at: Now) -> dict[str, Any]:
-    return node.core.metrics.savings()
+    return node.metrics.savings()
 
 
 def _peers(node: Served, req: dict[str, Any], at: Now) -> dict[str, Any]:
@@ -179,11 +179,11 @@ def _peers(node: Served, req: dict[str, Any], at: Now) -> dict[str, Any]:
             "state": "left" if p.left else p.state.name.lower(),
             "inc": p.inc,
         }
-        for p in core.peers.all()
+        for p in core.liveness.peers.all()
     ]
     listed = {bytes.fromhex(r["node_id"]) for r in rows}
     # Verdicts outlive the peer table: a convicted seller is listed even when gone.
-    for peer in [*core.scores.convicted(), *core.unchecked]:
+    for peer in [*core.scores.convicted(), *core.fraud.unchecked]:
         if peer not in listed:
             listed.add(peer)
             rows.append({"node_id": peer.hex(), "key": "", "ctl": "", "state": "-", "inc": 0})
@@ -212,7 +212,7 @@ def _ads(node: Served, req: dict[str, Any], at: Now) -> dict[str, Any]:
                 "ns": a.message.ns.hex() if a.message.ns else None,
                 "exp_ms": a.exp_ms,
             }
-            for a in node.core.index.ads()
+            for a in node.core.gossip.index.ads()
         ]
     }
 
@@ -233,7 +233,7 @@ def _lookup(node: Served, req: dict[str, Any], at: Now) -> dict[str, Any]:
 
 def _bought(node: Served, req: dict[str, Any], at: Now) -> dict[str, Any]:
     """A local client's purchase: logged and measured here."""
-    core, metrics = node.core, node.core.metrics
+    core, metrics = node.core, node.metrics
     for stage, seconds in req["timings"].items():
         if stage in metrics.stage:
             metrics.stage[stage].observe(seconds)
@@ -252,7 +252,7 @@ def _bought(node: Served, req: dict[str, Any], at: Now) -> dict[str, Any]:
 
 def _missed(node: Served, req: dict[str, Any], at: Now) -> dict[str, Any]:
     """A local client found nothing it could buy."""
-    node.core.metrics.purchases.labels("missed").inc()
+    node.metrics.purchases.labels("missed").inc()
     node.happened(Missed(reason=str(req["reason"])[:200]))
     return {}
 
@@ -260,13 +260,13 @@ def _missed(node: Served, req: dict[str, Any], at: Now) -> dict[str, Any]:
 def _refused(node: Served, req: dict[str, Any], at: Now) -> dict[str, Any]:
     """A local client's model refuted KV that matched its root."""
     check = str(req["check"])[:16]
-    node.core.metrics.verify_failures.labels(check).inc()
+    node.metrics.verify_failures.labels(check).inc()
     node.happened(Refused(req["seller"].hex()[:12], check, str(req["detail"])[:200]))
     return {}
 
 
 def _first_token(node: Served, req: dict[str, Any], at: Now) -> dict[str, Any]:
-    metrics = node.core.metrics
+    metrics = node.metrics
     metrics.time_to_first_token.labels(req["source"]).observe(req["seconds"])
     metrics.prefill_measured(float(req.get("flops", 0.0)), req["seconds"])
     return {}

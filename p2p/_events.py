@@ -1,6 +1,8 @@
 """What happened in a node, as typed values: the core emits them among its outputs, and
 the driver writes them to the log (p2p/_logs.py: one JSON line each, `event` = the
-class's name in snake_case). A test reads them off the core instead of a log file.
+class's name in snake_case) and counts them in its metrics (p2p/_metrics.py). Those too
+frequent for a log line (each frame taken, each lookup) have no level: only counted. A
+test reads them off the core instead of a log file.
 
 Ids in fields are short hex prefixes, as an operator greps them.
 """
@@ -17,9 +19,9 @@ from typing import Any, ClassVar
 @dataclass(frozen=True)
 class Happening:
     """One thing that happened: a value, so that the core reads no logger and a test can
-    compare it; its class says how loud it is in the log."""
+    compare it; its class says how loud it is in the log (None: counted, not logged)."""
 
-    level: ClassVar[int] = logging.INFO
+    level: ClassVar[int | None] = logging.INFO
 
     @property
     def name(self) -> str:
@@ -51,22 +53,39 @@ class Stopped(Happening):
 
 @dataclass(frozen=True)
 class TaskFailed(Happening):
-    level: ClassVar[int] = logging.ERROR
+    level: ClassVar[int | None] = logging.ERROR
     error: str
+
+
+@dataclass(frozen=True)
+class InternalError(Happening):
+    """A fault of kvx itself cost one frame or one timer round."""
+
+    level: ClassVar[int | None] = logging.ERROR
+    where: str
+    trace: str
+
+
+@dataclass(frozen=True)
+class Shed(Happening):
+    """Work left undone to pace this node or its peers."""
+
+    level: ClassVar[int | None] = None
+    what: str
 
 
 @dataclass(frozen=True)
 class Degraded(Happening):
     """A part the node needs cannot write; the node goes on without what needs it."""
 
-    level: ClassVar[int] = logging.ERROR
+    level: ClassVar[int | None] = logging.ERROR
     what: str
     error: str
 
 
 @dataclass(frozen=True)
 class StoreDropped(Happening):
-    level: ClassVar[int] = logging.WARNING
+    level: ClassVar[int | None] = logging.WARNING
     root: str
     reason: str
 
@@ -75,7 +94,7 @@ class StoreDropped(Happening):
 class StoreNoteFailed(Happening):
     """A sale was served, but the store's index could not note it (eviction order)."""
 
-    level: ClassVar[int] = logging.WARNING
+    level: ClassVar[int | None] = logging.WARNING
     error: str
 
 
@@ -107,13 +126,13 @@ class PeerVouched(Happening):
 
 @dataclass(frozen=True)
 class PeerSuspect(Happening):
-    level: ClassVar[int] = logging.WARNING
+    level: ClassVar[int | None] = logging.WARNING
     peer: str
 
 
 @dataclass(frozen=True)
 class PeerDead(Happening):
-    level: ClassVar[int] = logging.WARNING
+    level: ClassVar[int | None] = logging.WARNING
     peer: str
 
 
@@ -128,7 +147,7 @@ class PeerError(Happening):
 
 @dataclass(frozen=True)
 class ConnectFailed(Happening):
-    level: ClassVar[int] = logging.WARNING
+    level: ClassVar[int | None] = logging.WARNING
     peer: str
     error: str
 
@@ -139,6 +158,22 @@ class Rejected(Happening):
 
     code: str
     detail: str
+
+
+@dataclass(frozen=True)
+class Dropped(Happening):
+    """A frame refused for its rate, its banned signer or what its handler found."""
+
+    level: ClassVar[int | None] = None
+    code: str
+
+
+@dataclass(frozen=True)
+class Accepted(Happening):
+    """A statement taken in and handed to its part."""
+
+    level: ClassVar[int | None] = None
+    type: str
 
 
 # ---- gossip ---------------------------------------------------------------------------
@@ -162,6 +197,23 @@ class AdPublished(Happening):
 
 
 @dataclass(frozen=True)
+class Looked(Happening):
+    """A lookup answered: `matched` blocks (0, a miss)."""
+
+    level: ClassVar[int | None] = None
+    matched: int
+
+
+@dataclass(frozen=True)
+class Earned(Happening):
+    """A buyer's receipt recorded: what it paid for."""
+
+    level: ClassVar[int | None] = None
+    credits: int
+    tokens: int
+
+
+@dataclass(frozen=True)
 class Sold(Happening):
     buyer: str
     price: int
@@ -169,7 +221,7 @@ class Sold(Happening):
 
 @dataclass(frozen=True)
 class StreamCut(Happening):
-    level: ClassVar[int] = logging.WARNING
+    level: ClassVar[int | None] = logging.WARNING
     buyer: str
     code: str
     why: str
@@ -195,7 +247,7 @@ class Missed(Happening):
 class Refused(Happening):
     """A local client's model refuted KV that matched its root."""
 
-    level: ClassVar[int] = logging.WARNING
+    level: ClassVar[int | None] = logging.WARNING
     seller: str
     check: str
     detail: str
@@ -213,7 +265,7 @@ class Accused(Happening):
 
 @dataclass(frozen=True)
 class FalseAccusation(Happening):
-    level: ClassVar[int] = logging.WARNING
+    level: ClassVar[int | None] = logging.WARNING
     accuser: str
     seller: str
     why: str
@@ -227,7 +279,7 @@ class EvidenceAbandoned(Happening):
 
 @dataclass(frozen=True)
 class Convicted(Happening):
-    level: ClassVar[int] = logging.WARNING
+    level: ClassVar[int | None] = logging.WARNING
     seller: str
     proof: str
     ads_dropped: int

@@ -7,7 +7,8 @@ peers. A node that can judge the fingerprint (it holds the weights: the driver's
 judge it off the loop, and then either convicts the seller and tells its own peers (it
 relays only what it checked), or convicts the accuser of a false accusation. A node
 that cannot judge keeps the accusation, unchecked, and acts on nothing: otherwise any
-free identity could de-list any seller. A mixin of NodeCore (p2p/_core.py).
+free identity could de-list any seller. This part owns the pulls, the accusations it
+could not check and what it served; it tells peers through p2p/_gossip.py.
 """
 
 from __future__ import annotations
@@ -25,11 +26,21 @@ from kvx.protocol import (
     RemoteProtocolError,
     node_id,
 )
-from kvx.trust import Event, Evidence, Statement, bind, evidence_id, open_envelope
+from kvx.trust import (
+    Event,
+    Evidence,
+    PeerScores,
+    ReplayGuard,
+    Statement,
+    bind,
+    evidence_id,
+    open_envelope,
+)
 
-from ._clock import Now
 from ._events import Accused, Convicted, EvidenceAbandoned, FalseAccusation
-from ._state import CoreState
+from ._gossip import Gossip
+from ._liveness import Liveness
+from ._outbox import Outbox
 
 MAX_PULLS = 2
 """Evidence pulls under way at once (each up to MAX_EVIDENCE_BYTES held in memory)."""
@@ -65,10 +76,24 @@ class _Pull:
     asked: int = 0  # seq of the EVIDENCE_REQUEST in flight
 
 
-class Fraud(CoreState):
-    def _fraud_init(self, judges: frozenset[bytes]) -> None:
+class Fraud:
+    def __init__(
+        self,
+        out: Outbox,
+        liveness: Liveness,
+        gossip: Gossip,
+        *,
+        scores: PeerScores,
+        guard: ReplayGuard,
+        judges: frozenset[bytes],
+    ) -> None:
+        self.out = out
+        self.liveness = liveness
+        self.gossip = gossip
+        self.scores = scores
+        self.guard = guard
         self.judges = judges  # fingerprints the driver can judge
-        self._pulls: dict[bytes, _Pull] = {}
+        self.pulls: dict[bytes, _Pull] = {}
         self._waiting: deque[tuple[Statement, bytes, bytes | None]] = deque(maxlen=MAX_WAITING)
         self.unchecked: dict[bytes, tuple[bytes, bytes]] = {}  # seller -> (accuser, proof)
         self._served: dict[bytes, tuple[float, int]] = {}  # peer -> (minute start, bytes)
@@ -84,10 +109,9 @@ class Fraud(CoreState):
 
     # ---- a local client's evidence ---------------------------------------------------
 
-    def accuse(self, data: bytes, now: Now) -> bytes:
+    def accuse(self, data: bytes) -> bytes:
         """Evidence from this node's own client, whose model refuted the seller: convict,
         sign an ACCUSE and tell every live peer. Returns the proof id."""
-        self.clock = now
         bound = bind(Evidence.decode(data))  # nothing unbound is signed in our name
         proof = evidence_id(data)
         message = Accuse(
@@ -98,30 +122,30 @@ class Fraud(CoreState):
             size=len(data),
             kind="layer0",
         )
-        frame = self.signer.seal(message, now_ms=self.clock.now_ms())
+        frame = self.out.seal(message)
         self._convict(bound.seller, bound.signer, proof, frame, data)
-        for peer in self.peers.alive():
-            self._send_frame(peer.key, frame, MessageType.ACCUSE)
+        for peer in self.liveness.peers.alive():
+            self.out.send_frame(peer.key, frame, MessageType.ACCUSE)
         return proof
 
     # ---- what peers send -------------------------------------------------------------
 
-    def _on_accuse(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
+    def on_accuse(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
         a = st.message
         assert isinstance(a, Accuse)
-        self.inbox.guard.remember(st.signer, st.header)
-        if self.scores.conviction(a.seller) is not None or a.evidence in self._pulls:
+        self.guard.remember(st.signer, st.header)
+        if self.scores.conviction(a.seller) is not None or a.evidence in self.pulls:
             return  # known already, or being checked
         if a.fp not in self.judges:
             if len(self.unchecked) < MAX_UNCHECKED:
                 self.unchecked.setdefault(a.seller, (st.signer_id, a.evidence))
-            self.event(
+            self.out.event(
                 Accused(seller=a.seller.hex()[:12], accuser=st.signer_id.hex()[:12], checked=0)
             )
             return
         if not relayer:
             return  # nobody to pull the evidence from
-        if len(self._pulls) >= MAX_PULLS:
+        if len(self.pulls) >= MAX_PULLS:
             self._waiting.append((st, relayer, routing))
             return
         self._pull(st, relayer, routing)
@@ -129,22 +153,19 @@ class Fraud(CoreState):
     def _pull(self, st: Statement, source: bytes, routing: bytes | None) -> None:
         a = st.message
         assert isinstance(a, Accuse)
-        pull = _Pull(st, source, routing, self.clock.monotonic())
-        self._pulls[a.evidence] = pull
+        pull = _Pull(st, source, routing, self.out.now.monotonic())
+        self.pulls[a.evidence] = pull
         self._ask_evidence(pull)
 
     def _ask_evidence(self, pull: _Pull) -> None:
         a = pull.accuse.message
         assert isinstance(a, Accuse)
         request = EvidenceRequest(evidence=a.evidence, offset=len(pull.data))
-        frame = self.signer.seal(request, now_ms=self.clock.now_ms(), to=node_id(pull.source))
+        frame = self.out.seal(request, to=pull.source)
         pull.asked = open_envelope(frame).header.seq
-        if pull.routing is not None:
-            self._reply_frame(pull.routing, frame, MessageType.EVIDENCE_REQUEST)
-        else:
-            self._send_frame(pull.source, frame, MessageType.EVIDENCE_REQUEST)
+        self.out.answer(pull.routing, pull.source, frame, MessageType.EVIDENCE_REQUEST)
 
-    def _on_evidence_request(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
+    def on_evidence_request(self, st: Statement, routing: bytes | None) -> None:
         req = st.message
         assert isinstance(req, EvidenceRequest)
         held = self.scores.evidence(req.evidence, req.offset, MAX_EVIDENCE_PART)
@@ -153,7 +174,7 @@ class Fraud(CoreState):
         part, total = held
         if req.offset >= total:
             raise RemoteProtocolError(ErrorCode.INVALID_FIELD, "offset past the evidence")
-        now = self.clock.monotonic()
+        now = self.out.now.monotonic()
         start, sent = self._served.get(st.signer_id, (now, 0))
         if now - start > 60.0:
             start, sent = now, 0
@@ -163,15 +184,12 @@ class Fraud(CoreState):
         answer = EvidencePart(
             re=st.header.seq, evidence=req.evidence, offset=req.offset, total=total, part=part
         )
-        if routing is not None:
-            self._reply(routing, st, answer)
-        else:
-            self._send(st.signer, answer)
+        self.out.answer(routing, st.signer, self.out.seal(answer, to=st.signer), answer.TYPE)
 
-    def _on_evidence(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
+    def on_evidence(self, st: Statement) -> None:
         part = st.message
         assert isinstance(part, EvidencePart)
-        pull = self._pulls.get(part.evidence)
+        pull = self.pulls.get(part.evidence)
         if pull is None or st.signer != pull.source or part.re != pull.asked:
             raise RemoteProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "no such evidence asked for")
         a = pull.accuse.message
@@ -187,17 +205,16 @@ class Fraud(CoreState):
         if evidence_id(data) != a.evidence:  # the peer served other bytes than were signed
             self._abandon(pull, blame=Event.MALFORMED, why="evidence of another hash")
             return
-        self._out.append(Judge(a.evidence, a.seller, a.fp, a.root, data))
+        self.out.emit(Judge(a.evidence, a.seller, a.fp, a.root, data))
 
     # ---- the driver's verdict --------------------------------------------------------
 
-    def judged(self, proof: bytes, verdict: str, detail: str, seller_key: bytes, now: Now) -> None:
+    def judged(self, proof: bytes, verdict: str, detail: str, seller_key: bytes) -> None:
         """The driver judged evidence: "lie" convicts the seller it bound (its public key
         `seller_key`, the one the ACCUSE named), "honest" (the weights compute these bytes)
         or "invalid" (it binds nobody, or not the seller and root the ACCUSE named) the
         accuser."""
-        self.clock = now
-        pull = self._pulls.pop(proof, None)
+        pull = self.pulls.pop(proof, None)
         if pull is None:
             return
         st, a = pull.accuse, pull.accuse.message
@@ -205,12 +222,12 @@ class Fraud(CoreState):
         data = bytes(pull.data)
         if verdict == "lie":
             self._convict(a.seller, seller_key, proof, st.frame, data)
-            self._push(st.frame, MessageType.ACCUSE, {pull.source, st.signer}, None)
+            self.gossip.push(st.frame, MessageType.ACCUSE, {pull.source, st.signer}, None)
         else:
             self.scores.convict(
-                st.signer_id, "false accusation", proof, st.frame, data, self.clock.time()
+                st.signer_id, "false accusation", proof, st.frame, data, self.out.now.time()
             )
-            self.event(
+            self.out.event(
                 FalseAccusation(
                     accuser=st.signer_id.hex()[:12], seller=a.seller.hex()[:12], why=detail[:160]
                 )
@@ -220,25 +237,25 @@ class Fraud(CoreState):
     def _abandon(self, pull: _Pull, *, blame: Event | None, why: str) -> None:
         a = pull.accuse.message
         assert isinstance(a, Accuse)
-        self._pulls.pop(a.evidence, None)
+        self.pulls.pop(a.evidence, None)
         if blame is not None:
-            self.scores.record(node_id(pull.source), blame, self.clock.time())
-        self.event(EvidenceAbandoned(source=node_id(pull.source).hex()[:12], why=why))
+            self.scores.record(node_id(pull.source), blame, self.out.now.time())
+        self.out.event(EvidenceAbandoned(source=node_id(pull.source).hex()[:12], why=why))
         self._next_pull()
 
     def _next_pull(self) -> None:
-        while self._waiting and len(self._pulls) < MAX_PULLS:
+        while self._waiting and len(self.pulls) < MAX_PULLS:
             st, source, routing = self._waiting.popleft()
             a = st.message
             assert isinstance(a, Accuse)
-            if self.scores.conviction(a.seller) is None and a.evidence not in self._pulls:
+            if self.scores.conviction(a.seller) is None and a.evidence not in self.pulls:
                 self._pull(st, source, routing)
 
-    def _expire_pulls(self) -> None:
+    def expire(self) -> None:
         """Housekeeping: pulls that took too long go, and so do serving budgets whose
         minute is over (one entry per asker would otherwise outlive every stranger)."""
-        now = self.clock.monotonic()
-        for pull in [p for p in self._pulls.values() if now - p.started > PULL_S]:
+        now = self.out.now.monotonic()
+        for pull in [p for p in self.pulls.values() if now - p.started > PULL_S]:
             self._abandon(pull, blame=None, why="too slow")
         for peer in [p for p, (start, _) in self._served.items() if now - start > 60.0]:
             del self._served[peer]
@@ -247,8 +264,9 @@ class Fraud(CoreState):
         self, seller: bytes, seller_key: bytes, proof: bytes, accuse: bytes, data: bytes
     ) -> None:
         """The seller lied: kept for good with its proof, its ads dropped and refused."""
-        self.scores.convict(seller, "lied", proof, accuse, data, self.clock.time())
+        self.scores.convict(seller, "lied", proof, accuse, data, self.out.now.time())
         self.unchecked.pop(seller, None)
-        dropped = self.index.drop_signer(seller_key)
-        self.metrics.ads.set(len(self.index))
-        self.event(Convicted(seller=seller.hex()[:12], proof=proof.hex()[:16], ads_dropped=dropped))
+        dropped = self.gossip.index.drop_signer(seller_key)
+        self.out.event(
+            Convicted(seller=seller.hex()[:12], proof=proof.hex()[:16], ads_dropped=dropped)
+        )

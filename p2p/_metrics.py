@@ -1,8 +1,22 @@
-"""The node's Prometheus metrics, in a registry of its own (one per node, even in one process)."""
+"""The node's Prometheus metrics, in a registry of its own (one per node, even in one
+process). The driver counts here what the core says happened (p2p/_events.py); the core
+holds no metric."""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from ._events import (
+    Accepted,
+    Degraded,
+    Dropped,
+    Earned,
+    Happening,
+    InternalError,
+    Looked,
+    Rejected,
+    Shed,
+)
 
 
 class Metrics:
@@ -125,6 +139,25 @@ class Metrics:
             self.time_to_first_token.labels(source)
         for result in ("bought", "missed"):
             self.purchases.labels(result)
+
+    def note(self, happening: Happening) -> None:
+        """Count what the core said happened."""
+        match happening:
+            case Accepted(type=mtype):
+                self.received.labels(mtype).inc()
+            case Dropped(code=code) | Rejected(code=code):
+                self.rejections.labels(code).inc()
+            case Shed(what=what):
+                self.shed.labels(what).inc()
+            case Looked(matched=matched):
+                (self.hits if matched else self.misses).inc()
+            case Earned(credits=credits, tokens=tokens):
+                self.credits_earned.inc(credits)
+                self.sold_tokens.inc(tokens)
+            case InternalError(where=where):
+                self.internal_errors.labels(where).inc()
+            case Degraded(what=what):
+                self.degraded.labels(what).set(1)
 
     def serve(self, port: int) -> int:
         """Serve /metrics on 127.0.0.1; returns the port actually bound."""

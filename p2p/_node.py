@@ -33,7 +33,7 @@ from kvx.protocol import (
     IntegrityError,
     RemoteProtocolError,
 )
-from kvx.transport import TcpDataServer
+from kvx.transport import Offer, TcpDataServer
 from kvx.trust import (
     AtRestCipher,
     Bound,
@@ -53,12 +53,14 @@ from kvx.trust import (
 from ._admin import answer, pack, unpack
 from ._clock import Now
 from ._config import ADMIN_SOCKET, INFO_FILE, LEDGER_FILE, SCORES_FILE, STORE_DIR, NodeConfig
-from ._core import Disconnect, NodeCore, Reply, Send
+from ._core import NodeCore
 from ._datadir import DataDirLock
 from ._dials import Connect
 from ._events import Happening, Ready, Stopped, TaskFailed
 from ._fraud import Judge
 from ._market import Authorize
+from ._metrics import Metrics
+from ._outbox import Disconnect, Reply, Send
 from ._pricing import PricePolicy
 from ._rates import RateLimits
 from ._reach import advertised, check_reach
@@ -111,6 +113,7 @@ class Node:
         )
         self.identity = identity
         self.id = identity.node_id
+        self.metrics = Metrics()
         self._dealers: dict[bytes, zmq.asyncio.Socket] = {}
         self._readers: dict[bytes, asyncio.Future[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -181,12 +184,11 @@ class Node:
             await self.ucx.start(cfg.data_host, cfg.ucx_port)
             ucx = DataAddress(t="ucx", addr=advertised(self.ucx.address, cfg.advertise))
             data = (ucx, *data)
-        for what in self.held():  # read when scraped, never stale
-            core.metrics.held.labels(what).set_function(functools.partial(self._held_of, what))
+        self._gauges()
         metrics_url = None
         if cfg.metrics_port is not None:
             try:
-                port = core.metrics.serve(cfg.metrics_port)
+                port = self.metrics.serve(cfg.metrics_port)
             except OSError as exc:
                 raise ConfigError(
                     f"cannot serve metrics on 127.0.0.1:{cfg.metrics_port}: {exc.strerror}"
@@ -204,7 +206,7 @@ class Node:
             "admin": cfg.admin_address,
             "metrics": metrics_url,
             "pid": os.getpid(),
-            "incarnation": core.incarnation,
+            "incarnation": core.liveness.incarnation,
             "verify": str(cfg.policy.verify),  # what its clients check of bought KV
             "seal_public": cfg.policy.seal_public,  # whether they ask for sealed streams
         }
@@ -269,11 +271,15 @@ class Node:
 
         return {
             "on_finished": lambda offer, sent, whole: told(
-                lambda: core.stream_finished(offer, sent, whole, now())
+                lambda: self._stream_finished(offer, sent, whole)
             ),
             "on_receipt": lambda st: on_loop(loop, lambda: receipt(st)),
             "on_fault": lambda buyer, exc: told(lambda: core.stream_fault(buyer, exc, now())),
         }
+
+    def _stream_finished(self, offer: Offer, sent: int, whole: bool) -> None:
+        self.metrics.data_bytes_sent.inc(sent)
+        self.core.stream_finished(offer, sent, whole, now())
 
     def _flush_from(self, loop: asyncio.AbstractEventLoop) -> None:
         """Carry out the core's outputs on the loop, soon, from whichever thread told the
@@ -285,7 +291,7 @@ class Node:
         """Whether a new CURVE connection from `address` is admitted (spec §12.6)."""
         if self._handshakes.take(address.encode(), time.monotonic()):
             return True
-        self.core.metrics.shed.labels("handshake").inc()
+        self.metrics.shed.labels("handshake").inc()
         return False
 
     def _spawn(self, coro: Awaitable[None]) -> asyncio.Future[None]:
@@ -330,16 +336,37 @@ class Node:
                     self.happened(out)
 
     def happened(self, happening: Happening) -> None:
-        """One JSON line in the log (p2p/_logs.py)."""
-        fields = {"node": self.id.hex()[:12], "event": happening.name, **happening.fields()}
-        log.log(happening.level, fields)
+        """Counted in the metrics, and one JSON line in the log (p2p/_logs.py) unless it
+        is one of those too frequent for a line."""
+        self.metrics.note(happening)
+        if happening.level is not None:
+            fields = {"node": self.id.hex()[:12], "event": happening.name, **happening.fields()}
+            log.log(happening.level, fields)
+
+    def _gauges(self) -> None:
+        """What the metrics read off the core: the table and the index when scraped (never
+        stale), the rest after each timer round (the ledger is the loop's to read)."""
+        core, metrics = self.core, self.metrics
+        for what in self.held():
+            metrics.held.labels(what).set_function(functools.partial(self._held_of, what))
+        for state in ("alive", "suspect", "dead"):
+            metrics.peers.labels(state).set_function(
+                functools.partial(lambda s: core.liveness.counts()[s], state)
+            )
+        metrics.ads.set_function(lambda: len(core.gossip.index))
+
+    def _timed_gauges(self) -> None:
+        core, metrics = self.core, self.metrics
+        metrics.degraded.labels("scores").set(int(core.scores.write_failed))
+        metrics.degraded.labels("ledger").set(int(not core.trading.selling()))
+        metrics.credits.set(sum(core.ledger.balances().values()))
 
     async def _authorize(self, deal: Authorize) -> None:
         """Load a sold payload off the loop — read from disk, hashed against its root,
         perhaps converted — then let its stream open; the buyer's TRANSFER waits for it
         (§9.2)."""
         try:
-            loaded = await asyncio.to_thread(self.core.market.load, deal)
+            loaded = await asyncio.to_thread(self.core.trading.market.load, deal)
         except IntegrityError as exc:
             self.core.unservable(deal, str(exc), now())
         else:
@@ -371,8 +398,8 @@ class Node:
         return "lie", str(finding), bound.signer
 
     def _sent(self, mtype: str, size: int) -> None:
-        self.core.metrics.sent.labels(mtype).inc()
-        self.core.metrics.bytes_out.inc(size)
+        self.metrics.sent.labels(mtype).inc()
+        self.metrics.bytes_out.inc(size)
 
     def _connect(self, out: Connect) -> None:
         """Open the connection the core decided on (spec §8.1a): to a proven key one that
@@ -436,6 +463,7 @@ class Node:
                         source = str(frame.get("Peer-Address"))
                     else:
                         routing, frame, curve = None, parts[0], expected_curve
+                    self.metrics.bytes_in.inc(len(frame))
                     try:
                         self.core.receive(
                             frame.bytes, curve, routing, server_key, source, now=now()
@@ -457,8 +485,8 @@ class Node:
                     parts.append(part)
         except zmq.Again:
             return None
-        if len(parts) != wanted:
-            self.core.multipart_refused()
+        if len(parts) != wanted:  # refused (spec §4.2)
+            self.metrics.rejections.labels(ErrorCode.MALFORMED.name).inc()
             return []
         return parts
 
@@ -466,6 +494,7 @@ class Node:
         while True:
             await asyncio.sleep(max(0.0, self.core.next_timer() - time.monotonic()))
             self.core.handle_timer(now())
+            self._timed_gauges()
             self._handshakes.prune(time.monotonic())
             await self._flush()
 
@@ -483,14 +512,15 @@ class Node:
     def budgets(self) -> dict[str, dict[str, int]]:
         """Each bounded holding beside its limit, so an operator sees how full it is."""
         cfg, core = self.config, self.core
+        index = core.gossip.index
         pairs = {
             "store_disk_bytes": (core.store.disk_used(), cfg.disk_bytes),
             "store_memory_bytes": (core.store.memory_used(), cfg.memory_bytes),
-            "ads": (len(core.index), cfg.max_ads),
-            "ad_bytes": (core.index.held_bytes, cfg.max_ad_bytes),
-            "withdrawals": (core.index.withdrawals(), cfg.max_ads),
+            "ads": (len(index), cfg.max_ads),
+            "ad_bytes": (index.held_bytes, cfg.max_ad_bytes),
+            "withdrawals": (index.withdrawals(), cfg.max_ads),
             "replay_entries": (len(core.inbox.guard), cfg.replay_total),
-            "peers": (len(core.peers.all()), cfg.max_peers),
+            "peers": (len(core.liveness.peers.all()), cfg.max_peers),
             "data_connections": (self.tcp.connections, cfg.data_connections),
             "data_streams": (self.tcp.streams, cfg.data_streams),
         }

@@ -19,7 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from kvx.p2p import NodeConfig, PublishRequest
-from kvx.p2p._core import NodeCore, Output, Reply
+from kvx.p2p._core import NodeCore, Output
+from kvx.p2p._events import Happening
+from kvx.p2p._metrics import Metrics
+from kvx.p2p._outbox import Reply
 from kvx.p2p._store import Entry
 from kvx.protocol import Hello, Message, Peers
 from kvx.testing import Simulation
@@ -65,6 +68,10 @@ class Pair:
             return NodeConfig(data_dir=data_dir, metrics_port=None, **{**config, **mine})
 
         self.sim = Simulation(n, seed=seed, config=make, publishers=publishers)
+        # Each core's happenings counted as a node counts them, so a test reads a core's
+        # metrics as an operator would.
+        self.metrics = [Metrics() for _ in range(n)]
+        self.sim.on_happening = lambda i, happening: self.metrics[i].note(happening)
         self.sim.start(known=n - 1)
         self.outputs: list[Output] = []  # what the last input made the core emit
         self._routes = itertools.count(1 << 24)  # routing ids no core index uses
@@ -102,6 +109,9 @@ class Pair:
         core = self.core(to)
         core.receive(frame, by.curve, by.routing, None, now=self.sim.clock.at())
         self.outputs = core.drain()
+        for out in self.outputs:
+            if isinstance(out, Happening):
+                self.metrics[to].note(out)
         return self.answers(by)
 
     def roundtrip(self, by: Stranger, message: Message, to: int = 0, **kw: object) -> list[Message]:

@@ -9,8 +9,8 @@ from pair import HELLO, Pair
 
 from kvx.conformance.fuzz import signed_with
 from kvx.p2p import PublishRequest
-from kvx.p2p._core import Reply, Send
 from kvx.p2p._dials import Connect
+from kvx.p2p._outbox import Reply, Send
 from kvx.protocol import (
     Advertise,
     DataAddress,
@@ -92,7 +92,7 @@ def test_a_bad_address_in_any_signed_message_is_refused_at_decode(ctl):
             pair.send(peer, frame)
             dialed += [o for o in pair.outputs if isinstance(o, Connect)]
         pair.advance(2.0)
-        assert dialed == [] and pair.core().index.ads() == []
+        assert dialed == [] and pair.core().gossip.index.ads() == []
         assert pair.welcomed(pair.stranger())
 
 
@@ -124,12 +124,12 @@ def test_ballast_in_unknown_fields_and_ads_beyond_a_signers_budget_are_refused()
         peer, honest = pair.stranger(), pair.stranger()
         ballast = {"pad": b"\0" * 5000}  # over MAX_UNKNOWN_BYTES of fields nobody defined
         pair.send(peer, signed_with(peer.identity, advert(), ballast, relayable(pair)))
-        assert pair.core().index.ads() == []
+        assert pair.core().gossip.index.ads() == []
         for i in range(8):  # twice its budget of distinct ads
             ad = advert(root=bytes([i + 10]) * 32)
             pair.send(peer, seal(peer.identity, ad, relayable(pair, seq=i)))
         pair.send(honest, seal(honest.identity, advert(root=b"\x55" * 32), relayable(pair)))
-        signers = [a.signer for a in pair.core().index.ads()]
+        signers = [a.signer for a in pair.core().gossip.index.ads()]
         assert signers.count(peer.identity.public_key) == 4
         assert honest.identity.public_key in signers  # one stranger's budget is its own
         assert pair.welcomed(pair.stranger())
@@ -180,7 +180,7 @@ def test_outsiders_learn_nothing_of_a_private_namespace():
         # ADVERTISE into the namespace by a non-member: not indexed.
         ad = advert(root=b"\x02" * 32, blocks=tuple(chain), price=0, ns=team.id)
         pair.send(outsider, seal(outsider.identity, ad, relayable(pair)))
-        assert len(pair.core().index.ads()) == 1  # only the seller's own
+        assert len(pair.core().gossip.index.ads()) == 1  # only the seller's own
         assert pair.welcomed(pair.stranger())
 
 
@@ -192,7 +192,7 @@ def test_a_stranger_probing_a_member_through_a_member_learns_no_private_news():
         chain = prefix_chain(FP, list(range(3 * LAYOUT.block)), LAYOUT.block, team)
         pair.publish(PublishRequest(FP, LAYOUT, chain, PAYLOAD, 10**6, ns=team.id))
         pair.advance(1.0)
-        private = {(a.signer, a.seq) for a in agent.index.ads()}
+        private = {(a.signer, a.seq) for a in agent.gossip.index.ads()}
         assert len(private) == 1  # news the seller tells members
         stranger, proofs = pair.stranger(), []
         for _ in range(12):  # past the 10 s the news stays in the seller's PEERS to members
@@ -219,7 +219,7 @@ def flood(pair: Pair, count: int, signers: int) -> int:
         block = blake3.blake3(f"flood/{i}".encode()).digest()
         ad = advert(root=block, blocks=(block,))
         pair.send(relayer, seal(keys[i % signers], ad, relayable(pair, seq=i)))
-    return len(pair.core(0).index)
+    return len(pair.core(0).gossip.index)
 
 
 def spread_without_blame(pair: Pair, count: int) -> None:
@@ -229,9 +229,9 @@ def spread_without_blame(pair: Pair, count: int) -> None:
     for _ in range(90):
         pair.advance(1.0)
         assert pair.score(source, by=1) >= 0 and not pair.banned(source, by=1)
-        if len(receiver.index) == count:
+        if len(receiver.gossip.index) == count:
             return
-    raise AssertionError(f"{len(receiver.index)} of {count} ads arrived in 90 s")
+    raise AssertionError(f"{len(receiver.gossip.index)} of {count} ads arrived in 90 s")
 
 
 def test_a_node_joining_a_peer_with_thousands_of_ads_gets_them_all_and_bans_nobody():
@@ -242,9 +242,8 @@ def test_a_node_joining_a_peer_with_thousands_of_ads_gets_them_all_and_bans_nobo
         assert flood(pair, 2500, signers=2) == 2500
         pair.sim.restart(1, known=1)
         spread_without_blame(pair, 2500)
-        joiner = pair.core(1)
         # Paced: the holder answered in pages, so the joiner's limit dropped almost nothing.
-        assert joiner.metrics.value("kvx_rejections_total", code="RATE_LIMITED") < 100
+        assert pair.metrics[1].value("kvx_rejections_total", code="RATE_LIMITED") < 100
         assert pair.sim.traffic.frames["DIGEST"] >= 2500 // 200  # pulled page by page
 
 
@@ -255,4 +254,4 @@ def test_a_relay_pushing_thousands_of_strangers_ads_is_never_banned():
         pair.advance(2.0)
         assert flood(pair, 3000, signers=3) == 3000
         spread_without_blame(pair, 3000)
-        assert pair.core(0).metrics.value("kvx_shed_total", what="push") > 0  # paced, not at once
+        assert pair.metrics[0].value("kvx_shed_total", what="push") > 0  # paced, not at once

@@ -51,7 +51,7 @@ LOOKUP = Lookup(fp=b"\x0f" * 32, blocks=(b"\x01" * 32,), limit=1)
 
 
 def rejected(pair: Pair, code: ErrorCode) -> float:
-    return pair.core().metrics.value("kvx_rejections_total", code=code.name)
+    return pair.metrics[0].value("kvx_rejections_total", code=code.name)
 
 
 def test_a_peer_not_on_the_allow_list_is_denied():
@@ -116,7 +116,7 @@ def test_a_lying_advertisement_is_dropped_and_a_faulty_one_scored_down(lie):
             frames = [encode_envelope(ad.TYPE, body, peer.identity.public_key, sig)]
         for frame in frames:
             pair.send(peer, frame)
-        ads = pair.core().index.ads()
+        ads = pair.core().gossip.index.ads()
         if lie == "replayed":
             # A relayed statement seen twice is a duplicate whoever sends it (spec §6.3):
             # indexed once, and counted against nobody.

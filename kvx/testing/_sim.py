@@ -20,14 +20,17 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from kvx.p2p._buying import blame
 from kvx.p2p._clock import Now
 from kvx.p2p._config import NodeConfig
-from kvx.p2p._core import Disconnect, NodeCore, Reply, Send
+from kvx.p2p._core import NodeCore
 from kvx.p2p._dials import Connect
 from kvx.p2p._events import Happening
-from kvx.p2p._gossip import RECENT_MAX
+from kvx.p2p._gossip import RECENT_MAX, Gossip
+from kvx.p2p._liveness import Liveness
+from kvx.p2p._outbox import Disconnect, Reply, Send
 from kvx.p2p._purchase import Action, Ask, Exhausted, Lookup, Purchase, Ready, Report, Want
 from kvx.p2p._store import Entry, LocalStore, PublishRequest
 from kvx.protocol import (
@@ -38,6 +41,7 @@ from kvx.protocol import (
     KVLayout,
     MessageType,
     PeerEntry,
+    Peers,
     Quote,
 )
 from kvx.trust import (
@@ -124,41 +128,68 @@ class NoStore:
         pass
 
 
-class HostileCore(NodeCore):
-    """A node that runs the real core where that keeps it in honest tables (it answers
-    probes, it speaks for itself) and cheats wherever cheating scales to a swarm: it
-    relays nothing and answers no DIGEST (withholding), names only its accomplices in
-    PEERS (an eclipse), tells every prober of news that does not exist (so each pulls a
-    DIGEST it will not answer), and advertises under its own key, at price 0, every
-    chain an honest node advertises (a liar: it holds none of it)."""
+class HostileLiveness(Liveness):
+    """Names only its accomplices in PEERS: an eclipse."""
 
     accomplices: tuple[PeerEntry, ...] = ()  # the simulation names them
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
+    def welcome(self, st: Statement, routing: bytes, recent: tuple[DigestEntry, ...]) -> None:
+        challenge = self.memberships.challenge(st.signer_id, self.out.now.time())
+        peers = Peers(
+            peers=self.accomplices[:64],  # as many as an honest table lists (PeerTable.entries)
+            re=st.header.seq,
+            challenge=challenge,
+            recent=recent or None,
+        )
+        self.out.reply(routing, st, peers)
+
+
+class HostileGossip(Gossip):
+    """Relays nothing and answers no DIGEST (withholding), tells every prober of news
+    that does not exist (so each pulls a DIGEST it will not answer), and advertises under
+    its own key, at price 0, every chain an honest node advertises (a liar: it holds
+    none of it)."""
+
+    accomplices: tuple[PeerEntry, ...] = ()  # the simulation names them
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.peers.entries = lambda limit=64: self.accomplices[:limit]  # type: ignore[method-assign]
         self._lied: set[bytes] = set()
 
-    def _push(self, frame: bytes, mtype: MessageType, exclude: set[bytes], ns) -> None:
+    def push(self, frame: bytes, mtype: MessageType, exclude: set[bytes], ns: bytes | None) -> None:
         pass
 
-    def _on_digest(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
+    def on_digest(self, st: Statement, routing: bytes | None) -> None:
         pass
 
-    def _recent_for(self, key: bytes) -> tuple[DigestEntry, ...]:
+    def recent_for(self, key: bytes) -> tuple[DigestEntry, ...]:
         return tuple(DigestEntry(key=self.random.randbytes(32), seq=1) for _ in range(RECENT_MAX))
 
-    def _on_advertise(self, st: Statement, routing: bytes | None, relayer: bytes) -> None:
-        super()._on_advertise(st, routing, relayer)
+    def on_advertise(self, st: Statement, relayer: bytes) -> None:
+        super().on_advertise(st, relayer)
         ad = st.message
         assert isinstance(ad, Advertise)
         if ad.root in self._lied or any(st.signer == a.key for a in self.accomplices):
             return
         self._lied.add(ad.root)
-        lie = dataclasses.replace(ad, price=0, ctl=self.ctl, data=self.data)
-        frame = self.signer.seal(lie, now_ms=self.clock.now_ms(), ttl_ms=3_600_000)
-        for peer in self.peers.alive():  # to everyone, not to a fanout
-            self._send_frame(peer.key, frame, MessageType.ADVERTISE)
+        lie = dataclasses.replace(ad, price=0, ctl=self.liveness.ctl, data=self.liveness.data)
+        frame = self.out.seal(lie, ttl_ms=3_600_000)
+        for peer in self.liveness.peers.alive():  # to everyone, not to a fanout
+            self.out.send_frame(peer.key, frame, MessageType.ADVERTISE)
+
+
+class HostileCore(NodeCore):
+    """A node that runs the real core where that keeps it in honest tables (it answers
+    probes, it speaks for itself) and cheats wherever cheating scales to a swarm: its
+    parts are HostileLiveness and HostileGossip."""
+
+    liveness_kind = HostileLiveness
+    gossip_kind = HostileGossip
+
+    def conspire(self, accomplices: tuple[PeerEntry, ...]) -> None:
+        assert isinstance(self.liveness, HostileLiveness)
+        assert isinstance(self.gossip, HostileGossip)
+        self.liveness.accomplices = self.gossip.accomplices = accomplices
 
 
 class Simulation:
@@ -198,7 +229,9 @@ class Simulation:
             for i in sorted(hostile)
         )
         for i in hostile:
-            self.cores[i].accomplices = accomplices
+            core = self.cores[i]
+            assert isinstance(core, HostileCore)
+            core.conspire(accomplices)
         self.curve = [curve_public_key(core.identity.public_key) for core in self.cores]
         self.down: set[int] = set()
         self._connected: list[set[bytes]] = [set() for _ in self.cores]  # keys each dialed
@@ -270,7 +303,9 @@ class Simulation:
         core, now = self.cores[i], self.clock.now
         others = self.rng.sample(range(len(self.cores)), min(known + 1, len(self.cores)))
         for j in [j for j in others if j != i][:known]:
-            core.peers.heard_from(self.cores[j].identity.public_key, self.address(j), 0, now)
+            core.liveness.peers.heard_from(
+                self.cores[j].identity.public_key, self.address(j), 0, now
+            )
 
     @staticmethod
     def _data(i: int) -> tuple[DataAddress, ...]:
