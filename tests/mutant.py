@@ -6,24 +6,37 @@ Each rule is switched off by patching the reference code in this process only, b
 the node starts; nothing of it ships in kvx.
 """
 
+import importlib
 import sys
 
 
 def _serving():
-    return __import__("kvx.transport._serving", fromlist=["Serving"])
+    return importlib.import_module("kvx.transport._serving")
+
+
+def _swap(owner: object, name: str, value: object) -> None:
+    """Replace what the reference code has under `name`: a name it no longer has (a
+    rename) fails here, not as a mutant that switches nothing off."""
+    if not hasattr(owner, name):
+        raise AttributeError(f"{owner!r} has no {name}: the mutation is out of date")
+    setattr(owner, name, value)
+
+
+def _gossip():
+    return importlib.import_module("kvx.p2p._gossip").Gossip
 
 
 MUTATIONS = {
     # §9.4: a seller waits for the receipt of each window
-    "window": lambda: setattr(
+    "window": lambda: _swap(
         _serving().Serving,
         "next",
         lambda self: _serving().Next.END if self.sent >= self.stop else _serving().Next.CHUNK,
     ),
     # §9.4: a window receipt must be for exactly what was sent
-    "receipt": lambda: setattr(_serving().Serving, "_check_receipt", lambda self, st: None),
+    "receipt": lambda: _swap(_serving().Serving, "_check_receipt", lambda self, st: None),
     # §6.2: each (signer, seq) is taken once
-    "replay": lambda: setattr(
+    "replay": lambda: _swap(
         __import__("kvx.trust._freshness", fromlist=["ReplayGuard"]).ReplayGuard,
         "_remember",
         lambda self, signer, header: None,
@@ -31,27 +44,19 @@ MUTATIONS = {
     # §9.2: a TRANSFER before its ACCEPT waits for it
     "accept-wait": lambda: _patch_init_default(),
     # §10.1: at most three counter-offers
-    "counters": lambda: setattr(__import__("kvx.p2p._market", fromlist=["x"]), "MAX_COUNTERS", 99),
+    "counters": lambda: _swap(__import__("kvx.p2p._market", fromlist=["x"]), "MAX_COUNTERS", 99),
     # §8.3: PEERS names recent news
-    "recent": lambda: setattr(
-        __import__("kvx.p2p._gossip", fromlist=["Gossip"]).Gossip,
-        "_recent_for",
-        lambda self, key: (),
-    ),
+    "recent": lambda: _swap(_gossip(), "recent_for", lambda self, key: ()),
     # §8.3: news a PEERS names that the node lacks is pulled with a DIGEST
-    "pull": lambda: setattr(
-        __import__("kvx.p2p._gossip", fromlist=["Gossip"]).Gossip,
-        "_pull_news",
-        lambda self, *args, **kwargs: None,
-    ),
+    "pull": lambda: _swap(_gossip(), "pull_news", lambda self, *args, **kwargs: None),
     # §9.2: a refused TRANSFER is answered with its code
-    "transfer-errors": lambda: setattr(_serving(), "refusal", lambda *a: None),
+    "transfer-errors": lambda: _swap(_serving(), "refusal", lambda *a: None),
     # §4.5: a relayable statement carries at most MAX_UNKNOWN_BYTES of unknown fields
-    "unknown-bytes": lambda: setattr(
+    "unknown-bytes": lambda: _swap(
         __import__("kvx.protocol._codec", fromlist=["x"]), "MAX_UNKNOWN_BYTES", 1 << 20
     ),
     # §8.1a: a control address is an IP literal and a port, never a host name
-    "address": lambda: setattr(
+    "address": lambda: _swap(
         __import__("kvx.protocol._address", fromlist=["x"]),
         "_parse",
         lambda text: (__import__("ipaddress").ip_address("127.0.0.1"), 9),
@@ -61,10 +66,8 @@ MUTATIONS = {
     # §8.22: a LEAVE of an older incarnation is ignored
     "leave-inc": lambda: _ignore_leave_incarnations(),
     # §8.22: a LEAVE drops the leaver's advertisements
-    "leave": lambda: setattr(
-        __import__("kvx.p2p._liveness", fromlist=["Liveness"]).Liveness,
-        "_on_leave",
-        lambda self, st, routing, relayer: None,
+    "leave": lambda: _swap(
+        importlib.import_module("kvx.p2p._liveness").Liveness, "on_leave", lambda self, st: False
     ),
 }
 
