@@ -517,9 +517,8 @@ class NodeCore:
 
     def _housekeeping_round(self) -> None:
         self._forget_strangers()
-        now_ms = self.out.now.now_ms()
-        self.gossip.index.expire(now_ms)
-        self.trading.market.expire(now_ms)
+        self.gossip.expire()
+        self.trading.expire()
         self.fraud.expire()
         self.gossip.pull_news_due()
         self.gossip.refresh_own()

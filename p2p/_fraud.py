@@ -266,7 +266,7 @@ class Fraud:
         """The seller lied: kept for good with its proof, its ads dropped and refused."""
         self.scores.convict(seller, "lied", proof, accuse, data, self.out.now.time())
         self.unchecked.pop(seller, None)
-        dropped = self.gossip.index.drop_signer(seller_key)
+        dropped = self.gossip.drop_signer(seller_key)
         self.out.event(
             Convicted(seller=seller.hex()[:12], proof=proof.hex()[:16], ads_dropped=dropped)
         )

@@ -197,6 +197,10 @@ class Gossip:
         """A peer said LEAVE: its advertisements go; returns how many."""
         return self.index.signer_left(st.signer, st.header.seq, st.header.iat)
 
+    def drop_signer(self, key: bytes) -> int:
+        """A convicted seller's advertisements go, and stay out; returns how many."""
+        return self.index.drop_signer(key)
+
     def _advertise(self, entry: Entry) -> None:
         ad = Advertise(
             fp=entry.fp,
@@ -276,6 +280,9 @@ class Gossip:
         alive = self.liveness.peers.alive()
         if alive:
             self.pull_news(self.random.choice(alive).key)
+
+    def expire(self) -> None:
+        self.index.expire(self.out.now.now_ms())
 
     def forget_strangers(self, known: set[bytes]) -> None:
         """Pull times and paces of peers no longer in the table go."""

@@ -211,6 +211,10 @@ class Trading:
         self.out.event(Earned(credits=paid.credits, tokens=paid.tokens))
         self.out.event(Sold(buyer=st.signer_id.hex()[:12], price=receipt.price))
 
+    def expire(self) -> None:
+        """Quotes that expired unaccepted, and deals no stream opened in time, are over."""
+        self.market.expire(self.out.now.now_ms())
+
     # ---- what the data ports tell ----------------------------------------------------
 
     def window_receipt(self, st: Statement) -> None:
