@@ -110,6 +110,7 @@ class Market:
         self.selling = selling
         self.tokens = tokens  # quote ids and session tokens: unguessable in a node
         self._pending: dict[bytes, _Pending] = {}
+        self._early: dict[bytes, Statement] = {}  # quote id -> final receipt before its end
         # No stream outlives the process that served it: deals left open are over.
         self.ledger.expire_undelivered(now_ms, "the seller restarted")
         self._conversion: tuple[tuple[bytes, str], tuple[bytes, bytes, list[bytes]]] | None = None
@@ -333,19 +334,38 @@ class Market:
             pending.counters + 1,
         )
 
-    def receipt(self, st: Statement, now_ms: int, *, window: bool = False) -> Receipted:
-        """A buyer's RECEIPT: one that moves a payment window (`window`, from the data
-        channel) or one for the whole delivery (the control channel, §10.6)."""
-        assert isinstance(st.message, Receipt)
-        return self.ledger.record_receipt(st, now_ms, partial=window)
+    def receipt(self, st: Statement, now_ms: int) -> Receipted | None:
+        """A buyer's RECEIPT for the whole delivery, from the control channel (§10.6); None
+        when it came before its stream's end was booked: it is held until then."""
+        receipt = st.message
+        assert isinstance(receipt, Receipt)
+        if self.sessions.streaming(receipt.quote) == st.signer:
+            # The buyer read END and paid; the data port has not booked that end yet (the
+            # two channels are not ordered against each other). Its latest word counts.
+            self._early[receipt.quote] = st
+            return None
+        return self.ledger.record_receipt(st, now_ms, partial=False)
 
-    def finished(self, offer: Offer, sent: int, whole: bool, now_ms: int) -> None:
+    def window_receipt(self, st: Statement, now_ms: int) -> Receipted:
+        """A RECEIPT that moves a payment window, from the data channel (§9.4)."""
+        assert isinstance(st.message, Receipt)
+        return self.ledger.record_receipt(st, now_ms, partial=True)
+
+    def finished(
+        self, offer: Offer, sent: int, whole: bool, now_ms: int
+    ) -> tuple[Statement, Receipted] | None:
         """A stream of a deal ended: delivered, or — whatever cut it — the deal's life is
-        over undelivered, with `sent` bytes gone out (§10.7)."""
+        over undelivered, with `sent` bytes gone out (§10.7). A final receipt held for
+        this end is taken now (or refused, raising why): returned with what it paid."""
+        self.sessions.ended(offer.quote)
+        early = self._early.pop(offer.quote, None)
         if whole:
             self.ledger.record_delivery(offer.quote, now_ms, sent)
         else:
             self.ledger.record_expiry(offer.quote, now_ms, "its stream ended before END", sent)
+        if early is None:
+            return None
+        return early, self.ledger.record_receipt(early, now_ms, partial=False)
 
     def expire(self, now_ms: int) -> None:
         for quote_id in [q for q, p in self._pending.items() if p.quote.header.exp < now_ms]:

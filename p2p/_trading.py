@@ -25,10 +25,19 @@ from kvx.protocol import (
     node_id,
 )
 from kvx.transport import Offer, Sessions
-from kvx.trust import Event, Ledger, PeerScores, Statement
+from kvx.trust import Event, Ledger, PeerScores, Receipted, Statement
 
 from ._config import NodeConfig
-from ._events import Degraded, Earned, Looked, Sold, StoreDropped, StoreNoteFailed, StreamCut
+from ._events import (
+    Degraded,
+    Earned,
+    Looked,
+    Rejected,
+    Sold,
+    StoreDropped,
+    StoreNoteFailed,
+    StreamCut,
+)
 from ._gossip import Gossip
 from ._index import Advert
 from ._liveness import Liveness
@@ -205,9 +214,13 @@ class Trading:
             self.out.reply_frame(routing, frame, MessageType.QUOTE)
 
     def on_receipt(self, st: Statement) -> None:
+        paid = self.market.receipt(st, self.out.now.now_ms())
+        if paid is not None:  # None: held until the data port books its stream's end
+            self._paid(st, paid)
+
+    def _paid(self, st: Statement, paid: Receipted) -> None:
         receipt = st.message
         assert isinstance(receipt, Receipt)
-        paid = self.market.receipt(st, self.out.now.now_ms())
         self.out.event(Earned(credits=paid.credits, tokens=paid.tokens))
         self.out.event(Sold(buyer=st.signer_id.hex()[:12], price=receipt.price))
 
@@ -221,7 +234,7 @@ class Trading:
         """A receipt a buyer paid mid-stream (§9.4): the stream moves on only once it is
         recorded, so a refusal here (the ledger's code, or UNAVAILABLE) ends the stream."""
         try:
-            paid = self.market.receipt(st, self.out.now.now_ms(), window=True)
+            paid = self.market.window_receipt(st, self.out.now.now_ms())
         except sqlite3.Error as exc:
             self.ledger_failed(exc)
             raise RemoteProtocolError(ErrorCode.UNAVAILABLE, "this node cannot write now") from None
@@ -230,9 +243,15 @@ class Trading:
     def stream_finished(self, offer: Offer, sent: int, whole: bool) -> None:
         """A stream of one of our deals ended: delivered, or the deal is over (§10.7)."""
         try:
-            self.market.finished(offer, sent, whole, self.out.now.now_ms())
+            held = self.market.finished(offer, sent, whole, self.out.now.now_ms())
         except sqlite3.Error as exc:
             self.ledger_failed(exc)
+            return
+        except RemoteProtocolError as exc:  # the receipt held for this end does not fit it
+            self.out.event(Rejected(code=exc.code.name, detail=exc.detail[:120]))
+            return
+        if held is not None:
+            self._paid(*held)
 
     def stream_fault(self, buyer: bytes, exc: RemoteProtocolError) -> None:
         """A seller's stream ended for what its buyer did: read below the minimum rate

@@ -22,6 +22,10 @@ def _swap(owner: object, name: str, value: object) -> None:
     setattr(owner, name, value)
 
 
+def _market():
+    return importlib.import_module("kvx.p2p._market").Market
+
+
 def _gossip():
     return importlib.import_module("kvx.p2p._gossip").Gossip
 
@@ -62,7 +66,7 @@ MUTATIONS = {
         lambda text: (__import__("ipaddress").ip_address("127.0.0.1"), 9),
     ),
     # §10.6: a receipt for part of a delivery belongs on the data channel
-    "partial-receipt": lambda: _take_partial_receipts(),
+    "partial-receipt": lambda: _swap(_market(), "receipt", _market().window_receipt),
     # §8.22: a LEAVE of an older incarnation is ignored
     "leave-inc": lambda: _ignore_leave_incarnations(),
     # §8.22: a LEAVE drops the leaver's advertisements
@@ -77,15 +81,6 @@ def _patch_init_default() -> None:
 
     original = _sessions.Sessions.__init__
     _sessions.Sessions.__init__ = lambda self, accept_wait_s=5.0: original(self, 0.0)
-
-
-def _take_partial_receipts() -> None:
-    from kvx.p2p import _market
-
-    original = _market.Market.receipt
-    _market.Market.receipt = lambda self, st, now_ms, window=False: original(
-        self, st, now_ms, window=True
-    )
 
 
 def _ignore_leave_incarnations() -> None:

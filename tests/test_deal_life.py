@@ -10,7 +10,16 @@ from kvx.p2p import PublishRequest
 from kvx.p2p._market import QUOTE_TTL_MS, Authorize, Market
 from kvx.p2p._pricing import PricePolicy
 from kvx.p2p._store import LocalStore
-from kvx.protocol import Accept, KVLayout, Quote, QuoteRequest
+from kvx.protocol import (
+    Accept,
+    ErrorCode,
+    KVLayout,
+    Quote,
+    QuoteRequest,
+    Receipt,
+    RemoteProtocolError,
+    Transfer,
+)
 from kvx.transport import Sessions
 from kvx.trust import Identity, Ledger, Memberships, Policy, Signer, open_envelope
 
@@ -86,6 +95,40 @@ def test_a_deal_no_stream_opened_expires_with_its_token(books):
     assert ledger.exposure(BUYER.node_id) == 0
     assert [e.ended for e in ledger.audit()] == ["no stream opened it in time"]
     assert ledger.unpaid_bytes(0, buyer=BUYER.node_id) == 0  # nothing was sent
+
+
+def test_a_final_receipt_that_overtakes_its_streams_end_is_held_until_the_end_is_booked(books):
+    """The two channels are not ordered against each other: a buyer reads END and pays on
+    the control channel at once, and its RECEIPT may reach the seller's loop before the
+    data port has booked the stream's end. Refused then, it was lost (the fresh-clone CI
+    once found a seller paid a window short); it is held, and taken with the end."""
+    make, ledger, clock = books
+    market = make()
+    q = accepted(market, clock)
+    buyer, impostor = Signer(BUYER), Signer(Identity.generate())
+
+    def receipt(by: Signer = buyer):
+        paid = Receipt(
+            quote=q.quote, seller=SELLER.node_id, root=q.root, bytes=q.deliver, price=q.price
+        )
+        return open_envelope(by.seal(paid, now_ms=clock.ms, to=SELLER.node_id))
+
+    with pytest.raises(RemoteProtocolError) as never:  # no stream was opened: refused
+        market.receipt(receipt(), clock.ms)
+    assert never.value.code == ErrorCode.UNKNOWN_TRANSFER
+    transfer = Transfer(quote=q.quote, token=q.token, first=0)
+    offer = market.sessions.claim(transfer, BUYER.public_key, clock.ms)
+    assert market.receipt(receipt(), clock.ms) is None  # streaming: held
+    with pytest.raises(RemoteProtocolError) as other:  # only the buyer's own is held
+        market.receipt(receipt(impostor), clock.ms)
+    assert other.value.code == ErrorCode.UNKNOWN_TRANSFER
+    assert ledger.balances() == {}
+    held, paid = market.finished(offer, q.deliver, True, clock.ms)
+    assert open_envelope(held.frame).signer == BUYER.public_key
+    assert paid.credits == q.price and ledger.balances() == {BUYER.node_id: q.price}
+    with pytest.raises(RemoteProtocolError) as again:  # booked: the ledger's rules apply
+        market.receipt(receipt(), clock.ms)
+    assert again.value.code == ErrorCode.REPLAYED
 
 
 def test_a_seller_that_restarts_ends_the_deals_it_left_open(books):

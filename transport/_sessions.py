@@ -69,6 +69,7 @@ class Sessions:
         self._offers: dict[bytes, Offer] = {}
         self._expected: set[bytes] = set()
         self._off: OrderedDict[bytes, str] = OrderedDict()  # token -> why its deal is off
+        self._streaming: dict[bytes, bytes] = {}  # quote id -> buyer key, claimed, not ended
         self._changed = threading.Condition()  # streams are served from worker threads
 
     def expect(self, token: bytes) -> None:
@@ -114,7 +115,20 @@ class Sessions:
             raise RemoteProtocolError(
                 ErrorCode.INVALID_FIELD, "first or last is past the delivery's last chunk"
             )
+        with self._changed:
+            self._streaming[offer.quote] = offer.buyer
         return offer
+
+    def streaming(self, quote: bytes) -> bytes | None:
+        """The buyer of the deal whose stream was claimed and whose end is not yet booked
+        (`ended`), if this quote's is."""
+        with self._changed:
+            return self._streaming.get(quote)
+
+    def ended(self, quote: bytes) -> None:
+        """The stream of this deal ended, and its end is booked."""
+        with self._changed:
+            self._streaming.pop(quote, None)
 
     def serving(self, root: bytes) -> Offer | None:
         """An accepted offer of the payload with this root, if one waits for its stream:
