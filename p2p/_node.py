@@ -349,11 +349,12 @@ class Node:
         core, metrics = self.core, self.metrics
         for what in self.held():
             metrics.held.labels(what).set_function(functools.partial(self._held_of, what))
-        for state in ("alive", "suspect", "dead"):
-            metrics.peers.labels(state).set_function(
-                functools.partial(lambda s: core.liveness.counts()[s], state)
-            )
+        for state in core.liveness.counts():
+            metrics.peers.labels(state).set_function(functools.partial(self._peers_in, state))
         metrics.ads.set_function(lambda: len(core.gossip.index))
+
+    def _peers_in(self, state: str) -> int:
+        return self.core.liveness.counts()[state]
 
     def _timed_gauges(self) -> None:
         core, metrics = self.core, self.metrics
