@@ -4,7 +4,6 @@ killed mid-transfer is replaced by another, a restarted node keeps its store and
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import blake3
@@ -83,6 +82,19 @@ def states(node: NodeProcess) -> dict[str, str]:
     return {p["node_id"]: p["state"] for p in node.call("peers")["peers"]}
 
 
+def streaming(network: Network, host: int, node: NodeProcess) -> bool:
+    """Whether a connection to one of `node`'s data ports is open on `host`: a buyer's
+    stream has begun (the throttle keeps it going for seconds)."""
+    ports = {d["addr"].rsplit(":", 1)[1] for d in node.info["data"]}
+    out = subprocess.run(
+        [*network.prefix(host), "ss", "-Htn", "state", "established"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return any(line.split()[2].rsplit(":", 1)[1] in ports for line in out.splitlines())
+
+
 def test_a_partition_heals_into_one_view(network, swarm):
     ids = [n.info["node_id"] for n in swarm]
     network.cut()
@@ -148,7 +160,9 @@ def test_a_seller_killed_mid_transfer_is_replaced_and_a_restart_keeps_store_and_
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(1.5)
+    # Kill it once its data port streams to the buyer: not after a fixed wait, which a
+    # loaded machine can spend before the buyer has even reached this seller.
+    eventually(lambda: streaming(network, 1, slow), 30)
     slow.kill()  # SIGKILL, in the middle of the stream
     out, err = buyer.communicate(timeout=60)
     assert buyer.returncode == 0, err
