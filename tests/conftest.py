@@ -15,6 +15,26 @@ settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True
 settings.register_profile("dev", deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
+# The files that take minutes, longest first. The test command hands whole files to its
+# workers in collection order (pyproject turns off xdist's own reordering); started last,
+# one of these runs alone on one worker while the others idle.
+LONGEST_FIRST = (
+    "test_vllm.py",
+    "test_conformance.py",
+    "test_floods.py",
+    "test_model_cli.py",
+    "test_fuzz_live.py",
+    "test_demo.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the rest keep their order
+
 
 @pytest.fixture
 def node(tmp_path):
