@@ -118,11 +118,18 @@ class Session:
                 return st
         return None
 
-    def hello(self) -> Statement:
-        """Introduce ourselves (spec §8.2); the answer must be PEERS."""
-        frame = self.frame(HELLO)
-        self.send(frame)
-        answer = self.answer(open_envelope(frame).header.seq)
+    def hello(self, within: float = ANSWER_S) -> Statement:
+        """Introduce ourselves (spec §8.2); the answer must be PEERS. A HELLO met with
+        silence is sent again until `within` has passed: a target may still be working
+        through statements it took earlier, which its rate limit drops unanswered."""
+        deadline = time.monotonic() + within
+        while True:
+            frame = self.frame(HELLO)
+            self.send(frame)
+            left = min(ANSWER_S, deadline - time.monotonic())
+            answer = self.answer(open_envelope(frame).header.seq, max(left, 0.0))
+            if answer is not None or time.monotonic() >= deadline:
+                break
         if answer is None or not isinstance(answer.message, Peers):
             raise Failed(f"HELLO was answered with {_name(answer)}, not PEERS")
         return answer
