@@ -66,10 +66,21 @@ async def test_members_trade_and_outsiders_get_nothing(nodes):
     await buyer.close()
     assert bought.blocks == 3
 
-    # The outsider, though connected to the seller all along, never received the ad ...
-    eventually(lambda: any(p["state"] == "alive" for p in outsider.call("peers")["peers"]))
-    time.sleep(1.5)  # several gossip and anti-entropy rounds
-    assert outsider.call("ads")["ads"] == []
+    # The outsider, though connected to the seller all along, never received the ad: a
+    # public one published after it reaches the outsider, and it alone ...
+    client = PeerClient(seller.dir)
+    other_fp = b"\x0e" * 32  # nothing the private ad's checks below could meet
+    public = await client.publish(
+        fp=other_fp,
+        layout=LAYOUT,
+        blocks=prefix_chain(other_fp, TOKENS, LAYOUT.block),
+        params=10**6,
+        payload=b"\x01" * LAYOUT.payload_bytes(3),
+        chunk=1 << 16,
+    )
+    await client.close()
+    eventually(lambda: len(outsider.call("ads")["ads"]) == 1)
+    assert [a["root"] for a in outsider.call("ads")["ads"]] == [public.hex()]
     # ... and a request naming the namespace, without a proof, gets the answer a namespace
     # the seller is not in would get: no oracle for who belongs to it.
     peer = TestPeer(seller, Identity.generate())
