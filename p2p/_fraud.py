@@ -163,7 +163,7 @@ class Fraud:
         request = EvidenceRequest(evidence=a.evidence, offset=len(pull.data))
         frame = self.out.seal(request, to=pull.source)
         pull.asked = open_envelope(frame).header.seq
-        self.out.answer(pull.routing, pull.source, frame, MessageType.EVIDENCE_REQUEST)
+        self.out.answer_frame(pull.routing, pull.source, frame, MessageType.EVIDENCE_REQUEST)
 
     def on_evidence_request(self, st: Statement, routing: bytes | None) -> None:
         req = st.message
@@ -184,7 +184,7 @@ class Fraud:
         answer = EvidencePart(
             re=st.header.seq, evidence=req.evidence, offset=req.offset, total=total, part=part
         )
-        self.out.answer(routing, st.signer, self.out.seal(answer, to=st.signer), answer.TYPE)
+        self.out.answer(routing, st.signer, answer)
 
     def on_evidence(self, st: Statement) -> None:
         part = st.message

@@ -173,25 +173,21 @@ class Gossip:
         page = self.sending.take(st.signer, now, min(len(missing), DIGEST_PAGE))
         for frame in missing[:page]:
             # Answer on the connection the DIGEST came on: the asker may not listen itself.
-            self.out.answer(routing, st.signer, frame, MessageType.ADVERTISE)
+            self.out.answer_frame(routing, st.signer, frame, MessageType.ADVERTISE)
         if page < len(missing) or self.index.lacks_any(digest.have):
-            self.pull_news(st.signer, routing, st)
+            self.pull_news(st.signer, routing)
 
-    def pull_news(
-        self, key: bytes, routing: bytes | None = None, asked: Statement | None = None
-    ) -> None:
+    def pull_news(self, key: bytes, routing: bytes | None = None) -> None:
         """Send `key` our DIGEST (which asks for what we lack and shows what we hold), at
-        most once each PULL_EVERY_S; a pull that comes sooner waits for its time."""
+        most once each PULL_EVERY_S; a pull that comes sooner waits for its time. It goes
+        on the connection `routing` names (the one a DIGEST of `key` came on), if any."""
         now = self.out.now.monotonic()
         if now - self._pulled.get(key, float("-inf")) < PULL_EVERY_S:
             self._pull_later.add(key)
             return
         self._pulled[key] = now
         self._pull_later.discard(key)
-        if routing is not None and asked is not None:
-            self.out.reply(routing, asked, self._digest_for(key))
-        else:
-            self.out.send(key, self._digest_for(key))
+        self.out.answer(routing, key, self._digest_for(key))
 
     def signer_left(self, st: Statement) -> int:
         """A peer said LEAVE: its advertisements go; returns how many."""

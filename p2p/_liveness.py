@@ -219,8 +219,7 @@ class Liveness:
 
     def _ack(self, waiting: Waiting, proof: Statement) -> None:
         ack = ProbeAck(re=waiting.seq, target=proof.signer, proof=proof.frame)
-        frame = self.out.seal(ack, to=waiting.asker)
-        self.out.answer(waiting.routing, waiting.asker, frame, MessageType.PROBE_ACK)
+        self.out.answer(waiting.routing, waiting.asker, ack)
 
     def on_probe_ack(self, st: Statement) -> None:
         target = self.probes.take_ack(st)

@@ -97,9 +97,14 @@ class Outbox:
     def reply_frame(self, routing: bytes, frame: bytes, mtype: MessageType) -> None:
         self._out.append(Reply(routing, frame, mtype))
 
-    def answer(self, routing: bytes | None, key: bytes, frame: bytes, mtype: MessageType) -> None:
-        """On the connection a statement came on, or (`routing` None: it came on ours to
-        `key`) over ours."""
+    def answer(self, routing: bytes | None, key: bytes, message: Message) -> None:
+        """To `key`, on the connection its statement came on, or (`routing` None: it came
+        on ours to `key`) over ours."""
+        self.answer_frame(routing, key, self.seal(message, to=key), message.TYPE)
+
+    def answer_frame(
+        self, routing: bytes | None, key: bytes, frame: bytes, mtype: MessageType
+    ) -> None:
         if routing is not None:
             self.reply_frame(routing, frame, mtype)
         else:
