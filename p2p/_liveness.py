@@ -31,7 +31,7 @@ from kvx.protocol import (
 )
 from kvx.trust import Identity, Memberships, PeerScores, Statement, open_envelope
 
-from ._config import NodeConfig
+from ._config import Bootstrap, NodeConfig
 from ._events import Leaving, PeerDead, PeerJoined, PeerSuspect, PeerVouched
 from ._index import Standing
 from ._outbox import Outbox
@@ -76,15 +76,20 @@ class Liveness:
 
     # ---- what the other parts ask ------------------------------------------------------
 
+    def _bootstrap(self, key: bytes) -> Bootstrap | None:
+        return next((b for b in self.config.bootstrap if b.key == key), None)
+
+    def _delivered(self, key: bytes) -> bool:
+        """A proven seller: its deliveries to us raised its score above zero."""
+        return self.scores.score(node_id(key), self.out.now.time()) > 0
+
     def keeps(self, key: bytes) -> bool:
         """Peers the table never evicts for a newcomer: bootstrap peers and proven sellers."""
-        return any(b.key == key for b in self.config.bootstrap) or (
-            self.scores.score(node_id(key), self.out.now.time()) > 0
-        )
+        return self._bootstrap(key) is not None or self._delivered(key)
 
     def standing(self, key: bytes) -> Standing:
         """How proven a signer is, for what a full budget keeps (spec §13.2)."""
-        if key == self.key or self.scores.score(node_id(key), self.out.now.time()) > 0:
+        if key == self.key or self._delivered(key):
             return Standing.PROVEN
         peer = self.peers.get(key)
         alive = peer is not None and peer.proven and peer.state == State.ALIVE
@@ -92,10 +97,11 @@ class Liveness:
 
     def address(self, key: bytes) -> tuple[str | None, bool]:
         """Where `key` listens, if known, and whether it is proven (§8.1a)."""
-        peer = self.peers.get(key)
-        boot = next((b.ctl for b in self.config.bootstrap if b.key == key), None)
+        peer, boot = self.peers.get(key), self._bootstrap(key)
         proven = boot is not None or (peer is not None and peer.proven)
-        return (peer.ctl if peer is not None else boot), proven
+        if peer is not None:
+            return peer.ctl, proven
+        return (boot.ctl if boot is not None else None), proven
 
     def known(self) -> set[bytes]:
         """The keys per-identity state is kept for: the table's and the bootstrap peers'."""
@@ -172,7 +178,7 @@ class Liveness:
         assert isinstance(peers, Peers)
         now = self.out.now.monotonic()
         if st.signer not in self.peers:  # a bootstrap peer answering our first HELLO
-            boot = next((b for b in self.config.bootstrap if b.key == st.signer), None)
+            boot = self._bootstrap(st.signer)
             if boot is not None:
                 self.peers.heard_from(st.signer, boot.ctl, 0, now)
         for candidate in self.peers.learn(list(peers.peers)):
