@@ -22,6 +22,7 @@ from kvx.protocol import (
     Leave,
     Membership,
     MessageType,
+    PeerEntry,
     Peers,
     Probe,
     ProbeAck,
@@ -146,9 +147,13 @@ class Liveness:
         """Answer a HELLO: our sample of the table, a membership challenge, our news."""
         challenge = self.memberships.challenge(st.signer_id, self.out.now.time())
         peers = Peers(
-            peers=self.peers.entries(), re=st.header.seq, challenge=challenge, recent=recent or None
+            peers=self.sample(), re=st.header.seq, challenge=challenge, recent=recent or None
         )
         self.out.reply(routing, st, peers)
+
+    def sample(self) -> tuple[PeerEntry, ...]:
+        """The peers a PEERS names (p2p/_peers.py says which)."""
+        return self.peers.entries()
 
     def on_leave(self, st: Statement) -> bool:
         """Whether a LEAVE (§8.22) is our peer's own word: then it is dead now, so that no

@@ -41,7 +41,6 @@ from kvx.protocol import (
     KVLayout,
     MessageType,
     PeerEntry,
-    Peers,
     Quote,
 )
 from kvx.trust import (
@@ -133,15 +132,8 @@ class HostileLiveness(Liveness):
 
     accomplices: tuple[PeerEntry, ...] = ()  # the simulation names them
 
-    def welcome(self, st: Statement, routing: bytes, recent: tuple[DigestEntry, ...]) -> None:
-        challenge = self.memberships.challenge(st.signer_id, self.out.now.time())
-        peers = Peers(
-            peers=self.accomplices[:64],  # as many as an honest table lists (PeerTable.entries)
-            re=st.header.seq,
-            challenge=challenge,
-            recent=recent or None,
-        )
-        self.out.reply(routing, st, peers)
+    def sample(self) -> tuple[PeerEntry, ...]:
+        return self.accomplices[:64]  # as many as an honest table lists (PeerTable.entries)
 
 
 class HostileGossip(Gossip):
